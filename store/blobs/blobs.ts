@@ -1,0 +1,21 @@
+/**
+ * The blob store: map nodes and data extents, named by numeric ids that the engine
+ * allocates and never reuses. A blob has no fixed size: bytes never written read as
+ * zeros, which keeps extents sparse. The engine only ever writes a blob that no
+ * snapshot can see, so a backend may treat a blob as immutable once it is shared.
+ */
+export interface BlobStore {
+  /** Reads `length` bytes at `offset` of blob `id` into `target` at `targetOffset`. */
+  read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void>;
+  /** Writes `length` bytes of `source` from `sourceOffset` at `offset` of blob `id`, creating it when absent. */
+  write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void>;
+  /** Makes the named blobs' contents and existence durable. */
+  sync(ids: Iterable<number>): Promise<void>;
+  /** Removes blobs; ids that do not exist are ignored. */
+  delete(ids: Iterable<number>): Promise<void>;
+  /** Every blob id present, in no particular order. */
+  list(): Promise<number[]>;
+  /** Space the blobs take on their medium. */
+  usage(): Promise<{ blobs: number; bytes: number }>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,66 @@
+/**
+ * The catalog: a small transactional key-value store for metadata (volume heads,
+ * snapshots, the blob id counter, later leases). Its model is etcd's, so that the
+ * embedded SQLite backend and the distributed etcd backend are interchangeable:
+ * every key carries the revision of the transaction that last wrote it, a transaction
+ * applies only if its compares hold, and watchers see committed changes in order.
+ */
+export interface KvEntry {
+  key: string;
+  value: string;
+  /** Revision of the transaction that last wrote the key; 0 never appears here. */
+  modRevision: number;
+}
+
+/** Holds when the key's modRevision equals `modRevision`; 0 means "the key is absent". */
+export interface Compare {
+  key: string;
+  modRevision: number;
+}
+
+export type Op = { type: 'put'; key: string; value: string } | { type: 'delete'; key: string };
+
+export interface TxnResult {
+  succeeded: boolean;
+  /** The store's revision after the transaction (unchanged when it failed). */
+  revision: number;
+}
+
+export interface WatchEvent {
+  type: 'put' | 'delete';
+  key: string;
+  value?: string;
+  modRevision: number;
+}
+
+export interface ListOptions {
+  /** Only keys strictly after this one (for paging). */
+  after?: string;
+  limit?: number;
+}
+
+export interface Catalog {
+  get(key: string): Promise<KvEntry | undefined>;
+  /** Keys with the prefix, in key order. */
+  list(prefix: string, options?: ListOptions): Promise<KvEntry[]>;
+  txn(compares: Compare[], ops: Op[]): Promise<TxnResult>;
+  /** Calls `listener` with every committed change under `prefix`, in commit order. */
+  watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void;
+  close(): Promise<void>;
+}
+
+export function put(key: string, value: unknown): Op {
+  return { type: 'put', key, value: JSON.stringify(value) };
+}
+
+export function del(key: string): Op {
+  return { type: 'delete', key };
+}
+
+export function absent(key: string): Compare {
+  return { key, modRevision: 0 };
+}
+
+export function unchanged(entry: KvEntry): Compare {
+  return { key: entry.key, modRevision: entry.modRevision };
+}

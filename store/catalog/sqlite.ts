@@ -1,0 +1,134 @@
+import Database from 'better-sqlite3';
+import { ArborError } from '../errors';
+import { Catalog, Compare, KvEntry, ListOptions, Op, TxnResult, WatchEvent } from './catalog';
+
+/**
+ * The embedded catalog: one SQLite database in the data directory.
+ *
+ * It is opened in exclusive locking mode and takes its lock at once, so a second
+ * process that opens the same data directory fails with SQLITE_BUSY instead of
+ * writing beside us; the lock is a POSIX lock, released by the kernel when the
+ * process dies, so a crash never leaves the directory locked. Commits are
+ * synchronous (WAL, synchronous=FULL): a commit that returned survives power loss.
+ */
+export class SqliteCatalog implements Catalog {
+  private readonly watchers = new Set<{ prefix: string; listener: (events: WatchEvent[]) => void }>();
+  private readonly stmt: {
+    get: Database.Statement<[string], { key: string; value: string; mod_revision: number }>;
+    list: Database.Statement<[string, string, string, number], { key: string; value: string; mod_revision: number }>;
+    put: Database.Statement<[string, string, number]>;
+    del: Database.Statement<[string]>;
+    revision: Database.Statement<[], { revision: number }>;
+    setRevision: Database.Statement<[number]>;
+  };
+  private revision: number;
+  private closed = false;
+
+  private constructor(private readonly db: Database.Database) {
+    this.stmt = {
+      get: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key = ?'),
+      list: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? AND key > ? ORDER BY key LIMIT ?'),
+      put: db.prepare('INSERT INTO kv (key, value, mod_revision) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value, mod_revision = excluded.mod_revision'),
+      del: db.prepare('DELETE FROM kv WHERE key = ?'),
+      revision: db.prepare('SELECT revision FROM meta WHERE id = 1'),
+      setRevision: db.prepare('UPDATE meta SET revision = ? WHERE id = 1'),
+    };
+    this.revision = this.stmt.revision.get()!.revision;
+  }
+
+  /** `lockHint` names what holds the lock when it is taken (for the error message). */
+  static open(path: string, lockHint: () => string): SqliteCatalog {
+    let db: Database.Database | undefined;
+    try {
+      db = new Database(path, { timeout: 0 });
+      db.pragma('locking_mode = EXCLUSIVE');
+      db.pragma('journal_mode = WAL');
+      db.pragma('synchronous = FULL');
+      // A write transaction takes the exclusive lock, and exclusive mode keeps it.
+      db.exec('BEGIN EXCLUSIVE; COMMIT;');
+      db.exec(`
+        CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, mod_revision INTEGER NOT NULL) WITHOUT ROWID;
+        CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL);
+        INSERT OR IGNORE INTO meta (id, revision) VALUES (1, 0);
+      `);
+      return new SqliteCatalog(db);
+    } catch (err) {
+      db?.close();
+      const code = (err as { code?: string }).code;
+      if (code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED') {
+        throw new ArborError('busy', `the data directory is in use by another process (${lockHint()}); stop it, or talk to it through its admin socket`);
+      }
+      throw new ArborError('unavailable', `cannot open the catalog ${path}: ${(err as Error).message}`);
+    }
+  }
+
+  async get(key: string): Promise<KvEntry | undefined> {
+    this.checkOpen();
+    const row = this.stmt.get.get(key);
+    return row && { key: row.key, value: row.value, modRevision: row.mod_revision };
+  }
+
+  async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
+    this.checkOpen();
+    const rows = this.stmt.list.all(prefix, prefixEnd(prefix), options.after ?? '', options.limit ?? -1);
+    return rows.map((row) => ({ key: row.key, value: row.value, modRevision: row.mod_revision }));
+  }
+
+  async txn(compares: Compare[], ops: Op[]): Promise<TxnResult> {
+    this.checkOpen();
+    const events: WatchEvent[] = [];
+    const apply = this.db.transaction((): TxnResult => {
+      for (const compare of compares) {
+        const row = this.stmt.get.get(compare.key);
+        if ((row?.mod_revision ?? 0) !== compare.modRevision) return { succeeded: false, revision: this.revision };
+      }
+      if (ops.length === 0) return { succeeded: true, revision: this.revision };
+      const revision = this.revision + 1;
+      for (const op of ops) {
+        if (op.type === 'put') {
+          this.stmt.put.run(op.key, op.value, revision);
+          events.push({ type: 'put', key: op.key, value: op.value, modRevision: revision });
+        } else if (this.stmt.del.run(op.key).changes > 0) {
+          events.push({ type: 'delete', key: op.key, modRevision: revision });
+        }
+      }
+      this.stmt.setRevision.run(revision);
+      return { succeeded: true, revision };
+    });
+    const result = apply.immediate();
+    if (result.succeeded && events.length > 0) {
+      this.revision = result.revision;
+      this.notify(events);
+    }
+    return result;
+  }
+
+  watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void {
+    const watcher = { prefix, listener };
+    this.watchers.add(watcher);
+    return () => this.watchers.delete(watcher);
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.watchers.clear();
+    this.db.close();
+  }
+
+  private notify(events: WatchEvent[]): void {
+    for (const watcher of this.watchers) {
+      const mine = events.filter((event) => event.key.startsWith(watcher.prefix));
+      if (mine.length > 0) watcher.listener(mine);
+    }
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new ArborError('unavailable', 'the catalog is closed');
+  }
+}
+
+/** The smallest string greater than every string that starts with `prefix`. */
+export function prefixEnd(prefix: string): string {
+  return prefix + '\u{10ffff}';
+}

@@ -1,0 +1,14 @@
+import { BlobIdAllocator } from './allocator';
+import { BlobStore } from './blobs/blobs';
+import { Catalog } from './catalog/catalog';
+import { NodeCache } from './node-cache';
+
+/** What every part of the engine shares: the two backends and what is built on them. */
+export interface StoreContext {
+  catalog: Catalog;
+  blobs: BlobStore;
+  nodes: NodeCache;
+  ids: BlobIdAllocator;
+  /** Frees blobs nothing points at any more (held back while a collector pass runs). */
+  free(ids: number[]): Promise<void>;
+}

@@ -1,0 +1,36 @@
+import fs from 'node:fs';
+import path from 'node:path';
+import { Log, silentLog } from '../lib/logger';
+import { FileBlobStore } from './blobs/files';
+import { SqliteCatalog } from './catalog/sqlite';
+import { Store } from './store';
+
+/**
+ * The embedded store: a SQLite catalog and blob files in one data directory,
+ * opened by one process at a time.
+ */
+export async function openDataDir(dataDir: string, log: Log = silentLog): Promise<Store> {
+  const dir = path.resolve(dataDir);
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  const pidFile = path.join(dir, 'arbor.pid');
+  const catalog = SqliteCatalog.open(path.join(dir, 'catalog.sqlite'), () => describeHolder(pidFile));
+  // We hold the lock now: whatever pid file is there is stale.
+  fs.writeFileSync(pidFile, `${process.pid}\n`);
+  const blobs = FileBlobStore.open(path.join(dir, 'blobs'));
+  try {
+    return await Store.open(catalog, blobs, log);
+  } catch (err) {
+    await blobs.close();
+    await catalog.close();
+    throw err;
+  }
+}
+
+function describeHolder(pidFile: string): string {
+  try {
+    const pid = fs.readFileSync(pidFile, 'utf8').trim();
+    return `pid ${pid}`;
+  } catch {
+    return 'pid unknown';
+  }
+}

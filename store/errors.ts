@@ -1,0 +1,35 @@
+/**
+ * Errors are values with a code and a sentence a person can act on. The code is
+ * mapped once, at each edge, to a gRPC status, an NBD errno or a CLI exit status.
+ */
+export type ErrorCode =
+  | 'invalid-argument'
+  | 'not-found'
+  | 'already-exists'
+  | 'out-of-range'
+  | 'failed-precondition'
+  | 'resource-exhausted'
+  | 'busy'
+  | 'aborted'
+  | 'read-only'
+  | 'unavailable'
+  | 'internal';
+
+export class ArborError extends Error {
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'ArborError';
+  }
+}
+
+export function isArborError(err: unknown, code?: ErrorCode): err is ArborError {
+  return err instanceof ArborError && (code === undefined || err.code === code);
+}
+
+/** A broken invariant: a bug, never bad input. Asserted in production code. */
+export function assert(condition: unknown, what: string): asserts condition {
+  if (!condition) throw new ArborError('internal', `internal invariant broken: ${what}`);
+}

@@ -1,0 +1,40 @@
+import { Entry, asShared } from './entry';
+import { entriesPerNode, nodeSizeBytes } from './limits';
+
+/**
+ * A radix-tree map node: exactly 512 little-endian 64-bit entries, 4 KiB, no header,
+ * so that a node is one page on disk and one object in a blob store.
+ */
+export type MapNode = Buffer;
+
+const twoTo32 = 2 ** 32;
+
+export function emptyNode(): MapNode {
+  return Buffer.alloc(nodeSizeBytes);
+}
+
+export function getEntry(node: MapNode, slot: number): Entry {
+  const at = slot * 8;
+  return node.readUInt32LE(at) + node.readUInt32LE(at + 4) * twoTo32;
+}
+
+export function setEntry(node: MapNode, slot: number, entry: Entry): void {
+  const at = slot * 8;
+  node.writeUInt32LE(entry % twoTo32, at);
+  node.writeUInt32LE(Math.floor(entry / twoTo32), at + 4);
+}
+
+/**
+ * The copy made when a shared node is written through: every child it points to is
+ * now reachable from two trees, so the copy holds them read-only (Parallax's rule).
+ */
+export function sharedCopy(node: MapNode): MapNode {
+  const copy = Buffer.allocUnsafe(nodeSizeBytes);
+  for (let slot = 0; slot < entriesPerNode; slot++) setEntry(copy, slot, asShared(getEntry(node, slot)));
+  return copy;
+}
+
+export function isEmptyNode(node: MapNode): boolean {
+  for (let at = 0; at < nodeSizeBytes; at += 4) if (node.readUInt32LE(at) !== 0) return false;
+  return true;
+}

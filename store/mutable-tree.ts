@@ -1,0 +1,304 @@
+import { BlobStore } from './blobs/blobs';
+import { BlobIdAllocator } from './allocator';
+import { assert } from './errors';
+import { EMPTY, Entry, WRITABLE, asShared, blobOf, hasBlob, isWritable, makeEntry, zeroEntry } from './entry';
+import { capacityExtents, extentsPerSlot, slotAt } from './geometry';
+import { MapNode, emptyNode, getEntry, setEntry, sharedCopy } from './map-node';
+import { NodeCache } from './node-cache';
+import { NodeSource, TreeShape } from './tree';
+import { entriesPerNode, nodeSizeBytes } from './limits';
+import { sharedPool } from '../lib/buffer-pool';
+
+interface PathStep {
+  id: number;
+  node: MapNode;
+}
+
+interface DirtyNode {
+  node: MapNode;
+  /** Allocated since the last commit: no committed tree points at it, so it may be written under its own id. */
+  fresh: boolean;
+}
+
+/**
+ * A volume head's radix tree as it lives in memory between commits.
+ *
+ * Writes follow Parallax: a node or extent reached through an all-writable path is
+ * this head's alone and is changed in place; anything reached through a read-only
+ * pointer is shared with a snapshot or clone and is copied first, the copy holding
+ * its children read-only. Changed nodes stay in memory (dirty) until `writeBack`,
+ * which writes them as new blobs (shadow paging), so a commit replaces the whole
+ * committed tree atomically by changing one root pointer in the catalog; blobs the
+ * old tree used and the new one does not are freed only after that commit.
+ *
+ * The caller serializes every call (the volume's exclusive lock).
+ */
+export class MutableTree implements NodeSource {
+  readonly dirty = new Map<number, DirtyNode>();
+  /** Data extents written since their last sync. */
+  readonly unsyncedData = new Set<number>();
+  /** Owned blobs no longer in the live tree: freed once a commit stops the committed tree using them. */
+  readonly freeAfterCommit: number[] = [];
+
+  constructor(
+    public root: Entry,
+    public depth: number,
+    public sizeBytes: number,
+    readonly extentSizeBytes: number,
+    private readonly blobs: BlobStore,
+    private readonly nodes: NodeCache,
+    private readonly ids: BlobIdAllocator,
+  ) {}
+
+  get shape(): TreeShape {
+    return { root: this.root, depth: this.depth, sizeBytes: this.sizeBytes, extentSizeBytes: this.extentSizeBytes };
+  }
+
+  cached(id: number): MapNode | undefined {
+    return this.dirty.get(id)?.node ?? this.nodes.get(id);
+  }
+
+  load(id: number): Promise<MapNode> {
+    return this.nodes.load(id);
+  }
+
+  private async node(id: number): Promise<MapNode> {
+    return this.cached(id) ?? (await this.nodes.load(id));
+  }
+
+  /** Marks an owned node as changed: it stays pinned in memory until the next write-back. */
+  private touch(id: number, node: MapNode): void {
+    if (this.dirty.has(id)) return;
+    this.dirty.set(id, { node, fresh: false });
+    this.nodes.delete(id);
+  }
+
+  private async newNode(node: MapNode): Promise<number> {
+    const id = await this.ids.allocate();
+    this.dirty.set(id, { node, fresh: true });
+    return id;
+  }
+
+  /** Writes `length` bytes of `source` at byte `offsetInExtent` of extent `extent`; returns the blob written. */
+  async writeExtent(extent: number, offsetInExtent: number, source: Buffer, sourceOffset: number, length: number): Promise<number> {
+    const { path, slot } = await this.writableLeaf(extent);
+    const leaf = path[path.length - 1].node;
+    const entry = getEntry(leaf, slot);
+    if (isWritable(entry) && hasBlob(entry)) {
+      const id = blobOf(entry);
+      await this.blobs.write(id, offsetInExtent, source, sourceOffset, length);
+      this.unsyncedData.add(id);
+      return id;
+    }
+    const id = await this.ids.allocate();
+    if (!hasBlob(entry) || length === this.extentSizeBytes) {
+      // Over a hole the new blob is sparse: what is not written reads as zeros.
+      await this.blobs.write(id, offsetInExtent, source, sourceOffset, length);
+    } else {
+      await this.copyExtentWith(blobOf(entry), id, offsetInExtent, source, sourceOffset, length);
+    }
+    this.touchPath(path);
+    setEntry(leaf, slot, makeEntry(id, WRITABLE));
+    this.unsyncedData.add(id);
+    return id;
+  }
+
+  /** Copy-on-write of a shared extent: the old bytes with the new ones laid over, keeping zero pages sparse. */
+  private async copyExtentWith(fromId: number, toId: number, at: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
+    const size = this.extentSizeBytes;
+    const buffer = sharedPool.take(size);
+    try {
+      await this.blobs.read(fromId, 0, buffer, 0, size);
+      source.copy(buffer, at, sourceOffset, sourceOffset + length);
+      let run = -1;
+      for (let page = 0; page <= size; page += 4096) {
+        const keep = page < size && ((page + 4096 > at && page < at + length) || !isZeroPage(buffer, page));
+        if (keep && run < 0) run = page;
+        if (!keep && run >= 0) {
+          await this.blobs.write(toId, run, buffer, run, page - run);
+          run = -1;
+        }
+      }
+    } finally {
+      sharedPool.give(buffer);
+    }
+  }
+
+  /**
+   * The path from the root to the leaf that maps `extent`, after making every node
+   * on it writable: shared nodes are copied, missing ones created.
+   */
+  private async writableLeaf(extent: number): Promise<{ path: PathStep[]; slot: number }> {
+    const path = [await this.writableRoot()];
+    for (let level = this.depth - 1; level > 0; level--) path.push(await this.writableChild(path, slotAt(extent, level)));
+    return { path, slot: slotAt(extent, 0) };
+  }
+
+  private async writableRoot(): Promise<PathStep> {
+    if (!isWritable(this.root) || !hasBlob(this.root)) {
+      const copy = hasBlob(this.root) ? sharedCopy(await this.node(blobOf(this.root))) : emptyNode();
+      this.root = makeEntry(await this.newNode(copy), WRITABLE);
+    }
+    const id = blobOf(this.root);
+    return { id, node: await this.node(id) };
+  }
+
+  private async writableChild(path: PathStep[], slot: number): Promise<PathStep> {
+    const parent = path[path.length - 1];
+    const entry = getEntry(parent.node, slot);
+    if (isWritable(entry) && hasBlob(entry)) {
+      const id = blobOf(entry);
+      return { id, node: await this.node(id) };
+    }
+    const node = hasBlob(entry) ? sharedCopy(await this.node(blobOf(entry))) : emptyNode();
+    const id = await this.newNode(node);
+    this.touchPath(path);
+    setEntry(parent.node, slot, makeEntry(id, WRITABLE));
+    return { id, node };
+  }
+
+  /**
+   * A changed node gets a new id when written back, which changes its parent: so
+   * changing a node dirties its whole path up to the root.
+   */
+  private touchPath(path: PathStep[]): void {
+    for (const step of path) this.touch(step.id, step.node);
+  }
+
+  /**
+   * Replaces whole extents first..last by holes (`EMPTY`) or allocated zeros
+   * (`zeroEntry`). A range that covers whole subtrees drops them at the highest level
+   * it can, so discarding a huge volume costs what was written, not what is addressable.
+   */
+  async replaceExtents(first: number, last: number, replacement: typeof EMPTY | typeof zeroEntry): Promise<void> {
+    const extentCount = Math.ceil(this.sizeBytes / this.extentSizeBytes);
+    if (replacement === EMPTY) {
+      if (!hasBlob(this.root)) return;
+      if (first === 0 && last >= extentCount - 1) {
+        const old = this.root;
+        this.root = EMPTY;
+        await this.drop(old, this.depth - 1);
+        return;
+      }
+    }
+    await this.replaceUnder([await this.writableRoot()], this.depth - 1, 0, first, last, replacement);
+  }
+
+  private async replaceUnder(path: PathStep[], level: number, base: number, first: number, last: number, replacement: Entry): Promise<void> {
+    const node = path[path.length - 1].node;
+    const span = extentsPerSlot(level);
+    const firstSlot = Math.max(0, Math.floor((first - base) / span));
+    const lastSlot = Math.min(entriesPerNode - 1, Math.floor((last - base) / span));
+    for (let slot = firstSlot; slot <= lastSlot; slot++) {
+      const entry = getEntry(node, slot);
+      const slotBase = base + slot * span;
+      const slotLast = slotBase + span - 1;
+      if (replacement === EMPTY && entry === EMPTY) continue;
+      if (level === 0 || (replacement === EMPTY && first <= slotBase && slotLast <= last)) {
+        if (entry === replacement) continue;
+        this.touchPath(path);
+        setEntry(node, slot, replacement);
+        await this.drop(entry, level - 1);
+      } else {
+        const child = await this.writableChild(path, slot);
+        await this.replaceUnder([...path, child], level - 1, slotBase, Math.max(first, slotBase), Math.min(last, slotLast), replacement);
+      }
+    }
+  }
+
+  /**
+   * An entry left the live tree. What it reached through writable pointers is this
+   * head's alone, so it is freed after the next commit; shared blobs are left to
+   * their other owners and the collector. `level` is the node level of what the
+   * entry points at (-1: a data extent).
+   */
+  private async drop(entry: Entry, level: number): Promise<void> {
+    if (!hasBlob(entry) || !isWritable(entry)) return;
+    const id = blobOf(entry);
+    this.freeAfterCommit.push(id);
+    this.unsyncedData.delete(id);
+    if (level < 0) return;
+    const node = await this.node(id);
+    this.dirty.delete(id);
+    this.nodes.delete(id);
+    for (let slot = 0; slot < entriesPerNode; slot++) await this.drop(getEntry(node, slot), level - 1);
+  }
+
+  /** Every blob this tree owns (reached through writable pointers only). */
+  async ownedBlobs(): Promise<number[]> {
+    const out: number[] = [];
+    const visit = async (entry: Entry, level: number): Promise<void> => {
+      if (!hasBlob(entry) || !isWritable(entry)) return;
+      out.push(blobOf(entry));
+      if (level < 0) return;
+      const node = await this.node(blobOf(entry));
+      for (let slot = 0; slot < entriesPerNode; slot++) await visit(getEntry(node, slot), level - 1);
+    };
+    await visit(this.root, this.depth - 1);
+    return out;
+  }
+
+  /** Adds levels above the root until the tree maps `extentCount` extents: O(1) per level. */
+  async growTo(sizeBytes: number): Promise<void> {
+    const extentCount = Math.ceil(sizeBytes / this.extentSizeBytes);
+    while (capacityExtents(this.depth) < extentCount) {
+      if (hasBlob(this.root)) {
+        const top = emptyNode();
+        setEntry(top, 0, this.root);
+        this.root = makeEntry(await this.newNode(top), WRITABLE);
+      }
+      this.depth++;
+    }
+    this.sizeBytes = sizeBytes;
+  }
+
+  /** After a snapshot or clone commits, everything the head reaches is shared. */
+  shareRoot(): void {
+    assert(this.dirty.size === 0, 'a tree is shared only when it has no dirty nodes');
+    this.root = asShared(this.root);
+  }
+
+  /**
+   * Writes every dirty node, children before parents, each under a new id unless it
+   * is fresh, so that the committed tree is never changed in place. Returns the ids
+   * written; the new root is in `root`.
+   */
+  async writeBack(): Promise<number[]> {
+    const written: number[] = [];
+    if (this.dirty.size > 0) this.root = await this.writeNode(this.root, this.depth - 1, written);
+    assert(this.dirty.size === 0, `every dirty node is reachable from the root (${this.dirty.size} left)`);
+    return written;
+  }
+
+  private async writeNode(entry: Entry, level: number, written: number[]): Promise<Entry> {
+    if (!isWritable(entry) || !hasBlob(entry)) return entry;
+    const id = blobOf(entry);
+    const dirty = this.dirty.get(id);
+    if (!dirty) return entry;
+    if (level > 0) {
+      for (let slot = 0; slot < entriesPerNode; slot++) {
+        const child = getEntry(dirty.node, slot);
+        if (isWritable(child) && hasBlob(child) && this.dirty.has(blobOf(child))) {
+          const moved = await this.writeNode(child, level - 1, written);
+          if (moved !== child) setEntry(dirty.node, slot, moved);
+        }
+      }
+    }
+    let newId = id;
+    if (!dirty.fresh) {
+      newId = await this.ids.allocate();
+      this.freeAfterCommit.push(id);
+    }
+    await this.blobs.write(newId, 0, dirty.node, 0, nodeSizeBytes);
+    written.push(newId);
+    this.dirty.delete(id);
+    this.nodes.set(newId, dirty.node);
+    return makeEntry(newId, WRITABLE);
+  }
+}
+
+const zeroPage = Buffer.alloc(4096);
+
+function isZeroPage(buffer: Buffer, at: number): boolean {
+  return buffer.compare(zeroPage, 0, 4096, at, at + 4096) === 0;
+}

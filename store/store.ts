@@ -1,0 +1,450 @@
+import { Log, silentLog } from '../lib/logger';
+import { BlobIdAllocator } from './allocator';
+import { BlobStore } from './blobs/blobs';
+import { Catalog, KvEntry, absent, del, put, unchanged } from './catalog/catalog';
+import { StoreContext } from './context';
+import { EMPTY, asShared } from './entry';
+import { ArborError } from './errors';
+import { GcReport, markAndSweep } from './gc';
+import { depthFor, extentCountFor, validateExtentSize, validateVolumeSize } from './geometry';
+import { commitIntervalMs, defaultExtentSizeBytes } from './limits';
+import { NodeCache } from './node-cache';
+import { LineageStep, SnapshotRecord, VolumeRecord, formatVersion, keys, newSnapshotId, newVolumeId, validateName } from './records';
+import { SnapshotReader } from './snapshot-reader';
+import { NodeSource, countExtents } from './tree';
+import { Volume } from './volume';
+
+export type Ref = { name: string } | { id: string };
+
+export type CloneSource = { volume: Ref } | { snapshot: Ref };
+
+export interface VolumeUsage {
+  /** Bytes of extents the volume maps to data (shared or its own). */
+  allocatedBytes: number;
+  /** Bytes of extents only this volume holds: what deleting it frees at once. */
+  exclusiveBytes: number;
+}
+
+const backgroundTickMs = 1000;
+
+/**
+ * The copy-on-write volume store: volume heads, snapshots and clones over a catalog
+ * and a blob store. Snapshot and clone are one catalog transaction each, whatever
+ * the size of the volume; I/O goes through the open `Volume`, which is the only
+ * writer of its head's record.
+ */
+export class Store {
+  readonly ctx: StoreContext;
+  private readonly open = new Map<string, Volume>();
+  private readonly opening = new Map<string, Promise<Volume>>();
+  private heldFrees?: number[];
+  private gcPass?: Promise<GcReport>;
+  /** Set while the collector takes its cut: no volume may open until it is taken. */
+  private cutting?: Promise<void>;
+  private timers: NodeJS.Timeout[] = [];
+  private closed = false;
+
+  private constructor(
+    catalog: Catalog,
+    blobs: BlobStore,
+    private readonly log: Log,
+  ) {
+    this.ctx = {
+      catalog,
+      blobs,
+      nodes: new NodeCache(blobs),
+      ids: new BlobIdAllocator(catalog),
+      free: (ids) => this.free(ids),
+    };
+    this.timers.push(setInterval(() => void this.commitIdleVolumes(), backgroundTickMs).unref());
+  }
+
+  static async open(catalog: Catalog, blobs: BlobStore, log: Log = silentLog): Promise<Store> {
+    const format = await catalog.get(keys.format);
+    if (!format) {
+      await catalog.txn([absent(keys.format)], [put(keys.format, formatVersion)]);
+    } else if (JSON.parse(format.value) !== formatVersion) {
+      throw new ArborError('failed-precondition', `the store has format ${format.value}; this arbor reads format ${formatVersion}`);
+    }
+    return new Store(catalog, blobs, log);
+  }
+
+  /** Runs the collector every `gcIntervalMs` in the background. */
+  collectPeriodically(gcIntervalMs: number): void {
+    this.timers.push(
+      setInterval(() => {
+        this.collectGarbage().catch((err) => this.log.error('background garbage collection failed', { error: (err as Error).message }));
+      }, gcIntervalMs).unref(),
+    );
+  }
+
+  // ---- volumes ----
+
+  async createVolume(name: string, options: { sizeBytes: number; extentSizeBytes?: number }): Promise<VolumeRecord> {
+    validateName(name, 'volume');
+    const extentSizeBytes = options.extentSizeBytes ?? defaultExtentSizeBytes;
+    validateVolumeSize(options.sizeBytes, `volume ${name}`);
+    validateExtentSize(extentSizeBytes, `volume ${name}`);
+    for (;;) {
+      const existing = await this.findVolume({ name });
+      if (existing) {
+        if (existing.sizeBytes === options.sizeBytes && existing.extentSizeBytes === extentSizeBytes && existing.lineage.length === 0) return existing;
+        throw new ArborError(
+          'already-exists',
+          `volume ${name} already exists with size ${existing.sizeBytes} and extent size ${existing.extentSizeBytes}${existing.lineage.length ? ` (cloned from ${describeStep(existing.lineage[0])})` : ''}`,
+        );
+      }
+      const record: VolumeRecord = {
+        id: newVolumeId(),
+        name,
+        sizeBytes: options.sizeBytes,
+        extentSizeBytes,
+        depth: depthFor(extentCountFor(options.sizeBytes, extentSizeBytes)),
+        root: EMPTY,
+        createdAt: new Date().toISOString(),
+        lineage: [],
+      };
+      const result = await this.ctx.catalog.txn([absent(keys.volumeName(name))], [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)]);
+      if (result.succeeded) {
+        this.log.info('volume created', { volume: name, id: record.id, sizeBytes: record.sizeBytes, extentSizeBytes });
+        return record;
+      }
+    }
+  }
+
+  /** A new volume sharing every block of a snapshot, or of a volume as it is now. O(1). */
+  async cloneVolume(name: string, source: CloneSource): Promise<VolumeRecord> {
+    validateName(name, 'volume');
+    for (;;) {
+      const sourceDescription = 'snapshot' in source ? await this.snapshotStep(source.snapshot) : await this.volumeStep(source.volume);
+      const existing = await this.findVolume({ name });
+      if (existing) {
+        const step = existing.lineage[0];
+        if (step && step.volumeId === sourceDescription.volumeId && step.snapshotId === sourceDescription.snapshotId) return existing;
+        throw new ArborError(
+          'already-exists',
+          `volume ${name} already exists${step ? ` as a clone of ${describeStep(step)}` : ''}; it is not a clone of ${describeStep(sourceDescription)}`,
+        );
+      }
+      const created = 'snapshot' in source ? await this.cloneSnapshot(name, source.snapshot) : await this.cloneLiveVolume(name, source.volume);
+      if (created) {
+        this.log.info('volume cloned', { volume: name, id: created.id, from: describeStep(created.lineage[0]) });
+        return created;
+      }
+    }
+  }
+
+  private async cloneSnapshot(name: string, ref: Ref): Promise<VolumeRecord | undefined> {
+    const entry = await this.snapshotEntry(ref);
+    const snapshot = JSON.parse(entry.value) as SnapshotRecord;
+    const record: VolumeRecord = {
+      id: newVolumeId(),
+      name,
+      sizeBytes: snapshot.sizeBytes,
+      extentSizeBytes: snapshot.extentSizeBytes,
+      depth: snapshot.depth,
+      root: asShared(snapshot.root),
+      createdAt: new Date().toISOString(),
+      lineage: [{ volumeId: snapshot.volumeId, volumeName: snapshot.volumeName, snapshotId: snapshot.id, snapshotName: snapshot.name }, ...snapshot.lineage],
+    };
+    const result = await this.ctx.catalog.txn(
+      [unchanged(entry), absent(keys.volumeName(name))],
+      [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)],
+    );
+    return result.succeeded ? record : undefined;
+  }
+
+  private async cloneLiveVolume(name: string, ref: Ref): Promise<VolumeRecord | undefined> {
+    const volume = await this.openVolume(ref);
+    return volume.withCommitted(async (_committed, source) => {
+      const record: VolumeRecord = {
+        id: newVolumeId(),
+        name,
+        sizeBytes: source.sizeBytes,
+        extentSizeBytes: source.extentSizeBytes,
+        depth: source.depth,
+        root: asShared(source.root),
+        createdAt: new Date().toISOString(),
+        lineage: [{ volumeId: source.id, volumeName: source.name }, ...source.lineage],
+      };
+      const done = await volume.commitWith({
+        absent: [keys.volumeName(name)],
+        ops: [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)],
+        share: true,
+      });
+      return done ? record : undefined;
+    });
+  }
+
+  async resizeVolume(ref: Ref, sizeBytes: number): Promise<VolumeRecord> {
+    const volume = await this.openVolume(ref);
+    validateVolumeSize(sizeBytes, `volume ${volume.name}`);
+    await volume.resize(sizeBytes);
+    this.log.info('volume resized', { volume: volume.name, sizeBytes });
+    return volume.info();
+  }
+
+  async deleteVolume(ref: Ref): Promise<void> {
+    const volume = await this.openVolume(ref);
+    await volume.delete([del(keys.volume(volume.id)), del(keys.volumeName(volume.name))]);
+    this.open.delete(volume.id);
+    this.log.info('volume deleted', { volume: volume.name, id: volume.id });
+  }
+
+  async getVolume(ref: Ref): Promise<VolumeRecord> {
+    const record = await this.findVolume(ref);
+    if (!record) throw notFound('volume', ref);
+    return record;
+  }
+
+  async findVolume(ref: Ref): Promise<VolumeRecord | undefined> {
+    const entry = await this.findVolumeEntry(ref);
+    return entry && (JSON.parse(entry.value) as VolumeRecord);
+  }
+
+  async listVolumes(): Promise<VolumeRecord[]> {
+    return (await this.ctx.catalog.list(keys.volumes)).map((entry) => JSON.parse(entry.value) as VolumeRecord).sort(byName);
+  }
+
+  /** The volume's I/O handle, opened once and shared by every caller. */
+  async openVolume(ref: Ref): Promise<Volume> {
+    this.checkOpen();
+    if (this.cutting) await this.cutting;
+    const entry = await this.findVolumeEntry(ref);
+    if (!entry) throw notFound('volume', ref);
+    const id = (JSON.parse(entry.value) as VolumeRecord).id;
+    const open = this.open.get(id);
+    if (open) return open;
+    let opening = this.opening.get(id);
+    if (!opening) {
+      opening = (async () => {
+        // Read again: the record may have changed while another caller was opening it.
+        const fresh = await this.ctx.catalog.get(keys.volume(id));
+        if (!fresh) throw notFound('volume', ref);
+        const volume = new Volume(this.ctx, fresh, (busy) => void busy.commitInBackground());
+        this.open.set(id, volume);
+        return volume;
+      })().finally(() => this.opening.delete(id));
+      this.opening.set(id, opening);
+    }
+    return opening;
+  }
+
+  async volumeUsage(ref: Ref): Promise<VolumeUsage> {
+    const record = await this.getVolume(ref);
+    const volume = this.open.get(record.id);
+    if (volume) await volume.flush();
+    const current = await this.getVolume({ id: record.id });
+    const counts = await countExtents(this.nodeSource(), current.root, current.depth);
+    return { allocatedBytes: counts.data * current.extentSizeBytes, exclusiveBytes: counts.owned * current.extentSizeBytes };
+  }
+
+  // ---- snapshots ----
+
+  /** A consistent point-in-time snapshot: every write completed before the call, none after it. */
+  async createSnapshot(volumeRef: Ref, name: string): Promise<SnapshotRecord> {
+    validateName(name, 'snapshot');
+    const volume = await this.openVolume(volumeRef);
+    for (;;) {
+      const existing = await this.findSnapshot({ name });
+      if (existing) {
+        if (existing.volumeId === volume.id) return existing;
+        throw new ArborError('already-exists', `snapshot name ${name} is already used by volume ${existing.volumeName}; snapshot names are unique in the store`);
+      }
+      const created = await volume.withCommitted(async (_committed, source) => {
+        const record: SnapshotRecord = {
+          id: newSnapshotId(),
+          name,
+          volumeId: source.id,
+          volumeName: source.name,
+          sizeBytes: source.sizeBytes,
+          extentSizeBytes: source.extentSizeBytes,
+          depth: source.depth,
+          root: asShared(source.root),
+          createdAt: new Date().toISOString(),
+          lineage: source.lineage,
+        };
+        const done = await volume.commitWith({
+          absent: [keys.snapshotName(name)],
+          ops: [put(keys.snapshot(record.id), record), put(keys.snapshotName(name), record.id)],
+          share: true,
+        });
+        return done ? record : undefined;
+      });
+      if (created) {
+        this.log.info('snapshot created', { volume: volume.name, snapshot: name, id: created.id });
+        return created;
+      }
+    }
+  }
+
+  /** Forgets the snapshot; the blobs only it held are reclaimed by the next collector pass. */
+  async deleteSnapshot(ref: Ref): Promise<void> {
+    for (;;) {
+      const entry = await this.findSnapshotEntry(ref);
+      if (!entry) throw notFound('snapshot', ref);
+      const record = JSON.parse(entry.value) as SnapshotRecord;
+      const result = await this.ctx.catalog.txn([unchanged(entry)], [del(keys.snapshot(record.id)), del(keys.snapshotName(record.name))]);
+      if (result.succeeded) {
+        this.log.info('snapshot deleted', { snapshot: record.name, id: record.id });
+        return;
+      }
+    }
+  }
+
+  async getSnapshot(ref: Ref): Promise<SnapshotRecord> {
+    const record = await this.findSnapshot(ref);
+    if (!record) throw notFound('snapshot', ref);
+    return record;
+  }
+
+  async findSnapshot(ref: Ref): Promise<SnapshotRecord | undefined> {
+    const entry = await this.findSnapshotEntry(ref);
+    return entry && (JSON.parse(entry.value) as SnapshotRecord);
+  }
+
+  /** Every snapshot, or those taken of one volume. */
+  async listSnapshots(volumeRef?: Ref): Promise<SnapshotRecord[]> {
+    const all = (await this.ctx.catalog.list(keys.snapshots)).map((entry) => JSON.parse(entry.value) as SnapshotRecord);
+    if (!volumeRef) return all.sort(byName);
+    const matches = 'id' in volumeRef ? (s: SnapshotRecord) => s.volumeId === volumeRef.id : (s: SnapshotRecord) => s.volumeName === volumeRef.name;
+    return all.filter(matches).sort(byName);
+  }
+
+  async openSnapshot(ref: Ref): Promise<SnapshotReader> {
+    return new SnapshotReader(await this.getSnapshot(ref), this.nodeSource(), this.ctx.blobs);
+  }
+
+  // ---- garbage collection ----
+
+  /**
+   * One mark-and-sweep pass. It starts on a consistent cut: every open volume held
+   * and committed, the allocator's watermark read, the catalog's roots listed; then
+   * marking and sweeping run while volumes take writes again. Blobs that volumes free
+   * meanwhile are held back until the pass ends, so every node the mark reads exists.
+   */
+  async collectGarbage(): Promise<GcReport> {
+    this.checkOpen();
+    this.gcPass ??= this.runGcPass().finally(() => (this.gcPass = undefined));
+    return this.gcPass;
+  }
+
+  private async runGcPass(): Promise<GcReport> {
+    this.heldFrees = [];
+    try {
+      const { roots, watermark } = await this.takeCut();
+      const report = await markAndSweep(this.ctx, roots, watermark);
+      this.log.info('garbage collected', { ...report });
+      return report;
+    } finally {
+      const held = this.heldFrees;
+      this.heldFrees = undefined;
+      await this.ctx.blobs.delete(held);
+    }
+  }
+
+  private async takeCut(): Promise<{ roots: Array<{ root: number; depth: number }>; watermark: number }> {
+    let cutTaken!: () => void;
+    this.cutting = new Promise((resolve) => (cutTaken = resolve));
+    const releases: Array<() => void> = [];
+    try {
+      while (this.opening.size > 0) await Promise.allSettled([...this.opening.values()]);
+      const volumes = [...this.open.values()].sort((a, b) => (a.id < b.id ? -1 : 1));
+      for (const volume of volumes) releases.push(await volume.hold());
+      for (const volume of volumes) await volume.flushWhileHeld();
+      const watermark = await this.ctx.ids.watermark();
+      const records = [
+        ...(await this.ctx.catalog.list(keys.volumes)).map((e) => JSON.parse(e.value) as VolumeRecord),
+        ...(await this.ctx.catalog.list(keys.snapshots)).map((e) => JSON.parse(e.value) as SnapshotRecord),
+      ];
+      return { roots: records.map((r) => ({ root: r.root, depth: r.depth })), watermark };
+    } finally {
+      for (const release of releases) release();
+      this.cutting = undefined;
+      cutTaken();
+    }
+  }
+
+  private async free(ids: number[]): Promise<void> {
+    if (ids.length === 0) return;
+    if (this.heldFrees) {
+      this.heldFrees.push(...ids);
+      return;
+    }
+    await this.ctx.blobs.delete(ids);
+  }
+
+  // ---- life cycle ----
+
+  /** Commits every open volume and closes the backends. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    for (const timer of this.timers) clearInterval(timer);
+    if (this.gcPass) await this.gcPass.catch(() => {});
+    for (const volume of this.open.values()) await volume.close();
+    this.closed = true;
+    this.open.clear();
+    await this.ctx.blobs.close();
+    await this.ctx.catalog.close();
+  }
+
+  private async commitIdleVolumes(): Promise<void> {
+    const now = Date.now();
+    for (const volume of this.open.values()) {
+      const age = volume.uncommittedForMs(now);
+      if (age !== undefined && age >= commitIntervalMs) await volume.commitInBackground();
+    }
+  }
+
+  private nodeSource(): NodeSource {
+    const nodes = this.ctx.nodes;
+    return { cached: (id) => nodes.get(id), load: (id) => nodes.load(id) };
+  }
+
+  private async findVolumeEntry(ref: Ref): Promise<KvEntry | undefined> {
+    const id = 'id' in ref ? ref.id : await this.idForName(keys.volumeName(ref.name));
+    return id === undefined ? undefined : this.ctx.catalog.get(keys.volume(id));
+  }
+
+  private async findSnapshotEntry(ref: Ref): Promise<KvEntry | undefined> {
+    const id = 'id' in ref ? ref.id : await this.idForName(keys.snapshotName(ref.name));
+    return id === undefined ? undefined : this.ctx.catalog.get(keys.snapshot(id));
+  }
+
+  private async idForName(nameKey: string): Promise<string | undefined> {
+    const entry = await this.ctx.catalog.get(nameKey);
+    return entry && (JSON.parse(entry.value) as string);
+  }
+
+  private async snapshotEntry(ref: Ref): Promise<KvEntry> {
+    const entry = await this.findSnapshotEntry(ref);
+    if (!entry) throw notFound('snapshot', ref);
+    return entry;
+  }
+
+  private async snapshotStep(ref: Ref): Promise<LineageStep> {
+    const s = await this.getSnapshot(ref);
+    return { volumeId: s.volumeId, volumeName: s.volumeName, snapshotId: s.id, snapshotName: s.name };
+  }
+
+  private async volumeStep(ref: Ref): Promise<LineageStep> {
+    const v = await this.getVolume(ref);
+    return { volumeId: v.id, volumeName: v.name };
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new ArborError('unavailable', 'the store is closed');
+  }
+}
+
+function notFound(what: 'volume' | 'snapshot', ref: Ref): ArborError {
+  return new ArborError('not-found', 'id' in ref ? `${what} with id ${ref.id} does not exist` : `${what} ${ref.name} does not exist`);
+}
+
+function describeStep(step: LineageStep): string {
+  return step.snapshotName ? `snapshot ${step.volumeName}@${step.snapshotName}` : `volume ${step.volumeName}`;
+}
+
+function byName(a: { name: string }, b: { name: string }): number {
+  return a.name < b.name ? -1 : a.name > b.name ? 1 : 0;
+}

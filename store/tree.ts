@@ -1,0 +1,154 @@
+import { BlobStore } from './blobs/blobs';
+import { EMPTY, Entry, blobOf, hasBlob, isWritable, isZero } from './entry';
+import { extentsPerSlot } from './geometry';
+import { MapNode, getEntry } from './map-node';
+import { entriesPerNode } from './limits';
+
+/** Where a tree's nodes come from: a volume's own dirty nodes first, then the shared cache. */
+export interface NodeSource {
+  cached(id: number): MapNode | undefined;
+  load(id: number): Promise<MapNode>;
+}
+
+/** What a tree maps: its root pointer and how many levels of nodes hang under it. */
+export interface TreeShape {
+  root: Entry;
+  depth: number;
+  sizeBytes: number;
+  extentSizeBytes: number;
+}
+
+/** A run of `count` extents starting at `first` that share one entry (holes come in runs). */
+export interface Segment {
+  first: number;
+  count: number;
+  entry: Entry;
+}
+
+export type RangeKind = 'data' | 'hole' | 'zero';
+
+export interface RangeStatus {
+  offset: number;
+  length: number;
+  kind: RangeKind;
+}
+
+async function nodeOf(source: NodeSource, id: number): Promise<MapNode> {
+  return source.cached(id) ?? (await source.load(id));
+}
+
+/**
+ * The entries mapping extents first..last, walking each node once and reporting an
+ * unmapped subtree as one hole segment, so a map of a huge sparse volume costs what
+ * is written, not what is addressable. Reads never follow a chain of parents: a
+ * clone's tree is complete.
+ */
+export async function mapExtents(source: NodeSource, root: Entry, depth: number, first: number, last: number): Promise<Segment[]> {
+  const out: Segment[] = [];
+  if (!hasBlob(root)) {
+    out.push({ first, count: last - first + 1, entry: EMPTY });
+    return out;
+  }
+  await walk(source, blobOf(root), depth - 1, 0, first, last, out);
+  return out;
+}
+
+async function walk(source: NodeSource, id: number, level: number, base: number, first: number, last: number, out: Segment[]): Promise<void> {
+  const node = source.cached(id) ?? (await source.load(id));
+  const span = extentsPerSlot(level);
+  const firstSlot = Math.max(0, Math.floor((first - base) / span));
+  const lastSlot = Math.min(entriesPerNode - 1, Math.floor((last - base) / span));
+  for (let slot = firstSlot; slot <= lastSlot; slot++) {
+    const entry = getEntry(node, slot);
+    const slotBase = base + slot * span;
+    const from = Math.max(first, slotBase);
+    const to = Math.min(last, slotBase + span - 1);
+    if (level === 0 || !hasBlob(entry)) {
+      const previous = out[out.length - 1];
+      if (previous && previous.entry === entry && !hasBlob(entry) && previous.first + previous.count === from) previous.count += to - from + 1;
+      else out.push({ first: from, count: to - from + 1, entry });
+    } else {
+      await walk(source, blobOf(entry), level - 1, slotBase, from, to, out);
+    }
+  }
+}
+
+/** The leaf entry of one extent. */
+export async function lookupExtent(source: NodeSource, root: Entry, depth: number, extent: number): Promise<Entry> {
+  let entry = root;
+  for (let level = depth - 1; level >= 0; level--) {
+    if (!hasBlob(entry)) return EMPTY;
+    const node = await nodeOf(source, blobOf(entry));
+    entry = getEntry(node, Math.floor(extent / extentsPerSlot(level)) % entriesPerNode);
+  }
+  return entry;
+}
+
+/** Reads `length` bytes at `offset` of the tree into `target`. */
+export async function readTree(
+  source: NodeSource,
+  blobs: BlobStore,
+  tree: TreeShape,
+  offset: number,
+  target: Buffer,
+  targetOffset: number,
+  length: number,
+): Promise<void> {
+  if (length === 0) return;
+  const extentSize = tree.extentSizeBytes;
+  const first = Math.floor(offset / extentSize);
+  const last = Math.floor((offset + length - 1) / extentSize);
+  const segments =
+    first === last
+      ? [{ first, count: 1, entry: await lookupExtent(source, tree.root, tree.depth, first) }]
+      : await mapExtents(source, tree.root, tree.depth, first, last);
+  for (const segment of segments) {
+    const from = Math.max(offset, segment.first * extentSize);
+    const to = Math.min(offset + length, (segment.first + segment.count) * extentSize);
+    const at = targetOffset + (from - offset);
+    if (!hasBlob(segment.entry)) {
+      target.fill(0, at, at + (to - from));
+    } else {
+      await blobs.read(blobOf(segment.entry), from - segment.first * extentSize, target, at, to - from);
+    }
+  }
+}
+
+/** Allocation status of [offset, offset+length): data, holes (never written) and allocated zeros, merged into runs. */
+export async function treeStatus(source: NodeSource, tree: TreeShape, offset: number, length: number): Promise<RangeStatus[]> {
+  if (length === 0) return [];
+  const extentSize = tree.extentSizeBytes;
+  const first = Math.floor(offset / extentSize);
+  const last = Math.floor((offset + length - 1) / extentSize);
+  const out: RangeStatus[] = [];
+  for (const segment of await mapExtents(source, tree.root, tree.depth, first, last)) {
+    const kind: RangeKind = hasBlob(segment.entry) ? 'data' : isZero(segment.entry) ? 'zero' : 'hole';
+    const from = Math.max(offset, segment.first * extentSize);
+    const to = Math.min(offset + length, (segment.first + segment.count) * extentSize);
+    const previous = out[out.length - 1];
+    if (previous && previous.kind === kind && previous.offset + previous.length === from) previous.length += to - from;
+    else out.push({ offset: from, length: to - from, kind });
+  }
+  return out;
+}
+
+/**
+ * How many extents a tree maps to data, and how many of those it owns: reached
+ * through writable pointers all the way from the root, so freed when the head is.
+ */
+export async function countExtents(source: NodeSource, root: Entry, depth: number): Promise<{ data: number; owned: number }> {
+  const counts = { data: 0, owned: 0 };
+  const visit = async (entry: Entry, level: number, owned: boolean): Promise<void> => {
+    if (!hasBlob(entry)) return;
+    const mine = owned && isWritable(entry);
+    if (level < 0) {
+      counts.data++;
+      if (mine) counts.owned++;
+      return;
+    }
+    const node = await nodeOf(source, blobOf(entry));
+    for (let slot = 0; slot < entriesPerNode; slot++) await visit(getEntry(node, slot), level - 1, mine);
+  };
+  await visit(root, depth - 1, true);
+  return counts;
+}

@@ -1,0 +1,349 @@
+import { KvEntry, Op, put, unchanged } from './catalog/catalog';
+import { StoreContext } from './context';
+import { ArborError, assert } from './errors';
+import { EMPTY, Entry, zeroEntry } from './entry';
+import { maxDirtyNodesPerVolume } from './limits';
+import { MutableTree } from './mutable-tree';
+import { VolumeRecord, keys } from './records';
+import { RwLock } from './rw-lock';
+import { RangeStatus, lookupExtent, readTree, treeStatus } from './tree';
+import { hasBlob } from './entry';
+
+export interface WriteOptions {
+  /** Force unit access: durable before the call returns. */
+  fua?: boolean;
+}
+
+export interface ZeroOptions {
+  /** Keep the range allocated (as known zeros) instead of punching a hole. */
+  noHole?: boolean;
+  fua?: boolean;
+}
+
+type VolumeState = 'open' | 'closed' | 'deleted';
+
+let zeros: Buffer | undefined;
+function zeroBuffer(length: number): Buffer {
+  if (!zeros || zeros.length < length) zeros = Buffer.alloc(length);
+  return zeros;
+}
+
+/**
+ * An open volume head: its byte-granular I/O API and the owner-side operations that
+ * change its catalog record (commit, snapshot, clone, resize, delete).
+ *
+ * Reads share the lock; everything that changes the tree holds it exclusively, so a
+ * snapshot taken under it contains every write that completed before it and none that
+ * started after. Only this object ever writes the volume's catalog record.
+ */
+export class Volume {
+  private readonly lock = new RwLock();
+  private readonly tree: MutableTree;
+  private committed: KvEntry;
+  private record: VolumeRecord;
+  private state: VolumeState = 'open';
+  /** When uncommitted changes first appeared (for the background commit). */
+  private changedAt?: number;
+  private flushing?: Promise<void>;
+
+  constructor(
+    private readonly ctx: StoreContext,
+    committed: KvEntry,
+    private readonly onBusy: (volume: Volume) => void = () => {},
+  ) {
+    this.committed = committed;
+    this.record = JSON.parse(committed.value) as VolumeRecord;
+    const r = this.record;
+    this.tree = new MutableTree(r.root, r.depth, r.sizeBytes, r.extentSizeBytes, ctx.blobs, ctx.nodes, ctx.ids);
+  }
+
+  get id(): string {
+    return this.record.id;
+  }
+
+  get name(): string {
+    return this.record.name;
+  }
+
+  get sizeBytes(): number {
+    return this.tree.sizeBytes;
+  }
+
+  get extentSizeBytes(): number {
+    return this.record.extentSizeBytes;
+  }
+
+  get isOpen(): boolean {
+    return this.state === 'open';
+  }
+
+  /** The committed record, with the live size. */
+  info(): VolumeRecord {
+    return { ...this.record };
+  }
+
+  /** Milliseconds since uncommitted changes appeared, or undefined when there are none. */
+  uncommittedForMs(now = Date.now()): number | undefined {
+    return this.changedAt === undefined ? undefined : now - this.changedAt;
+  }
+
+  get dirtyNodeCount(): number {
+    return this.tree.dirty.size;
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    const target = Buffer.allocUnsafe(length);
+    await this.readInto(offset, target, 0, length);
+    return target;
+  }
+
+  async readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
+    await this.shared(async () => {
+      this.checkRange(offset, length, 'read');
+      await readTree(this.tree, this.ctx.blobs, this.tree.shape, offset, target, targetOffset, length);
+    });
+  }
+
+  async write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
+    await this.exclusive(async () => {
+      this.checkRange(offset, data.length, 'write');
+      const touched: number[] = [];
+      const extentSize = this.extentSizeBytes;
+      for (let done = 0; done < data.length; ) {
+        const at = offset + done;
+        const extent = Math.floor(at / extentSize);
+        const inExtent = at - extent * extentSize;
+        const n = Math.min(extentSize - inExtent, data.length - done);
+        touched.push(await this.tree.writeExtent(extent, inExtent, data, done, n));
+        done += n;
+      }
+      this.noteChange();
+      if (options.fua) await this.makeDurable(touched);
+    });
+  }
+
+  /**
+   * Discards a range: whole extents become holes (and are freed when this head owns
+   * them); the partial extents at either end have their bytes zeroed.
+   */
+  async trim(offset: number, length: number): Promise<void> {
+    await this.zeroRange(offset, length, EMPTY, 'trim', false);
+  }
+
+  async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
+    await this.zeroRange(offset, length, options.noHole ? zeroEntry : EMPTY, 'write-zeroes', options.fua ?? false);
+  }
+
+  async blockStatus(offset: number, length: number): Promise<RangeStatus[]> {
+    return this.shared(async () => {
+      this.checkRange(offset, length, 'block status');
+      return treeStatus(this.tree, this.tree.shape, offset, length);
+    });
+  }
+
+  /** Makes every write that completed before this call durable. */
+  async flush(): Promise<void> {
+    await this.exclusive(() => this.flushLocked());
+  }
+
+  /** Runs `fn` with the volume drained of writes and its state committed: the owner's side of snapshot and clone. */
+  async withCommitted<T>(fn: (committed: KvEntry, record: VolumeRecord) => Promise<T>): Promise<T> {
+    return this.exclusive(async () => {
+      await this.flushLocked();
+      return fn(this.committed, this.record);
+    });
+  }
+
+  /**
+   * Commits a transaction that also rewrites this volume's record (a snapshot or a
+   * clone sharing its root, a resize): the extra ops and compares ride along, and
+   * the record's root becomes read-only when `share` is set. Call inside withCommitted.
+   */
+  async commitWith(extra: { compares?: KvEntry[]; absent?: string[]; ops: Op[]; share?: boolean }): Promise<boolean> {
+    assert(this.tree.dirty.size === 0, 'commitWith runs on a committed tree');
+    if (extra.share) this.tree.shareRoot();
+    const next: VolumeRecord = { ...this.record, root: this.tree.root, depth: this.tree.depth, sizeBytes: this.tree.sizeBytes };
+    const compares = [unchanged(this.committed), ...(extra.compares ?? []).map(unchanged), ...(extra.absent ?? []).map((key) => ({ key, modRevision: 0 }))];
+    const result = await this.ctx.catalog.txn(compares, [put(keys.volume(this.id), next), ...extra.ops]);
+    if (!result.succeeded) {
+      if (extra.share) this.tree.root = this.record.root;
+      return false;
+    }
+    this.record = next;
+    this.committed = { key: this.committed.key, value: JSON.stringify(next), modRevision: result.revision };
+    return true;
+  }
+
+  /** Grows the volume; the new range reads as zeros. Committed before it returns. */
+  async resize(sizeBytes: number): Promise<void> {
+    await this.exclusive(async () => {
+      if (sizeBytes < this.tree.sizeBytes) {
+        throw new ArborError(
+          'out-of-range',
+          `volume ${this.name}: requested size ${sizeBytes} is smaller than its current size ${this.tree.sizeBytes}; shrinking is not supported`,
+        );
+      }
+      if (sizeBytes === this.tree.sizeBytes) return;
+      await this.tree.growTo(sizeBytes);
+      this.noteChange();
+      await this.flushLocked();
+    });
+  }
+
+  /**
+   * Removes the head and frees what it owns. Called with the catalog ops that
+   * delete its keys; blobs shared with snapshots or clones are left to the collector.
+   */
+  async delete(ops: Op[]): Promise<void> {
+    await this.exclusive(async () => {
+      const result = await this.ctx.catalog.txn([unchanged(this.committed)], ops);
+      if (!result.succeeded) throw new ArborError('aborted', `volume ${this.name} changed while it was being deleted; retry`);
+      this.state = 'deleted';
+      const owned = await this.tree.ownedBlobs();
+      await this.ctx.free([...owned, ...this.tree.freeAfterCommit.splice(0)]);
+      for (const id of owned) this.ctx.nodes.delete(id);
+      this.tree.dirty.clear();
+      this.tree.unsyncedData.clear();
+      this.changedAt = undefined;
+    });
+  }
+
+  /** Commits what is pending and refuses further I/O. */
+  async close(): Promise<void> {
+    if (this.state !== 'open') return;
+    await this.exclusive(async () => {
+      await this.flushLocked();
+      this.state = 'closed';
+    });
+  }
+
+  /**
+   * Holds every change off until the returned function is called; the collector
+   * holds every open volume at once to read a consistent cut of the whole store.
+   */
+  async hold(): Promise<() => void> {
+    const wait = this.lock.exclusive();
+    if (wait) await wait;
+    return () => this.lock.releaseExclusive();
+  }
+
+  /** Commits pending changes; only while held. */
+  async flushWhileHeld(): Promise<void> {
+    await this.flushLocked();
+  }
+
+  /** Background commit: cheap when there is nothing to do, never throws. */
+  async commitInBackground(): Promise<void> {
+    if (this.flushing || this.changedAt === undefined || this.state !== 'open') return;
+    this.flushing = this.flush()
+      .catch(() => {})
+      .finally(() => (this.flushing = undefined));
+    await this.flushing;
+  }
+
+  private async zeroRange(offset: number, length: number, wholeExtents: Entry, what: string, fua: boolean): Promise<void> {
+    await this.exclusive(async () => {
+      this.checkRange(offset, length, what);
+      if (length === 0) return;
+      const extentSize = this.extentSizeBytes;
+      // The bytes past the end of the last extent always read as zeros, so a range
+      // that reaches the end of the volume covers its last extent whole.
+      const end = offset + length === this.tree.sizeBytes ? Math.ceil(this.tree.sizeBytes / extentSize) * extentSize : offset + length;
+      const firstWhole = Math.ceil(offset / extentSize);
+      const endWhole = Math.floor(end / extentSize);
+      const touched: number[] = [];
+      if (firstWhole >= endWhole) {
+        await this.zeroBytes(offset, length, touched);
+      } else {
+        if (offset < firstWhole * extentSize) await this.zeroBytes(offset, firstWhole * extentSize - offset, touched);
+        await this.tree.replaceExtents(firstWhole, endWhole - 1, wholeExtents);
+        if (endWhole * extentSize < end) await this.zeroBytes(endWhole * extentSize, offset + length - endWhole * extentSize, touched);
+      }
+      this.noteChange();
+      if (fua) await this.makeDurable(touched);
+    });
+  }
+
+  /** Zeroes bytes extent by extent; nothing to do where an extent already reads as zeros. */
+  private async zeroBytes(offset: number, length: number, touched: number[]): Promise<void> {
+    const extentSize = this.extentSizeBytes;
+    for (let done = 0; done < length; ) {
+      const at = offset + done;
+      const extent = Math.floor(at / extentSize);
+      const n = Math.min(extentSize - (at - extent * extentSize), length - done);
+      const entry = await lookupExtent(this.tree, this.tree.root, this.tree.depth, extent);
+      if (hasBlob(entry)) touched.push(await this.tree.writeExtent(extent, at - extent * extentSize, zeroBuffer(n), 0, n));
+      done += n;
+    }
+  }
+
+  /** FUA: when only data changed in place, syncing those extents is enough; otherwise commit. */
+  private async makeDurable(touched: number[]): Promise<void> {
+    if (this.tree.dirty.size > 0 || this.tree.freeAfterCommit.length > 0 || this.tree.root !== this.record.root) {
+      await this.flushLocked();
+      return;
+    }
+    await this.ctx.blobs.sync(touched);
+    for (const id of touched) this.tree.unsyncedData.delete(id);
+    if (this.tree.unsyncedData.size === 0) this.changedAt = undefined;
+  }
+
+  private async flushLocked(): Promise<void> {
+    if (this.state !== 'open') return;
+    const written = await this.tree.writeBack();
+    await this.ctx.blobs.sync([...this.tree.unsyncedData, ...written]);
+    this.tree.unsyncedData.clear();
+    const r = this.record;
+    if (this.tree.root !== r.root || this.tree.depth !== r.depth || this.tree.sizeBytes !== r.sizeBytes) {
+      if (!(await this.commitWith({ ops: [] }))) {
+        throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
+      }
+    }
+    assert(this.tree.freeAfterCommit.length === 0 || this.tree.root === this.record.root, 'freed blobs follow a commit');
+    await this.ctx.free(this.tree.freeAfterCommit.splice(0));
+    this.changedAt = undefined;
+  }
+
+  private noteChange(): void {
+    this.changedAt ??= Date.now();
+    if (this.tree.dirty.size > maxDirtyNodesPerVolume) this.onBusy(this);
+  }
+
+  private checkRange(offset: number, length: number, what: string): void {
+    this.checkOpen();
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0) {
+      throw new ArborError('invalid-argument', `volume ${this.name}: ${what} needs a non-negative whole offset and length, got ${offset} and ${length}`);
+    }
+    if (offset + length > this.tree.sizeBytes) {
+      throw new ArborError(
+        'out-of-range',
+        `volume ${this.name}: ${what} of ${length} bytes at offset ${offset} ends past the end of the volume (${this.tree.sizeBytes} bytes)`,
+      );
+    }
+  }
+
+  private checkOpen(): void {
+    if (this.state === 'deleted') throw new ArborError('not-found', `volume ${this.name} was deleted`);
+    if (this.state === 'closed') throw new ArborError('unavailable', `volume ${this.name} is closed`);
+  }
+
+  private async shared<T>(fn: () => Promise<T>): Promise<T> {
+    const wait = this.lock.shared();
+    if (wait) await wait;
+    try {
+      return await fn();
+    } finally {
+      this.lock.releaseShared();
+    }
+  }
+
+  private async exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const wait = this.lock.exclusive();
+    if (wait) await wait;
+    try {
+      return await fn();
+    } finally {
+      this.lock.releaseExclusive();
+    }
+  }
+}
