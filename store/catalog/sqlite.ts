@@ -56,7 +56,7 @@ export class SqliteCatalog implements Catalog {
       db?.close();
       const code = (err as { code?: string }).code;
       if (code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED') {
-        throw new ArborError('busy', `the data directory is in use by another process (${lockHint()}); stop it, or talk to it through its admin socket`);
+        throw new ArborError('busy', `the data directory is in use by another process (${lockHint()}); stop it first`);
       }
       throw new ArborError('unavailable', `cannot open the catalog ${path}: ${(err as Error).message}`);
     }

@@ -1,0 +1,189 @@
+import fs from 'node:fs';
+import { Progress } from '../../lib/progress';
+import { formatSize, parseSize, UnitError } from '../../lib/units';
+import { ArborError } from '../../store/errors';
+import { LineageStep, VolumeRecord } from '../../store/records';
+import { CommandSpec, UsageError } from '../args';
+import { CliContext } from '../context';
+import { json, table } from '../output';
+import { parseRef, snapshotOf } from '../refs';
+import { exportToFile, exportToStream, importImage } from '../transfer';
+
+function size(text: string | boolean | undefined, option: string): number | undefined {
+  if (text === undefined) return undefined;
+  try {
+    return parseSize(String(text), `--${option}`);
+  } catch (err) {
+    if (err instanceof UnitError) throw new UsageError(err.message);
+    throw err;
+  }
+}
+
+function describeParent(step?: LineageStep): string {
+  if (!step) return '-';
+  return step.snapshotName ? `${step.volumeName}@${step.snapshotName}` : step.volumeName;
+}
+
+/** The stable JSON form of a volume (documented in the README). */
+export function volumeJson(v: VolumeRecord): Record<string, unknown> {
+  return {
+    id: v.id,
+    name: v.name,
+    sizeBytes: v.sizeBytes,
+    extentSizeBytes: v.extentSizeBytes,
+    createdAt: v.createdAt,
+    parent: v.lineage[0] ? lineageJson(v.lineage[0]) : null,
+  };
+}
+
+function lineageJson(step: LineageStep): Record<string, unknown> {
+  return { volumeId: step.volumeId, volume: step.volumeName, snapshotId: step.snapshotId ?? null, snapshot: step.snapshotName ?? null };
+}
+
+export const volumeCommands: CommandSpec<CliContext>[] = [
+  {
+    path: ['volume', 'create'],
+    positionals: ['NAME'],
+    options: {
+      size: { type: 'string', value: 'SIZE', required: true, description: 'logical size, e.g. 10GiB (a multiple of 512 bytes)' },
+      'extent-size': { type: 'string', value: 'SIZE', description: 'copy-on-write unit, a power of two from 4KiB to 4MiB (default 64KiB)' },
+    },
+    summary: 'Create an empty volume (thin: it uses no space until written).',
+    async run(ctx, { positionals: [name], values }) {
+      const sizeBytes = size(values.size, 'size')!;
+      const extentSizeBytes = size(values['extent-size'], 'extent-size');
+      const v = await ctx.withStore((store) => store.createVolume(name, { sizeBytes, extentSizeBytes }));
+      ctx.stdout.write(`volume ${v.name} (${v.id}): ${formatSize(v.sizeBytes)}, extent size ${formatSize(v.extentSizeBytes)}\n`);
+    },
+  },
+  {
+    path: ['volume', 'list'],
+    positionals: [],
+    options: { json: { type: 'boolean', description: 'print JSON' } },
+    summary: 'List volumes.',
+    async run(ctx, { values }) {
+      const volumes = await ctx.withStore((store) => store.listVolumes());
+      if (values.json) {
+        ctx.stdout.write(json(volumes.map(volumeJson)));
+        return;
+      }
+      ctx.stdout.write(table(['NAME', 'SIZE', 'EXTENT', 'PARENT', 'CREATED'], volumes.map((v) => [v.name, formatSize(v.sizeBytes), formatSize(v.extentSizeBytes), describeParent(v.lineage[0]), v.createdAt])));
+    },
+  },
+  {
+    path: ['volume', 'info'],
+    positionals: ['NAME'],
+    options: { json: { type: 'boolean', description: 'print JSON' } },
+    summary: 'Show a volume: size, extent size, allocated bytes, parent lineage, snapshots.',
+    async run(ctx, { positionals: [name], values }) {
+      const { v, usage, snapshots } = await ctx.withStore(async (store) => {
+        const v = await store.getVolume({ name });
+        return { v, usage: await store.volumeUsage({ id: v.id }), snapshots: await store.listSnapshots({ id: v.id }) };
+      });
+      if (values.json) {
+        ctx.stdout.write(
+          json({
+            ...volumeJson(v),
+            allocatedBytes: usage.allocatedBytes,
+            exclusiveBytes: usage.exclusiveBytes,
+            lineage: v.lineage.map(lineageJson),
+            snapshots: snapshots.map((s) => ({ id: s.id, name: s.name, sizeBytes: s.sizeBytes, createdAt: s.createdAt })),
+          }),
+        );
+        return;
+      }
+      const lines = [
+        `volume ${v.name}`,
+        `  id:          ${v.id}`,
+        `  size:        ${formatSize(v.sizeBytes)} (${v.sizeBytes} bytes)`,
+        `  extent size: ${formatSize(v.extentSizeBytes)}`,
+        `  allocated:   ${formatSize(usage.allocatedBytes)} (${formatSize(usage.exclusiveBytes)} its own, the rest shared)`,
+        `  created:     ${v.createdAt}`,
+        `  lineage:     ${v.lineage.length ? v.lineage.map(describeParent).join(' <- ') : '- (not a clone)'}`,
+        `  snapshots:   ${snapshots.length ? snapshots.map((s) => s.name).join(', ') : '-'}`,
+      ];
+      ctx.stdout.write(lines.join('\n') + '\n');
+    },
+  },
+  {
+    path: ['volume', 'import'],
+    positionals: ['NAME', 'FILE'],
+    options: {},
+    summary: "Copy a raw image (a file, or '-' for standard input) over the start of an existing volume; zero runs become holes.",
+    async run(ctx, { positionals: [name, file] }) {
+      await ctx.withStore(async (store) => {
+        const volume = await store.openVolume({ name });
+        let total: number | undefined;
+        if (file !== '-') {
+          total = fs.statSync(file).size;
+          if (total > volume.sizeBytes) {
+            throw new ArborError('out-of-range', `${file} is ${total} bytes, larger than volume ${name} (${volume.sizeBytes} bytes); resize the volume first`);
+          }
+        }
+        const input = file === '-' ? (ctx.stdin as AsyncIterable<Buffer>) : fs.createReadStream(file, { highWaterMark: 1024 * 1024 });
+        const progress = new Progress(ctx.stderr, `importing into ${name}`, total);
+        await importImage(volume, input, progress);
+        ctx.stdout.write(`imported ${progress.finish()} into volume ${name}\n`);
+      });
+    },
+  },
+  {
+    path: ['volume', 'export'],
+    positionals: ['NAME[@SNAP]', 'FILE'],
+    options: {},
+    summary: "Write a whole volume or snapshot as a raw image to FILE (sparse) or '-' (standard output).",
+    async run(ctx, { positionals: [source, file] }) {
+      const ref = parseRef(source, 'source');
+      await ctx.withStore(async (store) => {
+        const image = ref.snapshot
+          ? await store.openSnapshot({ id: (await snapshotOf(store, { volume: ref.volume, snapshot: ref.snapshot })).id })
+          : await store.openVolume({ name: ref.volume });
+        const progress = new Progress(ctx.stderr, `exporting ${source}`, image.sizeBytes);
+        if (file === '-') {
+          const complete = await exportToStream(image, ctx.stdout, progress);
+          const summary = progress.finish();
+          if (complete) ctx.stderr.write(`exported ${source}: ${summary}\n`);
+        } else {
+          await exportToFile(image, file, progress);
+          ctx.stdout.write(`exported ${source} to ${file}: ${progress.finish()}\n`);
+        }
+      });
+    },
+  },
+  {
+    path: ['volume', 'clone'],
+    positionals: ['SRC[@SNAP]', 'NEWNAME'],
+    options: {},
+    summary: 'Create a volume sharing every block of a snapshot, or of a volume as it is now (O(1), whatever the size).',
+    async run(ctx, { positionals: [source, name] }) {
+      const ref = parseRef(source, 'source');
+      const v = await ctx.withStore(async (store) => {
+        if (!ref.snapshot) return store.cloneVolume(name, { volume: { name: ref.volume } });
+        const snapshot = await snapshotOf(store, { volume: ref.volume, snapshot: ref.snapshot });
+        return store.cloneVolume(name, { snapshot: { id: snapshot.id } });
+      });
+      ctx.stdout.write(`volume ${v.name} (${v.id}): clone of ${source}, ${formatSize(v.sizeBytes)}\n`);
+    },
+  },
+  {
+    path: ['volume', 'resize'],
+    positionals: ['NAME'],
+    options: { size: { type: 'string', value: 'SIZE', required: true, description: 'the new size; volumes only grow' } },
+    summary: 'Grow a volume (shrinking is refused).',
+    async run(ctx, { positionals: [name], values }) {
+      const sizeBytes = size(values.size, 'size')!;
+      const v = await ctx.withStore((store) => store.resizeVolume({ name }, sizeBytes));
+      ctx.stdout.write(`volume ${v.name}: ${formatSize(v.sizeBytes)}\n`);
+    },
+  },
+  {
+    path: ['volume', 'rm'],
+    positionals: ['NAME'],
+    options: {},
+    summary: 'Delete a volume; what only it held is freed at once (its snapshots stay).',
+    async run(ctx, { positionals: [name] }) {
+      await ctx.withStore((store) => store.deleteVolume({ name }));
+      ctx.stdout.write(`volume ${name} deleted\n`);
+    },
+  },
+];

@@ -1,0 +1,68 @@
+#!/usr/bin/env node
+import { createLog } from '../lib/logger';
+import { packageVersion } from '../lib/version';
+import { isArborError } from '../store/errors';
+import { CommandSpec, UsageError, helpText, parseCommandLine } from './args';
+import { CliContext, defaultDataDir, embeddedStoreOpener } from './context';
+import { gcCommands } from './commands/gc';
+import { serveCommands } from './commands/serve';
+import { snapshotCommands } from './commands/snapshot';
+import { volumeCommands } from './commands/volume';
+import path from 'node:path';
+
+export const commands: CommandSpec<CliContext>[] = [...volumeCommands, ...snapshotCommands, ...gcCommands, ...serveCommands];
+
+export interface Io {
+  stdout: NodeJS.WritableStream;
+  stderr: NodeJS.WritableStream;
+  stdin: NodeJS.ReadableStream;
+  env: NodeJS.ProcessEnv;
+  cwd: string;
+}
+
+/** Runs one command line; returns the exit status (0 ok, 1 failed, 2 usage). */
+export async function main(argv: string[], io: Io): Promise<number> {
+  try {
+    if (argv[0] === '--version' || argv[0] === 'version') {
+      io.stdout.write(`arbor ${packageVersion()}\n`);
+      return 0;
+    }
+    const result = parseCommandLine(argv, commands);
+    if (result.help || !result.command || !result.parsed) {
+      io.stdout.write(helpText(commands, result.command));
+      return 0;
+    }
+    const { values } = result.parsed;
+    const dataDir = values['data-dir'] ? path.resolve(io.cwd, String(values['data-dir'])) : defaultDataDir(io.env, io.cwd);
+    const level = String(values['log-level'] ?? io.env.ARBOR_LOG_LEVEL ?? (result.command.path[0] === 'serve' ? 'info' : 'warn'));
+    if (!['error', 'warn', 'info', 'debug'].includes(level)) throw new UsageError(`--log-level ${level} is not one of error, warn, info, debug`);
+    const log = createLog({ level, component: 'cli' });
+    const context: CliContext = { ...io, dataDir, log, withStore: embeddedStoreOpener(dataDir, log) };
+    await result.command.run(context, result.parsed);
+    return 0;
+  } catch (err) {
+    if (err instanceof UsageError) {
+      io.stderr.write(`arbor: ${err.message}\n`);
+      return 2;
+    }
+    if (isArborError(err)) {
+      io.stderr.write(`arbor: ${err.message}\n`);
+      return 1;
+    }
+    const e = err as NodeJS.ErrnoException;
+    if (e.code && e.syscall) {
+      io.stderr.write(`arbor: ${e.message}\n`);
+      return 1;
+    }
+    io.stderr.write(`arbor: unexpected error: ${e.stack ?? String(err)}\n`);
+    return 1;
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2), { stdout: process.stdout, stderr: process.stderr, stdin: process.stdin, env: process.env, cwd: process.cwd() }).then(
+    (status) => {
+      process.exitCode = status;
+    },
+  );
+}
