@@ -26,7 +26,7 @@ export const maxDirtyNodesPerVolume = 8192;
 /** Unflushed work is committed at least this often, like a filesystem's commit interval. */
 export const commitIntervalMs = 5000;
 
-/** Open blob files kept by the file backend. */
-export const maxOpenBlobFiles = 1024;
+/** Open segment files kept by the file backend (each holds 4096 blobs). */
+export const maxOpenSegmentFiles = 512;
 /** Parallel fsyncs issued by the file backend during a flush. */
 export const syncConcurrency = 16;

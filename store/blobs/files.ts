@@ -1,40 +1,77 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { ArborError } from '../errors';
-import { maxOpenBlobFiles, syncConcurrency } from '../limits';
+import { maxExtentSizeBytes, maxOpenSegmentFiles, syncConcurrency } from '../limits';
 import { BlobStore } from './blobs';
+import { Bitset } from './bitset';
+import { punchHole } from './hole-punch';
 
-const fanOut = 256;
+/** Blob ids per segment file; with 4 MiB slots a segment spans 16 GiB (sparse). */
+export const idsPerSegment = 4096;
+/** Every blob gets a slot as large as the largest extent; unwritten bytes take no space. */
+const slotBytes = maxExtentSizeBytes;
+
+interface Segment {
+  index: number;
+  /** Ids that may hold a blob: written this session, or present when the store opened. */
+  present: Bitset;
+  /** Ids freed (their slot punched). A cache: losing it only means punching again. */
+  freed: Bitset;
+  freedChanged: boolean;
+}
 
 /**
- * Blobs as sparse files in the data directory, one file per blob, spread over 256
- * directories by the id's low byte. One file per blob makes freeing a blob give its
- * space back at once, and lets extents stay sparse.
+ * Blobs in the data directory as slots of large sparse segment files: blob `id`
+ * lives at byte (id mod 4096) × 4 MiB of segment floor(id / 4096). One descriptor
+ * and one fsync serve thousands of blobs, and freeing a blob punches a hole so its
+ * space goes back to the filesystem at once; a segment whose ids are all freed is
+ * deleted.
+ *
+ * Which slots hold a blob is not stored durably: after a restart every id of a
+ * segment below the allocator's committed mark (`idsBelow`) counts as present until
+ * the collector frees it, so a crash can never hide a blob from the collector.
  *
  * I/O is synchronous on the calling thread: while data is in the page cache this is
  * the fastest path Node has (a libuv hand-off costs ~20 µs per I/O on these VMs);
  * only fsync, which waits for the disk, goes to the thread pool.
  */
 export class FileBlobStore implements BlobStore {
-  /** Open descriptors, least recently used first. */
+  private readonly segments = new Map<number, Segment>();
+  /** Open descriptors by segment, least recently used first. */
   private readonly fds = new Map<number, number>();
-  /** Directories holding blobs created since their last sync. */
-  private readonly newEntriesIn = new Set<number>();
+  private directoryChanged = false;
   private closed = false;
 
   private constructor(private readonly root: string) {}
 
-  static open(root: string): FileBlobStore {
+  static open(root: string, options: { idsBelow: number }): FileBlobStore {
     fs.mkdirSync(root, { recursive: true, mode: 0o700 });
-    for (let dir = 0; dir < fanOut; dir++) fs.mkdirSync(path.join(root, dirName(dir)), { recursive: true, mode: 0o700 });
-    return new FileBlobStore(root);
+    const store = new FileBlobStore(root);
+    for (const name of fs.readdirSync(root)) {
+      const match = /^seg-([0-9a-f]{8})\.data$/.exec(name);
+      if (!match) continue;
+      const index = parseInt(match[1], 16);
+      const freed = store.loadFreed(index);
+      const present = new Bitset(idsPerSegment);
+      for (let slot = 0; slot < idsPerSegment; slot++) {
+        const id = index * idsPerSegment + slot;
+        if (id !== 0 && id < options.idsBelow && !freed.has(slot)) present.add(slot);
+      }
+      store.segments.set(index, { index, present, freed, freedChanged: false });
+    }
+    return store;
   }
 
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    const fd = this.fd(id, false);
+    const segment = this.segments.get(segmentOf(id));
+    if (!segment || !segment.present.has(slotOf(id))) {
+      throw new ArborError('internal', `blob ${id} is missing from ${this.root}: the store is damaged`);
+    }
+    const fd = this.fd(segment.index);
+    const at = slotOf(id) * slotBytes + offset;
     let done = 0;
     while (done < length) {
-      const n = fs.readSync(fd, target, targetOffset + done, length - done, offset + done);
+      const n = fs.readSync(fd, target, targetOffset + done, length - done, at + done);
       if (n === 0) break;
       done += n;
     }
@@ -42,87 +79,132 @@ export class FileBlobStore implements BlobStore {
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
-    const fd = this.fd(id, true);
+    if (offset + length > slotBytes) throw new ArborError('internal', `a write of ${length} bytes at ${offset} does not fit blob ${id}`);
+    const segment = this.segment(segmentOf(id));
+    const fd = this.fd(segment.index);
+    const at = slotOf(id) * slotBytes + offset;
+    segment.present.add(slotOf(id));
     let done = 0;
-    while (done < length) done += fs.writeSync(fd, source, sourceOffset + done, length - done, offset + done);
+    while (done < length) done += fs.writeSync(fd, source, sourceOffset + done, length - done, at + done);
   }
 
   async sync(ids: Iterable<number>): Promise<void> {
-    const work: Array<() => Promise<void>> = [];
+    const touched = new Set<number>();
+    for (const id of ids) touched.add(segmentOf(id));
     // Each sync opens its own descriptor: a cached one may be evicted and its number
     // reused while the fsync waits in the thread pool.
-    for (const id of new Set(ids)) work.push(() => syncFile(this.pathOf(id)));
-    const dirs = [...this.newEntriesIn];
-    this.newEntriesIn.clear();
-    for (const dir of dirs) work.push(() => syncDirectory(path.join(this.root, dirName(dir))));
+    const work = [...touched].filter((index) => this.segments.has(index)).map((index) => () => syncFile(this.dataPath(index), false));
+    if (this.directoryChanged) {
+      this.directoryChanged = false;
+      work.push(() => syncFile(this.root, true));
+    }
     await runBounded(work, syncConcurrency);
   }
 
   async delete(ids: Iterable<number>): Promise<void> {
-    for (const id of ids) {
-      this.forget(id);
-      try {
-        fs.unlinkSync(this.pathOf(id));
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    const sorted = [...new Set(ids)].sort((a, b) => a - b);
+    const touched = new Set<Segment>();
+    for (let i = 0; i < sorted.length; ) {
+      // Adjacent ids are adjacent slots: one hole for the whole run.
+      let end = i + 1;
+      while (end < sorted.length && sorted[end] === sorted[end - 1] + 1 && segmentOf(sorted[end]) === segmentOf(sorted[i])) end++;
+      const segment = this.segments.get(segmentOf(sorted[i]));
+      if (segment) {
+        punchHole(this.fd(segment.index), slotOf(sorted[i]) * slotBytes, (end - i) * slotBytes);
+        for (let j = i; j < end; j++) {
+          segment.present.remove(slotOf(sorted[j]));
+          segment.freed.add(slotOf(sorted[j]));
+        }
+        segment.freedChanged = true;
+        touched.add(segment);
       }
+      i = end;
     }
+    for (const segment of touched) this.settle(segment);
   }
 
   async list(): Promise<number[]> {
     const ids: number[] = [];
-    for (let dir = 0; dir < fanOut; dir++) {
-      for (const name of fs.readdirSync(path.join(this.root, dirName(dir)))) {
-        const id = parseInt(name, 16);
-        if (Number.isSafeInteger(id) && name === fileName(id)) ids.push(id);
-      }
-    }
+    for (const segment of this.segments.values()) for (const slot of segment.present.members()) ids.push(segment.index * idsPerSegment + slot);
     return ids;
   }
 
   async usage(): Promise<{ blobs: number; bytes: number }> {
     let blobs = 0;
     let bytes = 0;
-    for (let dir = 0; dir < fanOut; dir++) {
-      const dirPath = path.join(this.root, dirName(dir));
-      for (const name of fs.readdirSync(dirPath)) {
-        try {
-          bytes += fs.statSync(path.join(dirPath, name)).blocks * 512;
-          blobs++;
-        } catch {
-          // Freed while we looked.
-        }
-      }
+    for (const segment of this.segments.values()) {
+      blobs += segment.present.count();
+      bytes += fs.fstatSync(this.fd(segment.index)).blocks * 512;
     }
     return { blobs, bytes };
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
+    for (const segment of this.segments.values()) this.saveFreed(segment);
     this.closed = true;
     for (const fd of this.fds.values()) fs.closeSync(fd);
     this.fds.clear();
   }
 
-  private fd(id: number, create: boolean): number {
+  /** Saves what was freed, and deletes a segment none of whose ids can hold a blob again. */
+  private settle(segment: Segment): void {
+    let allFreed = true;
+    for (let slot = 0; slot < idsPerSegment && allFreed; slot++) {
+      if (segment.index * idsPerSegment + slot !== 0 && !segment.freed.has(slot)) allFreed = false;
+    }
+    if (!allFreed) {
+      this.saveFreed(segment);
+      return;
+    }
+    const fd = this.fds.get(segment.index);
+    if (fd !== undefined) fs.closeSync(fd);
+    this.fds.delete(segment.index);
+    this.segments.delete(segment.index);
+    fs.rmSync(this.dataPath(segment.index), { force: true });
+    fs.rmSync(this.freedPath(segment.index), { force: true });
+  }
+
+  private saveFreed(segment: Segment): void {
+    if (!segment.freedChanged) return;
+    segment.freedChanged = false;
+    // No fsync: a lost update only means the collector punches those slots again.
+    fs.writeFileSync(this.freedPath(segment.index), segment.freed.bytes);
+  }
+
+  private loadFreed(index: number): Bitset {
+    try {
+      const bytes = fs.readFileSync(this.freedPath(index));
+      if (bytes.length === idsPerSegment / 8) return new Bitset(idsPerSegment, new Uint8Array(bytes));
+    } catch {
+      // Absent or unreadable: nothing is known to be freed.
+    }
+    return new Bitset(idsPerSegment);
+  }
+
+  private segment(index: number): Segment {
+    let segment = this.segments.get(index);
+    if (!segment) {
+      segment = { index, present: new Bitset(idsPerSegment), freed: new Bitset(idsPerSegment), freedChanged: false };
+      this.segments.set(index, segment);
+    }
+    return segment;
+  }
+
+  private fd(index: number): number {
     if (this.closed) throw new ArborError('unavailable', 'the blob store is closed');
-    const cached = this.fds.get(id);
+    const cached = this.fds.get(index);
     if (cached !== undefined) {
-      this.fds.delete(id);
-      this.fds.set(id, cached);
+      this.fds.delete(index);
+      this.fds.set(index, cached);
       return cached;
     }
-    let fd: number;
-    try {
-      fd = fs.openSync(this.pathOf(id), fs.constants.O_RDWR);
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-      if (!create) throw new ArborError('internal', `blob ${id} is missing from ${this.root}: the store is damaged`);
-      fd = fs.openSync(this.pathOf(id), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
-      this.newEntriesIn.add(id % fanOut);
-    }
-    this.fds.set(id, fd);
-    if (this.fds.size > maxOpenBlobFiles) {
+    const file = this.dataPath(index);
+    const existed = fs.existsSync(file);
+    const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+    if (!existed) this.directoryChanged = true;
+    this.fds.set(index, fd);
+    if (this.fds.size > maxOpenSegmentFiles) {
       const [oldest, oldestFd] = this.fds.entries().next().value as [number, number];
       this.fds.delete(oldest);
       fs.closeSync(oldestFd);
@@ -130,40 +212,27 @@ export class FileBlobStore implements BlobStore {
     return fd;
   }
 
-  private forget(id: number): void {
-    const fd = this.fds.get(id);
-    if (fd !== undefined) {
-      this.fds.delete(id);
-      fs.closeSync(fd);
-    }
+  private dataPath(index: number): string {
+    return path.join(this.root, `seg-${index.toString(16).padStart(8, '0')}.data`);
   }
 
-  private pathOf(id: number): string {
-    return path.join(this.root, dirName(id % fanOut), fileName(id));
+  private freedPath(index: number): string {
+    return path.join(this.root, `seg-${index.toString(16).padStart(8, '0')}.freed`);
   }
 }
 
-function dirName(dir: number): string {
-  return dir.toString(16).padStart(2, '0');
+function segmentOf(id: number): number {
+  return Math.floor(id / idsPerSegment);
 }
 
-function fileName(id: number): string {
-  return id.toString(16).padStart(12, '0');
+function slotOf(id: number): number {
+  return id % idsPerSegment;
 }
 
-async function syncFile(filePath: string): Promise<void> {
+async function syncFile(filePath: string, directory: boolean): Promise<void> {
   const handle = await fs.promises.open(filePath, fs.constants.O_RDONLY);
   try {
-    await handle.datasync();
-  } finally {
-    await handle.close();
-  }
-}
-
-async function syncDirectory(dirPath: string): Promise<void> {
-  const handle = await fs.promises.open(dirPath, fs.constants.O_RDONLY);
-  try {
-    await handle.sync();
+    await (directory ? handle.sync() : handle.datasync());
   } finally {
     await handle.close();
   }

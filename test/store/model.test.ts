@@ -5,14 +5,14 @@ import { Store } from '../../store/store';
 import { Random, seedFromEnv } from '../support/random';
 import { SparseBytes } from '../support/sparse-model';
 import { compareWithModel, orphanBlobs } from '../support/store-inspect';
-import { tempDir } from '../support/tmp';
+import { memoryTempDir } from '../support/tmp';
 
 /**
  * Model-based randomized test: seeded sequences of every store operation across
  * many volumes, snapshots and clones, checked byte for byte against a plain
  * in-memory model. A failure prints its seed; ARBOR_MODEL_SEED=<seed> replays it.
  */
-const operations = Number(process.env.ARBOR_MODEL_OPS ?? 12000);
+const operations = Number(process.env.ARBOR_MODEL_OPS ?? 10000);
 const seed = seedFromEnv('ARBOR_MODEL_SEED');
 const trace = process.env.ARBOR_MODEL_TRACE === '1';
 
@@ -27,7 +27,7 @@ describe('store model: random operations against a reference model', function ()
   let store: Store;
 
   before(async () => {
-    dataDir = tempDir();
+    dataDir = memoryTempDir();
     store = await openDataDir(dataDir.dir);
   });
 
@@ -42,6 +42,7 @@ describe('store model: random operations against a reference model', function ()
     const snapshots = new Map<string, { volume: string; bytes: SparseBytes }>();
     const everNamed = { volumes: 0, snapshots: 0 };
     const tally: Record<string, number> = {};
+    const timing: Record<string, number> = {};
     let step = 0;
 
     const anyVolume = (): string | undefined => (volumes.size ? rng.pick([...volumes.keys()]) : undefined);
@@ -83,6 +84,7 @@ describe('store model: random operations against a reference model', function ()
           badInput: 1,
         });
         tally[op] = (tally[op] ?? 0) + 1;
+        const opStarted = Date.now();
         if (trace) console.log(`step ${step}: ${op} begins`);
         const note = (detail: string): void => {
           if (trace) console.log(`step ${step}: ${op} ${detail}`);
@@ -245,6 +247,7 @@ describe('store model: random operations against a reference model', function ()
             break;
           }
         }
+        timing[op] = (timing[op] ?? 0) + Date.now() - opStarted;
       }
       // Everything still matches, after a last reopen.
       await store.close();
@@ -260,6 +263,7 @@ describe('store model: random operations against a reference model', function ()
       (err as Error).message = `seed ${seed}, step ${step}: ${(err as Error).message}\n  replay with ARBOR_MODEL_SEED=${seed}`;
       throw err;
     }
+    if (trace) console.log(`      milliseconds per kind: ${JSON.stringify(timing)}`);
     console.log(`      seed ${seed}: ${JSON.stringify(tally)}; ${everNamed.volumes} volumes, ${everNamed.snapshots} snapshots`);
   });
 });

@@ -1,6 +1,9 @@
 /** A small seeded generator (mulberry32): a failing seed replays exactly. */
+const poolBytes = 4 * 1024 * 1024;
+
 export class Random {
   private state: number;
+  private pool?: Buffer;
 
   constructor(readonly seed: number) {
     this.state = seed >>> 0;
@@ -27,14 +30,22 @@ export class Random {
     return this.next() < p;
   }
 
+  /**
+   * Random-looking bytes, cheaply: a slice of a 4 MiB pool filled once from the seed,
+   * starting at a random place (so two writes almost never carry the same bytes).
+   */
   bytes(length: number): Buffer {
+    if (!this.pool) {
+      this.pool = Buffer.allocUnsafe(poolBytes);
+      for (let i = 0; i < poolBytes; i += 4) this.pool.writeUInt32LE((this.next() * 4294967296) >>> 0, i);
+    }
     const out = Buffer.allocUnsafe(length);
-    for (let i = 0; i < length; i += 4) {
-      const v = (this.next() * 4294967296) >>> 0;
-      out[i] = v & 0xff;
-      if (i + 1 < length) out[i + 1] = (v >>> 8) & 0xff;
-      if (i + 2 < length) out[i + 2] = (v >>> 16) & 0xff;
-      if (i + 3 < length) out[i + 3] = (v >>> 24) & 0xff;
+    let start = this.int(0, poolBytes - 1);
+    for (let done = 0; done < length; ) {
+      const n = Math.min(length - done, poolBytes - start);
+      this.pool.copy(out, done, start, start + n);
+      done += n;
+      start = 0;
     }
     return out;
   }

@@ -81,7 +81,7 @@ export async function compareWithModel(what: string, actual: Readable, model: Sp
       const got = Buffer.alloc(length);
       await actual.readInto(offset, got, 0, length);
       if (got.some((b) => b !== 0)) throw new Error(`${what}: ${range.kind} at ${range.offset}+${range.length} does not read as zeros`);
-      const overlapping = modelPages.filter((page) => page + 4096 > range.offset && page < range.offset + range.length);
+      const overlapping = pagesIn(modelPages, range.offset - 4095, range.offset + range.length);
       const modelData = overlapping.some((page) => {
         const from = Math.max(page, range.offset);
         return model.read(from, Math.min(page + 4096, range.offset + range.length) - from).some((b) => b !== 0);
@@ -93,4 +93,18 @@ export async function compareWithModel(what: string, actual: Readable, model: Sp
   }
   if (covered !== actual.sizeBytes) throw new Error(`${what}: block status covers ${covered} of ${actual.sizeBytes} bytes`);
   if (model.size > 16 * 1024 * 1024) for (const page of modelPages) await check(page, Math.min(4096, model.size - page));
+}
+
+/** The sorted pages that start in [from, to). */
+function pagesIn(sortedPages: number[], from: number, to: number): number[] {
+  let lo = 0;
+  let hi = sortedPages.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1;
+    if (sortedPages[mid] < from) lo = mid + 1;
+    else hi = mid;
+  }
+  const out: number[] = [];
+  for (let i = lo; i < sortedPages.length && sortedPages[i] < to; i++) out.push(sortedPages[i]);
+  return out;
 }
