@@ -33,6 +33,20 @@ export class BlobIdAllocator {
     return this.next;
   }
 
+  /**
+   * Gives back the unused rest of the batch on a clean shutdown, so that the next
+   * process continues where this one stopped instead of skipping ids (which the
+   * file backend would have to treat as possibly written until a collector pass).
+   */
+  async release(): Promise<void> {
+    if (this.reserving) await this.reserving;
+    if (this.next >= this.limit) return;
+    const current = await this.catalog.get(nextBlobIdKey);
+    if (!current || (JSON.parse(current.value) as number) !== this.limit) return;
+    const result = await this.catalog.txn([unchanged(current)], [put(nextBlobIdKey, this.next)]);
+    if (result.succeeded) this.limit = this.next;
+  }
+
   private reserve(): Promise<void> {
     this.reserving ??= this.reserveBatch().finally(() => (this.reserving = undefined));
     return this.reserving;

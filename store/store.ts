@@ -382,6 +382,7 @@ export class Store {
     for (const timer of this.timers) clearInterval(timer);
     if (this.gcPass) await this.gcPass.catch(() => {});
     for (const volume of this.open.values()) await volume.close();
+    await this.ctx.ids.release();
     this.closed = true;
     this.open.clear();
     await this.ctx.blobs.close();

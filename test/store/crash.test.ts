@@ -147,7 +147,8 @@ async function runUntilKilled(dataDir: string, planFile: string, rng: Random): P
   const child: ChildProcess = spawn(process.execPath, [worker, dataDir, planFile], { stdio: ['ignore', 'pipe', 'inherit'] });
   let output = '';
   let ready = false;
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  // 'close', not 'exit': only then has every line the child wrote been read.
+  const exited = new Promise<void>((resolve) => child.once('close', () => resolve()));
   const readyOrExit = new Promise<void>((resolve) => {
     child.stdout!.on('data', (chunk: Buffer) => {
       output += chunk.toString();
