@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { openDataDir } from '../store/embedded';
 import { Store } from '../store/store';
-import { fmt, have, nowMs, percentile, permutation, printTable, timeEach } from './support';
+import { fmt, have, nowMs, percentile, permutation, printTable, settleDisk, timeEach } from './support';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -38,6 +38,7 @@ async function branchingLatency(store: Store): Promise<void> {
     const name = `lat-${size}`;
     process.stderr.write(`writing 1 GiB into the ${label} volume...\n`);
     await fill(store, name, size, GiB);
+    settleDisk();
     const snap = await timeEach(200, (i) => store.createSnapshot({ name }, `${name}-s${i}`).then(() => {}));
     const clone = await timeEach(200, (i) => store.cloneVolume(`${name}-c${i}`, { snapshot: { name: `${name}-s${i}` } }).then(() => {}));
     results[label] = { snap, clone };
@@ -72,6 +73,7 @@ async function depthReads(store: Store, dir: string): Promise<void> {
     return (offset: number) => volume.readInto(offset, buffer, 0, 4096);
   };
   const count = 50000;
+  settleDisk();
   await randomReads(await reader('gen1')(), span, count); // warm the page cache and node cache
   const depth1 = await randomReads(await reader('gen1')(), span, count);
   const depth100 = await randomReads(await reader('gen100')(), span, count);
@@ -117,20 +119,32 @@ async function copyOnWriteCost(store: Store): Promise<void> {
   const rows: string[][] = [];
   for (const writeSize of [4096, extentSize]) {
     const data = Buffer.alloc(writeSize, 0x33);
-    const run = async (): Promise<number> => {
+    const run = async (): Promise<{ iops: number; microsEach: number; flushMs: number }> => {
       const started = nowMs();
       for (const extent of order) await volume.write(extent * extentSize, data);
+      const written = nowMs();
       await volume.flush();
-      return order.length / ((nowMs() - started) / 1000);
+      return { iops: order.length / ((nowMs() - started) / 1000), microsEach: ((written - started) * 1000) / order.length, flushMs: nowMs() - written };
     };
+    settleDisk();
     const owned = await run();
     await store.createSnapshot({ name: 'cow' }, `cow-${writeSize}`);
-    const firstAfterSnapshot = await run();
-    rows.push([`${writeSize / 1024} KiB`, fmt(owned, 0), fmt((owned * writeSize) / MiB, 1), fmt(firstAfterSnapshot, 0), fmt((firstAfterSnapshot * writeSize) / MiB, 1), fmt(firstAfterSnapshot / owned)]);
+    settleDisk();
+    const after = await run();
+    rows.push([
+      `${writeSize / 1024} KiB`,
+      fmt(owned.iops, 0),
+      fmt(owned.microsEach, 1),
+      fmt(owned.flushMs, 0),
+      fmt(after.iops, 0),
+      fmt(after.microsEach, 1),
+      fmt(after.flushMs, 0),
+      fmt(after.iops / owned.iops),
+    ]);
   }
   printTable(
-    `3. writes, one per extent in random order, then the same after a snapshot (extent ${extentSize / 1024} KiB, flush at the end)`,
-    ['write', 'own IOPS', 'own MiB/s', 'after-snapshot IOPS', 'after-snapshot MiB/s', 'after / own'],
+    `3. ${order.length} writes, one per extent in random order, to the volume's own extents, then the same after a snapshot (copy-on-write); extent ${extentSize / 1024} KiB; IOPS include the flush at the end`,
+    ['write', 'own IOPS', 'own µs/write', 'own flush ms', 'after-snap IOPS', 'after-snap µs/write', 'after-snap flush ms', 'after / own'],
     rows,
   );
 }

@@ -55,3 +55,8 @@ export function permutation(n: number, seed: number): number[] {
   }
   return out;
 }
+
+/** Waits for the page cache to be written back, so one phase's writes do not slow the next one down. */
+export function settleDisk(): void {
+  execFileSync('sync');
+}
