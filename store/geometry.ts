@@ -26,6 +26,16 @@ export function slotAt(extentIndex: number, level: number): number {
   return Math.floor(extentIndex / extentsPerSlot(level)) % entriesPerNode;
 }
 
+/** The slots of a level-`level` node covering extents `base`.. that overlap first..last. */
+export function slotsOverlapping(level: number, base: number, first: number, last: number): { span: number; firstSlot: number; lastSlot: number } {
+  const span = extentsPerSlot(level);
+  return {
+    span,
+    firstSlot: Math.max(0, Math.floor((first - base) / span)),
+    lastSlot: Math.min(entriesPerNode - 1, Math.floor((last - base) / span)),
+  };
+}
+
 export function isPowerOfTwo(n: number): boolean {
   return Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
 }

@@ -2,7 +2,7 @@ import { BlobStore } from './blobs/blobs';
 import { BlobIdAllocator } from './allocator';
 import { assert } from './errors';
 import { EMPTY, Entry, WRITABLE, asShared, blobOf, hasBlob, isWritable, makeEntry, zeroEntry } from './entry';
-import { capacityExtents, extentsPerSlot, slotAt } from './geometry';
+import { capacityExtents, slotAt, slotsOverlapping } from './geometry';
 import { MapNode, emptyNode, getEntry, setEntry, sharedCopy } from './map-node';
 import { NodeCache } from './node-cache';
 import { NodeSource, TreeShape } from './tree';
@@ -186,9 +186,7 @@ export class MutableTree implements NodeSource {
 
   private async replaceUnder(path: PathStep[], level: number, base: number, first: number, last: number, replacement: Entry): Promise<void> {
     const node = path[path.length - 1].node;
-    const span = extentsPerSlot(level);
-    const firstSlot = Math.max(0, Math.floor((first - base) / span));
-    const lastSlot = Math.min(entriesPerNode - 1, Math.floor((last - base) / span));
+    const { span, firstSlot, lastSlot } = slotsOverlapping(level, base, first, last);
     for (let slot = firstSlot; slot <= lastSlot; slot++) {
       const entry = getEntry(node, slot);
       const slotBase = base + slot * span;

@@ -11,8 +11,8 @@ export interface LineageStep {
   snapshotName?: string;
 }
 
-/** A volume head as committed in the catalog. */
-export interface VolumeRecord {
+/** What volumes and snapshots have alike: a named tree. */
+interface TreeRecord {
   id: string;
   name: string;
   sizeBytes: number;
@@ -21,23 +21,17 @@ export interface VolumeRecord {
   depth: number;
   root: Entry;
   createdAt: string;
-  /** Nearest ancestor first. */
+  /** Ancestry, nearest first (for a snapshot: its volume's, when it was taken). */
   lineage: LineageStep[];
 }
 
+/** A volume head as committed in the catalog. */
+export type VolumeRecord = TreeRecord;
+
 /** An immutable point-in-time root of a volume. */
-export interface SnapshotRecord {
-  id: string;
-  name: string;
+export interface SnapshotRecord extends TreeRecord {
   volumeId: string;
   volumeName: string;
-  sizeBytes: number;
-  extentSizeBytes: number;
-  depth: number;
-  root: Entry;
-  createdAt: string;
-  /** The volume's own ancestry when the snapshot was taken. */
-  lineage: LineageStep[];
 }
 
 export const keys = {

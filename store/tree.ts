@@ -1,6 +1,6 @@
 import { BlobStore } from './blobs/blobs';
 import { EMPTY, Entry, blobOf, hasBlob, isWritable, isZero } from './entry';
-import { extentsPerSlot } from './geometry';
+import { slotAt, slotsOverlapping } from './geometry';
 import { MapNode, getEntry } from './map-node';
 import { entriesPerNode } from './limits';
 
@@ -55,9 +55,7 @@ export async function mapExtents(source: NodeSource, root: Entry, depth: number,
 
 async function walk(source: NodeSource, id: number, level: number, base: number, first: number, last: number, out: Segment[]): Promise<void> {
   const node = source.cached(id) ?? (await source.load(id));
-  const span = extentsPerSlot(level);
-  const firstSlot = Math.max(0, Math.floor((first - base) / span));
-  const lastSlot = Math.min(entriesPerNode - 1, Math.floor((last - base) / span));
+  const { span, firstSlot, lastSlot } = slotsOverlapping(level, base, first, last);
   for (let slot = firstSlot; slot <= lastSlot; slot++) {
     const entry = getEntry(node, slot);
     const slotBase = base + slot * span;
@@ -79,7 +77,7 @@ export async function lookupExtent(source: NodeSource, root: Entry, depth: numbe
   for (let level = depth - 1; level >= 0; level--) {
     if (!hasBlob(entry)) return EMPTY;
     const node = await nodeOf(source, blobOf(entry));
-    entry = getEntry(node, Math.floor(extent / extentsPerSlot(level)) % entriesPerNode);
+    entry = getEntry(node, slotAt(extent, level));
   }
   return entry;
 }
