@@ -62,7 +62,7 @@ describe('crash safety: SIGKILL mid-workload, then reopen', function () {
       const plan = planWorkload(rng, nextK, new Set(volumes.keys()), new Set(snapshots.keys()));
       nextK += plan.length;
       fs.writeFileSync(planFile, JSON.stringify(plan));
-      const { lastDone, finished } = await runUntilKilled(dataDir, planFile, rng);
+      const { lastDone, finished } = await runUntilKilled(dataDir, planFile, rng, plan[0].k - 1);
       const done = plan.filter((op) => op.k <= lastDone).length;
       acknowledgedOps += done;
 
@@ -143,7 +143,8 @@ function planWorkload(rng: Random, firstK: number, volumeNames: Set<string>, sna
   return plan;
 }
 
-async function runUntilKilled(dataDir: string, planFile: string, rng: Random): Promise<{ lastDone: number; finished: boolean }> {
+/** Runs the plan until killed; `lastDone` is the last op the child reported done (`beforeFirst` if none). */
+async function runUntilKilled(dataDir: string, planFile: string, rng: Random, beforeFirst: number): Promise<{ lastDone: number; finished: boolean }> {
   const child: ChildProcess = spawn(process.execPath, [worker, dataDir, planFile], { stdio: ['ignore', 'pipe', 'inherit'] });
   let output = '';
   let ready = false;
@@ -169,7 +170,7 @@ async function runUntilKilled(dataDir: string, planFile: string, rng: Random): P
   await exited;
   if (output.includes('error ')) throw new Error(`the crash worker failed by itself:\n${output.slice(output.indexOf('error '))}`);
   const done = [...output.matchAll(/^done (\d+)$/gm)].map((m) => Number(m[1]));
-  return { lastDone: done.length ? done[done.length - 1] : 0, finished: output.includes('finished\n') };
+  return { lastDone: done.length ? done[done.length - 1] : beforeFirst, finished: output.includes('finished\n') };
 }
 
 interface Expected {
