@@ -12,6 +12,7 @@ export type ErrorCode =
   | 'busy'
   | 'aborted'
   | 'read-only'
+  | 'unsupported'
   | 'unavailable'
   | 'internal';
 

@@ -18,6 +18,8 @@ export interface ZeroOptions {
   /** Keep the range allocated (as known zeros) instead of punching a hole. */
   noHole?: boolean;
   fua?: boolean;
+  /** Refuse (code 'unsupported', nothing changed) if zeroing would mean writing zero bytes into data. */
+  fast?: boolean;
 }
 
 type VolumeState = 'open' | 'closed' | 'deleted';
@@ -131,7 +133,7 @@ export class Volume {
   }
 
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
-    await this.zeroRange(offset, length, options.noHole ? zeroEntry : EMPTY, 'write-zeroes', options.fua ?? false);
+    await this.zeroRange(offset, length, options.noHole ? zeroEntry : EMPTY, 'write-zeroes', options.fua ?? false, options.fast ?? false);
   }
 
   async blockStatus(offset: number, length: number): Promise<RangeStatus[]> {
@@ -241,7 +243,7 @@ export class Volume {
     await this.flushing;
   }
 
-  private async zeroRange(offset: number, length: number, wholeExtents: Entry, what: string, fua: boolean): Promise<void> {
+  private async zeroRange(offset: number, length: number, wholeExtents: Entry, what: string, fua: boolean, fast = false): Promise<void> {
     await this.exclusive(async () => {
       this.checkRange(offset, length, what);
       if (length === 0) return;
@@ -252,6 +254,7 @@ export class Volume {
       const firstWhole = Math.ceil(offset / extentSize);
       const endWhole = Math.floor(end / extentSize);
       const touched: number[] = [];
+      if (fast) await this.checkZeroingIsFast(offset, end, firstWhole, endWhole);
       if (firstWhole >= endWhole) {
         await this.zeroBytes(offset, length, touched);
       } else {
@@ -262,6 +265,23 @@ export class Volume {
       this.noteChange();
       if (fua) await this.makeDurable(touched);
     });
+  }
+
+  /** Zeroing is a map update unless a partial extent at either end holds data. */
+  private async checkZeroingIsFast(offset: number, end: number, firstWhole: number, endWhole: number): Promise<void> {
+    const extentSize = this.extentSizeBytes;
+    const partial: number[] = [];
+    if (firstWhole >= endWhole) {
+      for (let e = Math.floor(offset / extentSize); e * extentSize < end; e++) partial.push(e);
+    } else {
+      if (offset < firstWhole * extentSize) partial.push(firstWhole - 1);
+      if (endWhole * extentSize < end) partial.push(endWhole);
+    }
+    for (const extent of partial) {
+      if (hasBlob(await lookupExtent(this.tree, this.tree.root, this.tree.depth, extent))) {
+        throw new ArborError('unsupported', `volume ${this.name}: zeroing part of extent ${extent} means writing zeros; not fast`);
+      }
+    }
   }
 
   /** Zeroes bytes extent by extent; nothing to do where an extent already reads as zeros. */

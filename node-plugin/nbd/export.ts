@@ -1,0 +1,34 @@
+import { RangeStatus } from '../../store/tree';
+
+/**
+ * What the NBD server serves: a block device of a fixed size. The server knows
+ * nothing of volumes, snapshots or where the bytes live (nbdkit's plugin idea).
+ */
+export interface NbdExport {
+  readonly name: string;
+  readonly description: string;
+  readonly sizeBytes: number;
+  readonly readOnly: boolean;
+  /** The I/O size that avoids read-modify-write (the volume's extent size). */
+  readonly preferredBlockBytes: number;
+  readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void>;
+  write(offset: number, data: Buffer, fua: boolean): Promise<void>;
+  flush(): Promise<void>;
+  trim(offset: number, length: number): Promise<void>;
+  /** `fast`: refuse (code 'unsupported') rather than write zeros byte by byte. */
+  zero(offset: number, length: number, options: { noHole: boolean; fua: boolean; fast: boolean }): Promise<void>;
+  blockStatus(offset: number, length: number): Promise<RangeStatus[]>;
+  /** Warms caches for the range; may do nothing. */
+  cache(offset: number, length: number): Promise<void>;
+}
+
+export interface ExportSummary {
+  name: string;
+  description: string;
+}
+
+/** Resolves export names; the empty name has no default export. */
+export interface ExportProvider {
+  open(name: string): Promise<NbdExport | undefined>;
+  list(): Promise<ExportSummary[]>;
+}

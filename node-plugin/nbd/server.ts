@@ -1,0 +1,112 @@
+import fs from 'node:fs';
+import net from 'node:net';
+import tls from 'node:tls';
+import { Log } from '../../lib/logger';
+import { ArborError } from '../../store/errors';
+import { Connection } from './connection';
+import { ExportProvider } from './export';
+import { maxConnections } from './limits';
+
+export interface TlsFiles {
+  certFile: string;
+  keyFile: string;
+}
+
+/** How long a client gets to send DISC after its last request finished at shutdown. */
+const shutdownGraceMs = 2000;
+
+/**
+ * The NBD server: a unix socket for the local host (mode 0600) and optional TCP
+ * listeners (with TLS unless on loopback, which the caller enforces).
+ */
+export class NbdServer {
+  private readonly listeners: net.Server[] = [];
+  private readonly connections = new Set<Connection>();
+  private nextId = 1;
+  private closing?: Promise<void>;
+
+  constructor(
+    private readonly exports: ExportProvider,
+    private readonly log: Log,
+  ) {}
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  async listenUnix(socketPath: string): Promise<void> {
+    await removeStaleSocket(socketPath);
+    const server = this.server({});
+    // Created 0600 from the start: the umask covers the window before chmod.
+    const previous = process.umask(0o177);
+    try {
+      await listen(server, { path: socketPath });
+    } finally {
+      process.umask(previous);
+    }
+    fs.chmodSync(socketPath, 0o600);
+    this.log.info('NBD server listening', { socket: socketPath });
+  }
+
+  /** Listens on TCP; returns the port (useful with port 0). */
+  async listenTcp(host: string, port: number, tlsFiles?: TlsFiles): Promise<number> {
+    const context = tlsFiles ? tls.createSecureContext({ cert: fs.readFileSync(tlsFiles.certFile), key: fs.readFileSync(tlsFiles.keyFile) }) : undefined;
+    const server = this.server(context ? { tls: { context, required: true } } : {});
+    await listen(server, { host, port });
+    const bound = (server.address() as net.AddressInfo).port;
+    this.log.info('NBD server listening', { host, port: bound, tls: !!context });
+    return bound;
+  }
+
+  /** Stops accepting, lets every connection finish its requests, then closes them. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      for (const listener of this.listeners) listener.close();
+      await Promise.all([...this.connections].map((c) => c.shutdown(shutdownGraceMs)));
+    })();
+    return this.closing;
+  }
+
+  private server(options: { tls?: { context: tls.SecureContext; required: boolean } }): net.Server {
+    const server = net.createServer({ pauseOnConnect: true }, (socket) => {
+      if (this.closing || this.connections.size >= maxConnections) {
+        socket.destroy();
+        return;
+      }
+      const connection = new Connection(socket, { exports: this.exports, log: this.log, tls: options.tls }, this.nextId++);
+      this.connections.add(connection);
+      void connection.whenClosed().then(() => this.connections.delete(connection));
+    });
+    server.on('error', (err) => this.log.error('NBD listener error', { error: err.message }));
+    this.listeners.push(server);
+    return server;
+  }
+}
+
+function listen(server: net.Server, options: net.ListenOptions): Promise<void> {
+  return new Promise((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(options, () => {
+      server.off('error', reject);
+      resolve();
+    });
+  });
+}
+
+/** A socket file left by a process that died is removed; one a live server answers on is not. */
+async function removeStaleSocket(socketPath: string): Promise<void> {
+  let stat: fs.Stats;
+  try {
+    stat = fs.statSync(socketPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  if (!stat.isSocket()) throw new ArborError('invalid-argument', `${socketPath} exists and is not a socket; choose another --nbd-socket path`);
+  const live = await new Promise<boolean>((resolve) => {
+    const probe = net.connect(socketPath, () => (probe.destroy(), resolve(true)));
+    probe.on('error', () => resolve(false));
+  });
+  if (live) throw new ArborError('busy', `another server is listening on ${socketPath}; stop it or choose another --nbd-socket path`);
+  fs.unlinkSync(socketPath);
+}

@@ -1,0 +1,421 @@
+import { BufferPool } from '../../lib/buffer-pool';
+import { Log } from '../../lib/logger';
+import { ArborError, isArborError } from '../../store/errors';
+import { RangeStatus } from '../../store/tree';
+import { NbdExport } from './export';
+import { baseAllocationContextId, Negotiated } from './handshake';
+import { maxInFlightBytes, maxInFlightRequests, maxPayloadBytes, maxStatusDescriptors } from './limits';
+import {
+  CMD,
+  CMD_FLAG,
+  COMPACT_REQUEST_BYTES,
+  EXTENDED_REQUEST_BYTES,
+  EXTENDED_REQUEST_MAGIC,
+  NBD_EINVAL,
+  NBD_EIO,
+  NBD_ENOSPC,
+  NBD_ENOTSUP,
+  NBD_EOVERFLOW,
+  NBD_EPERM,
+  NBD_ESHUTDOWN,
+  REPLY_FLAG_DONE,
+  REPLY_TYPE,
+  REQUEST_MAGIC,
+  SIMPLE_REPLY_BYTES,
+  STATE_HOLE,
+  STATE_ZERO,
+} from './protocol';
+import { Cookie, ReplyFormat, readU64, writeU64 } from './replies';
+
+/** Where replies go: the connection batches them into one socket write per event-loop turn. */
+export interface ReplySink {
+  /** Queues a reply; `release` runs once the bytes are handed to the kernel. */
+  send(data: Buffer, release?: () => void): void;
+  /** Stop or restart reading requests (back-pressure). */
+  pauseReading(): void;
+  resumeReading(): void;
+  /** Close after everything queued is written. */
+  end(): void;
+  /** Drop the connection now: the byte stream cannot be trusted any more. */
+  destroy(reason: string): void;
+}
+
+interface Request {
+  type: number;
+  flags: number;
+  cookie: Cookie;
+  offset: number;
+  length: number;
+  /** WRITE payload (a pooled buffer at least `length` long). */
+  payload?: Buffer;
+}
+
+/** Commands and the flags each may carry. */
+const allowedFlags: Record<number, number> = {
+  [CMD.READ]: CMD_FLAG.DF | CMD_FLAG.FUA,
+  [CMD.WRITE]: CMD_FLAG.FUA,
+  [CMD.DISC]: 0,
+  [CMD.FLUSH]: 0,
+  [CMD.TRIM]: CMD_FLAG.FUA,
+  [CMD.CACHE]: 0,
+  [CMD.WRITE_ZEROES]: CMD_FLAG.FUA | CMD_FLAG.NO_HOLE | CMD_FLAG.FAST_ZERO,
+  [CMD.BLOCK_STATUS]: CMD_FLAG.REQ_ONE,
+};
+
+const pool = new BufferPool(256);
+
+/**
+ * The transmission phase of one connection: parses requests from the bytes the
+ * socket delivers (headers in place, WRITE payloads copied straight into pooled
+ * buffers), runs them against the export with many in flight, and answers each as
+ * it completes. Memory is bounded: past `maxInFlightRequests` or `maxInFlightBytes`
+ * the connection stops reading until replies drain.
+ */
+export class Transmission {
+  private readonly format: ReplyFormat;
+  private readonly headerBytes: number;
+  private readonly magic: number;
+  private readonly carry: Buffer;
+  private carried = 0;
+  /** A WRITE whose payload is arriving. */
+  private receiving?: { request: Request; received: number; error: number; message: string };
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private disconnecting = false;
+  private shuttingDown = false;
+  private idleWaiters: Array<() => void> = [];
+
+  constructor(
+    private readonly exp: NbdExport,
+    private readonly negotiated: Negotiated,
+    private readonly sink: ReplySink,
+    private readonly log: Log,
+  ) {
+    this.format = new ReplyFormat(negotiated.structuredReplies, negotiated.extendedHeaders);
+    this.headerBytes = negotiated.extendedHeaders ? EXTENDED_REQUEST_BYTES : COMPACT_REQUEST_BYTES;
+    this.magic = negotiated.extendedHeaders ? EXTENDED_REQUEST_MAGIC : REQUEST_MAGIC;
+    this.carry = Buffer.allocUnsafe(this.headerBytes);
+  }
+
+  get requestsInFlight(): number {
+    return this.inFlight;
+  }
+
+  /** Consumes bytes [start, end) of `chunk`; the caller may reuse `chunk` afterwards. */
+  receive(chunk: Buffer, start: number, end: number): void {
+    let at = start;
+    while (at < end && !this.disconnecting) {
+      if (this.receiving) {
+        at = this.receivePayload(chunk, at, end);
+        continue;
+      }
+      if (this.carried > 0 || end - at < this.headerBytes) {
+        const n = Math.min(this.headerBytes - this.carried, end - at);
+        chunk.copy(this.carry, this.carried, at, at + n);
+        this.carried += n;
+        at += n;
+        if (this.carried < this.headerBytes) return;
+        this.carried = 0;
+        this.header(this.carry, 0);
+      } else {
+        this.header(chunk, at);
+        at += this.headerBytes;
+      }
+    }
+  }
+
+  /** Server shutdown: new requests get ESHUTDOWN; resolves when nothing is in flight. */
+  async shutdown(): Promise<void> {
+    this.shuttingDown = true;
+    await this.idle();
+  }
+
+  idle(): Promise<void> {
+    if (this.inFlight === 0 && !this.receiving) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  private header(buf: Buffer, at: number): void {
+    if (buf.readUInt32BE(at) !== this.magic) {
+      this.disconnecting = true;
+      this.sink.destroy(`request magic 0x${buf.readUInt32BE(at).toString(16)} is wrong; the stream is out of step`);
+      return;
+    }
+    const flags = buf.readUInt16BE(at + 4);
+    const type = buf.readUInt16BE(at + 6);
+    const cookie = { hi: buf.readUInt32BE(at + 8), lo: buf.readUInt32BE(at + 12) };
+    const offset = readU64(buf, at + 16);
+    const length = this.negotiated.extendedHeaders ? readU64(buf, at + 24) : buf.readUInt32BE(at + 24);
+    const request: Request = { type, flags, cookie, offset, length };
+
+    if (type === CMD.WRITE) {
+      const [error, message] = this.check(request);
+      if (length > maxPayloadBytes) {
+        // Too big to hold: answer after skipping the payload without keeping it.
+        this.receiving = { request, received: 0, error: NBD_EOVERFLOW, message: `write of ${length} bytes is over the ${maxPayloadBytes}-byte maximum` };
+      } else {
+        request.payload = pool.take(Math.max(length, 1));
+        this.receiving = { request, received: 0, error, message };
+        this.charge(length);
+      }
+      if (length === 0) this.payloadComplete();
+      return;
+    }
+    if (type === CMD.DISC) {
+      this.disconnecting = true;
+      void this.disconnect();
+      return;
+    }
+    const [error, message] = this.check(request);
+    if (error) {
+      this.reply(request, error, message);
+      return;
+    }
+    if (type === CMD.READ) this.charge(length);
+    else this.charge(0);
+    void this.run(request);
+  }
+
+  private receivePayload(chunk: Buffer, at: number, end: number): number {
+    const receiving = this.receiving!;
+    const { request } = receiving;
+    const n = Math.min(request.length - receiving.received, end - at);
+    if (request.payload) chunk.copy(request.payload, receiving.received, at, at + n);
+    receiving.received += n;
+    if (receiving.received === request.length) this.payloadComplete();
+    return at + n;
+  }
+
+  private payloadComplete(): void {
+    const { request, error, message } = this.receiving!;
+    this.receiving = undefined;
+    if (error) {
+      if (request.payload) this.uncharge(request.length, request.payload);
+      this.reply(request, error, message);
+      this.settle();
+      return;
+    }
+    void this.run(request);
+  }
+
+  /** The error a request gets before it runs (0: none). */
+  private check(request: Request): [number, string] {
+    const { type, flags, offset, length } = request;
+    const allowed = allowedFlags[type];
+    if (allowed === undefined) return [NBD_EINVAL, `unknown command ${type}`];
+    if (this.shuttingDown) return [NBD_ESHUTDOWN, 'the server is shutting down; disconnect and reconnect'];
+    if ((flags & ~allowed) !== 0) return [NBD_EINVAL, `flags 0x${flags.toString(16)} are not valid for command ${type}`];
+    const writes = type === CMD.WRITE || type === CMD.TRIM || type === CMD.WRITE_ZEROES;
+    if (writes && this.exp.readOnly) return [NBD_EPERM, `export ${this.exp.name} is read-only`];
+    if (type === CMD.FLUSH) return length === 0 && offset === 0 ? [0, ''] : [NBD_EINVAL, 'flush takes offset 0 and length 0'];
+    if (type === CMD.BLOCK_STATUS && !this.negotiated.baseAllocation) return [NBD_EINVAL, 'no meta context was negotiated for block status'];
+    if ((type === CMD.READ || type === CMD.WRITE) && length > maxPayloadBytes) return [NBD_EOVERFLOW, `${length} bytes is over the ${maxPayloadBytes}-byte maximum`];
+    if (length === 0) return [NBD_EINVAL, 'a request of length 0'];
+    if (offset + length > this.exp.sizeBytes) {
+      const message = `${length} bytes at ${offset} end past the export's ${this.exp.sizeBytes} bytes`;
+      return [writes ? NBD_ENOSPC : NBD_EINVAL, message];
+    }
+    return [0, ''];
+  }
+
+  private async run(request: Request): Promise<void> {
+    const { type, flags, offset, length } = request;
+    try {
+      switch (type) {
+        case CMD.READ:
+          await this.read(request);
+          return;
+        case CMD.WRITE:
+          await this.exp.write(offset, request.payload!.subarray(0, length), (flags & CMD_FLAG.FUA) !== 0);
+          break;
+        case CMD.FLUSH:
+          await this.exp.flush();
+          break;
+        case CMD.TRIM:
+          await this.exp.trim(offset, length);
+          if (flags & CMD_FLAG.FUA) await this.exp.flush();
+          break;
+        case CMD.WRITE_ZEROES:
+          await this.exp.zero(offset, length, {
+            noHole: (flags & CMD_FLAG.NO_HOLE) !== 0,
+            fua: (flags & CMD_FLAG.FUA) !== 0,
+            fast: (flags & CMD_FLAG.FAST_ZERO) !== 0,
+          });
+          break;
+        case CMD.CACHE:
+          await this.exp.cache(offset, length);
+          break;
+        case CMD.BLOCK_STATUS:
+          await this.blockStatus(request);
+          return;
+      }
+      this.reply(request, 0, '');
+    } catch (err) {
+      const [error, message] = errnoFor(err, type);
+      if (error === NBD_EIO) this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
+      this.reply(request, error, message);
+    } finally {
+      this.uncharge(type === CMD.READ || type === CMD.WRITE ? length : 0, request.payload);
+      this.settle();
+    }
+  }
+
+  private async read(request: Request): Promise<void> {
+    const { offset, length, cookie } = request;
+    if (!this.format.structured) {
+      const out = pool.take(SIMPLE_REPLY_BYTES + length);
+      try {
+        await this.exp.readInto(offset, out, SIMPLE_REPLY_BYTES, length);
+      } catch (err) {
+        pool.give(out);
+        throw err;
+      }
+      this.format.writeSimple(out, 0, 0, cookie);
+      this.sink.send(out.subarray(0, SIMPLE_REPLY_BYTES + length), () => pool.give(out));
+      return;
+    }
+    // Large reads tell holes apart so the client is not sent zeros; small ones (or DF) go as one chunk.
+    const ranges: RangeStatus[] =
+      (request.flags & CMD_FLAG.DF) === 0 && length > this.exp.preferredBlockBytes
+        ? await this.exp.blockStatus(offset, length)
+        : [{ offset, length, kind: 'data' }];
+    if (ranges.length === 1 && ranges[0].kind !== 'data') {
+      this.sink.send(this.holeChunk(cookie, request.offset, offset, length, true));
+      return;
+    }
+    for (let i = 0; i < ranges.length; i++) {
+      const range = ranges[i];
+      const last = i === ranges.length - 1;
+      if (range.kind !== 'data') {
+        this.sink.send(this.holeChunk(cookie, request.offset, range.offset, range.length, last));
+        continue;
+      }
+      const headerBytes = this.format.chunkHeaderBytes + 8;
+      const out = pool.take(headerBytes + range.length);
+      try {
+        await this.exp.readInto(range.offset, out, headerBytes, range.length);
+      } catch (err) {
+        pool.give(out);
+        if (i === 0) throw err;
+        // Chunks already went out: the error must carry its offset and end the reply.
+        this.sink.send(this.errorOffsetChunk(cookie, request.offset, range.offset, errnoFor(err, CMD.READ)));
+        return;
+      }
+      const at = this.format.writeChunkHeader(out, 0, last ? REPLY_FLAG_DONE : 0, REPLY_TYPE.OFFSET_DATA, cookie, request.offset, 8 + range.length);
+      writeU64(out, at, range.offset);
+      this.sink.send(out.subarray(0, headerBytes + range.length), () => pool.give(out));
+    }
+  }
+
+  private holeChunk(cookie: Cookie, requestOffset: number, offset: number, length: number, last: boolean): Buffer {
+    const out = Buffer.allocUnsafe(this.format.chunkHeaderBytes + 12);
+    const at = this.format.writeChunkHeader(out, 0, last ? REPLY_FLAG_DONE : 0, REPLY_TYPE.OFFSET_HOLE, cookie, requestOffset, 12);
+    writeU64(out, at, offset);
+    out.writeUInt32BE(length, at + 8);
+    return out;
+  }
+
+  private errorOffsetChunk(cookie: Cookie, requestOffset: number, offset: number, [error, message]: [number, string]): Buffer {
+    const text = Buffer.from(message.slice(0, 4096));
+    const payload = 6 + text.length + 8;
+    const out = Buffer.allocUnsafe(this.format.chunkHeaderBytes + payload);
+    const at = this.format.writeChunkHeader(out, 0, REPLY_FLAG_DONE, REPLY_TYPE.ERROR_OFFSET, cookie, requestOffset, payload);
+    out.writeUInt32BE(error, at);
+    out.writeUInt16BE(text.length, at + 4);
+    text.copy(out, at + 6);
+    writeU64(out, at + 6 + text.length, offset);
+    return out;
+  }
+
+  private async blockStatus(request: Request): Promise<void> {
+    const { offset, length, cookie, flags } = request;
+    let ranges = await this.exp.blockStatus(offset, length);
+    if (flags & CMD_FLAG.REQ_ONE) ranges = ranges.slice(0, 1);
+    else ranges = ranges.slice(0, maxStatusDescriptors);
+    const extended = this.format.extended;
+    const descriptorBytes = extended ? 16 : 8;
+    const payload = (extended ? 8 : 4) + ranges.length * descriptorBytes;
+    const out = Buffer.allocUnsafe(this.format.chunkHeaderBytes + payload);
+    let at = this.format.writeChunkHeader(out, 0, REPLY_FLAG_DONE, extended ? REPLY_TYPE.BLOCK_STATUS_EXT : REPLY_TYPE.BLOCK_STATUS, cookie, offset, payload);
+    out.writeUInt32BE(baseAllocationContextId, at);
+    at += 4;
+    if (extended) {
+      out.writeUInt32BE(ranges.length, at);
+      at += 4;
+    }
+    for (const range of ranges) {
+      const state = range.kind === 'hole' ? STATE_HOLE | STATE_ZERO : range.kind === 'zero' ? STATE_ZERO : 0;
+      if (extended) {
+        writeU64(out, at, range.length);
+        writeU64(out, at + 8, state);
+      } else {
+        out.writeUInt32BE(range.length, at);
+        out.writeUInt32BE(state, at + 4);
+      }
+      at += descriptorBytes;
+    }
+    this.sink.send(out);
+  }
+
+  private reply(request: Request, error: number, message: string): void {
+    this.sink.send(this.format.done(request.cookie, request.offset, error, message));
+  }
+
+  private charge(bytes: number): void {
+    this.inFlight++;
+    this.inFlightBytes += bytes;
+    if (!this.paused && (this.inFlight >= maxInFlightRequests || this.inFlightBytes >= maxInFlightBytes)) {
+      this.paused = true;
+      this.sink.pauseReading();
+    }
+  }
+
+  private uncharge(bytes: number, payload?: Buffer): void {
+    this.inFlight--;
+    this.inFlightBytes -= bytes;
+    if (payload) pool.give(payload);
+    if (this.paused && !this.disconnecting && this.inFlight < maxInFlightRequests / 2 && this.inFlightBytes < maxInFlightBytes / 2) {
+      this.paused = false;
+      this.sink.resumeReading();
+    }
+  }
+
+  private settle(): void {
+    if (this.inFlight === 0 && !this.receiving) for (const wake of this.idleWaiters.splice(0)) wake();
+  }
+
+  /** DISC: finish what is in flight, make it durable, then close. */
+  private async disconnect(): Promise<void> {
+    await this.idle();
+    if (!this.exp.readOnly) {
+      try {
+        await this.exp.flush();
+      } catch (err) {
+        this.log.error('flush at disconnect failed', { export: this.exp.name, error: (err as Error).message });
+      }
+    }
+    this.sink.end();
+  }
+}
+
+/** The NBD error for a failure of the store (or anything else: EIO). */
+export function errnoFor(err: unknown, type: number): [number, string] {
+  if (!isArborError(err)) return [NBD_EIO, 'internal error'];
+  const e = err as ArborError;
+  switch (e.code) {
+    case 'out-of-range':
+      return [type === CMD.READ || type === CMD.BLOCK_STATUS || type === CMD.CACHE ? NBD_EINVAL : NBD_ENOSPC, e.message];
+    case 'invalid-argument':
+      return [NBD_EINVAL, e.message];
+    case 'read-only':
+      return [NBD_EPERM, e.message];
+    case 'unsupported':
+      return [NBD_ENOTSUP, e.message];
+    case 'unavailable':
+    case 'not-found':
+      return [NBD_ESHUTDOWN, e.message];
+    default:
+      return [NBD_EIO, e.message];
+  }
+}
