@@ -1,30 +1,33 @@
 import path from 'node:path';
 import { Log } from '../lib/logger';
-import { openDataDir } from '../store/embedded';
-import { Store } from '../store/store';
+import { openSession, Session } from './session';
 
-/** What a command gets: its streams, where the store is, and a way to open it. */
+/** What a command gets: its streams, where the store is, and a way to reach it. */
 export interface CliContext {
   stdout: NodeJS.WritableStream;
   stderr: NodeJS.WritableStream;
   stdin: NodeJS.ReadableStream;
   dataDir: string;
   log: Log;
-  /** Opens the store for the duration of `fn` and closes it after, committing everything. */
-  withStore<T>(fn: (store: Store) => Promise<T>): Promise<T>;
+  /**
+   * Reaches the store for the duration of `fn`: through the running server when one
+   * holds the data directory, otherwise by opening it here (and closing it after,
+   * committing everything).
+   */
+  withSession<T>(fn: (session: Session) => Promise<T>): Promise<T>;
 }
 
 export function defaultDataDir(env: NodeJS.ProcessEnv, cwd: string): string {
   return path.resolve(cwd, env.ARBOR_DATA_DIR ?? 'arbor-data');
 }
 
-export function embeddedStoreOpener(dataDir: string, log: Log): CliContext['withStore'] {
+export function sessionOpener(dataDir: string, log: Log): CliContext['withSession'] {
   return async (fn) => {
-    const store = await openDataDir(dataDir, log);
+    const session = await openSession(dataDir, log);
     try {
-      return await fn(store);
+      return await fn(session);
     } finally {
-      await store.close();
+      await session.close();
     }
   };
 }

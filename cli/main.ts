@@ -3,7 +3,7 @@ import { createLog } from '../lib/logger';
 import { packageVersion } from '../lib/version';
 import { isArborError } from '../store/errors';
 import { CommandSpec, UsageError, helpText, parseCommandLine } from './args';
-import { CliContext, defaultDataDir, embeddedStoreOpener } from './context';
+import { CliContext, defaultDataDir, sessionOpener } from './context';
 import { gcCommands } from './commands/gc';
 import { serveCommands } from './commands/serve';
 import { snapshotCommands } from './commands/snapshot';
@@ -37,7 +37,7 @@ export async function main(argv: string[], io: Io): Promise<number> {
     const level = String(values['log-level'] ?? io.env.ARBOR_LOG_LEVEL ?? (result.command.path[0] === 'serve' ? 'info' : 'warn'));
     if (!['error', 'warn', 'info', 'debug'].includes(level)) throw new UsageError(`--log-level ${level} is not one of error, warn, info, debug`);
     const log = createLog({ level, component: 'cli' });
-    const context: CliContext = { ...io, dataDir, log, withStore: embeddedStoreOpener(dataDir, log) };
+    const context: CliContext = { ...io, dataDir, log, withSession: sessionOpener(dataDir, log) };
     await result.command.run(context, result.parsed);
     return 0;
   } catch (err) {

@@ -1,6 +1,6 @@
 import { ArborError } from '../store/errors';
 import { SnapshotRecord } from '../store/records';
-import { Store } from '../store/store';
+import { StoreApi } from './admin/methods';
 import { UsageError } from './args';
 
 /** NAME or NAME@SNAP as typed on the command line. */
@@ -25,7 +25,7 @@ export function parseSnapshotRef(text: string, what: string): Required<VolumeOrS
 }
 
 /** The snapshot NAME@SNAP, checking that SNAP was taken of NAME (snapshot names are unique per store). */
-export async function snapshotOf(store: Store, ref: Required<VolumeOrSnapshot>): Promise<SnapshotRecord> {
+export async function snapshotOf(store: StoreApi, ref: Required<VolumeOrSnapshot>): Promise<SnapshotRecord> {
   const snapshot = await store.findSnapshot({ name: ref.snapshot });
   if (!snapshot) throw new ArborError('not-found', `snapshot ${ref.volume}@${ref.snapshot} does not exist; see 'arbor snapshot list ${ref.volume}'`);
   if (snapshot.volumeName !== ref.volume) {

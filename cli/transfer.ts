@@ -1,27 +1,21 @@
 import fs from 'node:fs';
 import { Progress } from '../lib/progress';
 import { ArborError } from '../store/errors';
-import { RangeStatus } from '../store/tree';
-import { Volume } from '../store/volume';
+import { Image } from './session';
 
 /** Bytes moved per volume call: large enough to amortize, small enough to keep memory flat. */
 const chunkBytes = 4 * 1024 * 1024;
 /** Block status is asked a window at a time so a huge volume's map never sits in memory at once. */
 const statusWindowBytes = 1024 * 1024 * 1024;
 
-export interface ReadableImage {
-  sizeBytes: number;
-  extentSizeBytes: number;
-  readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void>;
-  blockStatus(offset: number, length: number): Promise<RangeStatus[]>;
-}
+type ReadableImage = Pick<Image, 'sizeBytes' | 'readInto' | 'blockStatus'>;
 
 /**
  * Writes a raw image over the start of a volume. Extent-sized runs of zeros become
  * holes (trimmed, so they cost nothing); the rest of the volume is left as it was.
  */
-export async function importImage(volume: Volume, input: AsyncIterable<Buffer>, progress: Progress): Promise<number> {
-  const extentSize = volume.extentSizeBytes;
+export async function importImage(volume: Image, input: AsyncIterable<Buffer>, progress: Progress): Promise<number> {
+  const extentSize = volume.preferredBlockBytes;
   const staging = Buffer.allocUnsafe(Math.max(extentSize, Math.floor(chunkBytes / extentSize) * extentSize));
   let filled = 0;
   let offset = 0;
@@ -51,14 +45,14 @@ export async function importImage(volume: Volume, input: AsyncIterable<Buffer>, 
   return offset;
 }
 
-async function writeSkippingZeroExtents(volume: Volume, offset: number, data: Buffer): Promise<void> {
-  const extentSize = volume.extentSizeBytes;
+async function writeSkippingZeroExtents(volume: Image, offset: number, data: Buffer): Promise<void> {
+  const extentSize = volume.preferredBlockBytes;
   let runStart = 0;
   let runIsZero: boolean | undefined;
   const emit = async (end: number): Promise<void> => {
     if (end <= runStart) return;
     if (runIsZero) await volume.trim(offset + runStart, end - runStart);
-    else await volume.write(offset + runStart, data.subarray(runStart, end));
+    else await volume.write(offset + runStart, data.subarray(runStart, end), false);
   };
   for (let at = 0; at < data.length; at += extentSize) {
     const end = Math.min(at + extentSize, data.length);

@@ -4,6 +4,8 @@ import path from 'node:path';
 import { NbdServer, TlsFiles } from '../../node-plugin/nbd/server';
 import { StoreExports } from '../../node-plugin/store-exports';
 import { openDataDir } from '../../store/embedded';
+import { AdminServer } from '../admin/server';
+import { adminSocketPath } from '../session';
 import { CommandSpec, UsageError } from '../args';
 import { CliContext } from '../context';
 
@@ -45,12 +47,15 @@ export const serveCommands: CommandSpec<CliContext>[] = [
         await store.close();
         throw err;
       }
-      ctx.log.info('arbor serving', { dataDir: ctx.dataDir, pid: process.pid, gcIntervalMs });
+      const nbdSocket = values['nbd-socket'] === undefined ? undefined : path.resolve(String(values['nbd-socket']));
+      const admin = await AdminServer.listen(adminSocketPath(ctx.dataDir), store, { pid: process.pid, nbdSocket }, ctx.log);
+      ctx.log.info('arbor serving', { dataDir: ctx.dataDir, pid: process.pid, gcIntervalMs, nbdSocket, adminSocket: adminSocketPath(ctx.dataDir) });
       // Signal listeners do not keep Node alive; this does, until we stop.
       const keepAlive = setInterval(() => {}, 1 << 30);
       const signal = await Promise.race([once(process, 'SIGTERM').then(() => 'SIGTERM'), once(process, 'SIGINT').then(() => 'SIGINT')]);
       clearInterval(keepAlive);
       ctx.log.info('stopping', { signal, nbdConnections: nbd.connectionCount });
+      await admin.close();
       await nbd.close();
       await store.close();
       ctx.log.info('stopped: every volume committed and the store closed');

@@ -18,7 +18,7 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
     summary: 'Take a point-in-time snapshot of a volume (O(1), whatever the size). Snapshot names are unique in the store.',
     async run(ctx, { positionals: [text] }) {
       const ref = parseSnapshotRef(text, 'snapshot');
-      const s = await ctx.withStore((store) => store.createSnapshot({ name: ref.volume }, ref.snapshot));
+      const s = await ctx.withSession(({ api }) => api.createSnapshot({ name: ref.volume }, ref.snapshot));
       ctx.stdout.write(`snapshot ${s.volumeName}@${s.name} (${s.id}): ${formatSize(s.sizeBytes)}\n`);
     },
   },
@@ -28,7 +28,7 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
     options: { json: { type: 'boolean', description: 'print JSON' } },
     summary: 'List snapshots, of every volume or of one.',
     async run(ctx, { positionals: [name], values }) {
-      const snapshots = await ctx.withStore(async (store) => {
+      const snapshots = await ctx.withSession(async ({ api: store }) => {
         if (name === undefined) return store.listSnapshots();
         const volume = await store.findVolume({ name });
         return store.listSnapshots(volume ? { id: volume.id } : { name });
@@ -47,7 +47,7 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
     summary: 'Delete a snapshot; blocks only it held are reclaimed by the next gc.',
     async run(ctx, { positionals: [text] }) {
       const ref = parseSnapshotRef(text, 'snapshot');
-      await ctx.withStore(async (store) => store.deleteSnapshot({ id: (await snapshotOf(store, ref)).id }));
+      await ctx.withSession(async ({ api: store }) => store.deleteSnapshot({ id: (await snapshotOf(store, ref)).id }));
       ctx.stdout.write(`snapshot ${text} deleted\n`);
     },
   },

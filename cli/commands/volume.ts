@@ -52,7 +52,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     async run(ctx, { positionals: [name], values }) {
       const sizeBytes = size(values.size, 'size')!;
       const extentSizeBytes = size(values['extent-size'], 'extent-size');
-      const v = await ctx.withStore((store) => store.createVolume(name, { sizeBytes, extentSizeBytes }));
+      const v = await ctx.withSession(({ api }) => api.createVolume(name, { sizeBytes, extentSizeBytes }));
       ctx.stdout.write(`volume ${v.name} (${v.id}): ${formatSize(v.sizeBytes)}, extent size ${formatSize(v.extentSizeBytes)}\n`);
     },
   },
@@ -62,7 +62,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     options: { json: { type: 'boolean', description: 'print JSON' } },
     summary: 'List volumes.',
     async run(ctx, { values }) {
-      const volumes = await ctx.withStore((store) => store.listVolumes());
+      const volumes = await ctx.withSession(({ api }) => api.listVolumes());
       if (values.json) {
         ctx.stdout.write(json(volumes.map(volumeJson)));
         return;
@@ -76,7 +76,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     options: { json: { type: 'boolean', description: 'print JSON' } },
     summary: 'Show a volume: size, extent size, allocated bytes, parent lineage, snapshots.',
     async run(ctx, { positionals: [name], values }) {
-      const { v, usage, snapshots } = await ctx.withStore(async (store) => {
+      const { v, usage, snapshots } = await ctx.withSession(async ({ api: store }) => {
         const v = await store.getVolume({ name });
         return { v, usage: await store.volumeUsage({ id: v.id }), snapshots: await store.listSnapshots({ id: v.id }) };
       });
@@ -111,8 +111,9 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     options: {},
     summary: "Copy a raw image (a file, or '-' for standard input) over the start of an existing volume; zero runs become holes.",
     async run(ctx, { positionals: [name, file] }) {
-      await ctx.withStore(async (store) => {
-        const volume = await store.openVolume({ name });
+      await ctx.withSession(async (session) => {
+        await session.api.getVolume({ name });
+        const volume = await session.openImage(name);
         let total: number | undefined;
         if (file !== '-') {
           total = fs.statSync(file).size;
@@ -122,7 +123,11 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
         }
         const input = file === '-' ? (ctx.stdin as AsyncIterable<Buffer>) : fs.createReadStream(file, { highWaterMark: 1024 * 1024 });
         const progress = new Progress(ctx.stderr, `importing into ${name}`, total);
-        await importImage(volume, input, progress);
+        try {
+          await importImage(volume, input, progress);
+        } finally {
+          await volume.close();
+        }
         ctx.stdout.write(`imported ${progress.finish()} into volume ${name}\n`);
       });
     },
@@ -134,18 +139,23 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     summary: "Write a whole volume or snapshot as a raw image to FILE (sparse) or '-' (standard output).",
     async run(ctx, { positionals: [source, file] }) {
       const ref = parseRef(source, 'source');
-      await ctx.withStore(async (store) => {
-        const image = ref.snapshot
-          ? await store.openSnapshot({ id: (await snapshotOf(store, { volume: ref.volume, snapshot: ref.snapshot })).id })
-          : await store.openVolume({ name: ref.volume });
+      await ctx.withSession(async (session) => {
+        // Look the name up first: the error then says what is wrong and what to do.
+        if (ref.snapshot) await snapshotOf(session.api, { volume: ref.volume, snapshot: ref.snapshot });
+        else await session.api.getVolume({ name: ref.volume });
+        const image = await session.openImage(source);
         const progress = new Progress(ctx.stderr, `exporting ${source}`, image.sizeBytes);
-        if (file === '-') {
-          const complete = await exportToStream(image, ctx.stdout, progress);
-          const summary = progress.finish();
-          if (complete) ctx.stderr.write(`exported ${source}: ${summary}\n`);
-        } else {
-          await exportToFile(image, file, progress);
-          ctx.stdout.write(`exported ${source} to ${file}: ${progress.finish()}\n`);
+        try {
+          if (file === '-') {
+            const complete = await exportToStream(image, ctx.stdout, progress);
+            const summary = progress.finish();
+            if (complete) ctx.stderr.write(`exported ${source}: ${summary}\n`);
+          } else {
+            await exportToFile(image, file, progress);
+            ctx.stdout.write(`exported ${source} to ${file}: ${progress.finish()}\n`);
+          }
+        } finally {
+          await image.close();
         }
       });
     },
@@ -157,7 +167,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     summary: 'Create a volume sharing every block of a snapshot, or of a volume as it is now (O(1), whatever the size).',
     async run(ctx, { positionals: [source, name] }) {
       const ref = parseRef(source, 'source');
-      const v = await ctx.withStore(async (store) => {
+      const v = await ctx.withSession(async ({ api: store }) => {
         if (!ref.snapshot) return store.cloneVolume(name, { volume: { name: ref.volume } });
         const snapshot = await snapshotOf(store, { volume: ref.volume, snapshot: ref.snapshot });
         return store.cloneVolume(name, { snapshot: { id: snapshot.id } });
@@ -172,7 +182,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     summary: 'Grow a volume (shrinking is refused).',
     async run(ctx, { positionals: [name], values }) {
       const sizeBytes = size(values.size, 'size')!;
-      const v = await ctx.withStore((store) => store.resizeVolume({ name }, sizeBytes));
+      const v = await ctx.withSession(({ api }) => api.resizeVolume({ name }, sizeBytes));
       ctx.stdout.write(`volume ${v.name}: ${formatSize(v.sizeBytes)}\n`);
     },
   },
@@ -182,7 +192,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     options: {},
     summary: 'Delete a volume; what only it held is freed at once (its snapshots stay).',
     async run(ctx, { positionals: [name] }) {
-      await ctx.withStore((store) => store.deleteVolume({ name }));
+      await ctx.withSession(({ api }) => api.deleteVolume({ name }));
       ctx.stdout.write(`volume ${name} deleted\n`);
     },
   },

@@ -53,9 +53,14 @@ interface State {
   metaContextExport?: string;
 }
 
-/** Transmission flags the server advertises for an export (all true: it does each). */
-export function transmissionFlags(exp: NbdExport): number {
-  let flags = TFLAG.HAS_FLAGS | TFLAG.SEND_FLUSH | TFLAG.SEND_FUA | TFLAG.SEND_DF | TFLAG.CAN_MULTI_CONN | TFLAG.SEND_CACHE;
+/**
+ * Transmission flags the server advertises for an export (each one true: it does
+ * what it says). DF only means something with structured replies, so it is
+ * advertised only once they are negotiated.
+ */
+export function transmissionFlags(exp: NbdExport, structured: boolean): number {
+  let flags = TFLAG.HAS_FLAGS | TFLAG.SEND_FLUSH | TFLAG.SEND_FUA | TFLAG.CAN_MULTI_CONN | TFLAG.SEND_CACHE;
+  if (structured) flags |= TFLAG.SEND_DF;
   if (exp.readOnly) flags |= TFLAG.READ_ONLY;
   else flags |= TFLAG.SEND_TRIM | TFLAG.SEND_WRITE_ZEROES | TFLAG.SEND_FAST_ZERO;
   return flags;
@@ -107,7 +112,7 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
         if (!exp) throw new ProtocolError(`EXPORT_NAME for unknown export ${JSON.stringify(name)}`);
         const out = Buffer.alloc(noZeroes ? 10 : 134);
         out.writeBigUInt64BE(BigInt(exp.sizeBytes), 0);
-        out.writeUInt16BE(transmissionFlags(exp), 8);
+        out.writeUInt16BE(transmissionFlags(exp, state.structured), 8);
         io.write(out);
         return { export: exp, structuredReplies: state.structured, extendedHeaders: state.extended, baseAllocation: false };
       }
@@ -161,6 +166,11 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
       case OPT.LIST_META_CONTEXT:
       case OPT.SET_META_CONTEXT: {
         const set = option === OPT.SET_META_CONTEXT;
+        // SET replaces what an earlier SET chose, even when it fails.
+        if (set) {
+          state.baseAllocation = false;
+          state.metaContextExport = undefined;
+        }
         if (!state.structured) {
           refuse(REP.ERR_INVALID, 'negotiate structured replies before meta contexts');
           break;
@@ -206,7 +216,7 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
         const info = Buffer.alloc(12);
         info.writeUInt16BE(INFO.EXPORT, 0);
         info.writeBigUInt64BE(BigInt(exp.sizeBytes), 2);
-        info.writeUInt16BE(transmissionFlags(exp), 10);
+        info.writeUInt16BE(transmissionFlags(exp, state.structured), 10);
         answer(REP.INFO, info);
         if (request.infos.includes(INFO.NAME)) answer(REP.INFO, Buffer.concat([u16(INFO.NAME), Buffer.from(exp.name)]));
         if (request.infos.includes(INFO.DESCRIPTION)) answer(REP.INFO, Buffer.concat([u16(INFO.DESCRIPTION), Buffer.from(exp.description)]));

@@ -68,7 +68,7 @@ export class NbdServer {
   }
 
   private server(options: { tls?: { context: tls.SecureContext; required: boolean } }): net.Server {
-    const server = net.createServer({ pauseOnConnect: true }, (socket) => {
+    const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (socket) => {
       if (this.closing || this.connections.size >= maxConnections) {
         socket.destroy();
         return;

@@ -50,16 +50,19 @@ interface Request {
   payload?: Buffer;
 }
 
-/** Commands and the flags each may carry. */
+/**
+ * Commands and the flags each may carry. FUA is valid on every command (clients
+ * send it on reads too); it means something only where data is written.
+ */
 const allowedFlags: Record<number, number> = {
-  [CMD.READ]: CMD_FLAG.DF | CMD_FLAG.FUA,
-  [CMD.WRITE]: CMD_FLAG.FUA,
-  [CMD.DISC]: 0,
-  [CMD.FLUSH]: 0,
+  [CMD.READ]: CMD_FLAG.FUA | CMD_FLAG.DF,
+  [CMD.WRITE]: CMD_FLAG.FUA | CMD_FLAG.PAYLOAD_LEN,
+  [CMD.DISC]: CMD_FLAG.FUA,
+  [CMD.FLUSH]: CMD_FLAG.FUA,
   [CMD.TRIM]: CMD_FLAG.FUA,
-  [CMD.CACHE]: 0,
+  [CMD.CACHE]: CMD_FLAG.FUA,
   [CMD.WRITE_ZEROES]: CMD_FLAG.FUA | CMD_FLAG.NO_HOLE | CMD_FLAG.FAST_ZERO,
-  [CMD.BLOCK_STATUS]: CMD_FLAG.REQ_ONE,
+  [CMD.BLOCK_STATUS]: CMD_FLAG.FUA | CMD_FLAG.REQ_ONE,
 };
 
 const pool = new BufferPool(256);
@@ -149,8 +152,22 @@ export class Transmission {
     const length = this.negotiated.extendedHeaders ? readU64(buf, at + 24) : buf.readUInt32BE(at + 24);
     const request: Request = { type, flags, cookie, offset, length };
 
+    if (this.negotiated.extendedHeaders && type !== CMD.WRITE && (flags & CMD_FLAG.PAYLOAD_LEN) !== 0) {
+      // A payload on a command that takes none: consume it, then refuse the command.
+      if (length > maxPayloadBytes) {
+        this.disconnecting = true;
+        this.sink.destroy(`a ${length}-byte payload on command ${type}`);
+        return;
+      }
+      this.receiving = { request, received: 0, error: NBD_EINVAL, message: `command ${type} takes no payload` };
+      if (length === 0) this.payloadComplete();
+      return;
+    }
     if (type === CMD.WRITE) {
-      const [error, message] = this.check(request);
+      let [error, message] = this.check(request);
+      if (!error && this.negotiated.extendedHeaders && (flags & CMD_FLAG.PAYLOAD_LEN) === 0) {
+        [error, message] = [NBD_EINVAL, 'with extended headers a write must carry NBD_CMD_FLAG_PAYLOAD_LEN'];
+      }
       if (length > maxPayloadBytes) {
         // Too big to hold: answer after skipping the payload without keeping it.
         this.receiving = { request, received: 0, error: NBD_EOVERFLOW, message: `write of ${length} bytes is over the ${maxPayloadBytes}-byte maximum` };
@@ -205,7 +222,10 @@ export class Transmission {
     const allowed = allowedFlags[type];
     if (allowed === undefined) return [NBD_EINVAL, `unknown command ${type}`];
     if (this.shuttingDown) return [NBD_ESHUTDOWN, 'the server is shutting down; disconnect and reconnect'];
-    if ((flags & ~allowed) !== 0) return [NBD_EINVAL, `flags 0x${flags.toString(16)} are not valid for command ${type}`];
+    let valid = allowed;
+    if (!this.format.structured) valid &= ~CMD_FLAG.DF;
+    if (!this.negotiated.extendedHeaders) valid &= ~CMD_FLAG.PAYLOAD_LEN;
+    if ((flags & ~valid) !== 0) return [NBD_EINVAL, `flags 0x${flags.toString(16)} are not valid for command ${type}`];
     const writes = type === CMD.WRITE || type === CMD.TRIM || type === CMD.WRITE_ZEROES;
     if (writes && this.exp.readOnly) return [NBD_EPERM, `export ${this.exp.name} is read-only`];
     if (type === CMD.FLUSH) return length === 0 && offset === 0 ? [0, ''] : [NBD_EINVAL, 'flush takes offset 0 and length 0'];
@@ -213,8 +233,9 @@ export class Transmission {
     if ((type === CMD.READ || type === CMD.WRITE) && length > maxPayloadBytes) return [NBD_EOVERFLOW, `${length} bytes is over the ${maxPayloadBytes}-byte maximum`];
     if (length === 0) return [NBD_EINVAL, 'a request of length 0'];
     if (offset + length > this.exp.sizeBytes) {
-      const message = `${length} bytes at ${offset} end past the export's ${this.exp.sizeBytes} bytes`;
-      return [writes ? NBD_ENOSPC : NBD_EINVAL, message];
+      // The spec's choice: writing past the end is "no space", anything else is invalid.
+      const noSpace = type === CMD.WRITE || type === CMD.WRITE_ZEROES;
+      return [noSpace ? NBD_ENOSPC : NBD_EINVAL, `${length} bytes at ${offset} end past the export's ${this.exp.sizeBytes} bytes`];
     }
     return [0, ''];
   }
@@ -405,7 +426,7 @@ export function errnoFor(err: unknown, type: number): [number, string] {
   const e = err as ArborError;
   switch (e.code) {
     case 'out-of-range':
-      return [type === CMD.READ || type === CMD.BLOCK_STATUS || type === CMD.CACHE ? NBD_EINVAL : NBD_ENOSPC, e.message];
+      return [type === CMD.WRITE || type === CMD.WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL, e.message];
     case 'invalid-argument':
       return [NBD_EINVAL, e.message];
     case 'read-only':

@@ -1,0 +1,54 @@
+import { ArborError } from '../../store/errors';
+import { Store } from '../../store/store';
+
+/**
+ * What the admin socket offers: the store's management calls, each with a check of
+ * its JSON arguments so a malformed request is refused before it reaches the store.
+ */
+type Check = (value: unknown) => boolean;
+
+const str: Check = (v) => typeof v === 'string';
+const num: Check = (v) => typeof v === 'number' && Number.isFinite(v);
+const ref: Check = (v) => isObject(v) && Object.keys(v).length === 1 && (str((v as Record<string, unknown>).name) || str((v as Record<string, unknown>).id));
+const optional = (check: Check): Check => (v) => v === undefined || v === null || check(v);
+const sizeOptions: Check = (v) => isObject(v) && num((v as Record<string, unknown>).sizeBytes) && optional(num)((v as Record<string, unknown>).extentSizeBytes);
+const cloneSource: Check = (v) => isObject(v) && Object.keys(v).length === 1 && (ref((v as Record<string, unknown>).volume) || ref((v as Record<string, unknown>).snapshot));
+
+function isObject(v: unknown): v is object {
+  return typeof v === 'object' && v !== null && !Array.isArray(v);
+}
+
+export const adminMethods = {
+  createVolume: [str, sizeOptions],
+  listVolumes: [],
+  getVolume: [ref],
+  findVolume: [ref],
+  volumeUsage: [ref],
+  cloneVolume: [str, cloneSource],
+  resizeVolume: [ref, num],
+  deleteVolume: [ref],
+  createSnapshot: [ref, str],
+  listSnapshots: [optional(ref)],
+  getSnapshot: [ref],
+  findSnapshot: [ref],
+  deleteSnapshot: [ref],
+  collectGarbage: [],
+} satisfies Record<string, Check[]>;
+
+export type AdminMethod = keyof typeof adminMethods;
+
+/** The store calls the CLI makes, whether the store is opened here or served by `arbor serve`. */
+export type StoreApi = Pick<Store, AdminMethod>;
+
+/** Runs a request against the store after checking its method and arguments. */
+export async function dispatch(store: Store, method: unknown, args: unknown): Promise<unknown> {
+  if (typeof method !== 'string' || !Object.prototype.hasOwnProperty.call(adminMethods, method)) {
+    throw new ArborError('invalid-argument', `unknown admin method ${JSON.stringify(method)}`);
+  }
+  const checks: Check[] = adminMethods[method as AdminMethod];
+  if (!Array.isArray(args) || args.length > checks.length || !checks.every((check, i) => check(args[i]))) {
+    throw new ArborError('invalid-argument', `malformed arguments for ${method}`);
+  }
+  const call = store[method as AdminMethod] as (...a: unknown[]) => Promise<unknown>;
+  return call.apply(store, args.map((a) => (a === null ? undefined : a)));
+}

@@ -1,0 +1,68 @@
+import { ChildProcess, spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { ok, run, RunResult } from './run';
+
+export const cliPath = path.join(__dirname, '../../cli/main.js');
+
+export interface ArborServer {
+  pid: number;
+  dataDir: string;
+  nbdSocket: string;
+  /** nbd+unix URI of an export. */
+  uri(exportName: string): string;
+  /** The arbor CLI on this server's data directory. */
+  cli(...args: string[]): Promise<RunResult>;
+  cliOk(...args: string[]): Promise<string>;
+  /** Everything the server logged so far. */
+  log(): string;
+  /** SIGTERM by PID; resolves with the exit status. */
+  stop(): Promise<number | null>;
+  /** SIGKILL by PID. */
+  kill(): Promise<void>;
+}
+
+/** Starts `arbor serve` on a data directory (created in `dir`) and waits until it serves. */
+export async function startServer(dir: string, extraArgs: string[] = []): Promise<ArborServer> {
+  const dataDir = path.join(dir, 'data');
+  const nbdSocket = path.join(dir, 'nbd.sock');
+  fs.mkdirSync(dataDir, { recursive: true });
+  const child: ChildProcess = spawn(process.execPath, [cliPath, '--data-dir', dataDir, 'serve', '--nbd-socket', nbdSocket, ...extraArgs], {
+    stdio: ['ignore', 'ignore', 'pipe'],
+    env: { ...process.env, ARBOR_LOG_LEVEL: 'info' },
+  });
+  let log = '';
+  child.stderr!.on('data', (chunk) => (log += chunk));
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  await new Promise<void>((resolve, reject) => {
+    const check = setInterval(() => {
+      if (log.includes('"message":"arbor serving"')) {
+        clearInterval(check);
+        resolve();
+      }
+    }, 20);
+    void exited.then((code) => {
+      clearInterval(check);
+      reject(new Error(`arbor serve exited ${code} before serving:\n${log}`));
+    });
+  });
+  const cli = (...args: string[]) => run(process.execPath, [cliPath, '--data-dir', dataDir, ...args]);
+  return {
+    pid: child.pid!,
+    dataDir,
+    nbdSocket,
+    uri: (name) => `nbd+unix:///${name}?socket=${nbdSocket}`,
+    cli,
+    cliOk: (...args) => ok(process.execPath, [cliPath, '--data-dir', dataDir, ...args]),
+    log: () => log,
+    async stop() {
+      if (child.exitCode !== null) return child.exitCode;
+      process.kill(child.pid!, 'SIGTERM');
+      return exited;
+    },
+    async kill() {
+      if (child.exitCode === null) process.kill(child.pid!, 'SIGKILL');
+      await exited;
+    },
+  };
+}
