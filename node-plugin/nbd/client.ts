@@ -7,6 +7,7 @@ import {
   CLIENT_FIXED_NEWSTYLE,
   CLIENT_NO_ZEROES,
   CMD,
+  CMD_FLAG,
   EXTENDED_REPLY_MAGIC,
   EXTENDED_REQUEST_MAGIC,
   IHAVEOPT,
@@ -116,7 +117,7 @@ export class NbdClient {
   }
 
   async write(offset: number, data: Buffer, flags = 0): Promise<void> {
-    await this.request(CMD.WRITE, flags, offset, data.length, data);
+    await this.request(CMD.WRITE, this.extended ? flags | CMD_FLAG.PAYLOAD_LEN : flags, offset, data.length, data);
   }
 
   async flush(): Promise<void> {

@@ -48,6 +48,8 @@ interface Request {
   length: number;
   /** WRITE payload (a pooled buffer at least `length` long). */
   payload?: Buffer;
+  /** A READ whose reply data releases its in-flight charge once written. */
+  replyHoldsCharge?: boolean;
 }
 
 /**
@@ -85,6 +87,8 @@ export class Transmission {
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
+  /** Bytes received while paused: parsed when reading resumes. */
+  private backlog?: Buffer;
   private disconnecting = false;
   private shuttingDown = false;
   private idleWaiters: Array<() => void> = [];
@@ -107,8 +111,18 @@ export class Transmission {
 
   /** Consumes bytes [start, end) of `chunk`; the caller may reuse `chunk` afterwards. */
   receive(chunk: Buffer, start: number, end: number): void {
+    if (this.backlog) {
+      // Order matters: what arrived earlier is parsed first.
+      this.backlog = Buffer.concat([this.backlog, chunk.subarray(start, end)]);
+      return;
+    }
     let at = start;
     while (at < end && !this.disconnecting) {
+      if (this.paused && !this.receiving) {
+        // Over the in-flight bound: keep the rest (a copy: the caller reuses `chunk`).
+        this.backlog = Buffer.from(chunk.subarray(at, end));
+        return;
+      }
       if (this.receiving) {
         at = this.receivePayload(chunk, at, end);
         continue;
@@ -135,7 +149,7 @@ export class Transmission {
   }
 
   idle(): Promise<void> {
-    if (this.inFlight === 0 && !this.receiving) return Promise.resolve();
+    if (this.inFlight === 0 && !this.receiving && !this.backlog) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
@@ -245,6 +259,7 @@ export class Transmission {
     try {
       switch (type) {
         case CMD.READ:
+          // The bytes stay charged until the reply has left (see read()).
           await this.read(request);
           return;
         case CMD.WRITE:
@@ -277,7 +292,7 @@ export class Transmission {
       if (error === NBD_EIO) this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
       this.reply(request, error, message);
     } finally {
-      this.uncharge(type === CMD.READ || type === CMD.WRITE ? length : 0, request.payload);
+      if (type !== CMD.READ || !request.replyHoldsCharge) this.uncharge(type === CMD.READ || type === CMD.WRITE ? length : 0, request.payload);
       this.settle();
     }
   }
@@ -293,7 +308,12 @@ export class Transmission {
         throw err;
       }
       this.format.writeSimple(out, 0, 0, cookie);
-      this.sink.send(out.subarray(0, SIMPLE_REPLY_BYTES + length), () => pool.give(out));
+      request.replyHoldsCharge = true;
+      this.sink.send(out.subarray(0, SIMPLE_REPLY_BYTES + length), () => {
+        pool.give(out);
+        this.uncharge(length);
+        this.settle();
+      });
       return;
     }
     // Large reads tell holes apart so the client is not sent zeros; small ones (or DF) go as one chunk.
@@ -326,6 +346,14 @@ export class Transmission {
       const at = this.format.writeChunkHeader(out, 0, last ? REPLY_FLAG_DONE : 0, REPLY_TYPE.OFFSET_DATA, cookie, request.offset, 8 + range.length);
       writeU64(out, at, range.offset);
       this.sink.send(out.subarray(0, headerBytes + range.length), () => pool.give(out));
+      if (last) {
+        // The reply's bytes stay charged until this last chunk has left.
+        request.replyHoldsCharge = true;
+        this.sink.send(Buffer.alloc(0), () => {
+          this.uncharge(length);
+          this.settle();
+        });
+      }
     }
   }
 
@@ -398,12 +426,15 @@ export class Transmission {
     if (payload) pool.give(payload);
     if (this.paused && !this.disconnecting && this.inFlight < maxInFlightRequests / 2 && this.inFlightBytes < maxInFlightBytes / 2) {
       this.paused = false;
-      this.sink.resumeReading();
+      const backlog = this.backlog;
+      this.backlog = undefined;
+      if (backlog) this.receive(backlog, 0, backlog.length);
+      if (!this.paused) this.sink.resumeReading();
     }
   }
 
   private settle(): void {
-    if (this.inFlight === 0 && !this.receiving) for (const wake of this.idleWaiters.splice(0)) wake();
+    if (this.inFlight === 0 && !this.receiving && !this.backlog) for (const wake of this.idleWaiters.splice(0)) wake();
   }
 
   /** DISC: finish what is in flight, make it durable, then close. */

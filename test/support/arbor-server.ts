@@ -56,12 +56,12 @@ export async function startServer(dir: string, extraArgs: string[] = []): Promis
     cliOk: (...args) => ok(process.execPath, [cliPath, '--data-dir', dataDir, ...args]),
     log: () => log,
     async stop() {
-      if (child.exitCode !== null) return child.exitCode;
+      if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
       process.kill(child.pid!, 'SIGTERM');
       return exited;
     },
     async kill() {
-      if (child.exitCode === null) process.kill(child.pid!, 'SIGKILL');
+      if (child.exitCode === null && child.signalCode === null) process.kill(child.pid!, 'SIGKILL');
       await exited;
     },
   };
