@@ -23,8 +23,12 @@ export const blobIdBatchSize = 4096;
 export const nodeCacheMaxNodes = 16384;
 /** Past this many dirty map nodes a volume commits in the background. */
 export const maxDirtyNodesPerVolume = 8192;
-/** Unflushed work is committed at least this often, like a filesystem's commit interval. */
-export const commitIntervalMs = 5000;
+/**
+ * Unflushed work is committed at least this often: the kernel's own dirty-data
+ * expiry (vm.dirty_expire_centisecs, 30 s). Clients that need durability flush; a
+ * shorter interval only forces an fsync of everything dirty into write bursts.
+ */
+export const commitIntervalMs = 30_000;
 
 /** Open segment files kept by the file backend (each holds 4096 blobs). */
 export const maxOpenSegmentFiles = 512;

@@ -24,6 +24,13 @@ export interface ZeroOptions {
 
 type VolumeState = 'open' | 'closed' | 'deleted';
 
+interface Capture {
+  sequence: number;
+  shape: { root: Entry; depth: number; sizeBytes: number };
+  sync: number[];
+  free: number[];
+}
+
 let zeros: Buffer | undefined;
 function zeroBuffer(length: number): Buffer {
   if (!zeros || zeros.length < length) zeros = Buffer.alloc(length);
@@ -47,6 +54,10 @@ export class Volume {
   /** When uncommitted changes first appeared (for the background commit). */
   private changedAt?: number;
   private flushing?: Promise<void>;
+  /** Captures taken, and the newest one committed (commits never go back). */
+  private captures = 0;
+  private committedCapture = 0;
+  private commits: Promise<void> = Promise.resolve();
 
   constructor(
     private readonly ctx: StoreContext,
@@ -143,9 +154,15 @@ export class Volume {
     });
   }
 
-  /** Makes every write that completed before this call durable. */
+  /**
+   * Makes every write that completed before this call durable. The tree is captured
+   * under the lock (quick: dirty nodes are written as new blobs); the fsyncs and the
+   * catalog commit then run while writes go on, so a flush or a background commit
+   * never stalls the volume for the time the disk takes.
+   */
   async flush(): Promise<void> {
-    await this.exclusive(() => this.flushLocked());
+    const captured = await this.exclusive(() => this.capture());
+    if (captured) await this.serialCommit(() => this.completeCommit(captured));
   }
 
   /** Runs `fn` with the volume drained of writes and its state committed: the owner's side of snapshot and clone. */
@@ -162,17 +179,28 @@ export class Volume {
    * the record's root becomes read-only when `share` is set. Call inside withCommitted.
    */
   async commitWith(extra: { compares?: KvEntry[]; absent?: string[]; ops: Op[]; share?: boolean }): Promise<boolean> {
-    assert(this.tree.dirty.size === 0, 'commitWith runs on a committed tree');
-    if (extra.share) this.tree.shareRoot();
-    const next: VolumeRecord = { ...this.record, root: this.tree.root, depth: this.tree.depth, sizeBytes: this.tree.sizeBytes };
+    return this.serialCommit(async () => {
+      assert(this.tree.dirty.size === 0, 'commitWith runs on a committed tree');
+      if (extra.share) this.tree.shareRoot();
+      const done = await this.commitRecord({ root: this.tree.root, depth: this.tree.depth, sizeBytes: this.tree.sizeBytes }, ++this.captures, extra);
+      if (!done && extra.share) this.tree.root = this.record.root;
+      return done;
+    });
+  }
+
+  /** Writes the record with a new tree shape, compare-and-swap on the last commit. */
+  private async commitRecord(
+    shape: { root: Entry; depth: number; sizeBytes: number },
+    sequence: number,
+    extra: { compares?: KvEntry[]; absent?: string[]; ops: Op[] } = { ops: [] },
+  ): Promise<boolean> {
+    const next: VolumeRecord = { ...this.record, ...shape };
     const compares = [unchanged(this.committed), ...(extra.compares ?? []).map(unchanged), ...(extra.absent ?? []).map((key) => ({ key, modRevision: 0 }))];
     const result = await this.ctx.catalog.txn(compares, [put(keys.volume(this.id), next), ...extra.ops]);
-    if (!result.succeeded) {
-      if (extra.share) this.tree.root = this.record.root;
-      return false;
-    }
+    if (!result.succeeded) return false;
     this.record = next;
     this.committed = { key: this.committed.key, value: JSON.stringify(next), modRevision: result.revision };
+    this.committedCapture = Math.max(this.committedCapture, sequence);
     return true;
   }
 
@@ -198,6 +226,8 @@ export class Volume {
    */
   async delete(ops: Op[]): Promise<void> {
     await this.exclusive(async () => {
+      // A commit still running outside the lock would race the delete's compare.
+      await this.serialCommit(async () => {});
       const result = await this.ctx.catalog.txn([unchanged(this.committed)], ops);
       if (!result.succeeded) throw new ArborError('aborted', `volume ${this.name} changed while it was being deleted; retry`);
       this.state = 'deleted';
@@ -308,20 +338,58 @@ export class Volume {
     if (this.tree.unsyncedData.size === 0) this.changedAt = undefined;
   }
 
+  /** A flush with the lock held from start to end: the record matches the live tree when it returns. */
   private async flushLocked(): Promise<void> {
-    if (this.state !== 'open') return;
+    const captured = await this.capture();
+    if (captured) await this.serialCommit(() => this.completeCommit(captured));
+    else await this.serialCommit(async () => {});
+  }
+
+  /**
+   * Under the lock: writes dirty nodes back and takes what the commit needs: the
+   * shape to commit, the blobs to make durable first, the blobs to free after.
+   */
+  private async capture(): Promise<Capture | undefined> {
+    if (this.state !== 'open') return undefined;
     const written = await this.tree.writeBack();
-    await this.ctx.blobs.sync([...this.tree.unsyncedData, ...written]);
+    const captured: Capture = {
+      sequence: ++this.captures,
+      shape: { root: this.tree.root, depth: this.tree.depth, sizeBytes: this.tree.sizeBytes },
+      sync: [...this.tree.unsyncedData, ...written],
+      free: this.tree.freeAfterCommit.splice(0),
+    };
     this.tree.unsyncedData.clear();
+    this.changedAt = undefined;
+    return captured;
+  }
+
+  /**
+   * Durable blobs first, then the record, then the frees. A capture older than the
+   * last commit does not commit (the record never goes back), but its blobs are
+   * still synced and its frees are still safe: a newer tree no longer uses them.
+   */
+  private async completeCommit(captured: Capture): Promise<void> {
+    await this.ctx.blobs.sync(captured.sync);
     const r = this.record;
-    if (this.tree.root !== r.root || this.tree.depth !== r.depth || this.tree.sizeBytes !== r.sizeBytes) {
-      if (!(await this.commitWith({ ops: [] }))) {
+    const { shape } = captured;
+    const changed = shape.root !== r.root || shape.depth !== r.depth || shape.sizeBytes !== r.sizeBytes;
+    if (changed && captured.sequence > this.committedCapture && this.state === 'open') {
+      if (!(await this.commitRecord(shape, captured.sequence))) {
         throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
       }
     }
-    assert(this.tree.freeAfterCommit.length === 0 || this.tree.root === this.record.root, 'freed blobs follow a commit');
-    await this.ctx.free(this.tree.freeAfterCommit.splice(0));
-    this.changedAt = undefined;
+    assert(captured.free.length === 0 || changed, 'freed blobs follow a commit');
+    await this.ctx.free(captured.free);
+  }
+
+  /** Commits happen one at a time, in the order they were asked for. */
+  private serialCommit<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.commits.then(fn);
+    this.commits = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    return run;
   }
 
   private noteChange(): void {
