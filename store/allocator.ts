@@ -1,67 +1,99 @@
 import { Catalog, absent, put, unchanged } from './catalog/catalog';
 import { ArborError } from './errors';
-import { maxBlobId } from './entry';
+import { blobId, classOf, maxSerial, serialOf, sizeClassCount } from './blob-id';
 import { blobIdBatchSize } from './limits';
 
-export const nextBlobIdKey = 'meta/next-blob-id';
+export const nextSerialKeyPrefix = 'meta/next-blob-serial/';
+
+export function nextSerialKey(sizeClass: number): string {
+  return `${nextSerialKeyPrefix}${sizeClass}`;
+}
+
+/** The committed next serial of every size class, as the catalog holds them. */
+export async function committedMarks(catalog: Catalog): Promise<number[]> {
+  const marks = new Array<number>(sizeClassCount).fill(0);
+  for (const entry of await catalog.list(nextSerialKeyPrefix)) marks[Number(entry.key.slice(nextSerialKeyPrefix.length))] = JSON.parse(entry.value) as number;
+  return marks;
+}
+
+interface ClassState {
+  next: number;
+  limit: number;
+  reserving?: Promise<void>;
+}
 
 /**
- * Hands out blob ids, each exactly once for the life of the store. Ids are reserved
- * from the catalog a batch at a time, and the reservation commits before any id of
- * the batch is used, so after a crash no id can be handed out twice: the unused rest
- * of a batch is simply skipped. Id 0 means "no blob" and is never handed out.
+ * Hands out blob ids, each exactly once for the life of the store. Each size class
+ * has its own serial counter, reserved from the catalog a batch at a time; the
+ * reservation commits before any serial of the batch is used, so after a crash no
+ * id can be handed out twice: the unused rest of a batch is simply skipped. Serial 0
+ * of class 0 is id 0, which means "no blob", and is never handed out.
  */
 export class BlobIdAllocator {
-  private next = 0;
-  private limit = 0;
-  private reserving?: Promise<void>;
+  private readonly classes: ClassState[] = Array.from({ length: sizeClassCount }, () => ({ next: 0, limit: 0 }));
 
   constructor(private readonly catalog: Catalog) {}
 
-  async allocate(): Promise<number> {
-    while (this.next >= this.limit) await this.reserve();
-    return this.next++;
+  async allocate(sizeClass: number): Promise<number> {
+    const state = this.classes[sizeClass];
+    while (state.next >= state.limit) await this.reserve(sizeClass);
+    return blobId(sizeClass, state.next++);
   }
 
   /**
-   * Every id below the watermark was handed out before this call; every id handed
-   * out after it is at or above it. The collector never frees an id at or above the
-   * watermark it read when its pass began.
+   * A test that tells, for any id, whether it was handed out after this call. Every
+   * id handed out before it answers false. The collector never frees an id that
+   * was handed out after its pass began.
    */
-  async watermark(): Promise<number> {
-    if (this.next >= this.limit) await this.reserve();
-    return this.next;
+  async watermark(): Promise<(id: number) => boolean> {
+    const marks: number[] = [];
+    for (let c = 0; c < sizeClassCount; c++) {
+      const state = this.classes[c];
+      // A class that never allocated here has handed out nothing at or above its committed mark.
+      marks.push(state.limit === 0 ? await this.committedNext(c) : state.next);
+    }
+    return (id) => serialOf(id) >= marks[classOf(id)];
   }
 
   /**
-   * Gives back the unused rest of the batch on a clean shutdown, so that the next
-   * process continues where this one stopped instead of skipping ids (which the
-   * file backend would have to treat as possibly written until a collector pass).
+   * Gives back the unused rest of each batch on a clean shutdown, so that the next
+   * process continues where this one stopped instead of skipping serials (which the
+   * file backend would count as possibly written until a collector pass).
    */
   async release(): Promise<void> {
-    if (this.reserving) await this.reserving;
-    if (this.next >= this.limit) return;
-    const current = await this.catalog.get(nextBlobIdKey);
-    if (!current || (JSON.parse(current.value) as number) !== this.limit) return;
-    const result = await this.catalog.txn([unchanged(current)], [put(nextBlobIdKey, this.next)]);
-    if (result.succeeded) this.limit = this.next;
+    for (let c = 0; c < sizeClassCount; c++) {
+      const state = this.classes[c];
+      if (state.reserving) await state.reserving;
+      if (state.next >= state.limit) continue;
+      const current = await this.catalog.get(nextSerialKey(c));
+      if (!current || (JSON.parse(current.value) as number) !== state.limit) continue;
+      if ((await this.catalog.txn([unchanged(current)], [put(nextSerialKey(c), state.next)])).succeeded) state.limit = state.next;
+    }
   }
 
-  private reserve(): Promise<void> {
-    this.reserving ??= this.reserveBatch().finally(() => (this.reserving = undefined));
-    return this.reserving;
+  private async committedNext(sizeClass: number): Promise<number> {
+    const entry = await this.catalog.get(nextSerialKey(sizeClass));
+    return entry ? (JSON.parse(entry.value) as number) : 0;
   }
 
-  private async reserveBatch(): Promise<void> {
+  private reserve(sizeClass: number): Promise<void> {
+    const state = this.classes[sizeClass];
+    state.reserving ??= this.reserveBatch(sizeClass).finally(() => (state.reserving = undefined));
+    return state.reserving;
+  }
+
+  private async reserveBatch(sizeClass: number): Promise<void> {
+    const key = nextSerialKey(sizeClass);
     for (;;) {
-      const current = await this.catalog.get(nextBlobIdKey);
-      const start = current ? (JSON.parse(current.value) as number) : 1;
+      const current = await this.catalog.get(key);
+      const start = Math.max(current ? (JSON.parse(current.value) as number) : 0, blobId(sizeClass, 0) === 0 ? 1 : 0);
       const limit = start + blobIdBatchSize;
-      if (limit > maxBlobId) throw new ArborError('resource-exhausted', 'the store has used every blob id it can address');
-      const result = await this.catalog.txn([current ? unchanged(current) : absent(nextBlobIdKey)], [put(nextBlobIdKey, limit)]);
+      if (limit > maxSerial) throw new ArborError('resource-exhausted', 'the store has used every blob id of this size it can address');
+      const result = await this.catalog.txn([current ? unchanged(current) : absent(key)], [put(key, limit)]);
       if (result.succeeded) {
-        this.next = start;
-        this.limit = limit;
+        const state = this.classes[sizeClass];
+        state.next = start;
+        state.limit = limit;
         return;
       }
     }

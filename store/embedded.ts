@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { Log, silentLog } from '../lib/logger';
-import { nextBlobIdKey } from './allocator';
+import { committedMarks } from './allocator';
 import { FileBlobStore } from './blobs/files';
 import { SqliteCatalog } from './catalog/sqlite';
 import { Store } from './store';
@@ -17,9 +17,8 @@ export async function openDataDir(dataDir: string, log: Log = silentLog): Promis
   const catalog = SqliteCatalog.open(path.join(dir, 'catalog.sqlite'), () => describeHolder(pidFile));
   // We hold the lock now: whatever pid file is there is stale.
   fs.writeFileSync(pidFile, `${process.pid}\n`);
-  // Blobs above the allocator's committed mark were never handed out.
-  const mark = await catalog.get(nextBlobIdKey);
-  const blobs = FileBlobStore.open(path.join(dir, 'blobs'), { idsBelow: mark ? (JSON.parse(mark.value) as number) : 1 });
+  // Blobs at or above the allocator's committed marks were never handed out.
+  const blobs = FileBlobStore.open(path.join(dir, 'blobs'), { serialsBelow: await committedMarks(catalog) });
   try {
     return await Store.open(catalog, blobs, log);
   } catch (err) {

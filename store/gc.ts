@@ -14,21 +14,21 @@ export interface GcReport {
   /** Blobs reachable from some volume or snapshot. */
   reachableBlobs: number;
   freedBlobs: number;
-  /** Ids at or above this were allocated during the pass and were left alone. */
-  watermark: number;
+  /** Blobs present but allocated during the pass, left alone. */
+  newerBlobs: number;
   durationMs: number;
 }
 
 const deleteBatch = 1024;
 
 /**
- * Mark and sweep. `roots` must be a consistent cut of the store taken when the
- * allocator stood at `watermark`, while blob frees are held back until the pass
- * ends: then every node file the mark reads is the one the cut refers to, and every
- * blob reachable later is either reachable in the cut (marked) or allocated after
- * it (at or above the watermark, never swept).
+ * Mark and sweep. `roots` must be a consistent cut of the store, taken when
+ * `allocatedAfter` was read from the allocator, while blob frees are held back
+ * until the pass ends: then every node the mark reads is the one the cut refers to,
+ * and every blob reachable later is either reachable in the cut (marked) or
+ * allocated after it (never swept).
  */
-export async function markAndSweep(ctx: StoreContext, roots: GcRoot[], watermark: number): Promise<GcReport> {
+export async function markAndSweep(ctx: StoreContext, roots: GcRoot[], allocatedAfter: (id: number) => boolean): Promise<GcReport> {
   const started = Date.now();
   const marked = new Set<number>();
   const stack: Array<{ entry: Entry; level: number }> = roots.map((r) => ({ entry: r.root, level: r.depth - 1 }));
@@ -51,13 +51,14 @@ export async function markAndSweep(ctx: StoreContext, roots: GcRoot[], watermark
     }
   }
   const present = await ctx.blobs.list();
-  const garbage = present.filter((id) => id < watermark && !marked.has(id));
+  const newer = present.filter((id) => allocatedAfter(id));
+  const garbage = present.filter((id) => !allocatedAfter(id) && !marked.has(id));
   for (let at = 0; at < garbage.length; at += deleteBatch) await ctx.blobs.delete(garbage.slice(at, at + deleteBatch));
   return {
     scannedBlobs: present.length,
     reachableBlobs: marked.size,
     freedBlobs: garbage.length,
-    watermark,
+    newerBlobs: newer.length,
     durationMs: Date.now() - started,
   };
 }

@@ -1,5 +1,6 @@
 import { BlobStore } from './blobs/blobs';
 import { BlobIdAllocator } from './allocator';
+import { classForBytes, nodeClass } from './blob-id';
 import { assert } from './errors';
 import { EMPTY, Entry, WRITABLE, asShared, blobOf, hasBlob, isWritable, makeEntry, zeroEntry } from './entry';
 import { capacityExtents, slotAt, slotsOverlapping } from './geometry';
@@ -39,6 +40,7 @@ export class MutableTree implements NodeSource {
   readonly unsyncedData = new Set<number>();
   /** Owned blobs no longer in the live tree: freed once a commit stops the committed tree using them. */
   readonly freeAfterCommit: number[] = [];
+  private readonly extentClass: number;
 
   constructor(
     public root: Entry,
@@ -48,7 +50,9 @@ export class MutableTree implements NodeSource {
     private readonly blobs: BlobStore,
     private readonly nodes: NodeCache,
     private readonly ids: BlobIdAllocator,
-  ) {}
+  ) {
+    this.extentClass = classForBytes(extentSizeBytes);
+  }
 
   get shape(): TreeShape {
     return { root: this.root, depth: this.depth, sizeBytes: this.sizeBytes, extentSizeBytes: this.extentSizeBytes };
@@ -74,7 +78,7 @@ export class MutableTree implements NodeSource {
   }
 
   private async newNode(node: MapNode): Promise<number> {
-    const id = await this.ids.allocate();
+    const id = await this.ids.allocate(nodeClass);
     this.dirty.set(id, { node, fresh: true });
     return id;
   }
@@ -90,7 +94,7 @@ export class MutableTree implements NodeSource {
       this.unsyncedData.add(id);
       return id;
     }
-    const id = await this.ids.allocate();
+    const id = await this.ids.allocate(this.extentClass);
     if (!hasBlob(entry) || length === this.extentSizeBytes) {
       // Over a hole the new blob is sparse: what is not written reads as zeros.
       await this.blobs.write(id, offsetInExtent, source, sourceOffset, length);
@@ -284,7 +288,7 @@ export class MutableTree implements NodeSource {
     }
     let newId = id;
     if (!dirty.fresh) {
-      newId = await this.ids.allocate();
+      newId = await this.ids.allocate(nodeClass);
       this.freeAfterCommit.push(id);
     }
     await this.blobs.write(newId, 0, dirty.node, 0, nodeSizeBytes);

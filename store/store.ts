@@ -332,8 +332,8 @@ export class Store {
   private async runGcPass(): Promise<GcReport> {
     this.heldFrees = [];
     try {
-      const { roots, watermark } = await this.takeCut();
-      const report = await markAndSweep(this.ctx, roots, watermark);
+      const { roots, allocatedAfter } = await this.takeCut();
+      const report = await markAndSweep(this.ctx, roots, allocatedAfter);
       this.log.info('garbage collected', { ...report });
       return report;
     } finally {
@@ -343,7 +343,7 @@ export class Store {
     }
   }
 
-  private async takeCut(): Promise<{ roots: Array<{ root: number; depth: number }>; watermark: number }> {
+  private async takeCut(): Promise<{ roots: Array<{ root: number; depth: number }>; allocatedAfter: (id: number) => boolean }> {
     let cutTaken!: () => void;
     this.cutting = new Promise((resolve) => (cutTaken = resolve));
     const releases: Array<() => void> = [];
@@ -352,12 +352,12 @@ export class Store {
       const volumes = [...this.open.values()].sort((a, b) => (a.id < b.id ? -1 : 1));
       for (const volume of volumes) releases.push(await volume.hold());
       for (const volume of volumes) await volume.flushWhileHeld();
-      const watermark = await this.ctx.ids.watermark();
+      const allocatedAfter = await this.ctx.ids.watermark();
       const records = [
         ...(await this.ctx.catalog.list(keys.volumes)).map((e) => JSON.parse(e.value) as VolumeRecord),
         ...(await this.ctx.catalog.list(keys.snapshots)).map((e) => JSON.parse(e.value) as SnapshotRecord),
       ];
-      return { roots: records.map((r) => ({ root: r.root, depth: r.depth })), watermark };
+      return { roots: records.map((r) => ({ root: r.root, depth: r.depth })), allocatedAfter };
     } finally {
       for (const release of releases) release();
       this.cutting = undefined;

@@ -1,18 +1,21 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { ArborError } from '../errors';
-import { maxExtentSizeBytes, maxOpenSegmentFiles, syncConcurrency } from '../limits';
+import { maxOpenSegmentFiles, syncConcurrency } from '../limits';
+import { blobId, bytesOfClass, classOf, serialOf } from '../blob-id';
 import { BlobStore } from './blobs';
 import { Bitset } from './bitset';
 import { punchHole } from './hole-punch';
 
-/** Blob ids per segment file; with 4 MiB slots a segment spans 16 GiB (sparse). */
+/** Blobs per segment file: 16 MiB of map nodes, 256 MiB of 64 KiB extents. */
 export const idsPerSegment = 4096;
-/** Every blob gets a slot as large as the largest extent; unwritten bytes take no space. */
-const slotBytes = maxExtentSizeBytes;
 
 interface Segment {
+  /** Key in the segment map: size class and index together. */
+  key: number;
+  sizeClass: number;
   index: number;
+  slotBytes: number;
   /** Ids that may hold a blob: written this session, or present when the store opened. */
   present: Bitset;
   /** Ids freed (their slot punched). A cache: losing it only means punching again. */
@@ -21,15 +24,16 @@ interface Segment {
 }
 
 /**
- * Blobs in the data directory as slots of large sparse segment files: blob `id`
- * lives at byte (id mod 4096) × 4 MiB of segment floor(id / 4096). One descriptor
- * and one fsync serve thousands of blobs, and freeing a blob punches a hole so its
- * space goes back to the filesystem at once; a segment whose ids are all freed is
- * deleted.
+ * Blobs in the data directory as slots of segment files, one set of files per size
+ * class: a blob of class c and serial s lives at byte (s mod 4096) × (4 KiB << c) of
+ * `c<c>-<s div 4096>.data`. Slots are exactly the blob size, so consecutive blobs
+ * of a volume are consecutive on disk; one descriptor and one fsync serve thousands
+ * of blobs; freeing a blob punches a hole so its space goes back to the filesystem
+ * at once, and a segment whose blobs are all freed is deleted.
  *
- * Which slots hold a blob is not stored durably: after a restart every id of a
- * segment below the allocator's committed mark (`idsBelow`) counts as present until
- * the collector frees it, so a crash can never hide a blob from the collector.
+ * Which slots hold a blob is not stored durably: after a restart every serial of a
+ * segment below its class's committed mark counts as present until the collector
+ * frees it, so a crash can never hide a blob from the collector.
  *
  * I/O is synchronous on the calling thread: while data is in the page cache this is
  * the fastest path Node has (a libuv hand-off costs ~20 µs per I/O on these VMs);
@@ -44,31 +48,31 @@ export class FileBlobStore implements BlobStore {
 
   private constructor(private readonly root: string) {}
 
-  static open(root: string, options: { idsBelow: number }): FileBlobStore {
+  /** `serialsBelow[c]`: the committed next serial of size class c (nothing at or above it was handed out). */
+  static open(root: string, options: { serialsBelow: number[] }): FileBlobStore {
     fs.mkdirSync(root, { recursive: true, mode: 0o700 });
     const store = new FileBlobStore(root);
     for (const name of fs.readdirSync(root)) {
-      const match = /^seg-([0-9a-f]{8})\.data$/.exec(name);
+      const match = /^c(\d{2})-([0-9a-f]{8})\.data$/.exec(name);
       if (!match) continue;
-      const index = parseInt(match[1], 16);
-      const freed = store.loadFreed(index);
-      const present = new Bitset(idsPerSegment);
+      const segment = store.newSegment(Number(match[1]), parseInt(match[2], 16));
+      segment.freed = store.loadFreed(segment);
       for (let slot = 0; slot < idsPerSegment; slot++) {
-        const id = index * idsPerSegment + slot;
-        if (id !== 0 && id < options.idsBelow && !freed.has(slot)) present.add(slot);
+        const serial = segment.index * idsPerSegment + slot;
+        if (blobId(segment.sizeClass, serial) !== 0 && serial < (options.serialsBelow[segment.sizeClass] ?? 0) && !segment.freed.has(slot)) segment.present.add(slot);
       }
-      store.segments.set(index, { index, present, freed, freedChanged: false });
+      store.segments.set(segment.key, segment);
     }
     return store;
   }
 
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    const segment = this.segments.get(segmentOf(id));
+    const segment = this.segments.get(segmentKey(id));
     if (!segment || !segment.present.has(slotOf(id))) {
       throw new ArborError('internal', `blob ${id} is missing from ${this.root}: the store is damaged`);
     }
-    const fd = this.fd(segment.index);
-    const at = slotOf(id) * slotBytes + offset;
+    const fd = this.fd(segment);
+    const at = slotOf(id) * segment.slotBytes + offset;
     let done = 0;
     while (done < length) {
       const n = fs.readSync(fd, target, targetOffset + done, length - done, at + done);
@@ -79,21 +83,24 @@ export class FileBlobStore implements BlobStore {
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
-    if (offset + length > slotBytes) throw new ArborError('internal', `a write of ${length} bytes at ${offset} does not fit blob ${id}`);
-    const segment = this.segment(segmentOf(id));
-    const fd = this.fd(segment.index);
-    const at = slotOf(id) * slotBytes + offset;
+    const segment = this.segment(id);
+    if (offset + length > segment.slotBytes) throw new ArborError('internal', `a write of ${length} bytes at ${offset} does not fit blob ${id}`);
+    const fd = this.fd(segment);
+    const at = slotOf(id) * segment.slotBytes + offset;
     segment.present.add(slotOf(id));
     let done = 0;
     while (done < length) done += fs.writeSync(fd, source, sourceOffset + done, length - done, at + done);
   }
 
   async sync(ids: Iterable<number>): Promise<void> {
-    const touched = new Set<number>();
-    for (const id of ids) touched.add(segmentOf(id));
+    const touched = new Set<Segment>();
+    for (const id of ids) {
+      const segment = this.segments.get(segmentKey(id));
+      if (segment) touched.add(segment);
+    }
     // Each sync opens its own descriptor: a cached one may be evicted and its number
     // reused while the fsync waits in the thread pool.
-    const work = [...touched].filter((index) => this.segments.has(index)).map((index) => () => syncFile(this.dataPath(index), false));
+    const work = [...touched].map((segment) => () => syncFile(this.dataPath(segment), false));
     if (this.directoryChanged) {
       this.directoryChanged = false;
       work.push(() => syncFile(this.root, true));
@@ -107,10 +114,10 @@ export class FileBlobStore implements BlobStore {
     for (let i = 0; i < sorted.length; ) {
       // Adjacent ids are adjacent slots: one hole for the whole run.
       let end = i + 1;
-      while (end < sorted.length && sorted[end] === sorted[end - 1] + 1 && segmentOf(sorted[end]) === segmentOf(sorted[i])) end++;
-      const segment = this.segments.get(segmentOf(sorted[i]));
+      while (end < sorted.length && sorted[end] === sorted[end - 1] + 1 && segmentKey(sorted[end]) === segmentKey(sorted[i])) end++;
+      const segment = this.segments.get(segmentKey(sorted[i]));
       if (segment) {
-        punchHole(this.fd(segment.index), slotOf(sorted[i]) * slotBytes, (end - i) * slotBytes);
+        punchHole(this.fd(segment), slotOf(sorted[i]) * segment.slotBytes, (end - i) * segment.slotBytes);
         for (let j = i; j < end; j++) {
           segment.present.remove(slotOf(sorted[j]));
           segment.freed.add(slotOf(sorted[j]));
@@ -125,7 +132,7 @@ export class FileBlobStore implements BlobStore {
 
   async list(): Promise<number[]> {
     const ids: number[] = [];
-    for (const segment of this.segments.values()) for (const slot of segment.present.members()) ids.push(segment.index * idsPerSegment + slot);
+    for (const segment of this.segments.values()) for (const slot of segment.present.members()) ids.push(blobId(segment.sizeClass, segment.index * idsPerSegment + slot));
     return ids;
   }
 
@@ -134,7 +141,7 @@ export class FileBlobStore implements BlobStore {
     let bytes = 0;
     for (const segment of this.segments.values()) {
       blobs += segment.present.count();
-      bytes += fs.fstatSync(this.fd(segment.index)).blocks * 512;
+      bytes += fs.fstatSync(this.fd(segment)).blocks * 512;
     }
     return { blobs, bytes };
   }
@@ -151,30 +158,30 @@ export class FileBlobStore implements BlobStore {
   private settle(segment: Segment): void {
     let allFreed = true;
     for (let slot = 0; slot < idsPerSegment && allFreed; slot++) {
-      if (segment.index * idsPerSegment + slot !== 0 && !segment.freed.has(slot)) allFreed = false;
+      if (blobId(segment.sizeClass, segment.index * idsPerSegment + slot) !== 0 && !segment.freed.has(slot)) allFreed = false;
     }
     if (!allFreed) {
       this.saveFreed(segment);
       return;
     }
-    const fd = this.fds.get(segment.index);
+    const fd = this.fds.get(segment.key);
     if (fd !== undefined) fs.closeSync(fd);
-    this.fds.delete(segment.index);
-    this.segments.delete(segment.index);
-    fs.rmSync(this.dataPath(segment.index), { force: true });
-    fs.rmSync(this.freedPath(segment.index), { force: true });
+    this.fds.delete(segment.key);
+    this.segments.delete(segment.key);
+    fs.rmSync(this.dataPath(segment), { force: true });
+    fs.rmSync(this.freedPath(segment), { force: true });
   }
 
   private saveFreed(segment: Segment): void {
     if (!segment.freedChanged) return;
     segment.freedChanged = false;
     // No fsync: a lost update only means the collector punches those slots again.
-    fs.writeFileSync(this.freedPath(segment.index), segment.freed.bytes);
+    fs.writeFileSync(this.freedPath(segment), segment.freed.bytes);
   }
 
-  private loadFreed(index: number): Bitset {
+  private loadFreed(segment: Segment): Bitset {
     try {
-      const bytes = fs.readFileSync(this.freedPath(index));
+      const bytes = fs.readFileSync(this.freedPath(segment));
       if (bytes.length === idsPerSegment / 8) return new Bitset(idsPerSegment, new Uint8Array(bytes));
     } catch {
       // Absent or unreadable: nothing is known to be freed.
@@ -182,28 +189,42 @@ export class FileBlobStore implements BlobStore {
     return new Bitset(idsPerSegment);
   }
 
-  private segment(index: number): Segment {
-    let segment = this.segments.get(index);
+  /** The segment a blob lives in, created when it is the first blob written there. */
+  private segment(id: number): Segment {
+    const key = segmentKey(id);
+    let segment = this.segments.get(key);
     if (!segment) {
-      segment = { index, present: new Bitset(idsPerSegment), freed: new Bitset(idsPerSegment), freedChanged: false };
-      this.segments.set(index, segment);
+      segment = this.newSegment(classOf(id), Math.floor(serialOf(id) / idsPerSegment));
+      this.segments.set(key, segment);
     }
     return segment;
   }
 
-  private fd(index: number): number {
+  private newSegment(sizeClass: number, index: number): Segment {
+    return {
+      key: keyOf(sizeClass, index),
+      sizeClass,
+      index,
+      slotBytes: bytesOfClass(sizeClass),
+      present: new Bitset(idsPerSegment),
+      freed: new Bitset(idsPerSegment),
+      freedChanged: false,
+    };
+  }
+
+  private fd(segment: Segment): number {
     if (this.closed) throw new ArborError('unavailable', 'the blob store is closed');
-    const cached = this.fds.get(index);
+    const cached = this.fds.get(segment.key);
     if (cached !== undefined) {
-      this.fds.delete(index);
-      this.fds.set(index, cached);
+      this.fds.delete(segment.key);
+      this.fds.set(segment.key, cached);
       return cached;
     }
-    const file = this.dataPath(index);
+    const file = this.dataPath(segment);
     const existed = fs.existsSync(file);
     const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
     if (!existed) this.directoryChanged = true;
-    this.fds.set(index, fd);
+    this.fds.set(segment.key, fd);
     if (this.fds.size > maxOpenSegmentFiles) {
       const [oldest, oldestFd] = this.fds.entries().next().value as [number, number];
       this.fds.delete(oldest);
@@ -212,21 +233,29 @@ export class FileBlobStore implements BlobStore {
     return fd;
   }
 
-  private dataPath(index: number): string {
-    return path.join(this.root, `seg-${index.toString(16).padStart(8, '0')}.data`);
+  private dataPath(segment: Segment): string {
+    return path.join(this.root, `${segmentName(segment)}.data`);
   }
 
-  private freedPath(index: number): string {
-    return path.join(this.root, `seg-${index.toString(16).padStart(8, '0')}.freed`);
+  private freedPath(segment: Segment): string {
+    return path.join(this.root, `${segmentName(segment)}.freed`);
   }
 }
 
-function segmentOf(id: number): number {
-  return Math.floor(id / idsPerSegment);
+function segmentName(segment: Segment): string {
+  return `c${String(segment.sizeClass).padStart(2, '0')}-${segment.index.toString(16).padStart(8, '0')}`;
+}
+
+function keyOf(sizeClass: number, index: number): number {
+  return sizeClass * 2 ** 32 + index;
+}
+
+function segmentKey(id: number): number {
+  return keyOf(classOf(id), Math.floor(serialOf(id) / idsPerSegment));
 }
 
 function slotOf(id: number): number {
-  return id % idsPerSegment;
+  return serialOf(id) % idsPerSegment;
 }
 
 async function syncFile(filePath: string, directory: boolean): Promise<void> {

@@ -3,6 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Random } from '../support/random';
+import { run } from '../support/run';
 import { tempDir } from '../support/tmp';
 
 const cli = path.join(__dirname, '../../cli/main.js');
@@ -21,6 +22,9 @@ describe('the arbor CLI', function () {
     assert.equal(result.status, 0, `arbor ${args.join(' ')} failed: ${result.stderr}`);
     return result.stdout;
   };
+
+  /** Like arbor(), without blocking the event loop (a server child is running). */
+  const runAsync = async (...args: string[]) => run(process.execPath, [cli, '--data-dir', dataDir, ...args]);
 
   before(() => {
     dir = tempDir();
@@ -123,17 +127,21 @@ describe('the arbor CLI', function () {
     assert.equal(ok('volume', 'list', '--json').trim(), '[]');
   });
 
-  it('serve holds the data directory; the CLI meanwhile gets a clear error; SIGTERM stops it cleanly', async () => {
-    const server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve'], { stdio: ['ignore', 'ignore', 'pipe'] });
+  it('while serve holds the data directory the CLI works through it; a second serve gets a clear error; SIGTERM stops it cleanly', async () => {
+    const server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', path.join(dir.dir, 'nbd.sock')], { stdio: ['ignore', 'ignore', 'pipe'] });
     let log = '';
     await new Promise<void>((resolve) => server.stderr.on('data', (chunk) => ((log += chunk), log.includes('arbor serving') && resolve())));
-    const busy = arbor('volume', 'list');
-    assert.equal(busy.status, 1);
-    assert.match(busy.stderr, new RegExp(`in use by another process \\(pid ${server.pid}\\)`));
+    const second = arbor('serve');
+    assert.equal(second.status, 1);
+    assert.match(second.stderr, new RegExp(`in use by another process \\(pid ${server.pid}\\)`));
+    const created = await runAsync('volume', 'create', 'through-server', '--size', '1MiB');
+    assert.equal(created.status, 0, created.stderr);
+    const listed = await runAsync('volume', 'list', '--json');
+    assert.deepEqual(JSON.parse(listed.stdout).map((v: { name: string }) => v.name), ['through-server']);
     server.kill('SIGTERM');
     const status = await new Promise((resolve) => server.on('exit', resolve));
     assert.equal(status, 0);
     assert.match(log, /"message":"stopped: every volume committed and the store closed"/);
-    assert.equal(arbor('volume', 'list').status, 0);
+    assert.equal(JSON.parse(ok('volume', 'list', '--json')).length, 1, 'what was created through the server is there after it stopped');
   });
 });
