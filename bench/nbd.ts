@@ -1,6 +1,7 @@
 /**
  * npm run bench:nbd — fio (nbd engine, unix socket) against, in the same run:
- *   arbor        a fresh clone of a filled 4 GiB golden volume, served by arbor serve
+ *   arbor        a fresh clone of a filled 4 GiB golden volume, served by arbor serve,
+ *                with 64 KiB extents (the default) and with 4 KiB extents
  *   qemu raw     qemu-nbd serving the 4 GiB golden raw file
  *   qemu qcow2   qemu-nbd serving a fresh qcow2 overlay on that raw file
  * for 4 KiB random reads and writes at queue depth 16 and 1 MiB sequential reads
@@ -88,9 +89,11 @@ async function main(): Promise<void> {
     process.stderr.write('filling a 4 GiB golden raw image and the golden volume...\n');
     const golden = path.join(dir, 'golden.raw');
     sh('fio', ['--name=fill', '--ioengine=psync', `--filename=${golden}`, '--rw=write', '--bs=1m', `--size=${goldenBytes}`, '--refill_buffers', '--output-format=terse']);
-    arbor('volume', 'create', 'golden', '--size', String(goldenBytes));
-    sh('qemu-img', ['convert', '-n', '-W', '-m', '8', '-f', 'raw', '-O', 'raw', golden, `nbd+unix:///golden?socket=${nbdSocket}`]);
-    arbor('snapshot', 'create', 'golden@gold');
+    for (const [name, extent] of [['golden', '64KiB'], ['golden4k', '4KiB']]) {
+      arbor('volume', 'create', name, '--size', String(goldenBytes), '--extent-size', extent);
+      sh('qemu-img', ['convert', '-n', '-W', '-m', '8', '-f', 'raw', '-O', 'raw', golden, `nbd+unix:///${name}?socket=${nbdSocket}`]);
+      arbor('snapshot', 'create', `${name}@gold`);
+    }
 
     const rows: string[][] = [];
     const ratios: string[][] = [];
@@ -98,10 +101,13 @@ async function main(): Promise<void> {
       process.stderr.write(`${w.name}...\n`);
       // Fresh targets for every workload: writes must not find the work already done.
       arbor('volume', 'clone', 'golden@gold', `clone${i}`);
+      arbor('volume', 'clone', 'golden4k@gold', `small${i}`);
       const overlay = path.join(dir, `overlay${i}.qcow2`);
       sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', golden, '-F', 'raw', overlay]);
       settleDisk();
       const a = fio(`nbd+unix:///clone${i}?socket=${nbdSocket}`, w);
+      settleDisk();
+      const a4 = fio(`nbd+unix:///small${i}?socket=${nbdSocket}`, w);
       settleDisk();
       const raw = await qemuNbd(dir, 'raw', golden);
       const r = fio(raw.uri, w);
@@ -110,13 +116,13 @@ async function main(): Promise<void> {
       const qcow = await qemuNbd(dir, 'qcow2', overlay);
       const q = fio(qcow.uri, w);
       await qcow.stop();
-      for (const [who, res] of [['arbor clone', a], ['qemu-nbd raw', r], ['qemu-nbd qcow2 overlay', q]] as const) {
+      for (const [who, res] of [['arbor clone, 64 KiB extents', a], ['arbor clone, 4 KiB extents', a4], ['qemu-nbd raw', r], ['qemu-nbd qcow2 overlay', q]] as const) {
         rows.push([w.name, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1)]);
       }
-      ratios.push([w.name, fmt(a.iops / q.iops), fmt(a.iops / r.iops)]);
+      ratios.push([w.name, fmt(a.iops / q.iops), fmt(a.iops / r.iops), fmt(a4.iops / q.iops), fmt(a4.iops / r.iops)]);
     }
     printTable(`fio --ioengine=nbd, ${runtime} s per run after 2 s ramp, ${os.cpus().length} cores`, ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'], rows);
-    printTable('arbor / peer (throughput)', ['workload', 'vs qcow2 overlay (target >= 1.0)', 'vs raw (target >= 0.8 for 4 KiB random)'], ratios);
+    printTable('arbor / peer (throughput; targets: >= 1.0 vs the qcow2 overlay, >= 0.8 vs raw for 4 KiB random)', ['workload', '64K ext / qcow2', '64K ext / raw', '4K ext / qcow2', '4K ext / raw'], ratios);
   } finally {
     if (server) {
       const exited = new Promise((r) => server!.once('exit', r));
