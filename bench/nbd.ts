@@ -92,7 +92,7 @@ async function main(): Promise<void> {
     for (const [name, extent] of [['golden', '64KiB'], ['golden4k', '4KiB']]) {
       arbor('volume', 'create', name, '--size', String(goldenBytes), '--extent-size', extent);
       sh('qemu-img', ['convert', '-n', '-W', '-m', '8', '-f', 'raw', '-O', 'raw', golden, `nbd+unix:///${name}?socket=${nbdSocket}`]);
-      arbor('snapshot', 'create', `${name}@gold`);
+      arbor('snapshot', 'create', `${name}@${name}-gold`);
     }
 
     const rows: string[][] = [];
@@ -100,8 +100,8 @@ async function main(): Promise<void> {
     for (const [i, w] of workloads.entries()) {
       process.stderr.write(`${w.name}...\n`);
       // Fresh targets for every workload: writes must not find the work already done.
-      arbor('volume', 'clone', 'golden@gold', `clone${i}`);
-      arbor('volume', 'clone', 'golden4k@gold', `small${i}`);
+      arbor('volume', 'clone', 'golden@golden-gold', `clone${i}`);
+      arbor('volume', 'clone', 'golden4k@golden4k-gold', `small${i}`);
       const overlay = path.join(dir, `overlay${i}.qcow2`);
       sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', golden, '-F', 'raw', overlay]);
       settleDisk();

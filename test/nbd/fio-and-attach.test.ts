@@ -2,9 +2,8 @@ import assert from 'node:assert/strict';
 import { ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ArborServer, startServer } from '../support/arbor-server';
+import { serverForSuite } from '../support/arbor-server';
 import { ok, run } from '../support/run';
-import { tempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
 
@@ -19,22 +18,12 @@ function fioJson(stdout: string): { jobs: Array<{ error: number; read: { io_byte
 
 describe('NBD with fio, a userspace attach, and snapshots while writing', function () {
   this.timeout(300_000);
-  let dir: { dir: string; cleanup: () => void };
-  let server: ArborServer;
-
-  before(async () => {
-    dir = tempDir();
-    server = await startServer(dir.dir);
-  });
-  after(async () => {
-    await server?.stop();
-    dir.cleanup();
-  });
+  const suite = serverForSuite();
 
   it('fio random and sequential read/write with verify (nbd engine, queue depth 16)', async () => {
-    await server.cliOk('volume', 'create', 'fio', '--size', '128MiB', '--extent-size', '16KiB');
+    await suite.server.cliOk('volume', 'create', 'fio', '--size', '128MiB', '--extent-size', '16KiB');
     for (const [rw, bs] of [['randwrite', '4k'], ['write', '1m'], ['randrw', '8k']] as const) {
-      const out = await ok('fio', fioArgs(server.uri('fio'), [`--rw=${rw}`, `--bs=${bs}`, '--iodepth=16', '--size=64M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--randseed=7']));
+      const out = await ok('fio', fioArgs(suite.server.uri('fio'), [`--rw=${rw}`, `--bs=${bs}`, '--iodepth=16', '--size=64M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--randseed=7']));
       const job = fioJson(out).jobs[0];
       assert.equal(job.error, 0, `${rw} verified without error`);
       assert.ok(job.write.io_bytes > 0 && job.read.io_bytes > 0, `${rw} wrote and read back`);
@@ -44,11 +33,11 @@ describe('NBD with fio, a userspace attach, and snapshots while writing', functi
   it('userspace attach: nbdfuse → losetup → mkfs.ext4 → mount; files survive detach and re-attach', async () => {
     const problems = attachPrerequisites();
     assert.deepEqual(problems, [], `this machine cannot attach in userspace: ${problems.join('; ')}`);
-    await server.cliOk('volume', 'create', 'fs', '--size', '256MiB');
+    await suite.server.cliOk('volume', 'create', 'fs', '--size', '256MiB');
     const files = new Map<string, Buffer>();
     for (let i = 0; i < 8; i++) files.set(`file${i}.bin`, Buffer.alloc(MiB * (i + 1), i + 1));
 
-    let attached = await attach(dir.dir, server.uri('fs'));
+    let attached = await attach(suite.dir, suite.server.uri('fs'));
     try {
       await ok('mkfs.ext4', ['-q', '-F', attached.device]);
       await ok('mount', [attached.device, attached.mountPoint]);
@@ -57,10 +46,10 @@ describe('NBD with fio, a userspace attach, and snapshots while writing', functi
     } finally {
       await attached.detach();
     }
-    const info = JSON.parse(await server.cliOk('volume', 'info', 'fs', '--json'));
+    const info = JSON.parse(await suite.server.cliOk('volume', 'info', 'fs', '--json'));
     assert.ok(info.allocatedBytes < 128 * MiB, `the filesystem allocated what it wrote, not the whole volume (${info.allocatedBytes})`);
 
-    attached = await attach(dir.dir, server.uri('fs'));
+    attached = await attach(suite.dir, suite.server.uri('fs'));
     try {
       await ok('fsck.ext4', ['-n', attached.device]);
       await ok('mount', [attached.device, attached.mountPoint]);
@@ -73,23 +62,23 @@ describe('NBD with fio, a userspace attach, and snapshots while writing', functi
   it('snapshots taken from the CLI while fio writes are prefix-consistent', async () => {
     const blocks = 1024;
     const blockBytes = 64 * 1024;
-    await server.cliOk('volume', 'create', 'busy', '--size', `${(blocks * blockBytes) / MiB}MiB`);
+    await suite.server.cliOk('volume', 'create', 'busy', '--size', `${(blocks * blockBytes) / MiB}MiB`);
     // Old contents: 0xee everywhere, which no fio block (filled with its own offset) can look like.
-    await ok('qemu-io', ['-f', 'raw', '-c', `write -P 0xee 0 ${blocks * blockBytes}`, server.uri('busy')]);
-    const fio = spawn('fio', fioArgs(server.uri('busy'), ['--rw=write', `--bs=${blockBytes}`, '--iodepth=16', `--size=${blocks * blockBytes}`, '--rate=24m', '--verify=pattern', '--verify_pattern=%o', '--do_verify=0']), { stdio: 'ignore' });
+    await ok('qemu-io', ['-f', 'raw', '-c', `write -P 0xee 0 ${blocks * blockBytes}`, suite.server.uri('busy')]);
+    const fio = spawn('fio', fioArgs(suite.server.uri('busy'), ['--rw=write', `--bs=${blockBytes}`, '--iodepth=16', `--size=${blocks * blockBytes}`, '--rate=24m', '--verify=pattern', '--verify_pattern=%o', '--do_verify=0']), { stdio: 'ignore' });
     const finished = new Promise<number | null>((resolve) => fio.on('exit', resolve));
     const taken: string[] = [];
     for (let i = 0; i < 6; i++) {
       await sleep(350);
-      await server.cliOk('snapshot', 'create', `busy@t${i}`);
+      await suite.server.cliOk('snapshot', 'create', `busy@t${i}`);
       taken.push(`busy@t${i}`);
     }
     assert.equal(await finished, 0, 'fio finished');
     taken.push('busy');
     const prefixes: number[] = [];
     for (const name of taken) {
-      await server.cliOk('volume', 'export', name, path.join(dir.dir, 'snap.raw'));
-      const image = fs.readFileSync(path.join(dir.dir, 'snap.raw'));
+      await suite.server.cliOk('volume', 'export', name, path.join(suite.dir, 'snap.raw'));
+      const image = fs.readFileSync(path.join(suite.dir, 'snap.raw'));
       assert.equal(image.length, blocks * blockBytes, `${name} exported`);
       const written: boolean[] = [];
       for (let b = 0; b < blocks; b++) {

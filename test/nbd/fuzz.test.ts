@@ -3,10 +3,9 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { NbdClient } from '../../node-plugin/nbd/client';
 import { CLIENT_FIXED_NEWSTYLE, CLIENT_NO_ZEROES, CMD, CMD_FLAG, IHAVEOPT, OPT } from '../../node-plugin/nbd/protocol';
-import { ArborServer, startServer } from '../support/arbor-server';
+import { serverForSuite } from '../support/arbor-server';
 import { Random, seedFromEnv } from '../support/random';
 import { request, u16, u32 } from '../support/raw-nbd';
-import { tempDir } from '../support/tmp';
 
 /**
  * Fuzz: thousands of sessions of random bytes and of valid sessions mutated (bits
@@ -124,29 +123,19 @@ function play(socketPath: string, bytes: Buffer, rng: Random): Promise<void> {
 
 describe('NBD fuzz: random and mutated input never crashes the server or corrupts data', function () {
   this.timeout(600_000);
-  let dir: { dir: string; cleanup: () => void };
-  let server: ArborServer;
-
-  before(async () => {
-    dir = tempDir();
-    server = await startServer(dir.dir);
-  });
-  after(async () => {
-    await server?.kill();
-    dir.cleanup();
-  });
+  const suite = serverForSuite();
 
   it(`survives ${sessions} fuzzed sessions (seed ${seed})`, async () => {
     const rng = new Random(seed);
-    await server.cliOk('volume', 'create', 'fuzz', '--size', '16MiB', '--extent-size', '4KiB');
-    await server.cliOk('volume', 'create', 'witness-volume', '--size', '16MiB');
-    const setup = await NbdClient.connect({ socketPath: server.nbdSocket, exportName: 'fuzz' });
+    await suite.server.cliOk('volume', 'create', 'fuzz', '--size', '16MiB', '--extent-size', '4KiB');
+    await suite.server.cliOk('volume', 'create', 'witness-volume', '--size', '16MiB');
+    const setup = await NbdClient.connect({ socketPath: suite.server.nbdSocket, exportName: 'fuzz' });
     const frozen = rng.bytes(volumeBytes);
     await setup.write(0, frozen);
     await setup.disconnect();
-    await server.cliOk('snapshot', 'create', 'fuzz@snap');
+    await suite.server.cliOk('snapshot', 'create', 'fuzz@snap');
 
-    const witness = await NbdClient.connect({ socketPath: server.nbdSocket, exportName: 'witness-volume' });
+    const witness = await NbdClient.connect({ socketPath: suite.server.nbdSocket, exportName: 'witness-volume' });
     const expected = Buffer.alloc(volumeBytes);
     let witnessRounds = 0;
     let fuzzing = true;
@@ -183,21 +172,21 @@ describe('NBD fuzz: random and mutated input never crashes the server or corrupt
             bytes = validSession(rng);
             kinds.valid++;
           }
-          await play(server.nbdSocket, bytes, rng);
+          await play(suite.server.nbdSocket, bytes, rng);
         }
       }),
     );
     fuzzing = false;
     await witnessLoop;
 
-    assert.ok(fs.existsSync(`/proc/${server.pid}`), 'the server is alive');
+    assert.ok(fs.existsSync(`/proc/${suite.server.pid}`), 'the server is alive');
     assert.ok((await witness.read(0, volumeBytes)).equals(expected), 'the witness volume holds exactly what the witness wrote');
     await witness.disconnect();
-    const check = await NbdClient.connect({ socketPath: server.nbdSocket, exportName: 'fuzz@snap' });
+    const check = await NbdClient.connect({ socketPath: suite.server.nbdSocket, exportName: 'fuzz@snap' });
     assert.ok((await check.read(0, volumeBytes)).equals(frozen), 'the snapshot is byte-identical to what it was');
     await check.disconnect();
-    assert.doesNotMatch(server.log(), /unexpected error|uncaught|"level":"error"/i, 'nothing went wrong inside the server');
-    assert.equal(await server.stop(), 0, 'and it still stops cleanly');
+    assert.doesNotMatch(suite.server.log(), /unexpected error|uncaught|"level":"error"/i, 'nothing went wrong inside the server');
+    assert.equal(await suite.server.stop(), 0, 'and it still stops cleanly');
     console.log(`      seed ${seed}: ${JSON.stringify(kinds)}, witness rounds ${witnessRounds}`);
   });
 });

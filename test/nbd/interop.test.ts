@@ -1,10 +1,9 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { ArborServer, startServer } from '../support/arbor-server';
+import { serverForSuite } from '../support/arbor-server';
 import { Random } from '../support/random';
 import { ok, run } from '../support/run';
-import { tempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
 
@@ -15,22 +14,12 @@ const MiB = 1024 * 1024;
  */
 describe('NBD interop with qemu and libnbd', function () {
   this.timeout(180_000);
-  let dir: { dir: string; cleanup: () => void };
-  let server: ArborServer;
-  const file = (name: string) => path.join(dir.dir, name);
-
-  before(async () => {
-    dir = tempDir();
-    server = await startServer(dir.dir);
-  });
-  after(async () => {
-    assert.equal(await server?.stop(), 0, 'arbor serve stops cleanly on SIGTERM');
-    dir.cleanup();
-  });
+  const suite = serverForSuite();
+  const file = (name: string) => path.join(suite.dir, name);
 
   describe('qemu-io and qemu-img', () => {
     it('qemu-io writes patterns at any offset and reads them back; unwritten ranges read as zeros', async () => {
-      await server.cliOk('volume', 'create', 'qio', '--size', '64MiB');
+      await suite.server.cliOk('volume', 'create', 'qio', '--size', '64MiB');
       const out = await ok('qemu-io', [
         '-f', 'raw',
         '-c', 'write -P 0x5a 0 1M',
@@ -41,19 +30,19 @@ describe('NBD interop with qemu and libnbd', function () {
         '-c', 'read -P 0x5a 7097 1041479',
         '-c', 'read -P 0 1M 62M',
         '-c', 'read -P 0x11 63M 1M',
-        server.uri('qio'),
+        suite.server.uri('qio'),
       ]);
       assert.doesNotMatch(out, /Pattern verification failed|error/i, out);
     });
 
     it('qemu-io with many requests in flight (aio) reads back what it wrote', async () => {
-      await server.cliOk('volume', 'create', 'aio', '--size', '16MiB', '--extent-size', '4KiB');
+      await suite.server.cliOk('volume', 'create', 'aio', '--size', '16MiB', '--extent-size', '4KiB');
       const commands: string[] = [];
       for (let i = 0; i < 64; i++) commands.push('-c', `aio_write -P ${i + 1} ${i * 256 * 1024} 256k`);
       commands.push('-c', 'aio_flush');
       for (let i = 0; i < 64; i++) commands.push('-c', `aio_read -P ${i + 1} ${i * 256 * 1024} 256k`);
       commands.push('-c', 'aio_flush');
-      const out = await ok('qemu-io', ['-f', 'raw', ...commands, server.uri('aio')]);
+      const out = await ok('qemu-io', ['-f', 'raw', ...commands, suite.server.uri('aio')]);
       assert.doesNotMatch(out, /Pattern verification failed|error/i, out);
     });
 
@@ -62,11 +51,11 @@ describe('NBD interop with qemu and libnbd', function () {
       const image = rng.bytes(32 * MiB);
       image.fill(0, 5 * MiB, 9 * MiB);
       fs.writeFileSync(file('compare.raw'), image);
-      await server.cliOk('volume', 'create', 'cmp', '--size', '32MiB');
-      await ok('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', file('compare.raw'), server.uri('cmp')]);
-      assert.match(await ok('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file('compare.raw'), server.uri('cmp')]), /Images are identical/);
-      await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 12345678 1', server.uri('cmp')]);
-      const differs = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file('compare.raw'), server.uri('cmp')]);
+      await suite.server.cliOk('volume', 'create', 'cmp', '--size', '32MiB');
+      await ok('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', file('compare.raw'), suite.server.uri('cmp')]);
+      assert.match(await ok('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file('compare.raw'), suite.server.uri('cmp')]), /Images are identical/);
+      await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 12345678 1', suite.server.uri('cmp')]);
+      const differs = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file('compare.raw'), suite.server.uri('cmp')]);
       assert.equal(differs.status, 1);
       // qemu-img reports the sector (512 bytes) holding the first difference.
       assert.match(differs.stdout, /Content mismatch at offset 12345344!/);
@@ -75,39 +64,39 @@ describe('NBD interop with qemu and libnbd', function () {
     it('qemu-img convert: a qcow2 golden image into a volume and back out, byte-exact, holes kept', async () => {
       await ok('qemu-img', ['create', '-q', '-f', 'qcow2', file('golden.qcow2'), '256M']);
       await ok('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x42 0 4M', '-c', 'write -P 0x43 100M 1M', '-c', 'write -P 0x44 255M 1M', file('golden.qcow2')]);
-      await server.cliOk('volume', 'create', 'golden', '--size', '256MiB');
-      await ok('qemu-img', ['convert', '-n', '-f', 'qcow2', '-O', 'raw', file('golden.qcow2'), server.uri('golden')]);
-      await ok('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', server.uri('golden'), file('out.qcow2')]);
+      await suite.server.cliOk('volume', 'create', 'golden', '--size', '256MiB');
+      await ok('qemu-img', ['convert', '-n', '-f', 'qcow2', '-O', 'raw', file('golden.qcow2'), suite.server.uri('golden')]);
+      await ok('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', suite.server.uri('golden'), file('out.qcow2')]);
       assert.match(await ok('qemu-img', ['compare', file('golden.qcow2'), file('out.qcow2')]), /Images are identical/);
-      const info = JSON.parse(await server.cliOk('volume', 'info', 'golden', '--json'));
+      const info = JSON.parse(await suite.server.cliOk('volume', 'info', 'golden', '--json'));
       assert.equal(info.allocatedBytes, 6 * MiB, 'only the 6 MiB the image holds is allocated');
     });
   });
 
   describe('libnbd: nbdinfo, nbdcopy, nbdsh', () => {
     it('nbdinfo reports the size, the flags and the block sizes of a volume and a snapshot', async () => {
-      await server.cliOk('volume', 'create', 'info', '--size', '48MiB', '--extent-size', '16KiB');
-      await server.cliOk('snapshot', 'create', 'info@frozen');
-      const volume = JSON.parse(await ok('nbdinfo', ['--json', server.uri('info')]));
+      await suite.server.cliOk('volume', 'create', 'info', '--size', '48MiB', '--extent-size', '16KiB');
+      await suite.server.cliOk('snapshot', 'create', 'info@frozen');
+      const volume = JSON.parse(await ok('nbdinfo', ['--json', suite.server.uri('info')]));
       const exp = volume.exports[0];
       assert.equal(exp['export-size'], 48 * MiB);
       for (const flag of ['can_flush', 'can_fua', 'can_trim', 'can_zero', 'can_fast_zero', 'can_cache', 'can_df', 'can_multi_conn']) assert.equal(exp[flag], true, flag);
       assert.equal(exp.is_read_only, false);
       assert.deepEqual([exp.block_size_minimum, exp.block_size_preferred, exp.block_size_maximum], [1, 16384, 32 * MiB]);
       assert.deepEqual(exp.contexts, ['base:allocation']);
-      const snapshot = JSON.parse(await ok('nbdinfo', ['--json', server.uri('info@frozen')])).exports[0];
+      const snapshot = JSON.parse(await ok('nbdinfo', ['--json', suite.server.uri('info@frozen')])).exports[0];
       assert.equal(snapshot.is_read_only, true);
       assert.equal(snapshot.can_trim, false);
-      const list = await ok('nbdinfo', ['--list', '--json', `nbd+unix:///?socket=${server.nbdSocket}`]);
+      const list = await ok('nbdinfo', ['--list', '--json', `nbd+unix:///?socket=${suite.server.nbdSocket}`]);
       const names = JSON.parse(list).exports.map((e: { 'export-name': string }) => e['export-name']);
       assert.ok(names.includes('info') && names.includes('info@frozen'), names.join(','));
     });
 
     it('nbdinfo --map shows data, holes after TRIM, and allocated zeros after write-zeroes', async () => {
-      await server.cliOk('volume', 'create', 'map', '--size', '8MiB');
+      await suite.server.cliOk('volume', 'create', 'map', '--size', '8MiB');
       // write -z sends WRITE_ZEROES with NO_HOLE (allocated zeros); -u lets the server punch a hole.
-      await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 8M', '-c', 'discard 1M 2M', '-c', 'write -z 4M 1M', '-c', 'write -z -u 6M 1M', server.uri('map')]);
-      const map = JSON.parse(await ok('nbdinfo', ['--map', '--json', server.uri('map')]));
+      await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 8M', '-c', 'discard 1M 2M', '-c', 'write -z 4M 1M', '-c', 'write -z -u 6M 1M', suite.server.uri('map')]);
+      const map = JSON.parse(await ok('nbdinfo', ['--map', '--json', suite.server.uri('map')]));
       const simplified = map.map((m: { offset: number; length: number; type: number }) => [m.offset / MiB, m.length / MiB, m.type]);
       assert.deepEqual(simplified, [
         [0, 1, 0],
@@ -124,21 +113,21 @@ describe('NBD interop with qemu and libnbd', function () {
       const image = new Random(5).bytes(96 * MiB);
       image.fill(0, 10 * MiB, 30 * MiB);
       fs.writeFileSync(file('copy.raw'), image);
-      await server.cliOk('volume', 'create', 'copy', '--size', '96MiB');
-      await ok('nbdcopy', ['--request-size=1048576', '--connections=4', '--requests=16', file('copy.raw'), server.uri('copy')]);
-      await ok('nbdcopy', ['--request-size=4194304', '--connections=4', server.uri('copy'), file('copy.back')]);
+      await suite.server.cliOk('volume', 'create', 'copy', '--size', '96MiB');
+      await ok('nbdcopy', ['--request-size=1048576', '--connections=4', '--requests=16', file('copy.raw'), suite.server.uri('copy')]);
+      await ok('nbdcopy', ['--request-size=4194304', '--connections=4', suite.server.uri('copy'), file('copy.back')]);
       assert.ok(fs.readFileSync(file('copy.back')).equals(image), 'the round trip is byte-exact');
-      await server.cliOk('snapshot', 'create', 'copy@s');
-      await ok('nbdcopy', ['--connections=2', server.uri('copy@s'), file('copy.snap')]);
+      await suite.server.cliOk('snapshot', 'create', 'copy@s');
+      await ok('nbdcopy', ['--connections=2', suite.server.uri('copy@s'), file('copy.snap')]);
       assert.ok(fs.readFileSync(file('copy.snap')).equals(image));
     });
 
     it('nbdsh: options the way libnbd drives them (list, info, unknown export, meta contexts, simple replies, abort)', async () => {
-      await server.cliOk('volume', 'create', 'opts', '--size', '4MiB');
+      await suite.server.cliOk('volume', 'create', 'opts', '--size', '4MiB');
       const script = `
 import nbd
-uri = ${JSON.stringify(server.uri('opts'))}
-sock = ${JSON.stringify(server.nbdSocket)}
+uri = ${JSON.stringify(suite.server.uri('opts'))}
+sock = ${JSON.stringify(suite.server.nbdSocket)}
 
 h = nbd.NBD()
 h.set_opt_mode(True)

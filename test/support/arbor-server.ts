@@ -1,7 +1,9 @@
+import assert from 'node:assert/strict';
 import { ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { ok, run, RunResult } from './run';
+import { tempDir } from './tmp';
 
 export const cliPath = path.join(__dirname, '../../cli/main.js');
 
@@ -65,4 +67,26 @@ export async function startServer(dir: string, extraArgs: string[] = []): Promis
       await exited;
     },
   };
+}
+
+/**
+ * One `arbor serve` for a whole mocha suite, in a temporary directory: started in
+ * `before`, stopped by PID in `after`. Read `server` and `dir` inside tests.
+ */
+export function serverForSuite(extraArgs: (dir: string) => Promise<string[]> = async () => []): { server: ArborServer; dir: string } {
+  const suite = {} as { server: ArborServer; dir: string; cleanup?: () => void };
+  before(async () => {
+    const temp = tempDir();
+    suite.dir = temp.dir;
+    suite.cleanup = temp.cleanup;
+    suite.server = await startServer(temp.dir, await extraArgs(temp.dir));
+  });
+  after(async () => {
+    try {
+      if (suite.server) assert.equal(await suite.server.stop(), 0, 'arbor serve stops cleanly on SIGTERM');
+    } finally {
+      suite.cleanup?.();
+    }
+  });
+  return suite;
 }
