@@ -5,12 +5,12 @@ import { isArborError } from '../store/errors';
 import { CommandSpec, UsageError, helpText, parseCommandLine } from './args';
 import { CliContext, defaultDataDir, sessionOpener } from './context';
 import { gcCommands } from './commands/gc';
-import { serveCommands } from './commands/serve';
+import { daemonCommands } from './commands/daemons';
 import { snapshotCommands } from './commands/snapshot';
 import { volumeCommands } from './commands/volume';
 import path from 'node:path';
 
-export const commands: CommandSpec<CliContext>[] = [...volumeCommands, ...snapshotCommands, ...gcCommands, ...serveCommands];
+export const commands: CommandSpec<CliContext>[] = [...volumeCommands, ...snapshotCommands, ...gcCommands, ...daemonCommands];
 
 export interface Io {
   stdout: NodeJS.WritableStream;

@@ -26,12 +26,31 @@ interface TreeRecord {
 }
 
 /** A volume head as committed in the catalog. */
-export type VolumeRecord = TreeRecord;
+export interface VolumeRecord extends TreeRecord {
+  /** Set at creation by whoever created it (the CSI controller keeps its StorageClass parameters here). */
+  labels?: Record<string, string>;
+}
 
 /** An immutable point-in-time root of a volume. */
 export interface SnapshotRecord extends TreeRecord {
   volumeId: string;
   volumeName: string;
+  /** The group snapshot it was taken in, if any: it is deleted with its group. */
+  groupId?: string;
+}
+
+/** Snapshots of several volumes taken at one instant, in one catalog transaction. */
+export interface GroupSnapshotRecord {
+  id: string;
+  name: string;
+  volumeIds: string[];
+  snapshotIds: string[];
+  createdAt: string;
+}
+
+/** Where a volume is published (attached) and how; held in one key per volume so changes compare-and-swap. */
+export interface Publications {
+  nodes: Record<string, { readOnly: boolean; multiNode: boolean; publishedAt: string }>;
 }
 
 export const keys = {
@@ -41,6 +60,11 @@ export const keys = {
   snapshotName: (name: string) => `snapshot-names/${name}`,
   volumes: 'volumes/',
   snapshots: 'snapshots/',
+  group: (id: string) => `groups/${id}`,
+  groupName: (name: string) => `group-names/${name}`,
+  groups: 'groups/',
+  publications: (volumeId: string) => `publications/${volumeId}`,
+  node: (nodeId: string) => `nodes/${nodeId}`,
   format: 'meta/format',
 };
 
@@ -49,6 +73,10 @@ export const formatVersion = 1;
 
 export function newVolumeId(): string {
   return `vol-${randomBytes(8).toString('hex')}`;
+}
+
+export function newGroupId(): string {
+  return `group-${randomBytes(8).toString('hex')}`;
 }
 
 export function newSnapshotId(): string {
@@ -61,7 +89,7 @@ const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
  * Names become NBD export names, CSI names and file names: letters, digits, '.', '_'
  * and '-', starting with a letter or digit ('@' separates a volume from its snapshot).
  */
-export function validateName(name: string, what: 'volume' | 'snapshot'): void {
+export function validateName(name: string, what: 'volume' | 'snapshot' | 'group snapshot'): void {
   if (typeof name !== 'string' || name.length === 0 || name.length > maxNameLength || !namePattern.test(name)) {
     throw new ArborError(
       'invalid-argument',

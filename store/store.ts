@@ -1,7 +1,7 @@
 import { Log, silentLog } from '../lib/logger';
 import { BlobIdAllocator } from './allocator';
 import { BlobStore } from './blobs/blobs';
-import { Catalog, KvEntry, absent, del, put, unchanged } from './catalog/catalog';
+import { Catalog, Compare, KvEntry, Op, absent, del, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { EMPTY, asShared } from './entry';
 import { ArborError } from './errors';
@@ -9,7 +9,19 @@ import { GcReport, markAndSweep } from './gc';
 import { depthFor, extentCountFor, validateExtentSize, validateVolumeSize } from './geometry';
 import { commitIntervalMs, defaultExtentSizeBytes } from './limits';
 import { NodeCache } from './node-cache';
-import { LineageStep, SnapshotRecord, VolumeRecord, formatVersion, keys, newSnapshotId, newVolumeId, validateName } from './records';
+import {
+  GroupSnapshotRecord,
+  LineageStep,
+  Publications,
+  SnapshotRecord,
+  VolumeRecord,
+  formatVersion,
+  keys,
+  newGroupId,
+  newSnapshotId,
+  newVolumeId,
+  validateName,
+} from './records';
 import { SnapshotReader } from './snapshot-reader';
 import { NodeSource, countExtents } from './tree';
 import { Volume } from './volume';
@@ -80,7 +92,7 @@ export class Store {
 
   // ---- volumes ----
 
-  async createVolume(name: string, options: { sizeBytes: number; extentSizeBytes?: number }): Promise<VolumeRecord> {
+  async createVolume(name: string, options: { sizeBytes: number; extentSizeBytes?: number; labels?: Record<string, string> }): Promise<VolumeRecord> {
     validateName(name, 'volume');
     const extentSizeBytes = options.extentSizeBytes ?? defaultExtentSizeBytes;
     validateVolumeSize(options.sizeBytes, `volume ${name}`);
@@ -103,6 +115,7 @@ export class Store {
         root: EMPTY,
         createdAt: new Date().toISOString(),
         lineage: [],
+        ...(options.labels ? { labels: options.labels } : {}),
       };
       const result = await this.ctx.catalog.txn([absent(keys.volumeName(name))], [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)]);
       if (result.succeeded) {
@@ -113,7 +126,7 @@ export class Store {
   }
 
   /** A new volume sharing every block of a snapshot, or of a volume as it is now. O(1). */
-  async cloneVolume(name: string, source: CloneSource): Promise<VolumeRecord> {
+  async cloneVolume(name: string, source: CloneSource, options: { labels?: Record<string, string> } = {}): Promise<VolumeRecord> {
     validateName(name, 'volume');
     for (;;) {
       const sourceDescription = 'snapshot' in source ? await this.snapshotStep(source.snapshot) : await this.volumeStep(source.volume);
@@ -126,7 +139,7 @@ export class Store {
           `volume ${name} already exists${step ? ` as a clone of ${describeStep(step)}` : ''}; it is not a clone of ${describeStep(sourceDescription)}`,
         );
       }
-      const created = 'snapshot' in source ? await this.cloneSnapshot(name, source.snapshot) : await this.cloneLiveVolume(name, source.volume);
+      const created = 'snapshot' in source ? await this.cloneSnapshot(name, source.snapshot, options.labels) : await this.cloneLiveVolume(name, source.volume, options.labels);
       if (created) {
         this.log.info('volume cloned', { volume: name, id: created.id, from: describeStep(created.lineage[0]) });
         return created;
@@ -134,7 +147,7 @@ export class Store {
     }
   }
 
-  private async cloneSnapshot(name: string, ref: Ref): Promise<VolumeRecord | undefined> {
+  private async cloneSnapshot(name: string, ref: Ref, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
     const entry = await this.snapshotEntry(ref);
     const snapshot = JSON.parse(entry.value) as SnapshotRecord;
     const record: VolumeRecord = {
@@ -146,6 +159,7 @@ export class Store {
       root: asShared(snapshot.root),
       createdAt: new Date().toISOString(),
       lineage: [{ volumeId: snapshot.volumeId, volumeName: snapshot.volumeName, snapshotId: snapshot.id, snapshotName: snapshot.name }, ...snapshot.lineage],
+      ...(labels ? { labels } : {}),
     };
     const result = await this.ctx.catalog.txn(
       [unchanged(entry), absent(keys.volumeName(name))],
@@ -154,7 +168,7 @@ export class Store {
     return result.succeeded ? record : undefined;
   }
 
-  private async cloneLiveVolume(name: string, ref: Ref): Promise<VolumeRecord | undefined> {
+  private async cloneLiveVolume(name: string, ref: Ref, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
     const volume = await this.openVolume(ref);
     return volume.withCommitted(async (_committed, source) => {
       const record: VolumeRecord = {
@@ -166,6 +180,7 @@ export class Store {
         root: asShared(source.root),
         createdAt: new Date().toISOString(),
         lineage: [{ volumeId: source.id, volumeName: source.name }, ...source.lineage],
+        ...(labels ? { labels } : {}),
       };
       const done = await volume.commitWith({
         absent: [keys.volumeName(name)],
@@ -186,6 +201,10 @@ export class Store {
 
   async deleteVolume(ref: Ref): Promise<void> {
     const volume = await this.openVolume(ref);
+    const published = Object.keys((await this.publications(volume.id)).nodes);
+    if (published.length > 0) {
+      throw new ArborError('failed-precondition', `volume ${volume.name} is published to node ${published.join(', ')}; unpublish it first`);
+    }
     await volume.delete([del(keys.volume(volume.id)), del(keys.volumeName(volume.name))]);
     this.open.delete(volume.id);
     this.log.info('volume deleted', { volume: volume.name, id: volume.id });
@@ -284,6 +303,9 @@ export class Store {
       const entry = await this.findSnapshotEntry(ref);
       if (!entry) throw notFound('snapshot', ref);
       const record = JSON.parse(entry.value) as SnapshotRecord;
+      if (record.groupId) {
+        throw new ArborError('failed-precondition', `snapshot ${record.name} belongs to group snapshot ${record.groupId}; delete the group snapshot`);
+      }
       const result = await this.ctx.catalog.txn([unchanged(entry)], [del(keys.snapshot(record.id)), del(keys.snapshotName(record.name))]);
       if (result.succeeded) {
         this.log.info('snapshot deleted', { snapshot: record.name, id: record.id });
@@ -313,6 +335,182 @@ export class Store {
 
   async openSnapshot(ref: Ref): Promise<SnapshotReader> {
     return new SnapshotReader(await this.getSnapshot(ref), this.nodeSource(), this.ctx.blobs);
+  }
+
+  // ---- group snapshots ----
+
+  /**
+   * Snapshots of several volumes at one instant: every volume is held (in id order)
+   * and committed, then one catalog transaction writes every snapshot, shares every
+   * root and records the group. A crash leaves all of it or none of it.
+   */
+  async createGroupSnapshot(name: string, volumeRefs: Ref[]): Promise<GroupSnapshotRecord> {
+    validateName(name, 'group snapshot');
+    if (volumeRefs.length === 0) throw new ArborError('invalid-argument', `group snapshot ${name}: give at least one volume`);
+    const volumes = [...new Map((await Promise.all(volumeRefs.map((ref) => this.openVolume(ref)))).map((v) => [v.id, v])).values()].sort((a, b) => (a.id < b.id ? -1 : 1));
+    const volumeIds = volumes.map((v) => v.id);
+    for (;;) {
+      const existing = await this.findGroupSnapshot({ name });
+      if (existing) {
+        if ([...existing.volumeIds].sort().join() === volumeIds.join()) return existing;
+        throw new ArborError('already-exists', `group snapshot ${name} already exists with other volumes`);
+      }
+      const created = await this.snapshotTogether(name, volumes);
+      if (created) {
+        this.log.info('group snapshot created', { group: name, id: created.id, volumes: volumes.map((v) => v.name) });
+        return created;
+      }
+    }
+  }
+
+  private async snapshotTogether(name: string, volumes: Volume[]): Promise<GroupSnapshotRecord | undefined> {
+    const releases: Array<() => void> = [];
+    try {
+      for (const volume of volumes) releases.push(await volume.hold());
+      for (const volume of volumes) await volume.flushWhileHeld();
+      const group: GroupSnapshotRecord = { id: newGroupId(), name, volumeIds: volumes.map((v) => v.id), snapshotIds: [], createdAt: new Date().toISOString() };
+      const compares: Compare[] = [absent(keys.groupName(name))];
+      const ops: Op[] = [];
+      const shares = volumes.map((volume, i) => {
+        const share = volume.prepareShare();
+        const snapshot: SnapshotRecord = {
+          id: newSnapshotId(),
+          name: `${name}.${i}`,
+          volumeId: volume.id,
+          volumeName: volume.name,
+          sizeBytes: share.next.sizeBytes,
+          extentSizeBytes: share.next.extentSizeBytes,
+          depth: share.next.depth,
+          root: share.next.root,
+          createdAt: group.createdAt,
+          lineage: share.next.lineage,
+          groupId: group.id,
+        };
+        group.snapshotIds.push(snapshot.id);
+        compares.push(unchanged(share.compare), absent(keys.snapshotName(snapshot.name)));
+        ops.push(put(keys.volume(volume.id), share.next), put(keys.snapshot(snapshot.id), snapshot), put(keys.snapshotName(snapshot.name), snapshot.id));
+        return share;
+      });
+      ops.push(put(keys.group(group.id), group), put(keys.groupName(name), group.id));
+      const result = await this.ctx.catalog.txn(compares, ops);
+      if (!result.succeeded) {
+        for (let i = 0; i < volumes.length; i++) {
+          if (await this.findSnapshot({ name: `${name}.${i}` })) {
+            throw new ArborError('already-exists', `snapshot name ${name}.${i}, which group snapshot ${name} needs, is taken`);
+          }
+        }
+        return undefined;
+      }
+      for (const share of shares) share.committed(result.revision);
+      return group;
+    } finally {
+      for (const release of releases) release();
+    }
+  }
+
+  async findGroupSnapshot(ref: Ref): Promise<GroupSnapshotRecord | undefined> {
+    const id = 'id' in ref ? ref.id : await this.idForName(keys.groupName(ref.name));
+    const entry = id === undefined ? undefined : await this.ctx.catalog.get(keys.group(id));
+    return entry && (JSON.parse(entry.value) as GroupSnapshotRecord);
+  }
+
+  async listGroupSnapshots(): Promise<GroupSnapshotRecord[]> {
+    return (await this.ctx.catalog.list(keys.groups)).map((e) => JSON.parse(e.value) as GroupSnapshotRecord).sort(byName);
+  }
+
+  /** Deletes a group snapshot and every snapshot in it, in one transaction. */
+  async deleteGroupSnapshot(ref: Ref): Promise<void> {
+    for (;;) {
+      const id = 'id' in ref ? ref.id : await this.idForName(keys.groupName(ref.name));
+      const entry = id === undefined ? undefined : await this.ctx.catalog.get(keys.group(id));
+      if (!entry) throw notFound('group snapshot', ref);
+      const group = JSON.parse(entry.value) as GroupSnapshotRecord;
+      const ops: Op[] = [del(keys.group(group.id)), del(keys.groupName(group.name))];
+      const compares: Compare[] = [unchanged(entry)];
+      for (const snapshotId of group.snapshotIds) {
+        const snapshot = await this.ctx.catalog.get(keys.snapshot(snapshotId));
+        if (!snapshot) continue;
+        compares.push(unchanged(snapshot));
+        ops.push(del(keys.snapshot(snapshotId)), del(keys.snapshotName((JSON.parse(snapshot.value) as SnapshotRecord).name)));
+      }
+      if ((await this.ctx.catalog.txn(compares, ops)).succeeded) {
+        this.log.info('group snapshot deleted', { group: group.name, id: group.id });
+        return;
+      }
+    }
+  }
+
+  // ---- nodes ----
+
+  /** A node plugin announces itself, so a publication to an unknown node can be refused. */
+  async registerNode(nodeId: string, info: { topology: Record<string, string> }): Promise<void> {
+    if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(nodeId)) throw new ArborError('invalid-argument', `node id ${JSON.stringify(nodeId)} is not valid`);
+    await this.ctx.catalog.txn([], [put(keys.node(nodeId), { nodeId, ...info, registeredAt: new Date().toISOString() })]);
+  }
+
+  async findNode(nodeId: string): Promise<{ nodeId: string; topology: Record<string, string> } | undefined> {
+    const entry = await this.ctx.catalog.get(keys.node(nodeId));
+    return entry && JSON.parse(entry.value);
+  }
+
+  // ---- publications ----
+
+  /** Where a volume is published. */
+  async publications(volumeId: string): Promise<Publications> {
+    const entry = await this.ctx.catalog.get(keys.publications(volumeId));
+    return entry ? (JSON.parse(entry.value) as Publications) : { nodes: {} };
+  }
+
+  /**
+   * Records that a volume is published to a node. A volume published for one node
+   * at a time cannot be published to a second; publishing again to the same node
+   * with the same read-only setting is a no-op, with another it is a conflict.
+   */
+  async publishVolume(volumeId: string, nodeId: string, options: { readOnly: boolean; multiNode: boolean }): Promise<void> {
+    const volume = await this.getVolume({ id: volumeId });
+    for (;;) {
+      const entry = await this.ctx.catalog.get(keys.publications(volumeId));
+      const current: Publications = entry ? JSON.parse(entry.value) : { nodes: {} };
+      const mine = current.nodes[nodeId];
+      if (mine) {
+        if (mine.readOnly === options.readOnly && mine.multiNode === options.multiNode) return;
+        throw new ArborError('already-exists', `volume ${volume.name} is already published to node ${nodeId} ${mine.readOnly ? 'read-only' : 'read-write'}; unpublish it to change that`);
+      }
+      const others = Object.entries(current.nodes);
+      const exclusive = others.find(([, p]) => !p.multiNode) ?? (options.multiNode ? undefined : others[0]);
+      if (exclusive) {
+        throw new ArborError('failed-precondition', `volume ${volume.name} is published to node ${exclusive[0]} for one node only; unpublish it there first`);
+      }
+      current.nodes[nodeId] = { readOnly: options.readOnly, multiNode: options.multiNode, publishedAt: new Date().toISOString() };
+      const result = await this.ctx.catalog.txn([entry ? unchanged(entry) : absent(keys.publications(volumeId)), { key: keys.volume(volumeId), modRevision: (await this.ctx.catalog.get(keys.volume(volumeId)))?.modRevision ?? 0 }], [put(keys.publications(volumeId), current)]);
+      if (result.succeeded) return;
+    }
+  }
+
+  /** Forgets a publication (all of them when `nodeId` is not given); unknown ones are fine. */
+  async unpublishVolume(volumeId: string, nodeId?: string): Promise<void> {
+    for (;;) {
+      const entry = await this.ctx.catalog.get(keys.publications(volumeId));
+      if (!entry) return;
+      const current = JSON.parse(entry.value) as Publications;
+      if (nodeId !== undefined && !current.nodes[nodeId]) return;
+      if (nodeId !== undefined) delete current.nodes[nodeId];
+      const empty = nodeId === undefined || Object.keys(current.nodes).length === 0;
+      const result = await this.ctx.catalog.txn([unchanged(entry)], [empty ? del(keys.publications(volumeId)) : put(keys.publications(volumeId), current)]);
+      if (result.succeeded) return;
+    }
+  }
+
+  /** Space left for new data (the data directory's free space in the embedded store). */
+  async availableBytes(): Promise<number | undefined> {
+    return this.ctx.blobs.availableBytes();
+  }
+
+  /** True when the store is open and its catalog answers. */
+  async healthy(): Promise<boolean> {
+    if (this.closed) return false;
+    await this.ctx.catalog.get(keys.format);
+    return true;
   }
 
   // ---- garbage collection ----
@@ -438,7 +636,7 @@ export class Store {
   }
 }
 
-function notFound(what: 'volume' | 'snapshot', ref: Ref): ArborError {
+function notFound(what: 'volume' | 'snapshot' | 'group snapshot', ref: Ref): ArborError {
   return new ArborError('not-found', 'id' in ref ? `${what} with id ${ref.id} does not exist` : `${what} ${ref.name} does not exist`);
 }
 

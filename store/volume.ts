@@ -1,7 +1,7 @@
 import { KvEntry, Op, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { ArborError, assert } from './errors';
-import { EMPTY, Entry, zeroEntry } from './entry';
+import { EMPTY, Entry, asShared, zeroEntry } from './entry';
 import { maxDirtyNodesPerVolume } from './limits';
 import { MutableTree } from './mutable-tree';
 import { VolumeRecord, keys } from './records';
@@ -202,6 +202,26 @@ export class Volume {
     this.committed = { key: this.committed.key, value: JSON.stringify(next), modRevision: result.revision };
     this.committedCapture = Math.max(this.committedCapture, sequence);
     return true;
+  }
+
+  /**
+   * For a transaction that snapshots several volumes at once: while held and
+   * flushed, the compare and the record that share this volume's root, and what to
+   * do once that transaction committed.
+   */
+  prepareShare(): { compare: KvEntry; next: VolumeRecord; committed: (revision: number) => void } {
+    assert(this.tree.dirty.size === 0, 'prepareShare runs on a committed tree');
+    const next: VolumeRecord = { ...this.record, root: asShared(this.tree.root) };
+    return {
+      compare: this.committed,
+      next,
+      committed: (revision) => {
+        this.tree.shareRoot();
+        this.record = next;
+        this.committed = { key: this.committed.key, value: JSON.stringify(next), modRevision: revision };
+        this.committedCapture = ++this.captures;
+      },
+    };
   }
 
   /** Grows the volume; the new range reads as zeros. Committed before it returns. */

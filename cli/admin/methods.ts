@@ -1,5 +1,8 @@
 import { ArborError } from '../../store/errors';
+import { StoreApi, StoreMethod } from '../../store/api';
 import { Store } from '../../store/store';
+
+export type { StoreApi };
 
 /**
  * What the admin socket offers: the store's management calls, each with a check of
@@ -11,8 +14,14 @@ const str: Check = (v) => typeof v === 'string';
 const num: Check = (v) => typeof v === 'number' && Number.isFinite(v);
 const ref: Check = (v) => isObject(v) && Object.keys(v).length === 1 && (str((v as Record<string, unknown>).name) || str((v as Record<string, unknown>).id));
 const optional = (check: Check): Check => (v) => v === undefined || v === null || check(v);
-const sizeOptions: Check = (v) => isObject(v) && num((v as Record<string, unknown>).sizeBytes) && optional(num)((v as Record<string, unknown>).extentSizeBytes);
+const bool: Check = (v) => typeof v === 'boolean';
+const stringMap: Check = (v) => isObject(v) && Object.values(v).every(str);
+const sizeOptions: Check = (v) =>
+  isObject(v) && num((v as Record<string, unknown>).sizeBytes) && optional(num)((v as Record<string, unknown>).extentSizeBytes) && optional(stringMap)((v as Record<string, unknown>).labels);
 const cloneSource: Check = (v) => isObject(v) && Object.keys(v).length === 1 && (ref((v as Record<string, unknown>).volume) || ref((v as Record<string, unknown>).snapshot));
+const cloneOptions: Check = (v) => isObject(v) && optional(stringMap)((v as Record<string, unknown>).labels);
+const publishOptions: Check = (v) => isObject(v) && bool((v as Record<string, unknown>).readOnly) && bool((v as Record<string, unknown>).multiNode);
+const refs: Check = (v) => Array.isArray(v) && v.every(ref);
 
 function isObject(v: unknown): v is object {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
@@ -24,7 +33,7 @@ export const adminMethods = {
   getVolume: [ref],
   findVolume: [ref],
   volumeUsage: [ref],
-  cloneVolume: [str, cloneSource],
+  cloneVolume: [str, cloneSource, optional(cloneOptions)],
   resizeVolume: [ref, num],
   deleteVolume: [ref],
   createSnapshot: [ref, str],
@@ -33,12 +42,20 @@ export const adminMethods = {
   findSnapshot: [ref],
   deleteSnapshot: [ref],
   collectGarbage: [],
-} satisfies Record<string, Check[]>;
+  createGroupSnapshot: [str, refs],
+  findGroupSnapshot: [ref],
+  listGroupSnapshots: [],
+  deleteGroupSnapshot: [ref],
+  publications: [str],
+  publishVolume: [str, str, publishOptions],
+  unpublishVolume: [str, optional(str)],
+  availableBytes: [],
+  healthy: [],
+  registerNode: [str, (v) => isObject(v) && stringMap((v as Record<string, unknown>).topology)],
+  findNode: [str],
+} satisfies Record<StoreMethod, Check[]>;
 
 export type AdminMethod = keyof typeof adminMethods;
-
-/** The store calls the CLI makes, whether the store is opened here or served by `arbor serve`. */
-export type StoreApi = Pick<Store, AdminMethod>;
 
 /** Runs a request against the store after checking its method and arguments. */
 export async function dispatch(store: Store, method: unknown, args: unknown): Promise<unknown> {

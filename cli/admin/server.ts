@@ -24,6 +24,7 @@ const maxRequestBytes = 64 * 1024;
  */
 export class AdminServer {
   private readonly server: net.Server;
+  private readonly sockets = new Set<net.Socket>();
 
   private constructor(
     private readonly store: Store,
@@ -49,11 +50,16 @@ export class AdminServer {
     return admin;
   }
 
+  /** Stops listening and hangs up on clients still connected (they reconnect to the next server). */
   close(): Promise<void> {
-    return new Promise((resolve) => this.server.close(() => resolve()));
+    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
+    for (const socket of this.sockets) socket.destroy();
+    return closed;
   }
 
   private serve(socket: net.Socket): void {
+    this.sockets.add(socket);
+    socket.once('close', () => this.sockets.delete(socket));
     socket.on('error', () => {});
     const lines = readline.createInterface({ input: socket, crlfDelay: Infinity });
     let received = 0;

@@ -17,5 +17,7 @@ export interface BlobStore {
   list(): Promise<number[]>;
   /** Space the blobs take on their medium. */
   usage(): Promise<{ blobs: number; bytes: number }>;
+  /** Space left for new blobs, or undefined where the medium has no meaningful limit. */
+  availableBytes(): Promise<number | undefined>;
   close(): Promise<void>;
 }

@@ -146,6 +146,11 @@ export class FileBlobStore implements BlobStore {
     return { blobs, bytes };
   }
 
+  async availableBytes(): Promise<number> {
+    const stats = await fs.promises.statfs(this.root);
+    return stats.bavail * stats.bsize;
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     for (const segment of this.segments.values()) this.saveFreed(segment);

@@ -1,0 +1,230 @@
+import { once } from 'node:events';
+import os from 'node:os';
+import path from 'node:path';
+import { identityService } from '../../csi/identity';
+import { nodeTopologyKey } from '../../csi/proto';
+import { CsiServices, startCsiServer } from '../../csi/server';
+import { groupControllerService } from '../../controller/group';
+import { controllerService } from '../../controller/service';
+import { chooseAttacher } from '../../node-plugin/attach';
+import { NbdServer, TlsFiles } from '../../node-plugin/nbd/server';
+import { nodeService } from '../../node-plugin/service';
+import { StoreExports } from '../../node-plugin/store-exports';
+import { parseDuration, UnitError } from '../../lib/units';
+import { StoreApi } from '../../store/api';
+import { openDataDir } from '../../store/embedded';
+import { ArborError } from '../../store/errors';
+import { AdminClient } from '../admin/client';
+import { AdminServer } from '../admin/server';
+import { CommandSpec, OptionSpec, UsageError } from '../args';
+import { CliContext } from '../context';
+import { adminSocketPath } from '../session';
+
+const defaultGcInterval = '10m';
+const defaultMaxVolumes = 256;
+
+const storeOwnerOptions: Record<string, OptionSpec> = {
+  'gc-interval': { type: 'string', value: 'DURATION', description: `how often the collector runs, e.g. 30s or 1h (default ${defaultGcInterval})` },
+  'nbd-socket': { type: 'string', value: 'PATH', description: 'serve every volume (NAME) and snapshot (NAME@SNAP) over NBD on this unix socket (mode 0600)' },
+  'nbd-listen': { type: 'string', value: 'HOST:PORT', description: 'also serve NBD over TCP; anything but loopback requires --tls-cert and --tls-key' },
+  'tls-cert': { type: 'string', value: 'FILE', description: 'PEM certificate for NBD over TCP (clients must use STARTTLS)' },
+  'tls-key': { type: 'string', value: 'FILE', description: 'PEM private key for --tls-cert' },
+};
+
+const nodeOptions: Record<string, OptionSpec> = {
+  'state-dir': { type: 'string', value: 'DIR', description: 'where the node keeps what it staged (default: <data-dir>/node)' },
+  'max-volumes': { type: 'string', value: 'N', description: `volumes this node may hold staged at once (default ${defaultMaxVolumes})` },
+};
+
+const csiEndpoint = (requiredHere: boolean): OptionSpec => ({
+  type: 'string',
+  value: 'unix:///PATH',
+  required: requiredHere,
+  description: 'serve CSI over gRPC on this unix socket',
+});
+
+interface Roles {
+  controller: boolean;
+  node: boolean;
+}
+
+/** Store owners (serve, node): open the data directory, serve NBD and the admin socket, and the CSI roles asked for. */
+async function runStoreOwner(ctx: CliContext, values: Record<string, string | boolean | undefined>, roles: Roles, nodeId: string): Promise<void> {
+  let gcIntervalMs: number;
+  try {
+    gcIntervalMs = parseDuration(String(values['gc-interval'] ?? defaultGcInterval), '--gc-interval');
+  } catch (err) {
+    if (err instanceof UnitError) throw new UsageError(err.message);
+    throw err;
+  }
+  const tcp = values['nbd-listen'] === undefined ? undefined : parseListen(String(values['nbd-listen']));
+  const tlsFiles = tlsOptions(values['tls-cert'], values['tls-key']);
+  if (tcp && !isLoopback(tcp.host) && !tlsFiles) {
+    throw new UsageError(`--nbd-listen ${tcp.host}:${tcp.port} is not loopback: NBD over the network needs TLS; give --tls-cert and --tls-key`);
+  }
+  const nbdSocket = values['nbd-socket'] === undefined ? undefined : path.resolve(String(values['nbd-socket']));
+  const endpoint = values['csi-endpoint'] === undefined ? undefined : String(values['csi-endpoint']);
+  if (endpoint && roles.node && !nbdSocket) throw new UsageError('the CSI node service attaches volumes over NBD: give --nbd-socket too');
+  const maxVolumes = Number(values['max-volumes'] ?? defaultMaxVolumes);
+  if (!Number.isInteger(maxVolumes) || maxVolumes < 1) throw new UsageError(`--max-volumes ${values['max-volumes']} is not a positive whole number`);
+
+  const store = await openDataDir(ctx.dataDir, ctx.log);
+  const stops: Array<() => Promise<void>> = [() => store.close()];
+  const stopAll = async () => {
+    for (const stop of stops.reverse()) await stop().catch((err) => ctx.log.error('stopping failed', { error: (err as Error).message }));
+  };
+  try {
+    store.collectPeriodically(gcIntervalMs);
+    const nbd = new NbdServer(new StoreExports(store), ctx.log);
+    stops.push(() => nbd.close());
+    if (nbdSocket) await nbd.listenUnix(nbdSocket);
+    if (tcp) await nbd.listenTcp(tcp.host, tcp.port, tlsFiles);
+    const admin = await AdminServer.listen(adminSocketPath(ctx.dataDir), store, { pid: process.pid, nbdSocket }, ctx.log);
+    stops.push(() => admin.close());
+    const topology = { [nodeTopologyKey]: nodeId };
+    if (endpoint) {
+      const services = csiServices(store, roles, { nodeId, topology, nbdSocket: nbdSocket!, stateDir: nodeStateDir(ctx, values), maxVolumes, ctx });
+      await store.registerNode(nodeId, { topology });
+      const csi = await startCsiServer(endpoint, services, ctx.log);
+      stops.push(() => csi.stop());
+    }
+    ctx.log.info('arbor serving', { dataDir: ctx.dataDir, pid: process.pid, gcIntervalMs, nbdSocket, adminSocket: adminSocketPath(ctx.dataDir), csiEndpoint: endpoint, nodeId, roles });
+    const signal = await untilSignal();
+    ctx.log.info('stopping', { signal, nbdConnections: nbd.connectionCount });
+  } catch (err) {
+    await stopAll();
+    throw err;
+  }
+  await stopAll();
+  ctx.log.info('stopped: every volume committed and the store closed');
+}
+
+function csiServices(
+  store: StoreApi,
+  roles: Roles,
+  node: { nodeId: string; topology: Record<string, string>; nbdSocket: string; stateDir: string; maxVolumes: number; ctx: CliContext },
+): CsiServices {
+  return {
+    Identity: identityService({ controller: roles.controller, ready: () => store.healthy() }),
+    Controller: roles.controller ? controllerService({ store, topology: node.topology }) : undefined,
+    GroupController: roles.controller ? groupControllerService(store) : undefined,
+    Node: roles.node
+      ? nodeService({
+          nodeId: node.nodeId,
+          nbdSocket: node.nbdSocket,
+          stateDir: node.stateDir,
+          topology: node.topology,
+          maxVolumesPerNode: node.maxVolumes,
+          attacher: () => chooseAttacher(),
+          store,
+          log: node.ctx.log,
+        })
+      : undefined,
+  };
+}
+
+function nodeStateDir(ctx: CliContext, values: Record<string, string | boolean | undefined>): string {
+  return values['state-dir'] ? path.resolve(String(values['state-dir'])) : path.join(ctx.dataDir, 'node');
+}
+
+async function untilSignal(): Promise<string> {
+  // Signal listeners do not keep Node alive; this does, until we stop.
+  const keepAlive = setInterval(() => {}, 1 << 30);
+  const signal = await Promise.race([once(process, 'SIGTERM').then(() => 'SIGTERM'), once(process, 'SIGINT').then(() => 'SIGINT')]);
+  clearInterval(keepAlive);
+  return signal;
+}
+
+/**
+ * The store as seen by a controller in its own process: the calls go to the
+ * process that holds the data directory, over its admin socket, reconnecting when
+ * that process restarts.
+ */
+function remoteStore(dataDir: string): StoreApi {
+  let client: AdminClient | undefined;
+  const call = async (method: string, args: unknown[]): Promise<unknown> => {
+    for (let attempt = 0; ; attempt++) {
+      client ??= await AdminClient.connect(adminSocketPath(dataDir));
+      if (!client) throw new ArborError('unavailable', `no Arbor node holds ${dataDir}: start \`arbor node\` (or \`arbor serve\`) on it first`);
+      try {
+        return await (client.api as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>)[method](...args);
+      } catch (err) {
+        if (!(err instanceof ArborError && err.code === 'unavailable') || attempt > 0) throw err;
+        client = undefined;
+      }
+    }
+  };
+  return new Proxy({} as StoreApi, { get: (_target, method: string) => (...args: unknown[]) => call(method, args) });
+}
+
+export const daemonCommands: CommandSpec<CliContext>[] = [
+  {
+    path: ['serve'],
+    positionals: [],
+    options: {
+      ...storeOwnerOptions,
+      'csi-endpoint': csiEndpoint(false),
+      'node-id': { type: 'string', value: 'ID', description: 'this node\'s id for CSI (default: the host name)' },
+      ...nodeOptions,
+    },
+    summary: 'Run Arbor on the embedded store (NBD, admin socket, and with --csi-endpoint the CSI Identity, Controller and Node services) until SIGTERM or SIGINT.',
+    async run(ctx, { values }) {
+      await runStoreOwner(ctx, values, { controller: true, node: true }, String(values['node-id'] ?? os.hostname()));
+    },
+  },
+  {
+    path: ['node'],
+    positionals: [],
+    options: {
+      ...storeOwnerOptions,
+      'node-id': { type: 'string', value: 'ID', required: true, description: 'this node\'s id for CSI' },
+      'csi-endpoint': csiEndpoint(true),
+      ...nodeOptions,
+    },
+    summary: 'Run the CSI Identity and Node services, holding the embedded store and serving its volumes over NBD.',
+    async run(ctx, { values }) {
+      await runStoreOwner(ctx, values, { controller: false, node: true }, String(values['node-id']));
+    },
+  },
+  {
+    path: ['controller'],
+    positionals: [],
+    options: {
+      'csi-endpoint': csiEndpoint(true),
+      'node-id': { type: 'string', value: 'ID', description: 'the node that holds the embedded data directory (volumes are reachable there only)' },
+    },
+    summary: 'Run the CSI Identity, Controller and GroupController services, on the store held by `arbor node` on the same data directory.',
+    async run(ctx, { values }) {
+      const store = remoteStore(ctx.dataDir);
+      const topology = values['node-id'] ? { [nodeTopologyKey]: String(values['node-id']) } : undefined;
+      const csi = await startCsiServer(
+        String(values['csi-endpoint']),
+        { Identity: identityService({ controller: true, ready: () => store.healthy() }), Controller: controllerService({ store, topology }), GroupController: groupControllerService(store) },
+        ctx.log,
+      );
+      ctx.log.info('arbor controller serving', { dataDir: ctx.dataDir, pid: process.pid, csiEndpoint: values['csi-endpoint'] });
+      const signal = await untilSignal();
+      ctx.log.info('stopping', { signal });
+      await csi.stop();
+      ctx.log.info('stopped');
+    },
+  },
+];
+
+function parseListen(text: string): { host: string; port: number } {
+  const match = /^(\[[^\]]+\]|[^:]+):(\d+)$/.exec(text);
+  const port = match ? Number(match[2]) : NaN;
+  if (!match || port > 65535) throw new UsageError(`--nbd-listen ${JSON.stringify(text)} is not HOST:PORT (e.g. 127.0.0.1:10809)`);
+  return { host: match[1].replace(/^\[|\]$/g, ''), port };
+}
+
+function tlsOptions(cert: string | boolean | undefined, key: string | boolean | undefined): TlsFiles | undefined {
+  if (cert === undefined && key === undefined) return undefined;
+  if (cert === undefined || key === undefined) throw new UsageError('--tls-cert and --tls-key go together');
+  return { certFile: String(cert), keyFile: String(key) };
+}
+
+function isLoopback(host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\./.test(host);
+}
+

@@ -1,0 +1,91 @@
+import * as grpc from '@grpc/grpc-js';
+import fs from 'node:fs';
+import path from 'node:path';
+import { Log } from '../lib/logger';
+import { ArborError } from '../store/errors';
+import { toGrpcError } from './errors';
+import { csiProto } from './proto';
+
+/**
+ * A CSI method: the decoded request in, the response out, errors thrown. Each
+ * implementation types its own request (from csi/generated); `never` lets any of
+ * them be registered here.
+ */
+export type Unary = (request: never) => Promise<object>;
+
+export interface CsiServices {
+  Identity: Record<string, Unary>;
+  Controller?: Record<string, Unary>;
+  GroupController?: Record<string, Unary>;
+  Node?: Record<string, Unary>;
+}
+
+/** "unix:///run/csi/csi.sock", "unix:/run/csi/csi.sock" or a bare path → the socket path. */
+export function socketPathOf(endpoint: string): string {
+  const match = /^unix:(?:\/\/)?(\/.+)$/.exec(endpoint) ?? /^(\/.+)$/.exec(endpoint);
+  if (!match) throw new ArborError('invalid-argument', `CSI endpoint ${JSON.stringify(endpoint)} is not unix:///ABSOLUTE/PATH`);
+  return match[1];
+}
+
+/**
+ * Serves the given CSI services over gRPC on a unix socket. Every call is logged
+ * (method, outcome, duration; never its secrets) and every error becomes a gRPC
+ * status in one place (csi/errors.ts). Methods not given answer UNIMPLEMENTED.
+ */
+export async function startCsiServer(endpoint: string, services: CsiServices, log: Log): Promise<{ socketPath: string; stop: () => Promise<void> }> {
+  const socketPath = socketPathOf(endpoint);
+  fs.mkdirSync(path.dirname(socketPath), { recursive: true });
+  fs.rmSync(socketPath, { force: true });
+  const server = new grpc.Server({ 'grpc.max_receive_message_length': 4 * 1024 * 1024 });
+  const proto = csiProto().csi.v1;
+  for (const [name, implementation] of Object.entries(services) as Array<[keyof CsiServices, Record<string, Unary> | undefined]>) {
+    if (!implementation) continue;
+    const definition = proto[name].service;
+    const handlers: grpc.UntypedServiceImplementation = {};
+    for (const [method, handler] of Object.entries(implementation)) {
+      if (!(method in definition)) throw new Error(`${name}.${method} is not in csi.proto`);
+      handlers[method] = wrap(`${name}.${method}`, handler, log);
+    }
+    server.addService(definition, handlers);
+  }
+  await new Promise<void>((resolve, reject) => server.bindAsync(`unix://${socketPath}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())));
+  fs.chmodSync(socketPath, 0o600);
+  log.info('CSI server listening', { endpoint: `unix://${socketPath}`, services: Object.keys(services).filter((k) => services[k as keyof CsiServices]) });
+  return {
+    socketPath,
+    stop: () =>
+      new Promise<void>((resolve) => {
+        server.tryShutdown(() => resolve());
+        setTimeout(() => server.forceShutdown(), 5000).unref();
+      }),
+  };
+}
+
+function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<object, object> {
+  return (call, callback) => {
+    const started = Date.now();
+    (handler as (request: object) => Promise<object>)(call.request).then(
+      (response) => {
+        log.debug('CSI call', { method, ms: Date.now() - started, request: redact(call.request) });
+        callback(null, response);
+      },
+      (err: unknown) => {
+        const status = toGrpcError(err);
+        const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
+        log[level]('CSI call failed', { method, ms: Date.now() - started, code: grpc.status[status.code!], error: status.details, request: redact(call.request) });
+        callback(status);
+      },
+    );
+  };
+}
+
+/** The request without anything marked csi_secret (every `secrets` map in csi.proto). */
+export function redact(value: unknown): unknown {
+  if (Array.isArray(value)) return value.map(redact);
+  if (value && typeof value === 'object') {
+    const out: Record<string, unknown> = {};
+    for (const [key, inner] of Object.entries(value)) out[key] = key === 'secrets' ? '[redacted]' : redact(inner);
+    return out;
+  }
+  return value;
+}

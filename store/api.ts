@@ -1,0 +1,35 @@
+import { Store } from './store';
+
+/**
+ * The store's calls that other processes may make (the CLI, a controller next to a
+ * node plugin that holds the data directory): the same whether the store is open
+ * in this process or reached through an admin socket.
+ */
+export type StoreMethod =
+  | 'createVolume'
+  | 'listVolumes'
+  | 'getVolume'
+  | 'findVolume'
+  | 'volumeUsage'
+  | 'cloneVolume'
+  | 'resizeVolume'
+  | 'deleteVolume'
+  | 'createSnapshot'
+  | 'listSnapshots'
+  | 'getSnapshot'
+  | 'findSnapshot'
+  | 'deleteSnapshot'
+  | 'collectGarbage'
+  | 'createGroupSnapshot'
+  | 'findGroupSnapshot'
+  | 'listGroupSnapshots'
+  | 'deleteGroupSnapshot'
+  | 'publications'
+  | 'publishVolume'
+  | 'unpublishVolume'
+  | 'availableBytes'
+  | 'healthy'
+  | 'registerNode'
+  | 'findNode';
+
+export type StoreApi = Pick<Store, StoreMethod>;

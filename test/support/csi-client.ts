@@ -1,0 +1,52 @@
+import * as grpc from '@grpc/grpc-js';
+import { csiProto } from '../../csi/proto';
+
+type Call = (request?: object) => Promise<Record<string, unknown>>;
+
+/** A CSI client over the real gRPC socket: each service's methods as promises. */
+export interface CsiClient {
+  identity: Record<string, Call>;
+  controller: Record<string, Call>;
+  group: Record<string, Call>;
+  node: Record<string, Call>;
+  close(): void;
+}
+
+export function csiClient(socketPath: string): CsiClient {
+  const proto = csiProto().csi.v1;
+  const address = `unix://${socketPath}`;
+  const clients: grpc.Client[] = [];
+  const wrap = (Service: grpc.ServiceClientConstructor): Record<string, Call> => {
+    const client = new Service(address, grpc.credentials.createInsecure());
+    clients.push(client);
+    return new Proxy({} as Record<string, Call>, {
+      get: (_t, method: string) => (request: object = {}) =>
+        new Promise((resolve, reject) => {
+          const fn = (client as unknown as Record<string, (r: object, cb: (e: grpc.ServiceError | null, v: Record<string, unknown>) => void) => void>)[method];
+          if (typeof fn !== 'function') return reject(new Error(`no method ${method}`));
+          fn.call(client, request, (err, value) => (err ? reject(err) : resolve(value)));
+        }),
+    });
+  };
+  return {
+    identity: wrap(proto.Identity as unknown as grpc.ServiceClientConstructor),
+    controller: wrap(proto.Controller as unknown as grpc.ServiceClientConstructor),
+    group: wrap(proto.GroupController as unknown as grpc.ServiceClientConstructor),
+    node: wrap(proto.Node as unknown as grpc.ServiceClientConstructor),
+    close: () => clients.forEach((c) => c.close()),
+  };
+}
+
+/** Asserts the call fails with this gRPC status; returns the error's message. */
+export async function expectCode(promise: Promise<unknown>, code: grpc.status, what: string): Promise<string> {
+  try {
+    await promise;
+  } catch (err) {
+    const e = err as grpc.ServiceError;
+    if (e.code !== code) throw new Error(`${what}: expected ${grpc.status[code]}, got ${grpc.status[e.code]} (${e.details})`);
+    return e.details;
+  }
+  throw new Error(`${what}: expected ${grpc.status[code]}, but it succeeded`);
+}
+
+export const status = grpc.status;
