@@ -14,6 +14,8 @@ import { Log } from '../lib/logger';
 import { StoreApi } from '../store/api';
 import { Attacher } from './attach/attacher';
 import * as host from './host/filesystem';
+import { hostCommands } from './host/commands';
+import { ArborError } from '../store/errors';
 import { StagedVolume, StagedVolumes } from './staged-volumes';
 
 export interface NodeOptions {
@@ -176,7 +178,7 @@ export function nodeService(options: NodeOptions): Record<string, Unary> {
       const targetPath = required(request.target_path, 'target_path');
       return exclusive(volumeId, async () => {
         await host.unmount(targetPath);
-        fs.rmSync(targetPath, { recursive: false, force: true });
+        removeTarget(targetPath);
         const state = staged.get(volumeId);
         if (state && state.targets[targetPath]) {
           const targets = { ...state.targets };
@@ -258,8 +260,39 @@ async function mountStaged(state: StagedVolume, requested: 'ext4' | 'xfs' | unde
   } else if (found !== 'ext4' && found !== 'xfs') {
     throw failedPrecondition(`volume ${state.volumeId} holds ${found}; Arbor mounts ext4 and xfs only`);
   }
-  if (!state.readOnly) await host.checkFilesystem(device, found as 'ext4' | 'xfs');
+  if (!state.readOnly) {
+    await host.checkFilesystem(device, found as 'ext4' | 'xfs');
+    // The volume may have grown while detached. ext4 grows unmounted (a mounted ext4
+    // grows only for a process with CAP_SYS_RESOURCE); xfs grows only mounted.
+    if (found === 'ext4' && (await host.blockDeviceSize(device)) > (await ext4SizeBytes(device))) await host.growFilesystem(device, state.stagingPath, 'ext4');
+  }
   await host.mountFilesystem(device, state.stagingPath, found as 'ext4' | 'xfs', flags, state.readOnly);
-  if (!state.readOnly) await host.growFilesystem(device, state.stagingPath, found as 'ext4' | 'xfs');
+  if (!state.readOnly && found === 'xfs') await host.growFilesystem(device, state.stagingPath, 'xfs');
   return found;
+}
+
+/** An ext4 filesystem's size from its superblock (block count × block size). */
+async function ext4SizeBytes(device: string): Promise<number> {
+  const { stdout } = await hostCommands.run('dumpe2fs', ['-h', device]);
+  const blocks = /^Block count:\s+(\d+)$/m.exec(stdout);
+  const size = /^Block size:\s+(\d+)$/m.exec(stdout);
+  if (!blocks || !size) throw new ArborError('internal', `dumpe2fs -h ${device} did not report the block count and size`);
+  return Number(blocks[1]) * Number(size[1]);
+}
+
+/**
+ * Removes what publish created at the target: the empty directory of a Mount volume
+ * or the file a Block device was bound onto. Never recursive: if something is
+ * still mounted or written there, this fails rather than deleting the pod's data.
+ */
+function removeTarget(targetPath: string): void {
+  let stats: fs.Stats;
+  try {
+    stats = fs.lstatSync(targetPath);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return;
+    throw err;
+  }
+  if (stats.isDirectory()) fs.rmdirSync(targetPath);
+  else fs.unlinkSync(targetPath);
 }

@@ -132,7 +132,12 @@ export function validateMkfsOptions(fsType: FilesystemType, mkfsOptions: string[
 export async function checkFilesystem(device: string, fsType: FilesystemType, runner: CommandRunner = hostCommands): Promise<void> {
   assertAbsolutePath(device, 'device');
   if (assertFilesystemType(fsType) === 'xfs') return;
-  const args = ['-p', device];
+  await e2fsck(device, ['-p'], runner);
+}
+
+/** Runs e2fsck with `options`; exit statuses below 4 are fine (see checkFilesystem), 4 and above refuse the filesystem. */
+async function e2fsck(device: string, options: string[], runner: CommandRunner): Promise<void> {
+  const args = [...options, device];
   const result = await runner.run('e2fsck', args, { timeoutMs: fsckTimeoutMs, allowFailure: true });
   if (result.status < 4) return;
   const meanings: Array<[number, string]> = [
@@ -146,7 +151,7 @@ export async function checkFilesystem(device: string, fsType: FilesystemType, ru
   const said = (result.stdout + result.stderr).trim().slice(-1000);
   throw new ArborError(
     'failed-precondition',
-    `the ext4 filesystem on ${device} failed its check and will not be mounted: e2fsck -p exited with status ${result.status} (${meaning}): ${said}; repair it by hand with 'e2fsck -f ${device}' while it is attached and not mounted`,
+    `the ext4 filesystem on ${device} failed its check and will not be mounted: e2fsck ${options.join(' ')} exited with status ${result.status} (${meaning}): ${said}; repair it by hand with 'e2fsck -f ${device}' while it is attached and not mounted`,
   );
 }
 
@@ -296,8 +301,10 @@ async function findmnt(target: string, column: string, runner: CommandRunner): P
  * Grows a filesystem to fill its device, which is larger after a resize and a new
  * attach (neither nbdfuse nor the kernel's NBD client sees a size change while
  * connected). ext4 grows online when mounted at `mountPoint`, through the kernel,
- * which requires CAP_SYS_RESOURCE; when not mounted it grows offline, after the full
- * check resize2fs insists on. xfs grows only while mounted, through the mount point.
+ * which requires CAP_SYS_RESOURCE; when not mounted it grows offline (after a full
+ * check, when resize2fs insists on one), which needs no capability. xfs grows only
+ * while mounted, through the mount point. A filesystem that already fills its
+ * device is left as it is.
  */
 export async function growFilesystem(device: string, mountPoint: string, fsType: FilesystemType, runner: CommandRunner = hostCommands): Promise<void> {
   assertAbsolutePath(device, 'device');
@@ -310,7 +317,11 @@ export async function growFilesystem(device: string, mountPoint: string, fsType:
     return;
   }
   if (!mounted) {
-    await runner.run('e2fsck', ['-f', '-p', device], { timeoutMs: fsckTimeoutMs });
+    const first = await runner.run('resize2fs', [device], { timeoutMs: growTimeoutMs, allowFailure: true });
+    if (first.status === 0) return;
+    // Offline, resize2fs may insist on a full check first ("Please run 'e2fsck -f DEVICE' first").
+    if (!/Please run 'e2fsck -f/.test(first.stdout + first.stderr)) throw commandFailed('resize2fs', [device], first);
+    await e2fsck(device, ['-f', '-p'], runner);
     await runner.run('resize2fs', [device], { timeoutMs: growTimeoutMs });
     return;
   }
