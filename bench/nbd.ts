@@ -12,7 +12,7 @@ import { ChildProcess, execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fmt, printTable, settleDisk } from './support';
+import { fmt, printTable, settleDisk, runBenchmark, stopServer } from './support';
 
 const runtime = Number(process.env.BENCH_RUNTIME ?? 10);
 const goldenBytes = 4 * 1024 * 1024 * 1024;
@@ -124,16 +124,9 @@ async function main(): Promise<void> {
     printTable(`fio --ioengine=nbd, ${runtime} s per run after 2 s ramp, ${os.cpus().length} cores`, ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'], rows);
     printTable('arbor / peer (throughput; targets: >= 1.0 vs the qcow2 overlay, >= 0.8 vs raw for 4 KiB random)', ['workload', '64K ext / qcow2', '64K ext / raw', '4K ext / qcow2', '4K ext / raw'], ratios);
   } finally {
-    if (server) {
-      const exited = new Promise((r) => server!.once('exit', r));
-      server.kill('SIGTERM');
-      await exited;
-    }
+    await stopServer(server);
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runBenchmark(main);

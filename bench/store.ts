@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { openDataDir } from '../store/embedded';
 import { Store } from '../store/store';
-import { fmt, have, nowMs, percentile, permutation, printTable, settleDisk, timeEach } from './support';
+import { fmt, have, nowMs, percentile, permutation, printTable, settleDisk, timeEach, runBenchmark } from './support';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -163,7 +163,4 @@ async function main(): Promise<void> {
   }
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runBenchmark(main);

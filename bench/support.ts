@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { ChildProcess, execFileSync } from 'node:child_process';
 
 /** Percentile of a sorted copy (nearest rank). */
 export function percentile(values: number[], p: number): number {
@@ -59,4 +59,20 @@ export function permutation(n: number, seed: number): number[] {
 /** Waits for the page cache to be written back, so one phase's writes do not slow the next one down. */
 export function settleDisk(): void {
   execFileSync('sync');
+}
+
+/** Stops a server the benchmark started (SIGTERM by PID) and waits until it has exited. */
+export async function stopServer(server: ChildProcess | undefined): Promise<void> {
+  if (!server || server.exitCode !== null || server.signalCode !== null) return;
+  const exited = new Promise((resolve) => server.once('exit', resolve));
+  server.kill('SIGTERM');
+  await exited;
+}
+
+/** Runs a benchmark's main; a failure prints and exits 1. */
+export function runBenchmark(main: () => Promise<void>): void {
+  main().catch((err) => {
+    console.error(err);
+    process.exit(1);
+  });
 }

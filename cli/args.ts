@@ -21,7 +21,7 @@ export interface ParsedCommand {
 
 export const globalOptions: Record<string, OptionSpec> = {
   'data-dir': { type: 'string', value: 'DIR', description: 'the embedded store\'s data directory (default: $ARBOR_DATA_DIR or ./arbor-data)' },
-  'log-level': { type: 'string', value: 'LEVEL', description: 'error, warn, info or debug (default: info)' },
+  'log-level': { type: 'string', value: 'LEVEL', description: 'error, warn, info or debug (default: info for serve, node and controller, warn otherwise)' },
   help: { type: 'boolean', short: 'h', description: 'show help' },
 };
 
@@ -113,10 +113,9 @@ export function helpText<C>(commands: CommandSpec<C>[], only?: CommandSpec<C>): 
     if (only) {
       const options = Object.entries({ ...command.options, ...globalOptions });
       if (options.length) lines.push('', 'options:');
-      for (const [name, spec] of options) {
-        const value = spec.type === 'string' ? ` ${spec.value ?? 'VALUE'}` : '';
-        lines.push(`  --${name}${value}`.padEnd(28) + spec.description);
-      }
+      const labels = options.map(([name, spec]) => `  --${name}${spec.type === 'string' ? ` ${spec.value ?? 'VALUE'}` : ''}`);
+      const width = Math.max(28, ...labels.map((label) => label.length + 2));
+      options.forEach(([, spec], i) => lines.push(labels[i].padEnd(width) + spec.description));
     }
   }
   if (!only) {

@@ -5,12 +5,13 @@ import { isArborError } from '../store/errors';
 import { CommandSpec, UsageError, helpText, parseCommandLine } from './args';
 import { CliContext, defaultDataDir, sessionOpener } from './context';
 import { gcCommands } from './commands/gc';
+import { csiCommands } from './commands/csi';
 import { daemonCommands } from './commands/daemons';
 import { snapshotCommands } from './commands/snapshot';
 import { volumeCommands } from './commands/volume';
 import path from 'node:path';
 
-export const commands: CommandSpec<CliContext>[] = [...volumeCommands, ...snapshotCommands, ...gcCommands, ...daemonCommands];
+export const commands: CommandSpec<CliContext>[] = [...volumeCommands, ...snapshotCommands, ...gcCommands, ...daemonCommands, ...csiCommands];
 
 export interface Io {
   stdout: NodeJS.WritableStream;
@@ -34,7 +35,7 @@ export async function main(argv: string[], io: Io): Promise<number> {
     }
     const { values } = result.parsed;
     const dataDir = values['data-dir'] ? path.resolve(io.cwd, String(values['data-dir'])) : defaultDataDir(io.env, io.cwd);
-    const level = String(values['log-level'] ?? io.env.ARBOR_LOG_LEVEL ?? (result.command.path[0] === 'serve' ? 'info' : 'warn'));
+    const level = String(values['log-level'] ?? io.env.ARBOR_LOG_LEVEL ?? (['serve', 'node', 'controller'].includes(result.command.path[0]) ? 'info' : 'warn'));
     if (!['error', 'warn', 'info', 'debug'].includes(level)) throw new UsageError(`--log-level ${level} is not one of error, warn, info, debug`);
     const log = createLog({ level, component: 'cli' });
     const context: CliContext = { ...io, dataDir, log, withSession: sessionOpener(dataDir, log) };

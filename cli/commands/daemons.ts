@@ -140,7 +140,7 @@ async function untilSignal(): Promise<string> {
  * process that holds the data directory, over its admin socket, reconnecting when
  * that process restarts.
  */
-function remoteStore(dataDir: string): StoreApi {
+function remoteStore(dataDir: string): { store: StoreApi; disconnect(): void } {
   let client: AdminClient | undefined;
   const call = async (method: string, args: unknown[]): Promise<unknown> => {
     for (let attempt = 0; ; attempt++) {
@@ -154,7 +154,11 @@ function remoteStore(dataDir: string): StoreApi {
       }
     }
   };
-  return new Proxy({} as StoreApi, { get: (_target, method: string) => (...args: unknown[]) => call(method, args) });
+  return {
+    store: new Proxy({} as StoreApi, { get: (_target, method: string) => (...args: unknown[]) => call(method, args) }),
+    // The admin connection would keep the process alive after the CSI server stopped.
+    disconnect: () => client?.close(),
+  };
 }
 
 export const daemonCommands: CommandSpec<CliContext>[] = [
@@ -195,7 +199,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
     },
     summary: 'Run the CSI Identity, Controller and GroupController services, on the store held by `arbor node` on the same data directory.',
     async run(ctx, { values }) {
-      const store = remoteStore(ctx.dataDir);
+      const { store, disconnect } = remoteStore(ctx.dataDir);
       const topology = values['node-id'] ? { [nodeTopologyKey]: String(values['node-id']) } : undefined;
       const csi = await startCsiServer(
         String(values['csi-endpoint']),
@@ -206,6 +210,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       const signal = await untilSignal();
       ctx.log.info('stopping', { signal });
       await csi.stop();
+      disconnect();
       ctx.log.info('stopped');
     },
   },

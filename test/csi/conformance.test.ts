@@ -5,7 +5,7 @@ import { adminSocketPath } from '../../cli/session';
 import { packageVersion } from '../../lib/version';
 import { NbdClient } from '../../node-plugin/nbd/client';
 import { serverForSuite } from '../support/arbor-server';
-import { csiClient, CsiClient, expectCode, status } from '../support/csi-client';
+import { csiClient, CsiClient, expectCode, status } from '../../csi/client';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { NbdClient } from '../../node-plugin/nbd/client';
 import { ArborServer, startServer } from '../support/arbor-server';
-import { csiClient, CsiClient, expectCode, status } from '../support/csi-client';
+import { csiClient, CsiClient, expectCode, status } from '../../csi/client';
 import { ok, run } from '../support/run';
 import { tempDir } from '../support/tmp';
 

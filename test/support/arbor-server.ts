@@ -25,11 +25,11 @@ export interface ArborServer {
 }
 
 /** Starts `arbor serve` on a data directory (created in `dir`) and waits until it serves. */
-export async function startServer(dir: string, extraArgs: string[] = []): Promise<ArborServer> {
+export async function startServer(dir: string, extraArgs: string[] = [], command: 'serve' | 'node' = 'serve'): Promise<ArborServer> {
   const dataDir = path.join(dir, 'data');
   const nbdSocket = path.join(dir, 'nbd.sock');
   fs.mkdirSync(dataDir, { recursive: true });
-  const child: ChildProcess = spawn(process.execPath, [cliPath, '--data-dir', dataDir, 'serve', '--nbd-socket', nbdSocket, ...extraArgs], {
+  const child: ChildProcess = spawn(process.execPath, [cliPath, '--data-dir', dataDir, command, '--nbd-socket', nbdSocket, ...extraArgs], {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, ARBOR_LOG_LEVEL: 'info' },
   });

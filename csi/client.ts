@@ -1,9 +1,9 @@
 import * as grpc from '@grpc/grpc-js';
-import { csiProto } from '../../csi/proto';
+import { csiProto } from './proto';
 
 type Call = (request?: object) => Promise<Record<string, unknown>>;
 
-/** A CSI client over the real gRPC socket: each service's methods as promises. */
+/** A CSI client over a plugin's gRPC socket, each service's methods as promises (for `arbor csi call`, tests and benchmarks). */
 export interface CsiClient {
   identity: Record<string, Call>;
   controller: Record<string, Call>;
