@@ -2,6 +2,7 @@ import * as grpc from '@grpc/grpc-js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Log } from '../lib/logger';
+import { csiRequests, csiRequestSeconds } from '../lib/metrics';
 import { ArborError } from '../store/errors';
 import { toGrpcError } from './errors';
 import { csiProto } from './proto';
@@ -64,13 +65,18 @@ export async function startCsiServer(endpoint: string, services: CsiServices, lo
 function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<object, object> {
   return (call, callback) => {
     const started = Date.now();
+    const timer = csiRequestSeconds.startTimer({ method });
     (handler as (request: object) => Promise<object>)(call.request).then(
       (response) => {
+        timer();
+        csiRequests.inc({ method, code: 'OK' });
         log.debug('CSI call', { method, ms: Date.now() - started, request: redact(call.request) });
         callback(null, response);
       },
       (err: unknown) => {
+        timer();
         const status = toGrpcError(err);
+        csiRequests.inc({ method, code: grpc.status[status.code!] });
         const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
         log[level]('CSI call failed', { method, ms: Date.now() - started, code: grpc.status[status.code!], error: status.details, request: redact(call.request) });
         callback(status);

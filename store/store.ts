@@ -1,4 +1,5 @@
 import { Log, silentLog } from '../lib/logger';
+import { gcFreedBlobs, gcLastSeconds, gcRuns } from '../lib/metrics';
 import { BlobIdAllocator } from './allocator';
 import { BlobStore } from './blobs/blobs';
 import { Catalog, Compare, KvEntry, Op, absent, del, put, unchanged } from './catalog/catalog';
@@ -533,6 +534,9 @@ export class Store {
       const { roots, allocatedAfter } = await this.takeCut();
       const report = await markAndSweep(this.ctx, roots, allocatedAfter);
       this.log.info('garbage collected', { ...report });
+      gcRuns.inc();
+      gcFreedBlobs.inc(report.freedBlobs);
+      gcLastSeconds.set(report.durationMs / 1000);
       return report;
     } finally {
       const held = this.heldFrees;

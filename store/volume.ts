@@ -1,3 +1,4 @@
+import { storeCommits } from '../lib/metrics';
 import { KvEntry, Op, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { ArborError, assert } from './errors';
@@ -389,6 +390,15 @@ export class Volume {
    * still synced and its frees are still safe: a newer tree no longer uses them.
    */
   private async completeCommit(captured: Capture): Promise<void> {
+    const timer = storeCommits.startTimer();
+    try {
+      await this.completeCommitTimed(captured);
+    } finally {
+      timer();
+    }
+  }
+
+  private async completeCommitTimed(captured: Capture): Promise<void> {
     await this.ctx.blobs.sync(captured.sync);
     const r = this.record;
     const { shape } = captured;

@@ -10,6 +10,7 @@ import { chooseAttacher } from '../../node-plugin/attach';
 import { NbdServer, TlsFiles } from '../../node-plugin/nbd/server';
 import { nodeService } from '../../node-plugin/service';
 import { StoreExports } from '../../node-plugin/store-exports';
+import { observeOnScrape, serveMetrics } from '../../lib/metrics';
 import { parseDuration, UnitError } from '../../lib/units';
 import { StoreApi } from '../../store/api';
 import { openDataDir } from '../../store/embedded';
@@ -35,6 +36,28 @@ const nodeOptions: Record<string, OptionSpec> = {
   'state-dir': { type: 'string', value: 'DIR', description: 'where the node keeps what it staged (default: <data-dir>/node)' },
   'max-volumes': { type: 'string', value: 'N', description: `volumes this node may hold staged at once (default ${defaultMaxVolumes})` },
 };
+
+const metricsOption: Record<string, OptionSpec> = {
+  'metrics-listen': { type: 'string', value: 'HOST:PORT', description: 'serve Prometheus metrics at GET /metrics on this address (e.g. 0.0.0.0:9820)' },
+};
+
+/** Starts the metrics endpoint when --metrics-listen asks for it; returns its stop. */
+async function startMetrics(ctx: CliContext, listen: string | boolean | undefined): Promise<(() => Promise<void>) | undefined> {
+  if (listen === undefined) return undefined;
+  const { host, port } = parseListen(String(listen), '--metrics-listen', '0.0.0.0:9820');
+  const server = await serveMetrics(host, port).catch((err: Error) => {
+    throw new ArborError('unavailable', `--metrics-listen ${String(listen)}: cannot listen (${err.message}); choose another address`);
+  });
+  ctx.log.info('metrics served', { address: server.address, path: '/metrics' });
+  return () => server.close();
+}
+
+/** The store's contents as gauges, read at scrape time by the process that holds it. */
+function observeStore(store: StoreApi): void {
+  observeOnScrape('arbor_volumes', 'Volumes in the store', async () => (await store.listVolumes()).length);
+  observeOnScrape('arbor_snapshots', 'Snapshots in the store', async () => (await store.listSnapshots()).length);
+  observeOnScrape('arbor_store_available_bytes', 'Free space where the store keeps its blobs', () => store.availableBytes());
+}
 
 const csiEndpoint = (requiredHere: boolean): OptionSpec => ({
   type: 'string',
@@ -88,6 +111,9 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
       const csi = await startCsiServer(endpoint, services, ctx.log);
       stops.push(() => csi.stop());
     }
+    observeStore(store);
+    const stopMetrics = await startMetrics(ctx, values['metrics-listen']);
+    if (stopMetrics) stops.push(stopMetrics);
     ctx.log.info('arbor serving', { dataDir: ctx.dataDir, pid: process.pid, gcIntervalMs, nbdSocket, adminSocket: adminSocketPath(ctx.dataDir), csiEndpoint: endpoint, nodeId, roles });
     const signal = await untilSignal();
     ctx.log.info('stopping', { signal, nbdConnections: nbd.connectionCount });
@@ -167,6 +193,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
     positionals: [],
     options: {
       ...storeOwnerOptions,
+      ...metricsOption,
       'csi-endpoint': csiEndpoint(false),
       'node-id': { type: 'string', value: 'ID', description: 'this node\'s id for CSI (default: the host name)' },
       ...nodeOptions,
@@ -181,6 +208,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
     positionals: [],
     options: {
       ...storeOwnerOptions,
+      ...metricsOption,
       'node-id': { type: 'string', value: 'ID', required: true, description: 'this node\'s id for CSI' },
       'csi-endpoint': csiEndpoint(true),
       ...nodeOptions,
@@ -196,9 +224,11 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
     options: {
       'csi-endpoint': csiEndpoint(true),
       'node-id': { type: 'string', value: 'ID', description: 'the node that holds the embedded data directory (volumes are reachable there only)' },
+      ...metricsOption,
     },
     summary: 'Run the CSI Identity, Controller and GroupController services, on the store held by `arbor node` on the same data directory.',
     async run(ctx, { values }) {
+      const stopMetrics = await startMetrics(ctx, values['metrics-listen']);
       const { store, disconnect } = remoteStore(ctx.dataDir);
       const topology = values['node-id'] ? { [nodeTopologyKey]: String(values['node-id']) } : undefined;
       const csi = await startCsiServer(
@@ -210,16 +240,17 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       const signal = await untilSignal();
       ctx.log.info('stopping', { signal });
       await csi.stop();
+      await stopMetrics?.();
       disconnect();
       ctx.log.info('stopped');
     },
   },
 ];
 
-function parseListen(text: string): { host: string; port: number } {
+function parseListen(text: string, option = '--nbd-listen', example = '127.0.0.1:10809'): { host: string; port: number } {
   const match = /^(\[[^\]]+\]|[^:]+):(\d+)$/.exec(text);
   const port = match ? Number(match[2]) : NaN;
-  if (!match || port > 65535) throw new UsageError(`--nbd-listen ${JSON.stringify(text)} is not HOST:PORT (e.g. 127.0.0.1:10809)`);
+  if (!match || port > 65535) throw new UsageError(`${option} ${JSON.stringify(text)} is not HOST:PORT (e.g. ${example})`);
   return { host: match[1].replace(/^\[|\]$/g, ''), port };
 }
 

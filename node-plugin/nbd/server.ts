@@ -2,6 +2,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
 import { Log } from '../../lib/logger';
+import { nbdConnections } from '../../lib/metrics';
 import { ArborError } from '../../store/errors';
 import { Connection } from './connection';
 import { ExportProvider } from './export';
@@ -75,7 +76,11 @@ export class NbdServer {
       }
       const connection = new Connection(socket, { exports: this.exports, log: this.log, tls: options.tls }, this.nextId++);
       this.connections.add(connection);
-      void connection.whenClosed().then(() => this.connections.delete(connection));
+      nbdConnections.inc();
+      void connection.whenClosed().then(() => {
+        this.connections.delete(connection);
+        nbdConnections.dec();
+      });
     });
     server.on('error', (err) => this.log.error('NBD listener error', { error: err.message }));
     this.listeners.push(server);

@@ -1,5 +1,6 @@
 import { BufferPool } from '../../lib/buffer-pool';
 import { Log } from '../../lib/logger';
+import { NbdCommandName, nbdCounters, nbdReadBytes, nbdWrittenBytes } from '../../lib/metrics';
 import { ArborError, isArborError } from '../../store/errors';
 import { RangeStatus } from '../../store/tree';
 import { NbdExport } from './export';
@@ -76,6 +77,17 @@ const pool = new BufferPool(256);
  * it completes. Memory is bounded: past `maxInFlightRequests` or `maxInFlightBytes`
  * the connection stops reading until replies drain.
  */
+/** Metric labels of the commands `run` serves. */
+const commandNames: Partial<Record<number, NbdCommandName>> = {
+  [CMD.READ]: 'read',
+  [CMD.WRITE]: 'write',
+  [CMD.FLUSH]: 'flush',
+  [CMD.TRIM]: 'trim',
+  [CMD.CACHE]: 'cache',
+  [CMD.WRITE_ZEROES]: 'write_zeroes',
+  [CMD.BLOCK_STATUS]: 'block_status',
+};
+
 export class Transmission {
   private readonly format: ReplyFormat;
   private readonly headerBytes: number;
@@ -256,11 +268,14 @@ export class Transmission {
 
   private async run(request: Request): Promise<void> {
     const { type, flags, offset, length } = request;
+    const counters = nbdCounters[commandNames[type] ?? 'read'];
     try {
       switch (type) {
         case CMD.READ:
           // The bytes stay charged until the reply has left (see read()).
           await this.read(request);
+          counters.done.inc();
+          nbdReadBytes.inc(length);
           return;
         case CMD.WRITE:
           await this.exp.write(offset, request.payload!.subarray(0, length), (flags & CMD_FLAG.FUA) !== 0);
@@ -284,10 +299,14 @@ export class Transmission {
           break;
         case CMD.BLOCK_STATUS:
           await this.blockStatus(request);
+          counters.done.inc();
           return;
       }
       this.reply(request, 0, '');
+      counters.done.inc();
+      if (type === CMD.WRITE) nbdWrittenBytes.inc(length);
     } catch (err) {
+      counters.failed.inc();
       const [error, message] = errnoFor(err, type);
       if (error === NBD_EIO) this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
       this.reply(request, error, message);

@@ -1,0 +1,136 @@
+/**
+ * Prometheus metrics, one registry per process, served at GET /metrics by
+ * `--metrics-listen`. Each layer counts what it does here; values that live in the
+ * store (volume counts, free space) are read when Prometheus scrapes, through
+ * `observeOnScrape`, so nothing polls.
+ *
+ * Hot paths (NBD requests) use children bound to their labels once, at load, so a
+ * request costs an increment, not a label lookup.
+ */
+import http from 'node:http';
+import { AddressInfo } from 'node:net';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+export const registry = new Registry();
+collectDefaultMetrics({ register: registry, prefix: 'arbor_' });
+
+/** Seconds: a CSI call is a catalog transaction or a mount (ms); staging may run mkfs (s). */
+const callBuckets = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+/** Seconds: a commit is an fsync or two and a catalog transaction. */
+const commitBuckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5];
+
+export const csiRequests = new Counter({
+  name: 'arbor_csi_requests_total',
+  help: 'CSI calls answered, by method and gRPC status code',
+  labelNames: ['method', 'code'] as const,
+  registers: [registry],
+});
+
+export const csiRequestSeconds = new Histogram({
+  name: 'arbor_csi_request_duration_seconds',
+  help: 'Time to answer a CSI call, by method',
+  labelNames: ['method'] as const,
+  buckets: callBuckets,
+  registers: [registry],
+});
+
+const nbdRequests = new Counter({
+  name: 'arbor_nbd_requests_total',
+  help: 'NBD requests completed, by command (read, write, flush, trim, write_zeroes, cache, block_status)',
+  labelNames: ['command'] as const,
+  registers: [registry],
+});
+
+const nbdErrors = new Counter({
+  name: 'arbor_nbd_request_errors_total',
+  help: 'NBD requests answered with an error, by command',
+  labelNames: ['command'] as const,
+  registers: [registry],
+});
+
+const nbdBytes = new Counter({
+  name: 'arbor_nbd_bytes_total',
+  help: 'Bytes moved by NBD reads and writes, by direction',
+  labelNames: ['direction'] as const,
+  registers: [registry],
+});
+
+export const nbdConnections = new Gauge({
+  name: 'arbor_nbd_connections',
+  help: 'Open NBD connections',
+  registers: [registry],
+});
+
+export const nbdCommandNames = ['read', 'write', 'flush', 'trim', 'cache', 'write_zeroes', 'block_status'] as const;
+export type NbdCommandName = (typeof nbdCommandNames)[number];
+
+/** Label-bound children, made once: the NBD server counts every request. */
+export const nbdCounters = Object.fromEntries(
+  nbdCommandNames.map((command) => [command, { done: nbdRequests.labels(command), failed: nbdErrors.labels(command) }]),
+) as Record<NbdCommandName, { done: Counter.Internal; failed: Counter.Internal }>;
+export const nbdReadBytes = nbdBytes.labels('read');
+export const nbdWrittenBytes = nbdBytes.labels('write');
+
+export const storeCommits = new Histogram({
+  name: 'arbor_store_commit_duration_seconds',
+  help: 'Time from capturing a volume\'s changes to their catalog commit (flush, FUA, background commits)',
+  buckets: commitBuckets,
+  registers: [registry],
+});
+
+export const gcRuns = new Counter({ name: 'arbor_gc_runs_total', help: 'Collector passes completed', registers: [registry] });
+export const gcFreedBlobs = new Counter({ name: 'arbor_gc_freed_blobs_total', help: 'Blobs the collector freed', registers: [registry] });
+export const gcLastSeconds = new Gauge({ name: 'arbor_gc_last_duration_seconds', help: 'Duration of the last collector pass', registers: [registry] });
+
+/**
+ * A gauge whose value is read when Prometheus scrapes: `read` returns the value, or
+ * undefined to leave it out (the store is closed, the node holds no store).
+ */
+export function observeOnScrape(name: string, help: string, read: () => Promise<number | undefined>): Gauge {
+  const existing = registry.getSingleMetric(name);
+  if (existing) registry.removeSingleMetric(name);
+  return new Gauge({
+    name,
+    help,
+    registers: [registry],
+    async collect() {
+      const value = await read().catch(() => undefined);
+      this.reset();
+      if (value !== undefined) this.set(value);
+    },
+  });
+}
+
+export interface MetricsServer {
+  /** host:port actually bound (port 0 picks one). */
+  address: string;
+  close(): Promise<void>;
+}
+
+/** Serves GET /metrics (Prometheus text format) on HOST:PORT; anything else is 404. */
+export async function serveMetrics(host: string, port: number): Promise<MetricsServer> {
+  const server = http.createServer((request, response) => {
+    const url = new URL(request.url ?? '/', 'http://metrics');
+    if (request.method !== 'GET' || url.pathname !== '/metrics') {
+      response.writeHead(404, { 'content-type': 'text/plain' }).end('Arbor serves only GET /metrics here\n');
+      return;
+    }
+    registry.metrics().then(
+      (text) => response.writeHead(200, { 'content-type': registry.contentType }).end(text),
+      (err: Error) => response.writeHead(500, { 'content-type': 'text/plain' }).end(`collecting metrics failed: ${err.message}\n`),
+    );
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(port, host, () => resolve());
+  });
+  const bound = server.address() as AddressInfo;
+  return {
+    address: `${bound.family === 'IPv6' ? `[${bound.address}]` : bound.address}:${bound.port}`,
+    close: () =>
+      new Promise<void>((resolve) => {
+        server.close(() => resolve());
+        server.closeAllConnections();
+      }),
+  };
+}
