@@ -12,44 +12,11 @@ import { ChildProcess, execFileSync, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fmt, printTable, settleDisk, runBenchmark, stopServer } from './support';
+import { fioNbd, fmt, printTable, settleDisk, runBenchmark, stopServer, workloads } from './support';
 
 const runtime = Number(process.env.BENCH_RUNTIME ?? 10);
 const goldenBytes = 4 * 1024 * 1024 * 1024;
 const cli = path.join(__dirname, '../cli/main.js');
-
-interface Workload {
-  name: string;
-  rw: string;
-  bs: string;
-  iodepth: number;
-}
-
-const workloads: Workload[] = [
-  { name: '4 KiB random read, QD16', rw: 'randread', bs: '4k', iodepth: 16 },
-  { name: '4 KiB random write, QD16', rw: 'randwrite', bs: '4k', iodepth: 16 },
-  { name: '1 MiB sequential read, QD4', rw: 'read', bs: '1m', iodepth: 4 },
-  { name: '1 MiB sequential write, QD4', rw: 'write', bs: '1m', iodepth: 4 },
-];
-
-interface Result {
-  iops: number;
-  mibs: number;
-  p50us: number;
-  p99us: number;
-}
-
-function fio(uri: string, w: Workload): Result {
-  const out = execFileSync(
-    'fio',
-    ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${w.rw}`, `--bs=${w.bs}`, `--iodepth=${w.iodepth}`, `--size=${goldenBytes}`, `--runtime=${runtime}`, '--ramp_time=2', '--time_based', '--randrepeat=0', '--output-format=json'],
-    { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 },
-  );
-  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
-  const side = w.rw.includes('read') ? job.read : job.write;
-  const pct = side.clat_ns.percentile as Record<string, number>;
-  return { iops: side.iops, mibs: side.bw_bytes / 1024 / 1024, p50us: pct['50.000000'] / 1000, p99us: pct['99.000000'] / 1000 };
-}
 
 function sh(command: string, args: string[]): string {
   return execFileSync(command, args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
@@ -105,16 +72,16 @@ async function main(): Promise<void> {
       const overlay = path.join(dir, `overlay${i}.qcow2`);
       sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', golden, '-F', 'raw', overlay]);
       settleDisk();
-      const a = fio(`nbd+unix:///clone${i}?socket=${nbdSocket}`, w);
+      const a = fioNbd(`nbd+unix:///clone${i}?socket=${nbdSocket}`, w, goldenBytes, runtime);
       settleDisk();
-      const a4 = fio(`nbd+unix:///small${i}?socket=${nbdSocket}`, w);
+      const a4 = fioNbd(`nbd+unix:///small${i}?socket=${nbdSocket}`, w, goldenBytes, runtime);
       settleDisk();
       const raw = await qemuNbd(dir, 'raw', golden);
-      const r = fio(raw.uri, w);
+      const r = fioNbd(raw.uri, w, goldenBytes, runtime);
       await raw.stop();
       settleDisk();
       const qcow = await qemuNbd(dir, 'qcow2', overlay);
-      const q = fio(qcow.uri, w);
+      const q = fioNbd(qcow.uri, w, goldenBytes, runtime);
       await qcow.stop();
       for (const [who, res] of [['arbor clone, 64 KiB extents', a], ['arbor clone, 4 KiB extents', a4], ['qemu-nbd raw', r], ['qemu-nbd qcow2 overlay', q]] as const) {
         rows.push([w.name, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1)]);

@@ -76,3 +76,38 @@ export function runBenchmark(main: () => Promise<void>): void {
     process.exit(1);
   });
 }
+
+export interface Workload {
+  name: string;
+  rw: string;
+  bs: string;
+  iodepth: number;
+}
+
+export const workloads: Workload[] = [
+  { name: '4 KiB random read, QD16', rw: 'randread', bs: '4k', iodepth: 16 },
+  { name: '4 KiB random write, QD16', rw: 'randwrite', bs: '4k', iodepth: 16 },
+  { name: '1 MiB sequential read, QD4', rw: 'read', bs: '1m', iodepth: 4 },
+  { name: '1 MiB sequential write, QD4', rw: 'write', bs: '1m', iodepth: 4 },
+];
+
+export interface FioResult {
+  iops: number;
+  mibs: number;
+  p50us: number;
+  p99us: number;
+}
+
+/** One fio run over NBD (its nbd engine) against `uri`, time-based after a 2 s ramp. */
+export function fioNbd(uri: string, w: Workload, sizeBytes: number, runtimeSeconds: number): FioResult {
+  const out = execFileSync(
+    'fio',
+    ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${w.rw}`, `--bs=${w.bs}`, `--iodepth=${w.iodepth}`, `--size=${sizeBytes}`, `--runtime=${runtimeSeconds}`, '--ramp_time=2', '--time_based', '--randrepeat=0', '--output-format=json'],
+    { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 },
+  );
+  const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  const side = w.rw.includes('read') ? job.read : job.write;
+  const pct = side.clat_ns.percentile as Record<string, number>;
+  return { iops: side.iops, mibs: side.bw_bytes / 1024 / 1024, p50us: pct['50.000000'] / 1000, p99us: pct['99.000000'] / 1000 };
+}
+

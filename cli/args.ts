@@ -21,6 +21,14 @@ export interface ParsedCommand {
 
 export const globalOptions: Record<string, OptionSpec> = {
   'data-dir': { type: 'string', value: 'DIR', description: 'the embedded store\'s data directory (default: $ARBOR_DATA_DIR or ./arbor-data)' },
+  store: { type: 'string', value: 'etcd://HOST:PORT[,...]/PREFIX', description: 'the distributed catalog in etcd (default: $ARBOR_STORE; none: the embedded data directory)' },
+  blobs: { type: 'string', value: 's3://BUCKET/PREFIX?endpoint=URL&region=R', description: 'the distributed blobs in S3, with --store (default: $ARBOR_BLOBS); credentials from the AWS environment' },
+  'etcd-ca': { type: 'string', value: 'FILE', description: 'CA bundle for etcds:// (TLS to etcd)' },
+  'etcd-cert': { type: 'string', value: 'FILE', description: 'client certificate for etcd' },
+  'etcd-key': { type: 'string', value: 'FILE', description: 'client key for --etcd-cert' },
+  'cache-dir': { type: 'string', value: 'DIR', description: 'node-local cache of S3 blobs (default: <data-dir>/blob-cache)' },
+  'cache-size': { type: 'string', value: 'SIZE', description: 'how much the blob cache may hold (default 4GiB)' },
+  'lease-ttl': { type: 'string', value: 'DURATION', description: 'how long this node keeps its volumes after it stops answering etcd (default 10s)' },
   'log-level': { type: 'string', value: 'LEVEL', description: 'error, warn, info or debug (default: info for serve, node and controller, warn otherwise)' },
   help: { type: 'boolean', short: 'h', description: 'show help' },
 };

@@ -10,6 +10,8 @@ import { daemonCommands } from './commands/daemons';
 import { snapshotCommands } from './commands/snapshot';
 import { volumeCommands } from './commands/volume';
 import path from 'node:path';
+import { parseDuration, parseSize, UnitError } from '../lib/units';
+import { StoreLocation } from '../store/open';
 
 export const commands: CommandSpec<CliContext>[] = [...volumeCommands, ...snapshotCommands, ...gcCommands, ...daemonCommands, ...csiCommands];
 
@@ -38,7 +40,8 @@ export async function main(argv: string[], io: Io): Promise<number> {
     const level = String(values['log-level'] ?? io.env.ARBOR_LOG_LEVEL ?? (['serve', 'node', 'controller'].includes(result.command.path[0]) ? 'info' : 'warn'));
     if (!['error', 'warn', 'info', 'debug'].includes(level)) throw new UsageError(`--log-level ${level} is not one of error, warn, info, debug`);
     const log = createLog({ level, component: 'cli' });
-    const context: CliContext = { ...io, dataDir, log, withSession: sessionOpener(dataDir, log) };
+    const location = storeLocation(values, io.env, io.cwd, dataDir);
+    const context: CliContext = { ...io, dataDir, location, log, withSession: sessionOpener(location, log) };
     await result.command.run(context, result.parsed);
     return 0;
   } catch (err) {
@@ -66,4 +69,26 @@ if (require.main === module) {
       process.exitCode = status;
     },
   );
+}
+
+/** The global options that say where the store is (the same for every command). */
+function storeLocation(values: Record<string, string | boolean | undefined>, env: NodeJS.ProcessEnv, cwd: string, dataDir: string): StoreLocation {
+  const text = (name: string, envName?: string) => (values[name] !== undefined ? String(values[name]) : envName ? env[envName] : undefined);
+  const file = (name: string) => (values[name] !== undefined ? path.resolve(cwd, String(values[name])) : undefined);
+  try {
+    const cacheSize = text('cache-size');
+    const leaseTtl = text('lease-ttl');
+    return {
+      dataDir,
+      storeUrl: text('store', 'ARBOR_STORE'),
+      blobsUrl: text('blobs', 'ARBOR_BLOBS'),
+      etcdTls: { caFile: file('etcd-ca'), certFile: file('etcd-cert'), keyFile: file('etcd-key') },
+      cacheDir: file('cache-dir'),
+      cacheBytes: cacheSize === undefined ? undefined : parseSize(cacheSize, '--cache-size'),
+      leaseTtlMs: leaseTtl === undefined ? undefined : parseDuration(leaseTtl, '--lease-ttl'),
+    };
+  } catch (err) {
+    if (err instanceof UnitError) throw new UsageError(err.message);
+    throw err;
+  }
 }

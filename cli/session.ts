@@ -4,7 +4,8 @@ import { NbdClient, NbdError } from '../node-plugin/nbd/client';
 import { CMD_FLAG, NBD_EINVAL, NBD_ENOSPC, NBD_EPERM } from '../node-plugin/nbd/protocol';
 import { NbdExport } from '../node-plugin/nbd/export';
 import { StoreExports } from '../node-plugin/store-exports';
-import { openDataDir } from '../store/embedded';
+import { isDistributed, openStore, StoreLocation } from '../store/open';
+import os from 'node:os';
 import { ArborError } from '../store/errors';
 import { RangeStatus } from '../store/tree';
 import { AdminClient } from './admin/client';
@@ -30,8 +31,10 @@ export function adminSocketPath(dataDir: string): string {
   return path.join(dataDir, 'arbor.sock');
 }
 
-export async function openSession(dataDir: string, log: Log): Promise<Session> {
-  const admin = await AdminClient.connect(adminSocketPath(dataDir));
+export async function openSession(location: StoreLocation, log: Log): Promise<Session> {
+  // With etcd and S3 there is no process to go through: this one joins the store
+  // (as its own node, with a private cache) and asks volumes' owners when it must.
+  const admin = isDistributed(location) ? undefined : await AdminClient.connect(adminSocketPath(location.dataDir));
   if (admin) {
     const info = await admin.serverInfo();
     return {
@@ -48,14 +51,16 @@ export async function openSession(dataDir: string, log: Log): Promise<Session> {
       },
     };
   }
-  const store = await openDataDir(dataDir, log);
+  const store = await openStore(location, { log, nodeId: `cli-${os.hostname()}-${process.pid}`, ephemeralCache: true });
   const exports = new StoreExports(store);
   return {
     api: store,
     async openImage(exportName) {
       const exp = await exports.open(exportName);
       if (!exp) throw new ArborError('not-found', `${exportName.includes('@') ? 'snapshot' : 'volume'} ${exportName} does not exist`);
-      return Object.assign(exp, { close: async () => {} });
+      // The export's own close lets go of the volume; keep it as the image's close.
+      const release = exp.close?.bind(exp);
+      return Object.assign(exp, { close: release ?? (async () => {}) });
     },
     close: () => store.close(),
   };

@@ -1,6 +1,6 @@
 import { formatSize } from '../lib/units';
 import { ArborError } from '../store/errors';
-import { Store } from '../store/store';
+import { Store, VolumeHandle } from '../store/store';
 import { SnapshotReader } from '../store/snapshot-reader';
 import { RangeStatus } from '../store/tree';
 import { Volume } from '../store/volume';
@@ -19,7 +19,8 @@ export class StoreExports implements ExportProvider {
     const at = name.indexOf('@');
     if (at < 0) {
       const record = await this.store.findVolume({ name });
-      return record && new VolumeExport(await this.store.openVolume({ id: record.id }));
+      // Each connection holds the volume; the last to close lets it go (where volumes have owners).
+      return record && new VolumeExport(await this.store.acquireVolume({ id: record.id }));
     }
     const snapshot = await this.store.findSnapshot({ name: name.slice(at + 1) });
     if (!snapshot || snapshot.volumeName !== name.slice(0, at)) return undefined;
@@ -35,8 +36,15 @@ export class StoreExports implements ExportProvider {
 
 class VolumeExport implements NbdExport {
   readonly readOnly = false;
+  private readonly volume: Volume;
 
-  constructor(private readonly volume: Volume) {}
+  constructor(private readonly handle: VolumeHandle) {
+    this.volume = handle.volume;
+  }
+
+  close(): Promise<void> {
+    return this.handle.release();
+  }
 
   get name(): string {
     return this.volume.name;

@@ -1,9 +1,17 @@
-import { Catalog, absent, put, unchanged } from './catalog/catalog';
+import { Catalog, Lease, Op, absent, del, put, unchanged } from './catalog/catalog';
 import { ArborError } from './errors';
 import { blobId, classOf, maxSerial, serialOf, sizeClassCount } from './blob-id';
 import { blobIdBatchSize } from './limits';
 
 export const nextSerialKeyPrefix = 'meta/next-blob-serial/';
+
+/**
+ * Where processes share the catalog, each reserved batch is also recorded here,
+ * attached to its process's lease, until every id of it is either in a committed
+ * tree or freed: the collector never sweeps an id of a batch it finds here.
+ */
+export const batchKeyPrefix = 'meta/batches/';
+const batchKey = (sizeClass: number, start: number) => `${batchKeyPrefix}${sizeClass}/${start}`;
 
 export function nextSerialKey(sizeClass: number): string {
   return `${nextSerialKeyPrefix}${sizeClass}`;
@@ -20,6 +28,14 @@ interface ClassState {
   next: number;
   limit: number;
   reserving?: Promise<void>;
+  /** The recorded batch being handed out (where batches are recorded). */
+  batch?: string;
+}
+
+/** A recorded batch that has handed out every id, and when. */
+interface SpentBatch {
+  key: string;
+  spentAt: number;
 }
 
 /**
@@ -31,13 +47,48 @@ interface ClassState {
  */
 export class BlobIdAllocator {
   private readonly classes: ClassState[] = Array.from({ length: sizeClassCount }, () => ({ next: 0, limit: 0 }));
+  private spent: SpentBatch[] = [];
 
-  constructor(private readonly catalog: Catalog) {}
+  /** `recordBatches`: the lease to attach batch records to, where the catalog is shared. */
+  constructor(
+    private readonly catalog: Catalog,
+    private readonly recordBatches?: () => Promise<Lease>,
+  ) {}
 
   async allocate(sizeClass: number): Promise<number> {
     const state = this.classes[sizeClass];
     while (state.next >= state.limit) await this.reserve(sizeClass);
-    return blobId(sizeClass, state.next++);
+    const id = blobId(sizeClass, state.next++);
+    if (state.next >= state.limit && state.batch) {
+      this.spent.push({ key: state.batch, spentAt: Date.now() });
+      state.batch = undefined;
+    }
+    return id;
+  }
+
+  /**
+   * Forgets the records of spent batches that `settled` says are safe: every id they
+   * handed out has since been committed into a tree or freed (the store knows: every
+   * volume it has open committed a capture taken after the batch was spent).
+   */
+  async forgetSettledBatches(settled: (spentAt: number) => boolean): Promise<void> {
+    const done = this.spent.filter((b) => settled(b.spentAt));
+    if (done.length === 0) return;
+    this.spent = this.spent.filter((b) => !done.includes(b));
+    const ops: Op[] = done.map((b) => del(b.key));
+    await this.catalog.txn([], ops).catch(() => (this.spent.push(...done), undefined));
+  }
+
+  /** Every id inside a batch some process has recorded and not forgotten (the collector leaves them alone). */
+  static async recordedBatches(catalog: Catalog, exceptLease?: string): Promise<(id: number) => boolean> {
+    const ranges = (await catalog.list(batchKeyPrefix)).flatMap((entry) => {
+      const record = JSON.parse(entry.value) as { limit: number; lease: string };
+      // The collector's own batches are covered by its own watermark.
+      if (record.lease === exceptLease) return [];
+      const [sizeClass, start] = entry.key.slice(batchKeyPrefix.length).split('/').map(Number);
+      return [{ sizeClass, start, limit: record.limit }];
+    });
+    return (id) => ranges.some((r) => r.sizeClass === classOf(id) && serialOf(id) >= r.start && serialOf(id) < r.limit);
   }
 
   /**
@@ -89,11 +140,14 @@ export class BlobIdAllocator {
       const start = Math.max(current ? (JSON.parse(current.value) as number) : 0, blobId(sizeClass, 0) === 0 ? 1 : 0);
       const limit = start + blobIdBatchSize;
       if (limit > maxSerial) throw new ArborError('resource-exhausted', 'the store has used every blob id of this size it can address');
-      const result = await this.catalog.txn([current ? unchanged(current) : absent(key)], [put(key, limit)]);
+      const lease = this.recordBatches ? await this.recordBatches() : undefined;
+      const record = lease ? [put(batchKey(sizeClass, start), { limit, lease: lease.id }, lease)] : [];
+      const result = await this.catalog.txn([current ? unchanged(current) : absent(key)], [put(key, limit), ...record]);
       if (result.succeeded) {
         const state = this.classes[sizeClass];
         state.next = start;
         state.limit = limit;
+        state.batch = lease ? batchKey(sizeClass, start) : undefined;
         return;
       }
     }

@@ -10,7 +10,7 @@ import { Store } from './store';
  * The embedded store: a SQLite catalog and blob files in one data directory,
  * opened by one process at a time.
  */
-export async function openDataDir(dataDir: string, log: Log = silentLog): Promise<Store> {
+export async function openDataDir(dataDir: string, log: Log = silentLog, options: { rewritableBlobs?: boolean } = {}): Promise<Store> {
   const dir = path.resolve(dataDir);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const pidFile = path.join(dir, 'arbor.pid');
@@ -18,7 +18,7 @@ export async function openDataDir(dataDir: string, log: Log = silentLog): Promis
   // We hold the lock now: whatever pid file is there is stale.
   fs.writeFileSync(pidFile, `${process.pid}\n`);
   // Blobs at or above the allocator's committed marks were never handed out.
-  const blobs = FileBlobStore.open(path.join(dir, 'blobs'), { serialsBelow: await committedMarks(catalog) });
+  const blobs = FileBlobStore.open(path.join(dir, 'blobs'), { serialsBelow: await committedMarks(catalog), rewritable: options.rewritableBlobs });
   try {
     return await Store.open(catalog, blobs, log);
   } catch (err) {

@@ -30,7 +30,56 @@ export const maxDirtyNodesPerVolume = 8192;
  */
 export const commitIntervalMs = 30_000;
 
+/** A unary etcd call that has not answered in this long fails (a leader election takes ~1 s; a lost quorum never answers). */
+export const etcdCallDeadlineMs = 5_000;
+/** How long the etcd client tries to connect to an endpoint. */
+export const etcdDialTimeoutMs = 3_000;
+/**
+ * An owner lease lives this long without keep-alives: a node that stops (crash,
+ * partition, pause) loses its volumes this long after, and another node may take
+ * them over. Keep-alives go out at a third of it.
+ */
+export const defaultOwnerLeaseTtlMs = 10_000;
+/** How long a request to a volume's owner (a snapshot of an attached volume) may take. */
+export const ownerRequestTimeoutMs = 30_000;
+/** While waiting for an owner's answer, how often the asker checks that the owner still holds the volume. */
+export const ownerCheckIntervalMs = 1_000;
+
 /** Open segment files kept by the file backend (each holds 4096 blobs). */
 export const maxOpenSegmentFiles = 512;
 /** Parallel fsyncs issued by the file backend during a flush. */
 export const syncConcurrency = 16;
+
+/*
+ * The S3 blob backend (store/blobs/s3.ts) and its node-local cache (blob-cache.ts).
+ */
+/** Blobs uploaded at once by one store; each holds its bytes in memory while it goes (32 × 4 MiB at most). */
+export const s3UploadConcurrency = 32;
+/** Keys in one DeleteObjects request: S3's own maximum. */
+export const s3DeleteBatchKeys = 1000;
+/** DeleteObjects requests in flight at once. */
+export const s3DeleteConcurrency = 4;
+/** Sockets one store opens to the object store; requests beyond wait for one. */
+export const s3MaxSockets = 64;
+/** Tries per S3 request, the first included (the SDK's standard retry mode, with backoff). */
+export const s3MaxAttempts = 3;
+/** Establishing a connection to the object store. */
+export const s3ConnectTimeoutMs = 5_000;
+/**
+ * One try of one request, until the response headers: a stopped or full RGW makes
+ * requests hang rather than fail, and only a timeout ends them. 15 s sends a 4 MiB
+ * extent at 300 KB/s; with the tries and backoff a dead endpoint fails a flush within
+ * about 50 s instead of never.
+ */
+export const s3RequestTimeoutMs = 15_000;
+/** A socket silent this long mid-request fails it: covers a response body that stops arriving. */
+export const s3SocketIdleTimeoutMs = 15_000;
+/** Keys start with the URL's prefix; S3 keys are at most 1024 bytes, and ours add 17. */
+export const maxS3PrefixBytes = 512;
+/** Descriptors the blob cache keeps open (staged and clean entries alike). */
+export const maxOpenCacheFiles = 256;
+/** A cache hit refreshes its file's mtime (its rank after a restart) at most this often. */
+export const cacheTouchIntervalMs = 60_000;
+
+/** What a node's blob cache may hold by default (`--cache-size`). */
+export const defaultBlobCacheBytes = 4 * 1024 * 1024 * 1024;

@@ -88,12 +88,15 @@ export class MutableTree implements NodeSource {
     const { path, slot } = await this.writableLeaf(extent);
     const leaf = path[path.length - 1].node;
     const entry = getEntry(leaf, slot);
-    if (isWritable(entry) && hasBlob(entry)) {
+    if (isWritable(entry) && hasBlob(entry) && (this.blobs.rewritable || this.unsyncedData.has(blobOf(entry)))) {
       const id = blobOf(entry);
       await this.blobs.write(id, offsetInExtent, source, sourceOffset, length);
       this.unsyncedData.add(id);
       return id;
     }
+    // A shared extent, a hole, or (where synced blobs are immutable) this head's own
+    // extent already synced: the write goes to a new blob; an own one is freed after the commit.
+    if (isWritable(entry) && hasBlob(entry)) this.freeAfterCommit.push(blobOf(entry));
     const id = await this.ids.allocate(this.extentClass);
     if (!hasBlob(entry) || length === this.extentSizeBytes) {
       // Over a hole the new blob is sparse: what is not written reads as zeros.

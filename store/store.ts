@@ -1,11 +1,12 @@
 import { Log, silentLog } from '../lib/logger';
 import { gcFreedBlobs, gcLastSeconds, gcRuns } from '../lib/metrics';
-import { BlobIdAllocator } from './allocator';
+import { BlobIdAllocator, committedMarks } from './allocator';
+import { classOf, serialOf } from './blob-id';
 import { BlobStore } from './blobs/blobs';
 import { Catalog, Compare, KvEntry, Op, absent, del, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { EMPTY, asShared } from './entry';
-import { ArborError } from './errors';
+import { ArborError, isArborError } from './errors';
 import { GcReport, markAndSweep } from './gc';
 import { depthFor, extentCountFor, validateExtentSize, validateVolumeSize } from './geometry';
 import { commitIntervalMs, defaultExtentSizeBytes } from './limits';
@@ -25,11 +26,28 @@ import {
 } from './records';
 import { SnapshotReader } from './snapshot-reader';
 import { NodeSource, countExtents } from './tree';
+import { OwnedElsewhere, Ownership } from './ownership';
+import { OwnerOp, OwnerRequests } from './owner-requests';
 import { Volume } from './volume';
+import { defaultOwnerLeaseTtlMs } from './limits';
+import os from 'node:os';
 
 export type Ref = { name: string } | { id: string };
 
 export type CloneSource = { volume: Ref } | { snapshot: Ref };
+
+export interface StoreOptions {
+  /** This process's name in ownership records (default: the host name). */
+  nodeId?: string;
+  /** How long this process's owner lease lives without keep-alives. */
+  leaseTtlMs?: number;
+}
+
+/** A counted use of an open volume; the last release lets it go where volumes have owners. */
+export interface VolumeHandle {
+  volume: Volume;
+  release(): Promise<void>;
+}
 
 export interface VolumeUsage {
   /** Bytes of extents the volume maps to data (shared or its own). */
@@ -39,6 +57,9 @@ export interface VolumeUsage {
 }
 
 const backgroundTickMs = 1000;
+
+/** Present while a collector pass runs somewhere (where processes share the catalog). */
+const gcPassKey = 'gc/pass';
 
 /**
  * The copy-on-write volume store: volume heads, snapshots and clones over a catalog
@@ -50,6 +71,11 @@ export class Store {
   readonly ctx: StoreContext;
   private readonly open = new Map<string, Volume>();
   private readonly opening = new Map<string, Promise<Volume>>();
+  /** Volumes being let go: a new user waits, then opens afresh. */
+  private readonly closing = new Map<string, Promise<void>>();
+  private readonly users = new Map<string, number>();
+  /** Opened with openVolume: kept until the store closes. */
+  private readonly pinned = new Set<string>();
   private heldFrees?: number[];
   private gcPass?: Promise<GcReport>;
   /** Set while the collector takes its cut: no volume may open until it is taken. */
@@ -61,25 +87,78 @@ export class Store {
     catalog: Catalog,
     blobs: BlobStore,
     private readonly log: Log,
+    /** Present where the catalog is shared: volumes are owned, one process at a time. */
+    readonly ownership?: Ownership,
   ) {
     this.ctx = {
       catalog,
       blobs,
       nodes: new NodeCache(blobs),
-      ids: new BlobIdAllocator(catalog),
+      ids: new BlobIdAllocator(catalog, ownership ? () => ownership.currentLease() : undefined),
       free: (ids) => this.free(ids),
     };
     this.timers.push(setInterval(() => void this.commitIdleVolumes(), backgroundTickMs).unref());
+    ownership?.onLost((reason) => this.loseEveryVolume(reason));
+    if (ownership) this.requests = new OwnerRequests(catalog, ownership, log);
   }
 
-  static async open(catalog: Catalog, blobs: BlobStore, log: Log = silentLog): Promise<Store> {
+  /** Requests to and from other processes that own volumes (where volumes have owners). */
+  private readonly requests?: OwnerRequests;
+
+  static async open(catalog: Catalog, blobs: BlobStore, log: Log = silentLog, options: StoreOptions = {}): Promise<Store> {
     const format = await catalog.get(keys.format);
     if (!format) {
       await catalog.txn([absent(keys.format)], [put(keys.format, formatVersion)]);
     } else if (JSON.parse(format.value) !== formatVersion) {
       throw new ArborError('failed-precondition', `the store has format ${format.value}; this arbor reads format ${formatVersion}`);
     }
-    return new Store(catalog, blobs, log);
+    const ownership = catalog.exclusive ? undefined : await Ownership.start(catalog, options.nodeId ?? os.hostname(), options.leaseTtlMs ?? defaultOwnerLeaseTtlMs, log);
+    const store = new Store(catalog, blobs, log, ownership);
+    await store.requests?.serve((op) => store.runForAsker(op));
+    return store;
+  }
+
+  /** Runs what another process asked of a volume this one owns. */
+  private async runForAsker(op: OwnerOp): Promise<unknown> {
+    const ref = { id: op.volumeId };
+    switch (op.op) {
+      case 'createSnapshot':
+        return this.createSnapshot(ref, op.name);
+      case 'cloneVolume':
+        return this.cloneVolume(op.name, { volume: ref }, { labels: op.labels });
+      case 'resizeVolume':
+        return this.resizeVolume(ref, op.sizeBytes);
+      case 'deleteVolume':
+        return this.deleteVolume(ref);
+      case 'volumeUsage':
+        return this.volumeUsage(ref);
+    }
+  }
+
+  /**
+   * Runs `local` on the volume opened here; where another live process owns it, asks
+   * that process instead (`remote`), and tries again here if it let go meanwhile.
+   */
+  private async onOwner<T>(ref: Ref, local: (volume: Volume) => Promise<T>, remote: (volumeId: string) => OwnerOp): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.withVolume(ref, local);
+      } catch (err) {
+        if (!(err instanceof OwnedElsewhere) || !this.requests) throw err;
+        const record = await this.getVolume(ref);
+        try {
+          return (await this.requests.ask(err.owner, remote(record.id))) as T;
+        } catch (asked) {
+          if (isArborError(asked, 'aborted') && attempt < 3) continue;
+          throw asked;
+        }
+      }
+    }
+  }
+
+  /** The node id this store owns volumes as, where volumes have owners. */
+  get nodeId(): string | undefined {
+    return this.ownership?.nodeId;
   }
 
   /** Runs the collector every `gcIntervalMs` in the background. */
@@ -170,7 +249,10 @@ export class Store {
   }
 
   private async cloneLiveVolume(name: string, ref: Ref, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
-    const volume = await this.openVolume(ref);
+    return this.onOwner(ref, (volume) => this.cloneOpenVolume(volume, name, labels), (volumeId) => ({ op: 'cloneVolume', volumeId, name, labels }));
+  }
+
+  private async cloneOpenVolume(volume: Volume, name: string, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
     return volume.withCommitted(async (_committed, source) => {
       const record: VolumeRecord = {
         id: newVolumeId(),
@@ -193,22 +275,34 @@ export class Store {
   }
 
   async resizeVolume(ref: Ref, sizeBytes: number): Promise<VolumeRecord> {
-    const volume = await this.openVolume(ref);
-    validateVolumeSize(sizeBytes, `volume ${volume.name}`);
-    await volume.resize(sizeBytes);
-    this.log.info('volume resized', { volume: volume.name, sizeBytes });
-    return volume.info();
+    return this.onOwner(
+      ref,
+      async (volume) => {
+        validateVolumeSize(sizeBytes, `volume ${volume.name}`);
+        await volume.resize(sizeBytes);
+        this.log.info('volume resized', { volume: volume.name, sizeBytes });
+        return volume.info();
+      },
+      (volumeId) => ({ op: 'resizeVolume', volumeId, sizeBytes }),
+    );
   }
 
   async deleteVolume(ref: Ref): Promise<void> {
-    const volume = await this.openVolume(ref);
-    const published = Object.keys((await this.publications(volume.id)).nodes);
+    const record = await this.getVolume(ref);
+    const published = Object.keys((await this.publications(record.id)).nodes);
     if (published.length > 0) {
-      throw new ArborError('failed-precondition', `volume ${volume.name} is published to node ${published.join(', ')}; unpublish it first`);
+      throw new ArborError('failed-precondition', `volume ${record.name} is published to node ${published.join(', ')}; unpublish it first`);
     }
-    await volume.delete([del(keys.volume(volume.id)), del(keys.volumeName(volume.name))]);
-    this.open.delete(volume.id);
-    this.log.info('volume deleted', { volume: volume.name, id: volume.id });
+    await this.onOwner(
+      { id: record.id },
+      async (volume) => {
+        await volume.delete([del(keys.volume(volume.id)), del(keys.volumeName(volume.name))]);
+        if (this.open.get(volume.id) === volume) this.open.delete(volume.id);
+        this.pinned.delete(volume.id);
+        this.log.info('volume deleted', { volume: volume.name, id: volume.id });
+      },
+      (volumeId) => ({ op: 'deleteVolume', volumeId }),
+    );
   }
 
   async getVolume(ref: Ref): Promise<VolumeRecord> {
@@ -226,34 +320,115 @@ export class Store {
     return (await this.ctx.catalog.list(keys.volumes)).map((entry) => JSON.parse(entry.value) as VolumeRecord).sort(byName);
   }
 
-  /** The volume's I/O handle, opened once and shared by every caller. */
+  /** The volume's I/O handle, opened once and kept open (owned) until the store closes. */
   async openVolume(ref: Ref): Promise<Volume> {
+    const { volume } = await this.acquireVolume(ref);
+    this.pinned.add(volume.id);
+    return volume;
+  }
+
+  /**
+   * A counted use of the volume, opened once and shared by every user. Where volumes
+   * have owners, opening takes ownership (OwnedElsewhere when a live process has it)
+   * and the last release commits and lets go, so another node can take it.
+   */
+  async acquireVolume(ref: Ref): Promise<VolumeHandle> {
     this.checkOpen();
     if (this.cutting) await this.cutting;
     const entry = await this.findVolumeEntry(ref);
     if (!entry) throw notFound('volume', ref);
     const id = (JSON.parse(entry.value) as VolumeRecord).id;
-    const open = this.open.get(id);
-    if (open) return open;
-    let opening = this.opening.get(id);
-    if (!opening) {
-      opening = (async () => {
-        // Read again: the record may have changed while another caller was opening it.
-        const fresh = await this.ctx.catalog.get(keys.volume(id));
-        if (!fresh) throw notFound('volume', ref);
-        const volume = new Volume(this.ctx, fresh, (busy) => void busy.commitInBackground());
-        this.open.set(id, volume);
-        return volume;
-      })().finally(() => this.opening.delete(id));
-      this.opening.set(id, opening);
+    const volume = await this.openShared(id, ref);
+    this.users.set(id, (this.users.get(id) ?? 0) + 1);
+    let released = false;
+    return {
+      volume,
+      release: async () => {
+        if (released) return;
+        released = true;
+        await this.releaseUse(id, volume);
+      },
+    };
+  }
+
+  /** Runs `fn` on the volume, opened here; see acquireVolume. */
+  private async withVolume<T>(ref: Ref, fn: (volume: Volume) => Promise<T>): Promise<T> {
+    const handle = await this.acquireVolume(ref);
+    try {
+      return await fn(handle.volume);
+    } finally {
+      await handle.release();
     }
-    return opening;
+  }
+
+  private async openShared(id: string, ref: Ref): Promise<Volume> {
+    for (;;) {
+      const closing = this.closing.get(id);
+      if (closing) await closing;
+      const open = this.open.get(id);
+      if (open) return open;
+      let opening = this.opening.get(id);
+      if (!opening) {
+        opening = (async () => {
+          const name = 'name' in ref ? ref.name : id;
+          const guard = this.ownership ? await this.ownership.acquire(id, name) : undefined;
+          try {
+            // Read after acquiring: the last owner's final commit is in.
+            const fresh = await this.ctx.catalog.get(keys.volume(id));
+            if (!fresh) throw notFound('volume', ref);
+            const volume = new Volume(this.ctx, fresh, (busy) => void busy.commitInBackground(), guard);
+            this.open.set(id, volume);
+            return volume;
+          } catch (err) {
+            if (guard) await this.ownership!.release(guard);
+            throw err;
+          }
+        })().finally(() => this.opening.delete(id));
+        this.opening.set(id, opening);
+      }
+      const volume = await opening;
+      if (!this.closing.has(id)) return volume;
+    }
+  }
+
+  private async releaseUse(id: string, volume: Volume): Promise<void> {
+    const left = (this.users.get(id) ?? 1) - 1;
+    if (left > 0) {
+      this.users.set(id, left);
+      return;
+    }
+    this.users.delete(id);
+    // The embedded store owns everything: volumes stay open. Elsewhere, let go.
+    if (!this.ownership || this.pinned.has(id) || this.open.get(id) !== volume) return;
+    const letGo = (async () => {
+      try {
+        if (volume.isOpen) await volume.close();
+      } finally {
+        this.open.delete(id);
+        if (volume.guard) await this.ownership!.release(volume.guard).catch((err) => this.log.warn('letting go of a volume failed; its key expires with the lease', { volume: volume.name, error: (err as Error).message }));
+      }
+    })().finally(() => this.closing.delete(id));
+    this.closing.set(id, letGo);
+    await letGo;
+  }
+
+  /** The owner lease ended: nothing this process held is its own any more. */
+  private loseEveryVolume(reason: string): void {
+    for (const volume of this.open.values()) volume.markLost(reason);
+    this.open.clear();
+    this.users.clear();
+    this.pinned.clear();
   }
 
   async volumeUsage(ref: Ref): Promise<VolumeUsage> {
     const record = await this.getVolume(ref);
     const volume = this.open.get(record.id);
     if (volume) await volume.flush();
+    else if (this.ownership) {
+      // Another process may hold writes of it that are not committed yet: ask it to commit.
+      const owner = await this.ownership.ownerOf(record.id);
+      if (owner && owner.lease !== (await this.ownership.currentLease()).id) return (await this.requests!.ask(owner, { op: 'volumeUsage', volumeId: record.id })) as VolumeUsage;
+    }
     const current = await this.getVolume({ id: record.id });
     const counts = await countExtents(this.nodeSource(), current.root, current.depth);
     return { allocatedBytes: counts.data * current.extentSizeBytes, exclusiveBytes: counts.owned * current.extentSizeBytes };
@@ -264,7 +439,10 @@ export class Store {
   /** A consistent point-in-time snapshot: every write completed before the call, none after it. */
   async createSnapshot(volumeRef: Ref, name: string): Promise<SnapshotRecord> {
     validateName(name, 'snapshot');
-    const volume = await this.openVolume(volumeRef);
+    return this.onOwner(volumeRef, (volume) => this.snapshotOpenVolume(volume, name), (volumeId) => ({ op: 'createSnapshot', volumeId, name }));
+  }
+
+  private async snapshotOpenVolume(volume: Volume, name: string): Promise<SnapshotRecord> {
     for (;;) {
       const existing = await this.findSnapshot({ name });
       if (existing) {
@@ -348,7 +526,25 @@ export class Store {
   async createGroupSnapshot(name: string, volumeRefs: Ref[]): Promise<GroupSnapshotRecord> {
     validateName(name, 'group snapshot');
     if (volumeRefs.length === 0) throw new ArborError('invalid-argument', `group snapshot ${name}: give at least one volume`);
-    const volumes = [...new Map((await Promise.all(volumeRefs.map((ref) => this.openVolume(ref)))).map((v) => [v.id, v])).values()].sort((a, b) => (a.id < b.id ? -1 : 1));
+    const ids = [...new Set((await Promise.all(volumeRefs.map((ref) => this.getVolume(ref)))).map((v) => v.id))].sort();
+    const handles: VolumeHandle[] = [];
+    try {
+      for (const id of ids) handles.push(await this.acquireVolume({ id }));
+    } catch (err) {
+      for (const handle of handles) await handle.release();
+      if (err instanceof OwnedElsewhere) {
+        throw new ArborError('failed-precondition', `group snapshot ${name}: ${err.message}; a group snapshot takes volumes that are detached or attached on the node that takes it`);
+      }
+      throw err;
+    }
+    try {
+      return await this.groupOfOpenVolumes(name, handles.map((h) => h.volume));
+    } finally {
+      for (const handle of handles) await handle.release();
+    }
+  }
+
+  private async groupOfOpenVolumes(name: string, volumes: Volume[]): Promise<GroupSnapshotRecord> {
     const volumeIds = volumes.map((v) => v.id);
     for (;;) {
       const existing = await this.findGroupSnapshot({ name });
@@ -388,7 +584,7 @@ export class Store {
           groupId: group.id,
         };
         group.snapshotIds.push(snapshot.id);
-        compares.push(unchanged(share.compare), absent(keys.snapshotName(snapshot.name)));
+        compares.push(...share.compares, absent(keys.snapshotName(snapshot.name)));
         ops.push(put(keys.volume(volume.id), share.next), put(keys.snapshot(snapshot.id), snapshot), put(keys.snapshotName(snapshot.name), snapshot.id));
         return share;
       });
@@ -530,6 +726,14 @@ export class Store {
 
   private async runGcPass(): Promise<GcReport> {
     this.heldFrees = [];
+    // Where processes share the catalog: one collector at a time, announced by a key
+    // that lives with this process's lease; while it is there, every process holds its frees.
+    const lease = this.ownership ? await this.ownership.currentLease() : undefined;
+    if (lease && !(await this.ctx.catalog.txn([absent(gcPassKey)], [put(gcPassKey, { nodeId: this.nodeId, startedAt: new Date().toISOString() }, lease)])).succeeded) {
+      const running = await this.ctx.catalog.get(gcPassKey);
+      this.heldFrees = undefined;
+      throw new ArborError('busy', `node ${running ? (JSON.parse(running.value) as { nodeId: string }).nodeId : 'another node'} is collecting garbage now; try again when it is done`);
+    }
     try {
       const { roots, allocatedAfter } = await this.takeCut();
       const report = await markAndSweep(this.ctx, roots, allocatedAfter);
@@ -542,6 +746,7 @@ export class Store {
       const held = this.heldFrees;
       this.heldFrees = undefined;
       await this.ctx.blobs.delete(held);
+      if (lease) await this.ctx.catalog.txn([], [del(gcPassKey)]).catch(() => {});
     }
   }
 
@@ -554,7 +759,16 @@ export class Store {
       const volumes = [...this.open.values()].sort((a, b) => (a.id < b.id ? -1 : 1));
       for (const volume of volumes) releases.push(await volume.hold());
       for (const volume of volumes) await volume.flushWhileHeld();
-      const allocatedAfter = await this.ctx.ids.watermark();
+      let allocatedAfter = await this.ctx.ids.watermark();
+      if (this.ownership) {
+        // Other processes hand out ids too: anything at or above the committed marks
+        // (read first), or inside a batch some process still holds (listed after), may
+        // be in a tree not committed yet.
+        const marks = await committedMarks(this.ctx.catalog);
+        const held = await BlobIdAllocator.recordedBatches(this.ctx.catalog, (await this.ownership.currentLease()).id);
+        const local = allocatedAfter;
+        allocatedAfter = (id) => local(id) || serialOf(id) >= marks[classOf(id)] || held(id);
+      }
       const records = [
         ...(await this.ctx.catalog.list(keys.volumes)).map((e) => JSON.parse(e.value) as VolumeRecord),
         ...(await this.ctx.catalog.list(keys.snapshots)).map((e) => JSON.parse(e.value) as SnapshotRecord),
@@ -573,22 +787,51 @@ export class Store {
       this.heldFrees.push(...ids);
       return;
     }
+    // A collector elsewhere may be marking from a cut that still reaches these blobs:
+    // its key was written before it listed the roots, so if the key is absent now
+    // (after our commit), any later pass lists roots that no longer reach them.
+    if (this.ownership && (this.frozenFrees.length > 0 || (await this.ctx.catalog.get(gcPassKey)))) {
+      this.frozenFrees.push(...ids);
+      return;
+    }
+    await this.ctx.blobs.delete(ids);
+  }
+
+  /** Frees held while another node's collector ran; deleted once it is done. */
+  private frozenFrees: number[] = [];
+
+  private async releaseFrozenFrees(): Promise<void> {
+    if (this.frozenFrees.length === 0 || (await this.ctx.catalog.get(gcPassKey))) return;
+    const ids = this.frozenFrees.splice(0);
     await this.ctx.blobs.delete(ids);
   }
 
   // ---- life cycle ----
+
+  private readonly closedListeners: Array<() => void> = [];
+
+  /** Runs `fn` once the store has closed its backends. */
+  onClosed(fn: () => void): void {
+    this.closedListeners.push(fn);
+  }
 
   /** Commits every open volume and closes the backends. */
   async close(): Promise<void> {
     if (this.closed) return;
     for (const timer of this.timers) clearInterval(timer);
     if (this.gcPass) await this.gcPass.catch(() => {});
-    for (const volume of this.open.values()) await volume.close();
+    this.requests?.stop();
+    for (const volume of this.open.values()) {
+      await volume.close();
+      if (volume.guard) await this.ownership!.release(volume.guard).catch(() => {});
+    }
+    await this.ownership?.close();
     await this.ctx.ids.release();
     this.closed = true;
     this.open.clear();
     await this.ctx.blobs.close();
     await this.ctx.catalog.close();
+    for (const fn of this.closedListeners) fn();
   }
 
   private async commitIdleVolumes(): Promise<void> {
@@ -596,6 +839,11 @@ export class Store {
     for (const volume of this.open.values()) {
       const age = volume.uncommittedForMs(now);
       if (age !== undefined && age >= commitIntervalMs) await volume.commitInBackground();
+    }
+    if (this.ownership && !this.closed) {
+      const volumes = [...this.open.values()];
+      await this.ctx.ids.forgetSettledBatches((spentAt) => volumes.every((v) => v.settledSince(spentAt))).catch(() => {});
+      await this.releaseFrozenFrees().catch(() => {});
     }
   }
 

@@ -1,5 +1,5 @@
 import { storeCommits } from '../lib/metrics';
-import { KvEntry, Op, put, unchanged } from './catalog/catalog';
+import { Compare, KvEntry, Op, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { ArborError, assert } from './errors';
 import { EMPTY, Entry, asShared, zeroEntry } from './entry';
@@ -23,10 +23,12 @@ export interface ZeroOptions {
   fast?: boolean;
 }
 
-type VolumeState = 'open' | 'closed' | 'deleted';
+type VolumeState = 'open' | 'closed' | 'deleted' | 'lost';
 
 interface Capture {
   sequence: number;
+  /** When it was taken (Date.now()). */
+  at: number;
   shape: { root: Entry; depth: number; sizeBytes: number };
   sync: number[];
   free: number[];
@@ -59,11 +61,23 @@ export class Volume {
   private captures = 0;
   private committedCapture = 0;
   private commits: Promise<void> = Promise.resolve();
+  /** Captures taken and not yet committed, and when the newest committed one was taken. */
+  private capturesInFlight = 0;
+  private settledThrough = 0;
 
+  /** Why this process no longer owns the volume, once it does not. */
+  private lostReason?: string;
+
+  /**
+   * `guard`: where volumes have owners (a shared catalog), the owner key as this
+   * process acquired it. Every commit compares it, so once another process has taken
+   * the volume over (or the lease behind the key ended) no commit of ours can land.
+   */
   constructor(
     private readonly ctx: StoreContext,
     committed: KvEntry,
     private readonly onBusy: (volume: Volume) => void = () => {},
+    readonly guard?: Compare,
   ) {
     this.committed = committed;
     this.record = JSON.parse(committed.value) as VolumeRecord;
@@ -196,9 +210,12 @@ export class Volume {
     extra: { compares?: KvEntry[]; absent?: string[]; ops: Op[] } = { ops: [] },
   ): Promise<boolean> {
     const next: VolumeRecord = { ...this.record, ...shape };
-    const compares = [unchanged(this.committed), ...(extra.compares ?? []).map(unchanged), ...(extra.absent ?? []).map((key) => ({ key, modRevision: 0 }))];
+    const compares = [...this.guards(), ...(extra.compares ?? []).map(unchanged), ...(extra.absent ?? []).map((key) => ({ key, modRevision: 0 }))];
     const result = await this.ctx.catalog.txn(compares, [put(keys.volume(this.id), next), ...extra.ops]);
-    if (!result.succeeded) return false;
+    if (!result.succeeded) {
+      await this.checkStillOwned();
+      return false;
+    }
     this.record = next;
     this.committed = { key: this.committed.key, value: JSON.stringify(next), modRevision: result.revision };
     this.committedCapture = Math.max(this.committedCapture, sequence);
@@ -210,11 +227,11 @@ export class Volume {
    * flushed, the compare and the record that share this volume's root, and what to
    * do once that transaction committed.
    */
-  prepareShare(): { compare: KvEntry; next: VolumeRecord; committed: (revision: number) => void } {
+  prepareShare(): { compares: Compare[]; next: VolumeRecord; committed: (revision: number) => void } {
     assert(this.tree.dirty.size === 0, 'prepareShare runs on a committed tree');
     const next: VolumeRecord = { ...this.record, root: asShared(this.tree.root) };
     return {
-      compare: this.committed,
+      compares: this.guards(),
       next,
       committed: (revision) => {
         this.tree.shareRoot();
@@ -249,8 +266,11 @@ export class Volume {
     await this.exclusive(async () => {
       // A commit still running outside the lock would race the delete's compare.
       await this.serialCommit(async () => {});
-      const result = await this.ctx.catalog.txn([unchanged(this.committed)], ops);
-      if (!result.succeeded) throw new ArborError('aborted', `volume ${this.name} changed while it was being deleted; retry`);
+      const result = await this.ctx.catalog.txn(this.guards(), ops);
+      if (!result.succeeded) {
+        await this.checkStillOwned();
+        throw new ArborError('aborted', `volume ${this.name} changed while it was being deleted; retry`);
+      }
       this.state = 'deleted';
       const owned = await this.tree.ownedBlobs();
       await this.ctx.free([...owned, ...this.tree.freeAfterCommit.splice(0)]);
@@ -371,10 +391,14 @@ export class Volume {
    * shape to commit, the blobs to make durable first, the blobs to free after.
    */
   private async capture(): Promise<Capture | undefined> {
+    // A flush on a volume this process lost must fail: its writes never became durable.
+    if (this.state === 'lost') throw this.lostError();
     if (this.state !== 'open') return undefined;
     const written = await this.tree.writeBack();
+    this.capturesInFlight++;
     const captured: Capture = {
       sequence: ++this.captures,
+      at: Date.now(),
       shape: { root: this.tree.root, depth: this.tree.depth, sizeBytes: this.tree.sizeBytes },
       sync: [...this.tree.unsyncedData, ...written],
       free: this.tree.freeAfterCommit.splice(0),
@@ -393,24 +417,57 @@ export class Volume {
     const timer = storeCommits.startTimer();
     try {
       await this.completeCommitTimed(captured);
+      this.settledThrough = Math.max(this.settledThrough, captured.at);
     } finally {
+      this.capturesInFlight--;
       timer();
     }
   }
 
+  /**
+   * Whether every blob this volume took before `time` is now in its committed tree or
+   * freed: a commit of a later capture completed, or nothing is pending at all.
+   */
+  settledSince(time: number): boolean {
+    if (this.state !== 'open') return true;
+    return this.settledThrough > time || (this.changedAt === undefined && this.capturesInFlight === 0 && this.tree.dirty.size === 0);
+  }
+
   private async completeCommitTimed(captured: Capture): Promise<void> {
-    await this.ctx.blobs.sync(captured.sync);
+    // What an earlier commit that failed (etcd or S3 unreachable) left to do rides along:
+    // its blobs are in the live tree, and its frees are still safe after a later commit.
+    const sync = [...captured.sync, ...this.pendingSync.splice(0)];
+    const free = [...captured.free, ...this.pendingFree.splice(0)];
     const r = this.record;
     const { shape } = captured;
     const changed = shape.root !== r.root || shape.depth !== r.depth || shape.sizeBytes !== r.sizeBytes;
-    if (changed && captured.sequence > this.committedCapture && this.state === 'open') {
-      if (!(await this.commitRecord(shape, captured.sequence))) {
-        throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
+    try {
+      await this.ctx.blobs.sync(sync);
+      if (changed && captured.sequence > this.committedCapture && this.state === 'open') {
+        if (!(await this.commitRecord(shape, captured.sequence))) {
+          throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
+        }
       }
+    } catch (err) {
+      if (this.state === 'open') {
+        this.pendingSync.push(...sync);
+        this.pendingFree.push(...free);
+        this.changedAt ??= Date.now();
+      }
+      throw err;
     }
     assert(captured.free.length === 0 || changed, 'freed blobs follow a commit');
-    await this.ctx.free(captured.free);
+    if (!changed) {
+      // Nothing was committed: the committed tree may still use what earlier captures dropped.
+      this.pendingFree.push(...free);
+      return;
+    }
+    await this.ctx.free(free);
   }
+
+  /** Blobs of captures whose commit failed: synced and freed with the next commit. */
+  private readonly pendingSync: number[] = [];
+  private readonly pendingFree: number[] = [];
 
   /** Commits happen one at a time, in the order they were asked for. */
   private serialCommit<T>(fn: () => Promise<T>): Promise<T> {
@@ -440,7 +497,41 @@ export class Volume {
     }
   }
 
+  /** What every commit of this volume compares: its last committed record, and its owner key. */
+  private guards(): Compare[] {
+    return this.guard ? [unchanged(this.committed), this.guard] : [unchanged(this.committed)];
+  }
+
+  /** After a failed commit: if the owner key moved, this process lost the volume and stops serving it. */
+  private async checkStillOwned(): Promise<void> {
+    if (!this.guard) return;
+    const owner = await this.ctx.catalog.get(this.guard.key);
+    if (owner?.modRevision === this.guard.modRevision) return;
+    this.markLost(owner ? `node ${(JSON.parse(owner.value) as { nodeId: string }).nodeId} owns it now` : 'its owner lease ended');
+    throw this.lostError();
+  }
+
+  /**
+   * This process no longer owns the volume: every later call fails, and nothing it
+   * held back is committed. Writes acknowledged but never flushed are lost, as
+   * NBD allows; a flush or FUA write could not have been acknowledged.
+   */
+  markLost(reason: string): void {
+    if (this.state !== 'open') return;
+    this.state = 'lost';
+    this.lostReason = reason;
+    this.tree.dirty.clear();
+    this.tree.unsyncedData.clear();
+    this.tree.freeAfterCommit.splice(0);
+    this.changedAt = undefined;
+  }
+
+  private lostError(): ArborError {
+    return new ArborError('unavailable', `volume ${this.name}: this node lost its ownership (${this.lostReason ?? 'unknown'}); writes since the last flush were not made durable`);
+  }
+
   private checkOpen(): void {
+    if (this.state === 'lost') throw this.lostError();
     if (this.state === 'deleted') throw new ArborError('not-found', `volume ${this.name} was deleted`);
     if (this.state === 'closed') throw new ArborError('unavailable', `volume ${this.name} is closed`);
   }

@@ -13,7 +13,7 @@ import { StoreExports } from '../../node-plugin/store-exports';
 import { observeOnScrape, serveMetrics } from '../../lib/metrics';
 import { parseDuration, UnitError } from '../../lib/units';
 import { StoreApi } from '../../store/api';
-import { openDataDir } from '../../store/embedded';
+import { isDistributed, openStore } from '../../store/open';
 import { ArborError } from '../../store/errors';
 import { AdminClient } from '../admin/client';
 import { AdminServer } from '../admin/server';
@@ -91,7 +91,8 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   const maxVolumes = Number(values['max-volumes'] ?? defaultMaxVolumes);
   if (!Number.isInteger(maxVolumes) || maxVolumes < 1) throw new UsageError(`--max-volumes ${values['max-volumes']} is not a positive whole number`);
 
-  const store = await openDataDir(ctx.dataDir, ctx.log);
+  const distributed = isDistributed(ctx.location);
+  const store = await openStore(ctx.location, { log: ctx.log, nodeId });
   const stops: Array<() => Promise<void>> = [() => store.close()];
   const stopAll = async () => {
     for (const stop of stops.reverse()) await stop().catch((err) => ctx.log.error('stopping failed', { error: (err as Error).message }));
@@ -102,8 +103,11 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     stops.push(() => nbd.close());
     if (nbdSocket) await nbd.listenUnix(nbdSocket);
     if (tcp) await nbd.listenTcp(tcp.host, tcp.port, tlsFiles);
-    const admin = await AdminServer.listen(adminSocketPath(ctx.dataDir), store, { pid: process.pid, nbdSocket }, ctx.log);
-    stops.push(() => admin.close());
+    if (!distributed) {
+      // The CLI reaches an embedded store through the process that holds it; with etcd and S3 it joins the store itself.
+      const admin = await AdminServer.listen(adminSocketPath(ctx.dataDir), store, { pid: process.pid, nbdSocket }, ctx.log);
+      stops.push(() => admin.close());
+    }
     const topology = { [nodeTopologyKey]: nodeId };
     if (endpoint) {
       const services = csiServices(store, roles, { nodeId, topology, nbdSocket: nbdSocket!, stateDir: nodeStateDir(ctx, values), maxVolumes, ctx });
@@ -114,7 +118,15 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     observeStore(store);
     const stopMetrics = await startMetrics(ctx, values['metrics-listen']);
     if (stopMetrics) stops.push(stopMetrics);
-    ctx.log.info('arbor serving', { dataDir: ctx.dataDir, pid: process.pid, gcIntervalMs, nbdSocket, adminSocket: adminSocketPath(ctx.dataDir), csiEndpoint: endpoint, nodeId, roles });
+    ctx.log.info('arbor serving', {
+      ...(distributed ? { store: ctx.location.storeUrl, blobs: ctx.location.blobsUrl } : { dataDir: ctx.dataDir, adminSocket: adminSocketPath(ctx.dataDir) }),
+      pid: process.pid,
+      gcIntervalMs,
+      nbdSocket,
+      csiEndpoint: endpoint,
+      nodeId,
+      roles,
+    });
     const signal = await untilSignal();
     ctx.log.info('stopping', { signal, nbdConnections: nbd.connectionCount });
   } catch (err) {
@@ -226,10 +238,12 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       'node-id': { type: 'string', value: 'ID', description: 'the node that holds the embedded data directory (volumes are reachable there only)' },
       ...metricsOption,
     },
-    summary: 'Run the CSI Identity, Controller and GroupController services, on the store held by `arbor node` on the same data directory.',
+    summary: 'Run the CSI Identity, Controller and GroupController services: on the store held by `arbor node` on the same data directory, or with --store and --blobs on etcd and S3.',
     async run(ctx, { values }) {
       const stopMetrics = await startMetrics(ctx, values['metrics-listen']);
-      const { store, disconnect } = remoteStore(ctx.dataDir);
+      // Embedded: the store is held by `arbor node`; distributed: this process joins it.
+      const joined = isDistributed(ctx.location) ? await openStore(ctx.location, { log: ctx.log, nodeId: `${os.hostname()}-controller-${process.pid}`, ephemeralCache: true }) : undefined;
+      const { store, disconnect } = joined ? { store: joined as StoreApi, disconnect: () => {} } : remoteStore(ctx.dataDir);
       const topology = values['node-id'] ? { [nodeTopologyKey]: String(values['node-id']) } : undefined;
       const csi = await startCsiServer(
         String(values['csi-endpoint']),
@@ -242,6 +256,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       await csi.stop();
       await stopMetrics?.();
       disconnect();
+      await joined?.close();
       ctx.log.info('stopped');
     },
   },

@@ -175,7 +175,8 @@ export class Connection implements ReplySink {
       this.phase = 'closed';
       this.handshakeBytes.end(new Error('connection closed'));
       for (const { release } of this.pending.splice(0)) release?.();
-      if (wasOpen) this.markClosed();
+      if (wasOpen && this.transmission) void this.transmission.connectionClosed().finally(() => this.markClosed());
+      else if (wasOpen) this.markClosed();
     });
     socket.on('drain', () => {
       if (this.writeBlocked) {

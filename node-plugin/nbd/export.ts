@@ -20,6 +20,8 @@ export interface NbdExport {
   blockStatus(offset: number, length: number): Promise<RangeStatus[]>;
   /** Warms caches for the range; may do nothing. */
   cache(offset: number, length: number): Promise<void>;
+  /** The connection is done with the export (after its last request); each open is closed once. */
+  close?(): Promise<void>;
 }
 
 export interface ExportSummary {

@@ -1,4 +1,5 @@
 import { Log } from '../../lib/logger';
+import { isArborError } from '../../store/errors';
 import { ExportProvider, NbdExport } from './export';
 import { maxOptionBytes, maxOptionsPerHandshake, maxPayloadBytes, minimumBlockBytes } from './limits';
 import {
@@ -180,10 +181,9 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
           refuse(REP.ERR_INVALID, 'malformed meta context request');
           break;
         }
-        if (!(await options.exports.open(request.exportName))) {
-          refuse(REP.ERR_UNKNOWN, `no export named ${JSON.stringify(request.exportName)}`);
-          break;
-        }
+        const probed = await openOrRefuse(options.exports, request.exportName, refuse);
+        if (!probed) break;
+        await probed.close?.();
         // base:allocation is the one context; a query selects it when it names it or
         // (listing only) asks for everything or the whole base: namespace.
         const selects = request.queries.some((q) => q === BASE_ALLOCATION || (!set && q === 'base:')) || (!set && request.queries.length === 0);
@@ -208,11 +208,8 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
           refuse(REP.ERR_INVALID, 'malformed NBD_OPT_INFO/GO request');
           break;
         }
-        const exp = await options.exports.open(request.exportName);
-        if (!exp) {
-          refuse(REP.ERR_UNKNOWN, `no export named ${JSON.stringify(request.exportName)}; volumes are served as NAME, snapshots as NAME@SNAP`);
-          break;
-        }
+        const exp = await openOrRefuse(options.exports, request.exportName, refuse);
+        if (!exp) break;
         const info = Buffer.alloc(12);
         info.writeUInt16BE(INFO.EXPORT, 0);
         info.writeBigUInt64BE(BigInt(exp.sizeBytes), 2);
@@ -232,12 +229,31 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
           const baseAllocation = state.baseAllocation && state.metaContextExport === request.exportName;
           return { export: exp, structuredReplies: state.structured, extendedHeaders: state.extended, baseAllocation };
         }
+        await exp.close?.();
         break;
       }
       default:
         refuse(REP.ERR_UNSUP, `option ${option} is not supported`);
     }
   }
+}
+
+/**
+ * Opens an export for INFO, GO or a meta-context query, or refuses the option:
+ * ERR_UNKNOWN when there is no such export, ERR_POLICY when it exists but cannot be
+ * served here now (another node owns the volume).
+ */
+async function openOrRefuse(exports: ExportProvider, name: string, refuse: (type: number, message: string) => void): Promise<NbdExport | undefined> {
+  let exp: NbdExport | undefined;
+  try {
+    exp = await exports.open(name);
+  } catch (err) {
+    if (!isArborError(err)) throw err;
+    refuse(REP.ERR_POLICY, `${name}: ${err.message}`);
+    return undefined;
+  }
+  if (!exp) refuse(REP.ERR_UNKNOWN, `no export named ${JSON.stringify(name)}; volumes are served as NAME, snapshots as NAME@SNAP`);
+  return exp;
 }
 
 function reply(io: HandshakeIo, option: number, type: number, payload: Buffer): void {

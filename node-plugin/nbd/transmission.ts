@@ -160,6 +160,22 @@ export class Transmission {
     await this.idle();
   }
 
+  /**
+   * The connection is gone: bytes not parsed yet are dropped, the requests already
+   * running finish, then the export is closed (letting go of the volume).
+   */
+  async connectionClosed(): Promise<void> {
+    this.disconnecting = true;
+    this.backlog = undefined;
+    this.receiving = undefined;
+    if (this.inFlight > 0) await new Promise<void>((resolve) => this.idleWaiters.push(resolve));
+    try {
+      await this.exp.close?.();
+    } catch (err) {
+      this.log.error('closing the export after its connection ended failed', { export: this.exp.name, error: (err as Error).message });
+    }
+  }
+
   idle(): Promise<void> {
     if (this.inFlight === 0 && !this.receiving && !this.backlog) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));

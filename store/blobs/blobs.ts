@@ -5,6 +5,13 @@
  * snapshot can see, so a backend may treat a blob as immutable once it is shared.
  */
 export interface BlobStore {
+  /**
+   * Whether a blob may be written again after it was synced. Files may; an object
+   * store may not (a synced blob is an immutable object, so a stale owner can never
+   * overwrite what a new owner reads): the engine then writes changes to a synced
+   * extent into a new blob, as it does for map nodes.
+   */
+  readonly rewritable: boolean;
   /** Reads `length` bytes at `offset` of blob `id` into `target` at `targetOffset`. */
   read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void>;
   /** Writes `length` bytes of `source` from `sourceOffset` at `offset` of blob `id`, creating it when absent. */

@@ -40,18 +40,32 @@ interface Segment {
  * only fsync, which waits for the disk, goes to the thread pool.
  */
 export class FileBlobStore implements BlobStore {
+  /** Ids synced this session, when blobs are immutable once synced (checked on every write). */
+  private readonly sealed?: Set<number>;
   private readonly segments = new Map<number, Segment>();
   /** Open descriptors by segment, least recently used first. */
   private readonly fds = new Map<number, number>();
   private directoryChanged = false;
   private closed = false;
 
-  private constructor(private readonly root: string) {}
+  private constructor(
+    private readonly root: string,
+    readonly rewritable: boolean,
+    /** With `rewritable` false: serials below these were handed out before this session, so are sealed. */
+    private readonly sealedBelow: number[],
+  ) {
+    if (!rewritable) this.sealed = new Set();
+  }
 
   /** `serialsBelow[c]`: the committed next serial of size class c (nothing at or above it was handed out). */
-  static open(root: string, options: { serialsBelow: number[] }): FileBlobStore {
+  /**
+   * `rewritable: false` makes the store behave like an object store: a blob synced
+   * once can never be written again (a write throws), so the engine's sealed-blob
+   * path can be tested without one.
+   */
+  static open(root: string, options: { serialsBelow: number[]; rewritable?: boolean }): FileBlobStore {
     fs.mkdirSync(root, { recursive: true, mode: 0o700 });
-    const store = new FileBlobStore(root);
+    const store = new FileBlobStore(root, options.rewritable ?? true, options.serialsBelow);
     for (const name of fs.readdirSync(root)) {
       const match = /^c(\d{2})-([0-9a-f]{8})\.data$/.exec(name);
       if (!match) continue;
@@ -83,6 +97,9 @@ export class FileBlobStore implements BlobStore {
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
+    if (this.sealed && (this.sealed.has(id) || serialOf(id) < (this.sealedBelow[classOf(id)] ?? 0))) {
+      throw new ArborError('internal', `blob ${id} was synced and is immutable; the engine must write a new blob`);
+    }
     const segment = this.segment(id);
     if (offset + length > segment.slotBytes) throw new ArborError('internal', `a write of ${length} bytes at ${offset} does not fit blob ${id}`);
     const fd = this.fd(segment);
@@ -95,6 +112,7 @@ export class FileBlobStore implements BlobStore {
   async sync(ids: Iterable<number>): Promise<void> {
     const touched = new Set<Segment>();
     for (const id of ids) {
+      this.sealed?.add(id);
       const segment = this.segments.get(segmentKey(id));
       if (segment) touched.add(segment);
     }

@@ -18,7 +18,21 @@ export interface Compare {
   modRevision: number;
 }
 
-export type Op = { type: 'put'; key: string; value: string } | { type: 'delete'; key: string };
+/** A put may attach its key to a lease: the key disappears when the lease ends. */
+export type Op = { type: 'put'; key: string; value: string; lease?: string } | { type: 'delete'; key: string };
+
+/**
+ * A lease: keys attached to it live as long as it does. The holder keeps it alive;
+ * when it cannot (partitioned, paused past the TTL) the catalog ends it, its keys
+ * vanish, and `lost` settles so the holder stops acting on what it held.
+ */
+export interface Lease {
+  readonly id: string;
+  /** Resolves with the reason when the lease has ended without `revoke` (expired, or the catalog said so). */
+  readonly lost: Promise<Error>;
+  /** Ends the lease now; its keys are deleted. */
+  revoke(): Promise<void>;
+}
 
 export interface TxnResult {
   succeeded: boolean;
@@ -40,17 +54,24 @@ export interface ListOptions {
 }
 
 export interface Catalog {
+  /**
+   * True when one process holds the whole catalog (the embedded store's exclusive
+   * lock): that process then owns every volume, and no ownership keys are needed.
+   */
+  readonly exclusive: boolean;
   get(key: string): Promise<KvEntry | undefined>;
   /** Keys with the prefix, in key order. */
   list(prefix: string, options?: ListOptions): Promise<KvEntry[]>;
   txn(compares: Compare[], ops: Op[]): Promise<TxnResult>;
   /** Calls `listener` with every committed change under `prefix`, in commit order. */
   watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void;
+  /** A lease of about `ttlMs`, kept alive until it is revoked or lost. */
+  grantLease(ttlMs: number): Promise<Lease>;
   close(): Promise<void>;
 }
 
-export function put(key: string, value: unknown): Op {
-  return { type: 'put', key, value: JSON.stringify(value) };
+export function put(key: string, value: unknown, lease?: Lease): Op {
+  return lease ? { type: 'put', key, value: JSON.stringify(value), lease: lease.id } : { type: 'put', key, value: JSON.stringify(value) };
 }
 
 export function del(key: string): Op {

@@ -1,6 +1,7 @@
 import Database from 'better-sqlite3';
+import { randomBytes } from 'node:crypto';
 import { ArborError } from '../errors';
-import { Catalog, Compare, KvEntry, ListOptions, Op, TxnResult, WatchEvent } from './catalog';
+import { Catalog, Compare, KvEntry, Lease, ListOptions, Op, TxnResult, WatchEvent } from './catalog';
 
 /**
  * The embedded catalog: one SQLite database in the data directory.
@@ -10,14 +11,20 @@ import { Catalog, Compare, KvEntry, ListOptions, Op, TxnResult, WatchEvent } fro
  * writing beside us; the lock is a POSIX lock, released by the kernel when the
  * process dies, so a crash never leaves the directory locked. Commits are
  * synchronous (WAL, synchronous=FULL): a commit that returned survives power loss.
+ *
+ * Leases live as long as this process holds the catalog: keys attached to one are
+ * deleted when it is revoked, and those a previous process left are deleted at open.
  */
 export class SqliteCatalog implements Catalog {
+  readonly exclusive = true;
+  private readonly leases = new Set<string>();
   private readonly watchers = new Set<{ prefix: string; listener: (events: WatchEvent[]) => void }>();
   private readonly stmt: {
     get: Database.Statement<[string], { key: string; value: string; mod_revision: number }>;
     list: Database.Statement<[string, string, string, number], { key: string; value: string; mod_revision: number }>;
-    put: Database.Statement<[string, string, number]>;
+    put: Database.Statement<[string, string, number, string | null]>;
     del: Database.Statement<[string]>;
+    leased: Database.Statement<[string], { key: string }>;
     revision: Database.Statement<[], { revision: number }>;
     setRevision: Database.Statement<[number]>;
   };
@@ -28,8 +35,11 @@ export class SqliteCatalog implements Catalog {
     this.stmt = {
       get: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key = ?'),
       list: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? AND key > ? ORDER BY key LIMIT ?'),
-      put: db.prepare('INSERT INTO kv (key, value, mod_revision) VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value, mod_revision = excluded.mod_revision'),
+      put: db.prepare(
+        'INSERT INTO kv (key, value, mod_revision, lease) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value, mod_revision = excluded.mod_revision, lease = excluded.lease',
+      ),
       del: db.prepare('DELETE FROM kv WHERE key = ?'),
+      leased: db.prepare('SELECT key FROM kv WHERE lease = ?'),
       revision: db.prepare('SELECT revision FROM meta WHERE id = 1'),
       setRevision: db.prepare('UPDATE meta SET revision = ? WHERE id = 1'),
     };
@@ -50,6 +60,15 @@ export class SqliteCatalog implements Catalog {
         CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, mod_revision INTEGER NOT NULL) WITHOUT ROWID;
         CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL);
         INSERT OR IGNORE INTO meta (id, revision) VALUES (1, 0);
+      `);
+      const columns = db.prepare('PRAGMA table_info(kv)').all() as Array<{ name: string }>;
+      if (!columns.some((c) => c.name === 'lease')) db.exec('ALTER TABLE kv ADD COLUMN lease TEXT');
+      // Leases end with the process that held them.
+      db.exec(`
+        BEGIN IMMEDIATE;
+        UPDATE meta SET revision = revision + 1 WHERE id = 1 AND EXISTS (SELECT 1 FROM kv WHERE lease IS NOT NULL);
+        DELETE FROM kv WHERE lease IS NOT NULL;
+        COMMIT;
       `);
       return new SqliteCatalog(db);
     } catch (err) {
@@ -86,7 +105,8 @@ export class SqliteCatalog implements Catalog {
       const revision = this.revision + 1;
       for (const op of ops) {
         if (op.type === 'put') {
-          this.stmt.put.run(op.key, op.value, revision);
+          if (op.lease !== undefined && !this.leases.has(op.lease)) throw new ArborError('failed-precondition', `lease ${op.lease} has ended`);
+          this.stmt.put.run(op.key, op.value, revision, op.lease ?? null);
           events.push({ type: 'put', key: op.key, value: op.value, modRevision: revision });
         } else if (this.stmt.del.run(op.key).changes > 0) {
           events.push({ type: 'delete', key: op.key, modRevision: revision });
@@ -107,6 +127,22 @@ export class SqliteCatalog implements Catalog {
     const watcher = { prefix, listener };
     this.watchers.add(watcher);
     return () => this.watchers.delete(watcher);
+  }
+
+  async grantLease(): Promise<Lease> {
+    this.checkOpen();
+    const id = randomBytes(8).toString('hex');
+    this.leases.add(id);
+    return {
+      id,
+      // This process holds the catalog exclusively: nobody can end its leases but itself.
+      lost: new Promise<Error>(() => {}),
+      revoke: async () => {
+        if (!this.leases.delete(id) || this.closed) return;
+        const keys = this.stmt.leased.all(id).map((row) => row.key);
+        if (keys.length > 0) await this.txn([], keys.map((key) => ({ type: 'delete', key })));
+      },
+    };
   }
 
   async close(): Promise<void> {

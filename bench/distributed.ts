@@ -1,0 +1,129 @@
+/**
+ * npm run bench:distributed — Arbor on real etcd and a real Ceph RGW (started here,
+ * on loopback, like the tests), one `arbor node` and one `arbor controller`:
+ *   - snapshot and clone latency through the controller's CSI socket, for a
+ *     detached volume and for one attached on the node (the snapshot then goes
+ *     through the owner), beside `qemu-img create -b` (a qcow2 overlay) in the same run;
+ *   - FLUSH latency after a 4 KiB write, through NBD;
+ *   - fio over NBD: 4 KiB random reads with a cold node cache (fresh node) and a
+ *     warm one, 4 KiB random writes, 1 MiB sequential reads and writes; beside
+ *     qemu-nbd serving a raw file of the same size.
+ * BENCH_RUNTIME (seconds per fio run, default 10), BENCH_OPS (snapshots/clones, default 100).
+ */
+import { ChildProcess, execFileSync, spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { csiClient } from '../csi/client';
+import { NbdClient } from '../node-plugin/nbd/client';
+import { ArborServer, cliPath, startServer } from '../test/support/arbor-server';
+import { startEtcd } from '../test/support/etcd';
+import { startRgw } from '../test/support/rgw';
+import { fioNbd, fmt, nowMs, percentile, printTable, runBenchmark, stopServer, timeEach, workloads } from './support';
+
+const runtime = Number(process.env.BENCH_RUNTIME ?? 10);
+const ops = Number(process.env.BENCH_OPS ?? 100);
+const MiB = 1024 * 1024;
+const volumeBytes = 1024 * MiB;
+
+async function main(): Promise<void> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-bench-dist-'));
+  const etcd = await startEtcd({ members: 1 });
+  const rgw = await startRgw({ capacityBytes: 4 * 1024 * MiB });
+  Object.assign(process.env, rgw.env(), { AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' });
+  const storeArgs = ['--store', `etcd://${etcd.endpoints.map((e) => new URL(e).host).join(',')}/bench`, '--blobs', `s3://arbor-bench/blobs/?endpoint=${encodeURIComponent(rgw.endpoint)}&region=${rgw.region}`];
+  let node: ArborServer | undefined;
+  let controller: ChildProcess | undefined;
+  let qemu: ChildProcess | undefined;
+  const startNode = (cacheName: string) =>
+    startServer(path.join(dir, 'node'), [...storeArgs, '--node-id', 'bench-node', '--cache-dir', path.join(dir, cacheName), '--csi-endpoint', `unix://${path.join(dir, 'node.csi.sock')}`, '--log-level', 'warn'], 'node');
+  try {
+    node = await startNode('cache-1');
+    const controllerSocket = path.join(dir, 'controller.csi.sock');
+    let controllerLog = '';
+    controller = spawn(process.execPath, [cliPath, '--data-dir', path.join(dir, 'controller'), 'controller', ...storeArgs, '--csi-endpoint', `unix://${controllerSocket}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    controller.stderr!.on('data', (d) => (controllerLog += d));
+    for (let i = 0; i < 200 && !controllerLog.includes('arbor controller serving'); i++) await new Promise((r) => setTimeout(r, 50));
+    const csi = csiClient(controllerSocket);
+    const capability = [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }];
+    const created = (await csi.controller.CreateVolume({ name: 'golden', capacity_range: { required_bytes: String(volumeBytes) }, volume_capabilities: capability })) as { volume: { volume_id: string } };
+    const goldenId = created.volume.volume_id;
+
+    // Fill the volume through NBD (then let go of it: it is detached).
+    console.log(`filling a ${volumeBytes / MiB} MiB volume through NBD...`);
+    execFileSync('fio', ['--name=fill', '--ioengine=nbd', `--uri=nbd+unix:///golden?socket=${node.nbdSocket}`, '--rw=write', '--bs=1m', '--iodepth=8', `--size=${volumeBytes}`, '--refill_buffers', '--output-format=terse']);
+
+    const snapshotIds: string[] = [];
+    const detachedSnapshots = await timeEach(ops, async (i) => {
+      const taken = (await csi.controller.CreateSnapshot({ name: `d${i}`, source_volume_id: goldenId })) as { snapshot: { snapshot_id: string } };
+      snapshotIds.push(taken.snapshot.snapshot_id);
+    });
+    const clones = await timeEach(ops, async (i) => void (await csi.controller.CreateVolume({ name: `clone${i}`, volume_content_source: { snapshot: { snapshot_id: snapshotIds[0] } }, volume_capabilities: capability })));
+    const attached = await NbdClient.connect({ socketPath: node.nbdSocket, exportName: 'golden' });
+    const attachedSnapshots = await timeEach(Math.ceil(ops / 2), async (i) => {
+      await attached.write((i % 1000) * 4096, crypto.randomBytes(4096));
+      await csi.controller.CreateSnapshot({ name: `a${i}`, source_volume_id: goldenId });
+    });
+    const flushes: number[] = [];
+    for (let i = 0; i < ops; i++) {
+      await attached.write(crypto.randomInt(0, volumeBytes / 4096) * 4096, crypto.randomBytes(4096));
+      const started = nowMs();
+      await attached.flush();
+      flushes.push(nowMs() - started);
+    }
+    await attached.disconnect();
+    csi.close();
+
+    // qcow2 overlays on a raw golden image, the backing-chain way to clone.
+    const raw = path.join(dir, 'golden.raw');
+    execFileSync('fio', ['--name=raw', '--ioengine=psync', `--filename=${raw}`, '--rw=write', '--bs=1m', `--size=${volumeBytes}`, '--refill_buffers', '--output-format=terse']);
+    const overlays = await timeEach(ops, async (i) => void execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', raw, '-F', 'raw', path.join(dir, `o${i}.qcow2`)]));
+
+    const row = (name: string, values: number[]) => [name, fmt(percentile(values, 50)), fmt(percentile(values, 99))];
+    printTable(`latency through the controller (CSI) on etcd + RGW, ${ops} each, ${os.cpus().length} cores`, ['operation', 'p50 ms', 'p99 ms'], [
+      row('CreateSnapshot, detached 1 GiB volume', detachedSnapshots),
+      row('CreateVolume from snapshot (clone)', clones),
+      row('CreateSnapshot, volume attached on the node (via owner)', attachedSnapshots),
+      row('FLUSH after a 4 KiB write (S3 + etcd durable)', flushes),
+      row('qemu-img create -b (qcow2 overlay), same run', overlays),
+    ]);
+    console.log(`\nclone / qcow2 overlay p50: ${fmt(percentile(clones, 50) / percentile(overlays, 50))}x; detached snapshot p99 ${fmt(percentile(detachedSnapshots, 99))} ms (target < 20 ms)`);
+
+    // fio: a fresh clone read with a cold cache (a new node process, empty cache), then warm.
+    const rows: string[][] = [];
+    const fioOn = async (label: string, exportName: string, w: (typeof workloads)[number]) => {
+      const r = fioNbd(`nbd+unix:///${exportName}?socket=${node!.nbdSocket}`, w, volumeBytes, runtime);
+      rows.push([w.name, label, fmt(r.iops, 0), fmt(r.mibs, 1), fmt(r.p50us, 1), fmt(r.p99us, 1)]);
+      return r;
+    };
+    await node.stop();
+    node = await startNode('cache-2');
+    const cold = await fioOn('arbor, cold cache', 'clone1', workloads[0]);
+    const warm = await fioOn('arbor, warm cache', 'clone1', workloads[0]);
+    for (const w of workloads.slice(1)) await fioOn('arbor', `clone${2 + workloads.indexOf(w)}`, w);
+    const qemuSocket = path.join(dir, 'qemu.sock');
+    qemu = spawn('qemu-nbd', ['-t', '-e', '4', '-f', 'raw', '-k', qemuSocket, '--cache=writeback', raw], { stdio: 'ignore' });
+    for (let i = 0; i < 200 && !fs.existsSync(qemuSocket); i++) await new Promise((r) => setTimeout(r, 50));
+    const peer = workloads.map((w) => {
+      const r = fioNbd(`nbd+unix:///?socket=${qemuSocket}`, w, volumeBytes, runtime);
+      rows.push([w.name, 'qemu-nbd raw file', fmt(r.iops, 0), fmt(r.mibs, 1), fmt(r.p50us, 1), fmt(r.p99us, 1)]);
+      return r;
+    });
+    printTable(`fio --ioengine=nbd, ${runtime} s per run`, ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'], rows);
+    console.log(`\n4 KiB random read, warm / cold cache: ${fmt(warm.iops / cold.iops)}x; warm / qemu-nbd raw: ${fmt(warm.iops / peer[0].iops)}x`);
+  } finally {
+    if (qemu) {
+      const exited = new Promise((r) => qemu!.once('exit', r));
+      qemu.kill('SIGTERM');
+      await exited;
+    }
+    await stopServer(controller);
+    await node?.stop();
+    await rgw.stop();
+    await etcd.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+runBenchmark(main);

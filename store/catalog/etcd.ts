@@ -1,0 +1,194 @@
+import { Etcd3, IOptions, Lease as EtcdLease, Namespace, Range, Watcher } from 'etcd3';
+import fs from 'node:fs';
+import { Log, silentLog } from '../../lib/logger';
+import { ArborError } from '../errors';
+import { etcdCallDeadlineMs, etcdDialTimeoutMs } from '../limits';
+import { Catalog, Compare, KvEntry, Lease, ListOptions, Op, TxnResult, WatchEvent } from './catalog';
+import { prefixEnd } from './sqlite';
+
+export interface EtcdLocation {
+  /** e.g. http://10.0.0.1:2379 */
+  endpoints: string[];
+  /** Every key lives under it, so several Arbor installations can share one etcd. */
+  prefix: string;
+}
+
+export interface EtcdTls {
+  caFile?: string;
+  certFile?: string;
+  keyFile?: string;
+}
+
+/**
+ * `etcd://host:2379,host:2379/prefix` (plain) or `etcds://...` (TLS): the endpoints
+ * and the key prefix. Credentials never come from the URL.
+ */
+export function parseStoreUrl(url: string): EtcdLocation {
+  const match = /^(etcds?):\/\/([^/?#]+)(\/[^?#]*)?$/.exec(url);
+  if (!match) throw new ArborError('invalid-argument', `--store ${JSON.stringify(url)} is not etcd://HOST:PORT[,HOST:PORT...]/PREFIX`);
+  const [, scheme, hosts, rawPrefix] = match;
+  if (hosts.includes('@')) throw new ArborError('invalid-argument', `--store ${url}: credentials do not go in the URL; set ETCD_USERNAME and ETCD_PASSWORD`);
+  const endpoints = hosts.split(',').map((host) => {
+    if (!/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(host)) throw new ArborError('invalid-argument', `--store ${url}: ${JSON.stringify(host)} is not HOST:PORT`);
+    return `${scheme === 'etcds' ? 'https' : 'http'}://${host}`;
+  });
+  const prefix = (rawPrefix ?? '/').replace(/\/+$/, '');
+  if (!/^(\/[A-Za-z0-9._-]+)*$/.test(prefix)) throw new ArborError('invalid-argument', `--store ${url}: the prefix ${JSON.stringify(prefix)} may hold letters, digits, '.', '_', '-' and '/'`);
+  return { endpoints, prefix: `${prefix}/arbor/` };
+}
+
+/**
+ * The distributed catalog on etcd (v3 API, through the etcd3 client). The catalog's
+ * model is etcd's own, so each call maps to one etcd call: revisions are etcd's
+ * mod revisions, a compare on revision 0 is etcd's "key absent", leases are etcd
+ * leases kept alive by the client. Every unary call has a deadline: a leader
+ * election is absorbed by the client's retries, a lost quorum becomes an error.
+ */
+export class EtcdCatalog implements Catalog {
+  readonly exclusive = false;
+  private readonly kv: Namespace;
+  private readonly watchers = new Set<Watcher>();
+  private readonly leases = new Set<EtcdLease>();
+  private closed = false;
+
+  private constructor(
+    private readonly client: Etcd3,
+    private readonly location: EtcdLocation,
+    private readonly log: Log,
+  ) {
+    this.kv = client.namespace(location.prefix);
+  }
+
+  static async open(location: EtcdLocation, options: { tls?: EtcdTls; log?: Log; env?: NodeJS.ProcessEnv } = {}): Promise<EtcdCatalog> {
+    const env = options.env ?? process.env;
+    const etcdOptions: IOptions = {
+      hosts: location.endpoints,
+      dialTimeout: etcdDialTimeoutMs,
+      defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + etcdCallDeadlineMs }),
+    };
+    if (options.tls && (options.tls.caFile || options.tls.certFile)) {
+      etcdOptions.credentials = {
+        rootCertificate: options.tls.caFile ? readFile(options.tls.caFile, '--etcd-ca') : Buffer.alloc(0),
+        ...(options.tls.certFile ? { certChain: readFile(options.tls.certFile, '--etcd-cert') } : {}),
+        ...(options.tls.keyFile ? { privateKey: readFile(options.tls.keyFile, '--etcd-key') } : {}),
+      };
+    }
+    if (env.ETCD_USERNAME) etcdOptions.auth = { username: env.ETCD_USERNAME, password: env.ETCD_PASSWORD ?? '' };
+    const client = new Etcd3(etcdOptions);
+    const catalog = new EtcdCatalog(client, location, options.log ?? silentLog);
+    try {
+      await catalog.kv.get('meta/format').string();
+    } catch (err) {
+      client.close();
+      throw new ArborError('unavailable', `cannot reach etcd at ${location.endpoints.join(', ')}: ${(err as Error).message}; check --store and that etcd is running`);
+    }
+    return catalog;
+  }
+
+  async get(key: string): Promise<KvEntry | undefined> {
+    const response = await this.call('get', key, () => this.kv.get(key).exec());
+    const kv = response.kvs[0];
+    return kv && { key, value: kv.value.toString(), modRevision: Number(kv.mod_revision) };
+  }
+
+  async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
+    const start = options.after === undefined ? prefix : `${options.after}\0`;
+    const builder = this.kv.getAll().inRange(new Range(start, prefixEnd(prefix))).sort('Key', 'Ascend');
+    if (options.limit !== undefined) builder.limit(options.limit);
+    const response = await this.call('list', prefix, () => builder.exec());
+    return response.kvs.map((kv) => ({ key: kv.key.toString(), value: kv.value.toString(), modRevision: Number(kv.mod_revision) }));
+  }
+
+  async txn(compares: Compare[], ops: Op[]): Promise<TxnResult> {
+    // etcd's builder needs one compare; with none, one that always holds.
+    const txn = compares.length ? this.kv.if(compares[0].key, 'Mod', '==', compares[0].modRevision) : this.kv.if('meta/format', 'Mod', '>', -1);
+    for (const compare of compares.slice(1)) txn.and(compare.key, 'Mod', '==', compare.modRevision);
+    txn.then(
+      ...ops.map((op) => {
+        if (op.type === 'delete') return this.kv.delete().key(op.key);
+        const put = this.kv.put(op.key).value(op.value);
+        return op.lease === undefined ? put : put.lease(op.lease);
+      }),
+    );
+    const response = await this.call('txn', compares.map((c) => c.key).join(','), () => txn.commit());
+    return { succeeded: response.succeeded, revision: Number(response.header.revision) };
+  }
+
+  watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void {
+    let watcher: Watcher | undefined;
+    let cancelled = false;
+    void this.kv
+      .watch()
+      .prefix(prefix)
+      .create()
+      .then((created) => {
+        if (cancelled || this.closed) return void created.cancel().catch(() => {});
+        watcher = created;
+        this.watchers.add(created);
+        created.on('data', (response) => {
+          const events: WatchEvent[] = response.events.map((event) => ({
+            type: event.type === 'Delete' ? 'delete' : 'put',
+            key: event.kv.key.toString(),
+            ...(event.type === 'Delete' ? {} : { value: event.kv.value.toString() }),
+            modRevision: Number(event.kv.mod_revision),
+          }));
+          if (events.length > 0) listener(events);
+        });
+        created.on('error', (err) => this.log.warn('etcd watch error; the client reconnects it', { prefix, error: err.message }));
+      })
+      .catch((err: Error) => this.log.error('etcd watch failed', { prefix, error: err.message }));
+    return () => {
+      cancelled = true;
+      if (watcher) {
+        this.watchers.delete(watcher);
+        void watcher.cancel().catch(() => {});
+      }
+    };
+  }
+
+  async grantLease(ttlMs: number): Promise<Lease> {
+    const lease = this.kv.lease(Math.max(1, Math.ceil(ttlMs / 1000)), { autoKeepAlive: true });
+    let id: string;
+    try {
+      id = await lease.grant();
+    } catch (err) {
+      throw new ArborError('unavailable', `etcd did not grant a lease: ${(err as Error).message}`);
+    }
+    this.leases.add(lease);
+    const lost = new Promise<Error>((resolve) => lease.on('lost', (err) => resolve(new Error(`the etcd lease ${id} ended: ${err.message}`))));
+    return {
+      id,
+      lost,
+      revoke: async () => {
+        this.leases.delete(lease);
+        await lease.revoke().catch((err: Error) => this.log.warn('revoking an etcd lease failed; it will expire', { lease: id, error: err.message }));
+      },
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await Promise.all([...this.watchers].map((w) => w.cancel().catch(() => {})));
+    for (const lease of this.leases) lease.release();
+    this.client.close();
+  }
+
+
+  private async call<T>(what: string, key: string, fn: () => Promise<T>): Promise<T> {
+    if (this.closed) throw new ArborError('unavailable', 'the catalog is closed');
+    try {
+      return await fn();
+    } catch (err) {
+      throw new ArborError('unavailable', `etcd ${what} ${key} at ${this.location.endpoints.join(', ')} failed: ${(err as Error).message}`);
+    }
+  }
+}
+
+function readFile(file: string, option: string): Buffer {
+  try {
+    return fs.readFileSync(file);
+  } catch (err) {
+    throw new ArborError('invalid-argument', `${option} ${file}: ${(err as Error).message}`);
+  }
+}

@@ -1,0 +1,601 @@
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
+import { Log } from '../../lib/logger';
+import { blobId, bytesOfClass, classOf } from '../../store/blob-id';
+import { isArborError } from '../../store/errors';
+import { S3BlobStore } from '../../store/blobs/s3';
+import { idOfKey, objectKey, parseBlobsUrl } from '../../store/blobs/s3-url';
+import { Random, seedFromEnv } from '../support/random';
+import { rgwForSuite } from '../support/rgw';
+import { bucketForEachTest } from '../support/s3-bucket';
+import { memoryTempDir } from '../support/tmp';
+
+/**
+ * The S3 blob backend against a real Ceph RGW: a seeded random model test (replay a
+ * failure with ARBOR_S3_SEED=<seed>, lengthen with ARBOR_S3_OPS), then the contract's
+ * behaviours one by one. parseBlobsUrl needs no server.
+ */
+const seed = seedFromEnv('ARBOR_S3_SEED');
+const operations = Number(process.env.ARBOR_S3_OPS ?? 500);
+const trace = process.env.ARBOR_S3_TRACE === '1';
+const KiB = 1024;
+
+describe('parseBlobsUrl', () => {
+  const noEnv = {};
+
+  it('takes bucket, prefix, endpoint and region from an s3:// URL', () => {
+    assert.deepEqual(parseBlobsUrl('s3://my-bucket', noEnv), { bucket: 'my-bucket', prefix: '', region: 'us-east-1' });
+    assert.deepEqual(parseBlobsUrl('s3://my-bucket/', noEnv), { bucket: 'my-bucket', prefix: '', region: 'us-east-1' });
+    assert.deepEqual(parseBlobsUrl('s3://my.bucket-2/arbor', noEnv), { bucket: 'my.bucket-2', prefix: 'arbor/', region: 'us-east-1' });
+    assert.deepEqual(parseBlobsUrl('s3://b01/a/b/?endpoint=http://127.0.0.1:7480&region=eu-west-1', noEnv), {
+      bucket: 'b01',
+      prefix: 'a/b/',
+      endpoint: 'http://127.0.0.1:7480',
+      region: 'eu-west-1',
+    });
+    assert.equal(parseBlobsUrl('s3://b01?endpoint=https://s3.example.com/', noEnv).endpoint, 'https://s3.example.com');
+  });
+
+  it('takes the region from AWS_REGION when the URL has none, else us-east-1', () => {
+    assert.equal(parseBlobsUrl('s3://b01', { AWS_REGION: 'ap-south-1' }).region, 'ap-south-1');
+    assert.equal(parseBlobsUrl('s3://b01?region=eu-north-1', { AWS_REGION: 'ap-south-1' }).region, 'eu-north-1');
+    assert.equal(parseBlobsUrl('s3://b01', {}).region, 'us-east-1');
+  });
+
+  const refused: Array<[string, RegExp]> = [
+    ['http://bucket/x', /^blob store URL "http:\/\/bucket\/x" is not of the form s3:\/\/bucket\[\/prefix\]/],
+    ['s3:/bucket', /is not of the form s3:\/\/bucket/],
+    ['s3://', /bucket name "" is empty/],
+    ['s3://ab', /bucket name "ab" is 2 characters long; bucket names have 3 to 63/],
+    [`s3://${'a'.repeat(64)}`, /is 64 characters long/],
+    ['s3://My_Bucket', /bucket name "My_Bucket" may hold only lowercase letters, digits, dots and hyphens/],
+    ['s3://-bucket', /must begin and end with a letter or a digit/],
+    ['s3://a..b', /must not hold two adjacent dots/],
+    ['s3://192.168.1.10', /must not look like an IP address/],
+    ['s3://xn--bucket', /must not begin with "xn--" \(reserved by S3\)/],
+    ['s3://bucket-s3alias', /must not end with "-s3alias"/],
+    ['s3://bucket?foo=1', /unknown query parameter "foo" \(known: endpoint, region\)/],
+    ['s3://bucket?region=a&region=b', /query parameter "region" is given twice/],
+    ['s3://bucket?endpoint=', /query parameter "endpoint" is empty/],
+    ['s3://bucket?endpoint=ftp://host', /endpoint "ftp:\/\/host" must be http:\/\/ or https:\/\//],
+    ['s3://bucket?endpoint=127.0.0.1:7480', /endpoint "127\.0\.0\.1:7480" must be http:\/\/ or https:\/\/|is not a URL/],
+    ['s3://bucket?endpoint=http://h:1/path', /must be only scheme, host and port \(no path or query\)/],
+    ['s3://bucket?region=EU', /region "EU" may hold only lowercase letters, digits and hyphens/],
+    ['s3://bucket/a//b', /the prefix "a\/\/b" has an empty segment/],
+    ['s3://bucket/a/../b', /has a "\.\." segment/],
+    ['s3://bucket/a%20b', /prefix segment "a b" may hold only letters, digits/],
+    ['s3://bucket/a%zz', /malformed percent-escape/],
+    ['s3://bucket/p#frag', /has a fragment \(#frag\); remove it/],
+  ];
+  for (const [url, message] of refused) {
+    it(`refuses ${url.length > 40 ? `${url.slice(0, 40)}…` : url}`, () => {
+      assert.throws(() => parseBlobsUrl(url, noEnv), (err: unknown) => isArborError(err, 'invalid-argument') && message.test(err.message));
+    });
+  }
+
+  it('refuses credentials in the URL, pointing at the environment, without repeating them', () => {
+    const cases = [
+      's3://AKIAEXAMPLE:wJalrXUtnFEMI@bucket/prefix',
+      's3://AKIAEXAMPLE:wJalr/XUtnFEMI@bucket/prefix', // an unescaped '/' in the secret
+      's3://bucket/prefix?endpoint=http://AKIAEXAMPLE:wJalrXUtnFEMI@127.0.0.1:7480',
+      's3://bucket/prefix?endpoint=http%3A%2F%2FAKIAEXAMPLE%3AwJalrXUtnFEMI%40127.0.0.1%3A7480',
+    ];
+    for (const url of cases) {
+      assert.throws(
+        () => parseBlobsUrl(url, noEnv),
+        (err: unknown) =>
+          isArborError(err, 'invalid-argument') &&
+          /carries credentials; put them in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/.test(err.message) &&
+          !err.message.includes('AKIAEXAMPLE') &&
+          !err.message.includes('wJalr'),
+        url,
+      );
+    }
+  });
+
+  it('object keys spread ids under 4 hex digits of a hash, and only our keys parse back', () => {
+    const id = blobId(4, 0x123456);
+    const key = objectKey('arbor/', id);
+    assert.match(key, /^arbor\/[0-9a-f]{4}\/080000123456$/);
+    assert.equal(idOfKey('arbor/', key), id);
+    assert.equal(objectKey('', id), key.slice('arbor/'.length));
+    assert.equal(idOfKey('other/', key), undefined);
+    const wrongHash = key.replace(/^arbor\/([0-9a-f]{4})/, (_, h: string) => `arbor/${((parseInt(h, 16) + 1) % 65536).toString(16).padStart(4, '0')}`);
+    assert.equal(idOfKey('arbor/', wrongHash), undefined, 'a key whose hash does not match its id is not ours');
+    assert.equal(idOfKey('', 'arbor/abcd/000000000001'), undefined, 'a nested prefix is not ours');
+    assert.equal(idOfKey('arbor/', 'arbor/readme.txt'), undefined);
+  });
+});
+
+describe('S3 blob store (real Ceph RGW)', function () {
+  this.timeout(120_000);
+  const suite = rgwForSuite();
+  const s3 = bucketForEachTest(suite);
+  const savedEnv: Record<string, string | undefined> = {};
+  const stores: S3BlobStore[] = [];
+  const dirs: Array<{ dir: string; cleanup: () => void }> = [];
+
+  before(() => {
+    // The store takes credentials only from the SDK's default chain: here, the environment.
+    for (const [name, value] of Object.entries(suite.rgw.env())) {
+      savedEnv[name] = process.env[name];
+      process.env[name] = value;
+    }
+  });
+  after(() => {
+    for (const [name, value] of Object.entries(savedEnv)) {
+      if (value === undefined) delete process.env[name];
+      else process.env[name] = value;
+    }
+  });
+  afterEach(async () => {
+    for (const store of stores.splice(0)) await store.close();
+    for (const dir of dirs.splice(0)) dir.cleanup();
+  });
+
+  const urlOf = (bucket: string, prefix = 'arbor') => `s3://${bucket}/${prefix}?endpoint=${suite.rgw.endpoint}&region=${suite.rgw.region}`;
+  const cacheDir = (): string => {
+    const dir = memoryTempDir('arbor-s3-cache-');
+    dirs.push(dir);
+    return dir.dir;
+  };
+  const open = async (dir: string, options: { cacheBytes?: number; log?: Log; bucket?: string; url?: string; requestTimeoutMs?: number } = {}): Promise<S3BlobStore> => {
+    const store = await S3BlobStore.open({
+      location: options.url ?? urlOf(options.bucket ?? s3.bucket),
+      cacheDir: dir,
+      cacheBytes: options.cacheBytes ?? 16 * 1024 * KiB,
+      log: options.log,
+      requestTimeoutMs: options.requestTimeoutMs,
+    });
+    stores.push(store);
+    return store;
+  };
+  let evictions = 0;
+  const close = async (store: S3BlobStore): Promise<void> => {
+    stores.splice(stores.indexOf(store), 1);
+    evictions += store.cacheStats().evictions;
+    await store.close();
+  };
+  const read = async (store: S3BlobStore, id: number, offset = 0, length = bytesOfClass(classOf(id))): Promise<Buffer> => {
+    const out = Buffer.alloc(length, 0x5a); // not zeros: zeros must be written by the read
+    await store.read(id, offset, out, 0, length);
+    return out;
+  };
+  const write = (store: S3BlobStore, id: number, offset: number, bytes: Buffer) => store.write(id, offset, bytes, 0, bytes.length);
+  const keysInBucket = async (prefix = 'arbor/'): Promise<string[]> => {
+    const keys: string[] = [];
+    let token: string | undefined;
+    do {
+      const page = await s3.client.send(new ListObjectsV2Command({ Bucket: s3.bucket, Prefix: prefix, ContinuationToken: token }));
+      for (const object of page.Contents ?? []) keys.push(object.Key!);
+      token = page.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+    return keys;
+  };
+  const headStatus = async (key: string): Promise<number> => {
+    try {
+      await s3.client.send(new HeadObjectCommand({ Bucket: s3.bucket, Key: key }));
+      return 200;
+    } catch (err) {
+      return (err as { $metadata?: { httpStatusCode?: number } }).$metadata?.httpStatusCode ?? 0;
+    }
+  };
+
+  it(`random writes, reads, syncs, deletes and reopens match a model byte for byte (${operations} operations, seed ${seed})`, async () => {
+    const rng = new Random(seed);
+    evictions = 0;
+    const classes = [0, 2, 4]; // 4, 16 and 64 KiB blobs
+    const nextSerial = new Map<number, number>(classes.map((c) => [c, 1]));
+    // The model: every blob written and not deleted, its bytes (zeros where unwritten), and whether a sync made it durable.
+    const model = new Map<number, { bytes: Buffer; synced: boolean }>();
+    const gone = new Set<number>();
+    const warnings: string[] = [];
+    const log: Log = { debug() {}, info() {}, warn: (message) => warnings.push(message), error() {} };
+    const cacheBytes = 96 * KiB; // smaller than a few 64 KiB blobs: eviction all the time
+    let dir = cacheDir();
+    let store = await open(dir, { cacheBytes, log });
+    let storesOpened = 1;
+    const tally: Record<string, number> = {};
+    const timing: Record<string, number> = {};
+    const t0 = Date.now();
+
+    const unsynced = () => [...model].filter(([, blob]) => !blob.synced).map(([id]) => id);
+    const anyId = (): number => {
+      const roll = rng.next();
+      if (roll < 0.08 && gone.size) return rng.pick([...gone]);
+      if (roll < 0.12 || model.size === 0) return blobId(rng.pick(classes), 1_000_000 + rng.int(0, 1000)); // never written
+      return rng.pick([...model.keys()]);
+    };
+    const range = (size: number): { offset: number; length: number } => {
+      const offset = rng.chance(0.3) ? rng.int(0, size / 512 - 1) * 512 : rng.int(0, size - 1);
+      const length = rng.chance(0.5) ? rng.int(1, Math.min(600, size - offset)) : rng.int(1, size - offset);
+      return { offset, length };
+    };
+    const expected = (id: number, offset: number, length: number): Buffer => {
+      const blob = model.get(id);
+      return blob ? blob.bytes.subarray(offset, offset + length) : Buffer.alloc(length);
+    };
+    const checkRead = async (id: number, offset: number, length: number, step: number) => {
+      const got = await read(store, id, offset, length);
+      if (!got.equals(expected(id, offset, length))) {
+        const at = got.findIndex((byte, i) => byte !== expected(id, offset, length)[i]);
+        if (trace) process.stderr.write(`  got ${got.subarray(0, 32).toString('hex')}\n  exp ${expected(id, offset, length).subarray(0, 32).toString('hex')}\n`);
+        assert.fail(`step ${step} (seed ${seed}): blob ${id} bytes ${offset}+${length} differ from the model first at +${at}`);
+      }
+    };
+
+    for (let step = 0; step < operations; step++) {
+      const op = rng.weighted({ write: 40, read: 30, readTogether: 4, sync: 12, delete: 5, list: 3, reopen: 2, freshCache: 2, writeSynced: 2 });
+      tally[op] = (tally[op] ?? 0) + 1;
+      const opStart = Date.now();
+      if (trace) process.stderr.write(`step ${step}: ${op} ${JSON.stringify(store.cacheStats())}\n`);
+      switch (op) {
+        case 'write': {
+          const open = unsynced();
+          let id: number;
+          if (open.length === 0 || rng.chance(0.3)) {
+            const c = rng.pick(classes);
+            id = blobId(c, nextSerial.get(c)!);
+            nextSerial.set(c, nextSerial.get(c)! + 1);
+            model.set(id, { bytes: Buffer.alloc(bytesOfClass(c)), synced: false });
+          } else {
+            id = rng.pick(open);
+          }
+          const blob = model.get(id)!;
+          const { offset, length } = range(blob.bytes.length);
+          const bytes = rng.chance(0.1) ? Buffer.alloc(length) : rng.bytes(length);
+          await write(store, id, offset, bytes);
+          bytes.copy(blob.bytes, offset);
+          if (trace) process.stderr.write(`  write ${id} ${offset}+${length}\n`);
+          break;
+        }
+        case 'read': {
+          const id = anyId();
+          const { offset, length } = range(bytesOfClass(classOf(id)));
+          await checkRead(id, offset, length, step);
+          break;
+        }
+        case 'readTogether': {
+          // Concurrent reads of one blob, possibly all missing the cache at once.
+          const id = anyId();
+          const size = bytesOfClass(classOf(id));
+          await Promise.all(Array.from({ length: 4 }, () => range(size)).map(({ offset, length }) => checkRead(id, offset, length, step)));
+          break;
+        }
+        case 'sync': {
+          const open = unsynced();
+          const chosen = open.filter(() => rng.chance(0.9));
+          // Already synced and unknown ids are no-ops.
+          const extra = [anyId(), anyId()];
+          // Reads while the uploads are in flight see the same bytes.
+          const during = chosen.length && rng.chance(0.5) ? rng.pick(chosen) : undefined;
+          await Promise.all([store.sync([...chosen, ...extra]), during === undefined ? undefined : checkRead(during, 0, bytesOfClass(classOf(during)), step)]);
+          if (trace) process.stderr.write(`  sync ${[...chosen, ...extra].join(' ')}\n`);
+          for (const id of [...chosen, ...extra]) {
+            const blob = model.get(id);
+            if (blob) blob.synced = true;
+          }
+          break;
+        }
+        case 'writeSynced': {
+          const synced = [...model].filter(([, blob]) => blob.synced).map(([id]) => id);
+          if (synced.length === 0) break;
+          const id = rng.pick(synced);
+          // Refused at once when this store knows the blob is synced; otherwise its sync is refused. Either way nothing changes.
+          try {
+            await write(store, id, 0, rng.bytes(16));
+          } catch (err) {
+            assert.ok(isArborError(err, 'internal') && err.message.includes(`blob ${id} was written after it was synced`), String(err));
+            break;
+          }
+          await assert.rejects(store.sync([id]), (err: unknown) => isArborError(err, 'internal') && err.message.includes(`than blob ${id}`));
+          // The refused bytes stay staged in this store until it closes: reopen on a fresh cache to read the truth.
+          await close(store);
+          for (const [other, blob] of model) {
+            if (!blob.synced) {
+              model.delete(other);
+              gone.add(other);
+            }
+          }
+          dir = cacheDir();
+          store = await open(dir, { cacheBytes, log });
+          storesOpened++;
+          break;
+        }
+        case 'delete': {
+          // Some of the blobs, and one more id: deleted, never written, or one of them again.
+          const chosen = [...[...model.keys()].filter(() => rng.chance(0.08)), anyId()];
+          await store.delete(chosen);
+          for (const id of chosen) {
+            if (model.delete(id)) gone.add(id);
+          }
+          break;
+        }
+        case 'list': {
+          const listed = (await store.list()).sort((a, b) => a - b);
+          assert.deepEqual(listed, [...model.keys()].sort((a, b) => a - b), `step ${step} (seed ${seed}): list differs from the model`);
+          break;
+        }
+        case 'reopen':
+        case 'freshCache': {
+          await close(store);
+          // Unsynced blobs were never acknowledged as durable: they are gone.
+          for (const [id, blob] of model) {
+            if (!blob.synced) {
+              model.delete(id);
+              gone.add(id);
+            }
+          }
+          if (op === 'freshCache') dir = cacheDir();
+          store = await open(dir, { cacheBytes, log });
+          storesOpened++;
+          break;
+        }
+      }
+      timing[op] = (timing[op] ?? 0) + Date.now() - opStart;
+      const stats = store.cacheStats();
+      assert.ok(stats.stagedBytes + stats.cleanBytes <= cacheBytes || stats.cleanBlobs === 0, `step ${step}: the cache holds ${JSON.stringify(stats)}, over ${cacheBytes} with clean entries left`);
+    }
+
+    // The end state, from a fresh cache: everything comes from S3.
+    await close(store);
+    for (const [id, blob] of model) if (!blob.synced) model.delete(id);
+    store = await open(cacheDir(), { cacheBytes, log });
+    for (const id of [...model.keys(), ...gone]) await checkRead(id, 0, bytesOfClass(classOf(id)), operations);
+    assert.deepEqual((await store.list()).sort((a, b) => a - b), [...model.keys()].sort((a, b) => a - b));
+    assert.equal((await store.usage()).blobs, model.size);
+    assert.ok(evictions > 0, 'the cache evicted');
+    assert.ok(warnings.length <= storesOpened + 1, `at most one warning per store: ${warnings.length} for ${storesOpened + 1} stores`);
+    process.stderr.write(
+      `      s3 model: ${operations} operations in ${((Date.now() - t0) / 1000).toFixed(1)} s, ${model.size} blobs left; ${JSON.stringify(tally)}; ms ${JSON.stringify(timing)}; ` +
+        `${evictions} evictions; seed ${seed}\n`,
+    );
+  });
+
+  it('many small writes to one blob between syncs make exactly one PutObject, of bytes up to the highest one written', async () => {
+    const store = await open(cacheDir());
+    const rng = new Random(seed);
+    const id = blobId(4, 7);
+    const expectedBytes = Buffer.alloc(64 * KiB);
+    let end = 0;
+    for (let i = 0; i < 128; i++) {
+      const offset = rng.int(0, 60 * KiB);
+      const bytes = rng.bytes(512);
+      await write(store, id, offset, bytes);
+      bytes.copy(expectedBytes, offset);
+      end = Math.max(end, offset + 512);
+    }
+    assert.equal(store.requestsSent('PutObject'), 0, 'nothing is uploaded before the sync');
+    await store.sync([id]);
+    assert.equal(store.requestsSent('PutObject'), 1);
+    await store.sync([id]);
+    await store.sync([id, blobId(4, 8)]);
+    assert.equal(store.requestsSent('PutObject'), 1, 'a synced blob and an unknown one are no-ops');
+    const head = await s3.client.send(new HeadObjectCommand({ Bucket: s3.bucket, Key: objectKey('arbor/', id) }));
+    assert.equal(head.ContentLength, end);
+    const other = await open(cacheDir());
+    assert.ok((await read(other, id)).equals(expectedBytes), 'a fresh cache reads what was written, zeros past the object');
+  });
+
+  it('a write after sync is refused and changes nothing; one the store cannot know about fails at its sync, and nothing is overwritten', async () => {
+    const store = await open(cacheDir());
+    const id = blobId(0, 42);
+    const original = Buffer.alloc(4 * KiB, 0xa1);
+    await write(store, id, 0, original);
+    await store.sync([id]);
+    await assert.rejects(
+      write(store, id, 100, Buffer.alloc(10, 0xff)),
+      (err: unknown) => isArborError(err, 'internal') && err.message.startsWith(`blob ${id} was written after it was synced`) && err.message.includes(objectKey('arbor/', id)),
+    );
+    assert.ok((await read(store, id)).equals(original));
+
+    // Another process (a fresh cache) cannot know: its sync finds the object, with other bytes.
+    const other = await open(cacheDir());
+    await write(other, id, 0, Buffer.alloc(4 * KiB, 0xb2));
+    await assert.rejects(other.sync([id]), (err: unknown) => isArborError(err, 'internal') && /already holds other bytes than blob \d+ .*nothing was overwritten/.test(err.message));
+    const third = await open(cacheDir());
+    assert.ok((await read(third, id)).equals(original), 'the object keeps its first bytes');
+
+    // The same bytes again (a retried upload whose first try landed) are fine.
+    const retry = await open(cacheDir());
+    await write(retry, id, 0, original);
+    await retry.sync([id]);
+    assert.equal(retry.requestsSent('HeadObject'), 1, 'the refused conditional upload was checked against the object');
+  });
+
+  it('a second store on the same cache directory is refused, and the directory is free again after close', async () => {
+    const dir = cacheDir();
+    const first = await open(dir);
+    await assert.rejects(
+      open(dir),
+      (err: unknown) =>
+        isArborError(err, 'busy') && err.message === `blob cache directory ${dir} is in use by another blob store (pid ${process.pid}); every store needs a cache directory of its own`,
+    );
+    await close(first);
+    const second = await open(dir);
+    await second.list();
+  });
+
+  it('blobs staged by a killed process are never uploaded; its synced blobs are, and its clean cache is reused', async () => {
+    const dir = cacheDir();
+    const synced = blobId(2, 1);
+    const staged = blobId(2, 2);
+    const script = `
+      const { S3BlobStore } = require(${JSON.stringify(path.resolve(__dirname, '../../store/blobs/s3.js'))});
+      (async () => {
+        const store = await S3BlobStore.open({ location: ${JSON.stringify(urlOf(s3.bucket))}, cacheDir: ${JSON.stringify(dir)}, cacheBytes: 1 << 20 });
+        await store.write(${synced}, 0, Buffer.alloc(16384, 0xaa), 0, 16384);
+        await store.sync([${synced}]);
+        await store.write(${staged}, 0, Buffer.alloc(16384, 0xbb), 0, 16384);
+        process.stdout.write('ready\\n');
+        setInterval(() => {}, 1000);
+      })().catch((err) => { console.error(err); process.exit(1); });`;
+    const child = spawn(process.execPath, ['-e', script], { env: { ...process.env, ...suite.rgw.env() }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const exited = new Promise<string>((resolve) => child.once('exit', (code, signal) => resolve(signal ?? `exit ${code}`)));
+    try {
+      let stderr = '';
+      child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+      await new Promise<void>((resolve, reject) => {
+        child.stdout.on('data', (chunk: Buffer) => chunk.toString().includes('ready') && resolve());
+        void exited.then((how) => reject(new Error(`the child ended (${how}) before it was ready:\n${stderr}`)));
+      });
+      await assert.rejects(open(dir), (err: unknown) => isArborError(err, 'busy') && err.message.includes(`(pid ${child.pid})`));
+    } finally {
+      child.kill('SIGKILL');
+    }
+    assert.equal(await exited, 'SIGKILL');
+    assert.equal(fs.readdirSync(path.join(dir, 'staged')).length, 1, 'the killed process left its staged blob behind');
+
+    // The kernel dropped the dead process's lock: no stale lock to clear.
+    const store = await open(dir);
+    assert.deepEqual(fs.readdirSync(path.join(dir, 'staged')), [], 'staged leftovers are discarded at open');
+    assert.deepEqual(await store.list(), [synced]);
+    assert.equal(await headStatus(objectKey('arbor/', staged)), 404);
+    assert.ok((await read(store, staged)).equals(Buffer.alloc(16 * KiB)));
+    assert.ok((await read(store, synced)).equals(Buffer.alloc(16 * KiB, 0xaa)));
+    assert.equal(store.requestsSent('GetObject'), 1, 'only the missing blob was fetched: the synced one came from the clean cache');
+  });
+
+  it('a clean cache survives a restart: reads after reopening need no GET', async () => {
+    const dir = cacheDir();
+    let store = await open(dir);
+    const ids = [blobId(0, 1), blobId(0, 2), blobId(4, 1)];
+    for (const id of ids) await write(store, id, 100, Buffer.from(`blob ${id}`));
+    await store.sync(ids);
+    await close(store);
+    store = await open(dir);
+    for (const id of ids) assert.equal((await read(store, id, 100, 20)).toString().replace(/\0+$/, ''), `blob ${id}`);
+    assert.equal(store.requestsSent('GetObject'), 0);
+  });
+
+  it('concurrent misses of one blob share a single GET', async () => {
+    const writer = await open(cacheDir());
+    const id = blobId(4, 99);
+    const bytes = new Random(seed).bytes(64 * KiB);
+    await write(writer, id, 0, bytes);
+    await writer.sync([id]);
+    const reader = await open(cacheDir());
+    const ranges = Array.from({ length: 16 }, (_, i) => ({ offset: i * 4 * KiB, length: 4 * KiB }));
+    const got = await Promise.all(ranges.map(({ offset, length }) => read(reader, id, offset, length)));
+    for (let i = 0; i < ranges.length; i++) assert.ok(got[i].equals(bytes.subarray(ranges[i].offset, ranges[i].offset + ranges[i].length)));
+    assert.equal(reader.requestsSent('GetObject'), 1);
+    await read(reader, id);
+    assert.equal(reader.requestsSent('GetObject'), 1, 'then it is served from the cache');
+  });
+
+  it('keys spread over many prefixes', async () => {
+    const store = await open(cacheDir());
+    const ids = Array.from({ length: 256 }, (_, i) => blobId(0, i + 1));
+    for (const id of ids) await write(store, id, 0, Buffer.from([1]));
+    await store.sync(ids);
+    const keys = await keysInBucket();
+    assert.equal(keys.length, ids.length);
+    for (const key of keys) assert.match(key, /^arbor\/[0-9a-f]{4}\/[0-9a-f]{12}$/);
+    const prefixes = new Set(keys.map((key) => key.split('/')[1]));
+    assert.ok(prefixes.size >= 250, `256 consecutive ids fall under ${prefixes.size} distinct prefixes`);
+    assert.deepEqual(keys.map((key) => idOfKey('arbor/', key)).sort((a, b) => a! - b!), ids);
+  });
+
+  it('a deleted blob is gone from the list and the bucket and reads as zeros; deletes go in batches of 1000 keys', async () => {
+    const store = await open(cacheDir());
+    const [a, b, c] = [blobId(1, 1), blobId(1, 2), blobId(1, 3)];
+    for (const id of [a, b, c]) await write(store, id, 0, Buffer.alloc(8 * KiB, id % 251));
+    await store.sync([a, b]);
+    const unknown = Array.from({ length: 2497 }, (_, i) => blobId(3, 5000 + i));
+    await store.delete([a, c, ...unknown]);
+    assert.equal(store.requestsSent('DeleteObjects'), 3, '2500 keys in batches of at most 1000');
+    assert.deepEqual(await store.list(), [b]);
+    assert.equal(await headStatus(objectKey('arbor/', a)), 404);
+    assert.ok((await read(store, a)).equals(Buffer.alloc(8 * KiB)));
+    assert.ok((await read(store, c)).equals(Buffer.alloc(8 * KiB)), 'a deleted staged blob is gone too');
+    const fresh = await open(cacheDir());
+    assert.ok((await read(fresh, a)).equals(Buffer.alloc(8 * KiB)));
+    assert.ok((await read(fresh, b)).equals(Buffer.alloc(8 * KiB, b % 251)));
+    assert.deepEqual(await fresh.usage(), { blobs: 1, bytes: 8 * KiB });
+    assert.equal(await fresh.availableBytes(), undefined);
+  });
+
+  it('stores under different prefixes of one bucket see only their own blobs', async () => {
+    const one = await open(cacheDir(), { url: urlOf(s3.bucket, 'one') });
+    const root = await open(cacheDir(), { url: `s3://${s3.bucket}?endpoint=${suite.rgw.endpoint}` });
+    await write(one, blobId(0, 1), 0, Buffer.from('one'));
+    await write(root, blobId(0, 2), 0, Buffer.from('root'));
+    await one.sync([blobId(0, 1)]);
+    await root.sync([blobId(0, 2)]);
+    assert.deepEqual(await one.list(), [blobId(0, 1)]);
+    assert.deepEqual(await root.list(), [blobId(0, 2)], "the root store ignores keys under another store's prefix");
+  });
+
+  it('opening creates a missing bucket; denied credentials and an unreachable endpoint fail with errors naming the bucket and endpoint', async () => {
+    const bucket = `${s3.bucket}-new`;
+    await open(cacheDir(), { bucket });
+    await s3.client.send(new HeadBucketCommand({ Bucket: bucket }));
+
+    const secret = process.env.AWS_SECRET_ACCESS_KEY!;
+    process.env.AWS_SECRET_ACCESS_KEY = 'not-the-secret-0123456789';
+    try {
+      await assert.rejects(
+        open(cacheDir(), { bucket: s3.bucket }),
+        (err: unknown) =>
+          isArborError(err, 'failed-precondition') &&
+          err.message.startsWith(`s3://${s3.bucket}/arbor/ at ${suite.rgw.endpoint}: checking that the bucket exists failed: access denied (HTTP 403`) &&
+          !err.message.includes('not-the-secret') &&
+          !err.message.includes(secret),
+      );
+    } finally {
+      process.env.AWS_SECRET_ACCESS_KEY = secret;
+    }
+
+    // No credentials anywhere in the default chain.
+    const hidden = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_EC2_METADATA_DISABLED', 'AWS_SHARED_CREDENTIALS_FILE', 'AWS_CONFIG_FILE', 'AWS_PROFILE'];
+    const kept = Object.fromEntries(hidden.map((name) => [name, process.env[name]]));
+    for (const name of hidden) delete process.env[name];
+    Object.assign(process.env, { AWS_EC2_METADATA_DISABLED: 'true', AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials', AWS_CONFIG_FILE: '/nonexistent/config' });
+    try {
+      await assert.rejects(open(cacheDir()), (err: unknown) => isArborError(err, 'failed-precondition') && /failed: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/.test(err.message));
+    } finally {
+      for (const name of hidden) {
+        if (kept[name] === undefined) delete process.env[name];
+        else process.env[name] = kept[name];
+      }
+    }
+
+    const t0 = Date.now();
+    await assert.rejects(
+      open(cacheDir(), { url: `s3://${s3.bucket}/arbor?endpoint=http://127.0.0.1:9` }),
+      (err: unknown) => isArborError(err, 'unavailable') && /^s3:\/\/[a-z0-9-]+\/arbor\/ at http:\/\/127\.0\.0\.1:9: checking that the bucket exists failed after \d tries \(.*ECONNREFUSED/.test(err.message),
+    );
+    assert.ok(Date.now() - t0 < 10_000, 'bounded retries');
+    // A failed open lets go of its cache directory.
+    const dir = cacheDir();
+    await assert.rejects(open(dir, { url: `s3://${s3.bucket}/arbor?endpoint=http://127.0.0.1:9` }));
+    await open(dir);
+  });
+
+  it('an endpoint that accepts connections and never answers fails requests after the timeout and bounded tries, not never', async () => {
+    const sockets = new Set<net.Socket>();
+    const server = net.createServer((socket) => {
+      sockets.add(socket);
+      socket.on('error', () => {});
+      socket.on('close', () => sockets.delete(socket));
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as net.AddressInfo).port;
+    try {
+      const t0 = Date.now();
+      await assert.rejects(
+        open(cacheDir(), { url: `s3://${s3.bucket}/arbor?endpoint=http://127.0.0.1:${port}`, requestTimeoutMs: 300 }),
+        (err: unknown) => isArborError(err, 'unavailable') && /checking that the bucket exists failed after 3 tries \(TimeoutError/.test(err.message),
+      );
+      const elapsed = Date.now() - t0;
+      assert.ok(elapsed >= 900 && elapsed < 5_000, `failed after ${elapsed} ms`);
+    } finally {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    }
+  });
+});
