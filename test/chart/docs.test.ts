@@ -1,0 +1,200 @@
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { helm, K8sObject, parseDocuments, repoRoot, valuesArgs, yaml } from '../support/helm';
+import { objectProblems } from './models';
+import { all, defaults, namespace, render } from './rendered';
+
+const examplesDir = path.join(repoRoot, 'docs/examples');
+const guides = ['docs/install.md', 'docs/kubevirt.md'];
+
+function walk(dir: string): string[] {
+  return fs.readdirSync(dir, { withFileTypes: true }).flatMap((entry) => (entry.isDirectory() ? walk(path.join(dir, entry.name)) : [path.join(dir, entry.name)]));
+}
+
+const exampleFiles = () => walk(examplesDir).filter((f) => f.endsWith('.yaml')).map((f) => path.relative(repoRoot, f)).sort();
+const isValuesFile = (file: string) => path.basename(file).startsWith('values-');
+const read = (file: string) => fs.readFileSync(path.join(repoRoot, file), 'utf8');
+
+/** Values files that set no store mode are layered on the embedded example, as the docs say. */
+function valuesStack(file: string): string[] {
+  const values = yaml().load(read(file)) as Record<string, unknown>;
+  return 'store' in values ? [file] : ['docs/examples/values-embedded.yaml', file];
+}
+
+/** Every manifest in docs/examples (not the Helm values files). */
+function exampleObjects(): K8sObject[] {
+  return exampleFiles()
+    .filter((f) => !isValuesFile(f))
+    .flatMap((f) => parseDocuments(read(f)) as K8sObject[]);
+}
+
+/** The fenced blocks of one language in a Markdown file. */
+function fencedBlocks(file: string, language: string): string[] {
+  const blocks: string[] = [];
+  const pattern = new RegExp('^```' + language + '\\n([\\s\\S]*?)^```', 'gm');
+  for (const match of read(file).matchAll(pattern)) blocks.push(match[1]);
+  return blocks;
+}
+
+type Spec = Record<string, unknown>;
+const spec = (o: K8sObject) => o.spec as Spec;
+
+describe('the docs and their examples', function () {
+  this.timeout(120_000);
+
+  it('has the example manifests the issue asks for', () => {
+    const kinds = new Set(exampleObjects().map((o) => o.kind));
+    for (const kind of ['PersistentVolumeClaim', 'VolumeSnapshot', 'DataVolume', 'DataImportCron', 'VirtualMachine', 'VirtualMachineSnapshot', 'VirtualMachineRestore']) {
+      assert.ok(kinds.has(kind), `no ${kind} example`);
+    }
+    const pvcs = exampleObjects().filter((o) => o.kind === 'PersistentVolumeClaim');
+    assert.ok(pvcs.some((p) => spec(p).volumeMode === 'Block'), 'a Block PVC');
+    assert.ok(pvcs.some((p) => spec(p).volumeMode === undefined), 'a Filesystem PVC');
+    assert.ok(pvcs.some((p) => (spec(p).dataSource as Spec | undefined)?.kind === 'VolumeSnapshot'), 'a restore');
+    assert.ok(pvcs.some((p) => (spec(p).dataSource as Spec | undefined)?.kind === 'PersistentVolumeClaim'), 'a clone');
+  });
+
+  for (const file of exampleFiles()) {
+    if (isValuesFile(file)) {
+      it(`${file}: the chart renders with it`, () => {
+        const objects = render({ valuesFiles: valuesStack(file) });
+        assert.deepEqual(objects.flatMap((o) => objectProblems(o)), []);
+      });
+    } else {
+      it(`${file}: every object is valid for the API types`, () => {
+        const objects = parseDocuments(read(file));
+        assert.ok(objects.length > 0);
+        assert.deepEqual(objects.flatMap((o) => objectProblems(o)), []);
+      });
+    }
+  }
+
+  describe('the examples fit the chart and each other', () => {
+    it('name only the classes the chart creates', () => {
+      const chart = defaults();
+      const storageClasses = new Set(all(chart, 'StorageClass').map((s) => s.metadata.name));
+      const snapshotClasses = new Set(all(chart, 'VolumeSnapshotClass').map((s) => s.metadata.name));
+      const groupClasses = new Set(all(render({ set: { 'store.embedded.nodeName': 'n', 'groupSnapshots.enabled': true } }), 'VolumeGroupSnapshotClass').map((s) => s.metadata.name));
+      const text = JSON.stringify(exampleObjects());
+      for (const [, name] of text.matchAll(/"storageClassName":"([^"]+)"/g)) assert.ok(storageClasses.has(name), `storageClassName ${name}`);
+      for (const [, name] of text.matchAll(/"volumeSnapshotClassName":"([^"]+)"/g)) assert.ok(snapshotClasses.has(name), `volumeSnapshotClassName ${name}`);
+      for (const [, name] of text.matchAll(/"volumeGroupSnapshotClassName":"([^"]+)"/g)) assert.ok(groupClasses.has(name), `volumeGroupSnapshotClassName ${name}`);
+    });
+
+    it('ask only for access modes Arbor serves, and use Block volumes as devices', () => {
+      const objects = exampleObjects();
+      for (const [, modes] of JSON.stringify(objects).matchAll(/"accessModes":\[([^\]]*)\]/g)) {
+        for (const mode of JSON.parse(`[${modes}]`) as string[]) assert.ok(['ReadWriteOnce', 'ReadWriteOncePod', 'ReadOnlyMany'].includes(mode), mode);
+      }
+      const blockClaims = new Set(objects.filter((o) => o.kind === 'PersistentVolumeClaim' && spec(o).volumeMode === 'Block').map((o) => o.metadata.name));
+      for (const pod of objects.filter((o) => o.kind === 'Pod')) {
+        const podSpec = spec(pod) as { volumes: { name: string; persistentVolumeClaim: { claimName: string } }[]; containers: { volumeDevices?: { name: string }[]; volumeMounts?: { name: string }[] }[] };
+        for (const v of podSpec.volumes) {
+          const asDevice = podSpec.containers.some((c) => (c.volumeDevices ?? []).some((d) => d.name === v.name));
+          const asMount = podSpec.containers.some((c) => (c.volumeMounts ?? []).some((m) => m.name === v.name));
+          if (blockClaims.has(v.persistentVolumeClaim.claimName)) assert.ok(asDevice && !asMount, `${pod.metadata.name}: Block volume ${v.name} must be a volumeDevice`);
+          else assert.ok(asMount && !asDevice, `${pod.metadata.name}: filesystem volume ${v.name} must be mounted`);
+        }
+      }
+    });
+
+    it('restore, clone and snapshot what the other examples create', () => {
+      const objects = exampleObjects();
+      const names = (kind: string) => new Set(objects.filter((o) => o.kind === kind).map((o) => o.metadata.name));
+      for (const pvc of objects.filter((o) => o.kind === 'PersistentVolumeClaim')) {
+        const source = spec(pvc).dataSource as { kind: string; name: string } | undefined;
+        if (source) assert.ok(names(source.kind).has(source.name), `${pvc.metadata.name} comes from ${source.kind} ${source.name}, which no example creates`);
+      }
+      for (const snap of objects.filter((o) => o.kind === 'VolumeSnapshot')) {
+        const claim = (spec(snap).source as Spec).persistentVolumeClaimName as string;
+        assert.ok(names('PersistentVolumeClaim').has(claim), `${snap.metadata.name} snapshots ${claim}`);
+      }
+    });
+
+    it('give the VMs disks cloned from the golden image, and snapshot and restore a VM that exists', () => {
+      const objects = exampleObjects();
+      const kubevirtObjects = objects.filter((o) => /kubevirt\.io/.test(o.apiVersion));
+      for (const o of kubevirtObjects) assert.equal(o.metadata.namespace, 'vms', `${o.kind}/${o.metadata.name}`);
+      const dataSources = new Set([
+        ...objects.filter((o) => o.kind === 'DataSource').map((o) => o.metadata.name),
+        ...objects.filter((o) => o.kind === 'DataImportCron').map((o) => spec(o).managedDataSource as string),
+      ]);
+      const goldenPvcs = new Set(objects.filter((o) => o.kind === 'DataVolume').map((o) => o.metadata.name));
+      for (const ds of objects.filter((o) => o.kind === 'DataSource')) {
+        assert.ok(goldenPvcs.has(((spec(ds).source as Spec).pvc as Spec).name as string), `DataSource ${ds.metadata.name} names a volume no example imports`);
+      }
+      const vms = objects.filter((o) => o.kind === 'VirtualMachine');
+      assert.ok(vms.length > 0);
+      for (const vm of vms) {
+        const vmSpec = spec(vm) as {
+          dataVolumeTemplates: { metadata: { name: string }; spec: { sourceRef: { name: string } } }[];
+          template: { spec: { domain: { devices: { disks: { name: string }[] } }; volumes: { name: string; dataVolume?: { name: string } }[] } };
+        };
+        const templates = vmSpec.dataVolumeTemplates;
+        assert.ok(templates.length > 0, 'the root disk is a dataVolumeTemplate');
+        for (const t of templates) assert.ok(dataSources.has(t.spec.sourceRef.name), `${t.metadata.name} clones DataSource ${t.spec.sourceRef.name}, which no example creates`);
+        const volumes = vmSpec.template.spec.volumes;
+        assert.deepEqual(vmSpec.template.spec.domain.devices.disks.map((d) => d.name).sort(), volumes.map((v) => v.name).sort(), 'every disk has a volume');
+        for (const v of volumes) if (v.dataVolume) assert.ok(templates.some((t) => t.metadata.name === v.dataVolume!.name), `volume ${v.name} uses DataVolume ${v.dataVolume.name}`);
+        assert.notEqual((vmSpec.template.spec as Spec).evictionStrategy, 'LiveMigrate', 'Arbor disks cannot live-migrate');
+      }
+      const vmNames = new Set(vms.map((v) => v.metadata.name));
+      const snapshots = objects.filter((o) => o.kind === 'VirtualMachineSnapshot');
+      for (const s of snapshots) assert.ok(vmNames.has(((spec(s).source as Spec).name as string)), s.metadata.name);
+      for (const r of objects.filter((o) => o.kind === 'VirtualMachineRestore')) {
+        assert.ok(vmNames.has((spec(r).target as Spec).name as string), r.metadata.name);
+        assert.ok(snapshots.some((s) => s.metadata.name === spec(r).virtualMachineSnapshotName), `${r.metadata.name} restores a snapshot no example takes`);
+      }
+    });
+  });
+
+  describe('the guides', () => {
+    for (const guide of guides) {
+      it(`${guide}: every YAML block is valid, and a block headed by an example's path holds that file`, () => {
+        const blocks = fencedBlocks(guide, 'yaml');
+        assert.ok(blocks.length > 0);
+        for (const block of blocks) {
+          const named = /^# (docs\/examples\/\S+\.yaml)\n/.exec(block);
+          if (named) {
+            assert.equal(block.slice(named[0].length), read(named[1]), `the block in ${guide} after its first line differs from ${named[1]}`);
+            continue;
+          }
+          const docs = parseDocuments(block);
+          if (docs.every((d) => typeof d === 'object' && d !== null && 'kind' in d)) {
+            assert.deepEqual(docs.flatMap((d) => objectProblems(d)), [], block);
+          } else {
+            // Helm values: the chart must render with them.
+            const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-values-')), 'values.yaml');
+            fs.writeFileSync(file, block);
+            const result = helm(['template', 'arbor', path.join(repoRoot, 'charts/arbor'), '--namespace', namespace, ...valuesArgs({ valuesFiles: [file] })]);
+            fs.rmSync(path.dirname(file), { recursive: true, force: true });
+            assert.equal(result.status, 0, `${guide} values block does not render:\n${result.stderr}\n${block}`);
+          }
+        }
+      });
+
+      it(`${guide}: every file and chart path its commands name exists`, () => {
+        const text = read(guide);
+        const paths = [...text.matchAll(/(?:^|[\s(`=])((?:docs\/examples|charts\/arbor)[\w./-]*)/gm)].map((m) => m[1].replace(/[.)]+$/, ''));
+        const links = [...text.matchAll(/\]\(([^)#]+)\)/g)].map((m) => path.join(path.dirname(guide), m[1]));
+        assert.ok(paths.length > 0);
+        for (const p of [...paths, ...links]) assert.ok(fs.existsSync(path.join(repoRoot, p)), `${guide} names ${p}, which does not exist`);
+      });
+    }
+
+    it('install.md covers the prerequisites, both modes, expansion, upgrade and uninstall', () => {
+      const text = read('docs/install.md');
+      for (const needle of [/external-snapshotter/, /snapshot-controller/, /store\.embedded\.nodeName/, /mode: distributed/, /FAILED_PRECONDITION/, /restart the pod/i, /## \d+\. Upgrade/, /## \d+\. Uninstall/, /helm uninstall/]) {
+        assert.match(text, needle);
+      }
+    });
+
+    it('kubevirt.md says plainly that there is no ReadWriteMany and so no live migration', () => {
+      const text = read('docs/kubevirt.md');
+      assert.match(text, /no `ReadWriteMany`, so VMs on Arbor disks cannot live-migrate/);
+      for (const kind of ['DataVolume', 'DataImportCron', 'dataVolumeTemplates', 'VirtualMachineSnapshot', 'VirtualMachineRestore']) assert.ok(text.includes(kind), kind);
+    });
+  });
+});
