@@ -42,6 +42,8 @@ export const etcdDialTimeoutMs = 3_000;
 export const defaultOwnerLeaseTtlMs = 10_000;
 /** How long a request to a volume's owner (a snapshot of an attached volume) may take. */
 export const ownerRequestTimeoutMs = 30_000;
+/** How long an owner holds a volume (writes paused) for a group snapshot before it gives up on the coordinator. */
+export const groupHoldTimeoutMs = 10_000;
 /** While waiting for an owner's answer, how often the asker checks that the owner still holds the volume. */
 export const ownerCheckIntervalMs = 1_000;
 

@@ -11,7 +11,8 @@ export type OwnerOp =
   | { op: 'cloneVolume'; volumeId: string; name: string; labels?: Record<string, string> }
   | { op: 'resizeVolume'; volumeId: string; sizeBytes: number }
   | { op: 'deleteVolume'; volumeId: string }
-  | { op: 'volumeUsage'; volumeId: string };
+  | { op: 'volumeUsage'; volumeId: string }
+  | { op: 'holdForGroup'; volumeId: string; token: string };
 
 interface Reply {
   ok: boolean;

@@ -28,6 +28,7 @@ import { SnapshotReader } from './snapshot-reader';
 import { NodeSource, countExtents } from './tree';
 import { OwnedElsewhere, Ownership } from './ownership';
 import { OwnerOp, OwnerRequests } from './owner-requests';
+import { GroupMember, HeldForGroup, abortUnlessDecided, awaitOutcome, newGroupToken, outcomeInTransaction } from './group-holds';
 import { Volume } from './volume';
 import { defaultOwnerLeaseTtlMs } from './limits';
 import os from 'node:os';
@@ -132,6 +133,8 @@ export class Store {
         return this.deleteVolume(ref);
       case 'volumeUsage':
         return this.volumeUsage(ref);
+      case 'holdForGroup':
+        return this.holdForGroup(op.volumeId, op.token);
     }
   }
 
@@ -527,82 +530,126 @@ export class Store {
     validateName(name, 'group snapshot');
     if (volumeRefs.length === 0) throw new ArborError('invalid-argument', `group snapshot ${name}: give at least one volume`);
     const ids = [...new Set((await Promise.all(volumeRefs.map((ref) => this.getVolume(ref)))).map((v) => v.id))].sort();
-    const handles: VolumeHandle[] = [];
-    try {
-      for (const id of ids) handles.push(await this.acquireVolume({ id }));
-    } catch (err) {
-      for (const handle of handles) await handle.release();
-      if (err instanceof OwnedElsewhere) {
-        throw new ArborError('failed-precondition', `group snapshot ${name}: ${err.message}; a group snapshot takes volumes that are detached or attached on the node that takes it`);
-      }
-      throw err;
-    }
-    try {
-      return await this.groupOfOpenVolumes(name, handles.map((h) => h.volume));
-    } finally {
-      for (const handle of handles) await handle.release();
-    }
-  }
-
-  private async groupOfOpenVolumes(name: string, volumes: Volume[]): Promise<GroupSnapshotRecord> {
-    const volumeIds = volumes.map((v) => v.id);
     for (;;) {
       const existing = await this.findGroupSnapshot({ name });
       if (existing) {
-        if ([...existing.volumeIds].sort().join() === volumeIds.join()) return existing;
+        if ([...existing.volumeIds].sort().join() === ids.join()) return existing;
         throw new ArborError('already-exists', `group snapshot ${name} already exists with other volumes`);
       }
-      const created = await this.snapshotTogether(name, volumes);
+      const created = await this.snapshotGroupOnce(name, ids);
       if (created) {
-        this.log.info('group snapshot created', { group: name, id: created.id, volumes: volumes.map((v) => v.name) });
+        this.log.info('group snapshot created', { group: name, id: created.id, volumes: created.volumeIds });
         return created;
       }
     }
   }
 
-  private async snapshotTogether(name: string, volumes: Volume[]): Promise<GroupSnapshotRecord | undefined> {
-    const releases: Array<() => void> = [];
+  /**
+   * Holds every volume of the group (in id order): those open here or detached are
+   * held here; those another process owns are held by their owners, who wait for the
+   * group's outcome. Then one transaction, or none.
+   */
+  private async snapshotGroupOnce(name: string, ids: string[]): Promise<GroupSnapshotRecord | undefined> {
+    const token = newGroupToken();
+    const members: GroupMember[] = [];
+    let remote = false;
     try {
-      for (const volume of volumes) releases.push(await volume.hold());
-      for (const volume of volumes) await volume.flushWhileHeld();
-      const group: GroupSnapshotRecord = { id: newGroupId(), name, volumeIds: volumes.map((v) => v.id), snapshotIds: [], createdAt: new Date().toISOString() };
-      const compares: Compare[] = [absent(keys.groupName(name))];
-      const ops: Op[] = [];
-      const shares = volumes.map((volume, i) => {
-        const share = volume.prepareShare();
-        const snapshot: SnapshotRecord = {
-          id: newSnapshotId(),
-          name: `${name}.${i}`,
-          volumeId: volume.id,
-          volumeName: volume.name,
-          sizeBytes: share.next.sizeBytes,
-          extentSizeBytes: share.next.extentSizeBytes,
-          depth: share.next.depth,
-          root: share.next.root,
-          createdAt: group.createdAt,
-          lineage: share.next.lineage,
-          groupId: group.id,
-        };
-        group.snapshotIds.push(snapshot.id);
-        compares.push(...share.compares, absent(keys.snapshotName(snapshot.name)));
-        ops.push(put(keys.volume(volume.id), share.next), put(keys.snapshot(snapshot.id), snapshot), put(keys.snapshotName(snapshot.name), snapshot.id));
-        return share;
-      });
-      ops.push(put(keys.group(group.id), group), put(keys.groupName(name), group.id));
-      const result = await this.ctx.catalog.txn(compares, ops);
-      if (!result.succeeded) {
-        for (let i = 0; i < volumes.length; i++) {
-          if (await this.findSnapshot({ name: `${name}.${i}` })) {
-            throw new ArborError('already-exists', `snapshot name ${name}.${i}, which group snapshot ${name} needs, is taken`);
-          }
+      for (const id of ids) {
+        try {
+          members.push(await this.holdMember(await this.acquireVolume({ id })));
+        } catch (err) {
+          if (!(err instanceof OwnedElsewhere) || !this.requests) throw err;
+          remote = true;
+          const held = (await this.requests.ask(err.owner, { op: 'holdForGroup', volumeId: id, token })) as HeldForGroup;
+          // The owner applies the outcome and releases the volume itself.
+          members.push({ volumeId: id, volumeName: held.next.name, compares: held.compares, next: held.next, committed: () => {}, release: () => {} });
         }
-        return undefined;
       }
-      for (const share of shares) share.committed(result.revision);
-      return group;
+      return await this.snapshotTogether(name, members, remote ? token : undefined);
     } finally {
-      for (const release of releases) release();
+      // Owners still holding learn the outcome: committed, or aborted now.
+      if (remote) await abortUnlessDecided(this.ctx.catalog, token).catch((err) => this.log.warn('could not decide a group snapshot outcome; owners decide it after their timeout', { error: (err as Error).message }));
+      for (const member of members) member.release();
     }
+  }
+
+  /** Another process asks this one, which owns the volume, to hold it for a group snapshot. */
+  private async holdForGroup(volumeId: string, token: string): Promise<HeldForGroup> {
+    const member = await this.holdMember(await this.acquireVolume({ id: volumeId }));
+    awaitOutcome(this.ctx.catalog, token, member, this.log);
+    return { compares: member.compares, next: member.next };
+  }
+
+  /** Holds an open volume: writes wait, acknowledged ones are committed; release lets go of both. */
+  private async holdMember(handle: VolumeHandle): Promise<GroupMember> {
+    const volume = handle.volume;
+    let unhold: () => void;
+    try {
+      unhold = await volume.hold();
+    } catch (err) {
+      await handle.release();
+      throw err;
+    }
+    try {
+      await volume.flushWhileHeld();
+      const share = volume.prepareShare();
+      return {
+        volumeId: volume.id,
+        volumeName: volume.name,
+        compares: share.compares,
+        next: share.next,
+        committed: share.committed,
+        release: () => {
+          unhold();
+          void handle.release();
+        },
+      };
+    } catch (err) {
+      unhold();
+      await handle.release();
+      throw err;
+    }
+  }
+
+  private async snapshotTogether(name: string, members: GroupMember[], token?: string): Promise<GroupSnapshotRecord | undefined> {
+    const group: GroupSnapshotRecord = { id: newGroupId(), name, volumeIds: members.map((m) => m.volumeId), snapshotIds: [], createdAt: new Date().toISOString() };
+    const compares: Compare[] = [absent(keys.groupName(name))];
+    const ops: Op[] = [];
+    members.forEach((member, i) => {
+      const snapshot: SnapshotRecord = {
+        id: newSnapshotId(),
+        name: `${name}.${i}`,
+        volumeId: member.volumeId,
+        volumeName: member.volumeName,
+        sizeBytes: member.next.sizeBytes,
+        extentSizeBytes: member.next.extentSizeBytes,
+        depth: member.next.depth,
+        root: member.next.root,
+        createdAt: group.createdAt,
+        lineage: member.next.lineage,
+        groupId: group.id,
+      };
+      group.snapshotIds.push(snapshot.id);
+      compares.push(...member.compares, absent(keys.snapshotName(snapshot.name)));
+      ops.push(put(keys.volume(member.volumeId), member.next), put(keys.snapshot(snapshot.id), snapshot), put(keys.snapshotName(snapshot.name), snapshot.id));
+    });
+    ops.push(put(keys.group(group.id), group), put(keys.groupName(name), group.id));
+    if (token) {
+      const outcome = outcomeInTransaction(token);
+      compares.push(outcome.compare);
+      ops.push(outcome.op);
+    }
+    const result = await this.ctx.catalog.txn(compares, ops);
+    if (!result.succeeded) {
+      for (let i = 0; i < members.length; i++) {
+        if (await this.findSnapshot({ name: `${name}.${i}` })) {
+          throw new ArborError('already-exists', `snapshot name ${name}.${i}, which group snapshot ${name} needs, is taken`);
+        }
+      }
+      return undefined;
+    }
+    for (const member of members) member.committed(result.revision);
+    return group;
   }
 
   async findGroupSnapshot(ref: Ref): Promise<GroupSnapshotRecord | undefined> {

@@ -141,6 +141,49 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     await onA.disconnect();
   });
 
+  it('a group snapshot of volumes attached on two nodes cuts both at one instant', async () => {
+    const idX = await createVolume('group-x');
+    const idY = await createVolume('group-y');
+    const onA = (await connect(nodeA, 'group-x')).client;
+    const onB = (await connect(nodeB, 'group-y')).client;
+    // One writer alternating between the volumes: write k goes to x when k is odd, to y when even.
+    let acknowledged = 0;
+    let stop = false;
+    const writer = (async () => {
+      for (let k = 1; !stop && k <= 4000; k++) {
+        await (k % 2 ? onA : onB).write(Math.floor((k - 1) / 2) * block, stamped(k));
+        acknowledged = k;
+      }
+    })();
+    while (acknowledged < 100) await new Promise((r) => setTimeout(r, 5));
+    const before = acknowledged;
+    const csi = csiClient(csiSocket('controller'));
+    await csi.group.CreateVolumeGroupSnapshot({ name: 'pair', source_volume_ids: [idX, idY] });
+    csi.close();
+    stop = true;
+    await writer;
+    const [first] = [idX, idY].sort();
+    const snapshotOf = (id: string) => `pair.${id === first ? 0 : 1}`;
+    const stamps = new Set<number>();
+    for (const [volume, id, parity] of [['group-x', idX, 1], ['group-y', idY, 0]] as const) {
+      const image = (await connect(nodeB, `${volume}@${snapshotOf(id)}`)).client;
+      const content = await image.read(0, 2000 * block);
+      await image.disconnect();
+      for (let i = 0; i < 2000; i++) {
+        const stamp = stampOf(content.subarray(i * block, (i + 1) * block));
+        if (stamp === 0) continue;
+        assert.ok(stamp !== 'mixed' && stamp % 2 === parity && Math.floor((stamp - 1) / 2) === i, `${volume} block ${i} holds ${stamp}`);
+        stamps.add(stamp);
+      }
+    }
+    // One instant: the writes in the group are exactly the first m of the sequence, across both volumes.
+    const m = stamps.size;
+    for (let k = 1; k <= m; k++) assert.ok(stamps.has(k), `write ${k} is missing while ${m} writes are in the group snapshot`);
+    assert.ok(m >= before, `the group holds ${m} writes; ${before} were acknowledged before it was asked`);
+    await onA.disconnect();
+    await onB.disconnect();
+  });
+
   it('node A killed while it writes: node B takes over after the lease TTL with every flushed write and nothing that was never acknowledged', async () => {
     await createVolume('crash');
     const onA = (await connect(nodeA, 'crash')).client;
