@@ -340,8 +340,8 @@ export class Store {
     if (this.cutting) await this.cutting;
     const entry = await this.findVolumeEntry(ref);
     if (!entry) throw notFound('volume', ref);
-    const id = (JSON.parse(entry.value) as VolumeRecord).id;
-    const volume = await this.openShared(id, ref);
+    const { id, name } = JSON.parse(entry.value) as VolumeRecord;
+    const volume = await this.openShared(id, name, ref);
     this.users.set(id, (this.users.get(id) ?? 0) + 1);
     let released = false;
     return {
@@ -364,7 +364,7 @@ export class Store {
     }
   }
 
-  private async openShared(id: string, ref: Ref): Promise<Volume> {
+  private async openShared(id: string, name: string, ref: Ref): Promise<Volume> {
     for (;;) {
       const closing = this.closing.get(id);
       if (closing) await closing;
@@ -373,7 +373,6 @@ export class Store {
       let opening = this.opening.get(id);
       if (!opening) {
         opening = (async () => {
-          const name = 'name' in ref ? ref.name : id;
           const guard = this.ownership ? await this.ownership.acquire(id, name) : undefined;
           try {
             // Read after acquiring: the last owner's final commit is in.

@@ -7,6 +7,7 @@ import { csiClient } from '../../csi/client';
 import { NbdClient } from '../../node-plugin/nbd/client';
 import { ArborServer, cliPath, startServer } from '../support/arbor-server';
 import { distributedForSuite } from '../support/distributed';
+import { run } from '../support/run';
 import { tempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
@@ -144,6 +145,28 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       } finally {
         controllerCsi.close();
       }
+    });
+
+    it('the arbor CLI joins the same store: it lists, snapshots an attached volume through its owner, and exports a snapshot', async () => {
+      const cli = (...args: string[]) => run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'cli'), ...storeArgs(), ...args], { env: servers.env() });
+      await createVolume('by-cli');
+      const onA = (await connect(nodeA, 'by-cli')).client;
+      const data = crypto.randomBytes(MiB);
+      await onA.write(2 * MiB, data);
+      // Acknowledged, not flushed: a snapshot through the owner must still hold it.
+      const snap = await cli('snapshot', 'create', 'by-cli@cli-snap');
+      assert.equal(snap.status, 0, snap.stderr);
+      const listed = await cli('volume', 'list', '--json');
+      assert.equal(listed.status, 0, listed.stderr);
+      assert.ok((JSON.parse(listed.stdout) as Array<{ name: string }>).some((v) => v.name === 'by-cli'));
+      const busy = await cli('volume', 'export', 'by-cli', path.join(dir.dir, 'x.raw'));
+      assert.equal(busy.status, 1);
+      assert.match(busy.stderr, /by-cli.*attached on node node-a/);
+      const out = path.join(dir.dir, 'snap.raw');
+      const exported = await cli('volume', 'export', 'by-cli@cli-snap', out);
+      assert.equal(exported.status, 0, exported.stderr);
+      assert.ok(fs.readFileSync(out).subarray(2 * MiB, 3 * MiB).equals(data));
+      await onA.disconnect();
     });
 
     it('a snapshot asked of the controller while node A writes holds a prefix of the writes, at least those acknowledged before it was asked', async () => {
