@@ -12,6 +12,7 @@
  */
 import { ChildProcess, execFileSync, spawn } from 'node:child_process';
 import crypto from 'node:crypto';
+import { Etcd3 } from 'etcd3';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -19,7 +20,7 @@ import { csiClient } from '../csi/client';
 import { NbdClient } from '../node-plugin/nbd/client';
 import { ArborServer, cliPath, startServer } from '../test/support/arbor-server';
 import { startEtcd } from '../test/support/etcd';
-import { startRgw } from '../test/support/rgw';
+import { Rgw, startRgw } from '../test/support/rgw';
 import { fioNbd, fmt, nowMs, percentile, printTable, runBenchmark, stopServer, timeEach, workloads } from './support';
 
 const runtime = Number(process.env.BENCH_RUNTIME ?? 10);
@@ -30,36 +31,69 @@ const volumeBytes = 1024 * MiB;
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-bench-dist-'));
   const etcd = await startEtcd({ members: 1 });
-  const rgw = await startRgw({ capacityBytes: 4 * 1024 * MiB });
+  let rgw: Rgw;
+  try {
+    rgw = await startRgw({ capacityBytes: 4 * 1024 * MiB });
+  } catch (err) {
+    await etcd.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
   Object.assign(process.env, rgw.env(), { AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' });
   const storeArgs = ['--store', `etcd://${etcd.endpoints.map((e) => new URL(e).host).join(',')}/bench`, '--blobs', `s3://arbor-bench/blobs/?endpoint=${encodeURIComponent(rgw.endpoint)}&region=${rgw.region}`];
   let node: ArborServer | undefined;
   let controller: ChildProcess | undefined;
   let qemu: ChildProcess | undefined;
+  // The node keeps a volume (its owner key) after the last NBD connection closes until
+  // it has uploaded what was staged and committed; "detached" means that key is gone.
+  const etcdClient = new Etcd3({ hosts: etcd.endpoints });
+  const waitDetached = async (volumeId: string): Promise<number> => {
+    const started = nowMs();
+    while (await etcdClient.get(`/bench/arbor/owners/${volumeId}`).string()) {
+      if (nowMs() - started > 600_000) throw new Error(`volume ${volumeId} still owned 600 s after its last NBD connection closed`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    return nowMs() - started;
+  };
+  // No --log-level warn here: startServer waits for the info-level "arbor serving" line (and has no timeout).
   const startNode = (cacheName: string) =>
-    startServer(path.join(dir, 'node'), [...storeArgs, '--node-id', 'bench-node', '--cache-dir', path.join(dir, cacheName), '--csi-endpoint', `unix://${path.join(dir, 'node.csi.sock')}`, '--log-level', 'warn'], 'node');
+    startServer(path.join(dir, 'node'), [...storeArgs, '--node-id', 'bench-node', '--cache-dir', path.join(dir, cacheName), '--csi-endpoint', `unix://${path.join(dir, 'node.csi.sock')}`], 'node');
   try {
     node = await startNode('cache-1');
     const controllerSocket = path.join(dir, 'controller.csi.sock');
     let controllerLog = '';
     controller = spawn(process.execPath, [cliPath, '--data-dir', path.join(dir, 'controller'), 'controller', ...storeArgs, '--csi-endpoint', `unix://${controllerSocket}`], { stdio: ['ignore', 'ignore', 'pipe'] });
     controller.stderr!.on('data', (d) => (controllerLog += d));
-    for (let i = 0; i < 200 && !controllerLog.includes('arbor controller serving'); i++) await new Promise((r) => setTimeout(r, 50));
+    for (let i = 0; i < 600 && !controllerLog.includes('arbor controller serving'); i++) {
+      if (controller.exitCode !== null || controller.signalCode !== null) throw new Error(`arbor controller exited (${controller.exitCode ?? controller.signalCode}) before serving:\n${controllerLog}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    if (!controllerLog.includes('arbor controller serving')) throw new Error(`arbor controller not serving after 30 s:\n${controllerLog}`);
     const csi = csiClient(controllerSocket);
     const capability = [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }];
     const created = (await csi.controller.CreateVolume({ name: 'golden', capacity_range: { required_bytes: String(volumeBytes) }, volume_capabilities: capability })) as { volume: { volume_id: string } };
     const goldenId = created.volume.volume_id;
 
-    // Fill the volume through NBD (then let go of it: it is detached).
+    // Fill the volume through NBD, flush at the end (the upload to S3 happens there:
+    // without it, it happens on close, and a snapshot asked meanwhile waits for it
+    // through the owner), then wait until the node has let go of it: it is detached.
     console.log(`filling a ${volumeBytes / MiB} MiB volume through NBD...`);
-    execFileSync('fio', ['--name=fill', '--ioengine=nbd', `--uri=nbd+unix:///golden?socket=${node.nbdSocket}`, '--rw=write', '--bs=1m', '--iodepth=8', `--size=${volumeBytes}`, '--refill_buffers', '--output-format=terse']);
+    const fillStarted = nowMs();
+    execFileSync('fio', ['--name=fill', '--ioengine=nbd', `--uri=nbd+unix:///golden?socket=${node.nbdSocket}`, '--rw=write', '--bs=1m', '--iodepth=8', `--size=${volumeBytes}`, '--refill_buffers', '--end_fsync=1', '--output-format=terse']);
+    const filledMs = nowMs() - fillStarted;
+    const releasedMs = await waitDetached(goldenId);
+    console.log(`filled and flushed in ${fmt(filledMs / 1000)} s; the node let go of it ${fmt(releasedMs)} ms after fio ended`);
 
     const snapshotIds: string[] = [];
     const detachedSnapshots = await timeEach(ops, async (i) => {
       const taken = (await csi.controller.CreateSnapshot({ name: `d${i}`, source_volume_id: goldenId })) as { snapshot: { snapshot_id: string } };
       snapshotIds.push(taken.snapshot.snapshot_id);
     });
-    const clones = await timeEach(ops, async (i) => void (await csi.controller.CreateVolume({ name: `clone${i}`, volume_content_source: { snapshot: { snapshot_id: snapshotIds[0] } }, volume_capabilities: capability })));
+    const cloneIds: string[] = [];
+    const clones = await timeEach(ops, async (i) => {
+      const made = (await csi.controller.CreateVolume({ name: `clone${i}`, volume_content_source: { snapshot: { snapshot_id: snapshotIds[0] } }, volume_capabilities: capability })) as { volume: { volume_id: string } };
+      cloneIds.push(made.volume.volume_id);
+    });
     const attached = await NbdClient.connect({ socketPath: node.nbdSocket, exportName: 'golden' });
     const attachedSnapshots = await timeEach(Math.ceil(ops / 2), async (i) => {
       await attached.write((i % 1000) * 4096, crypto.randomBytes(4096));
@@ -73,6 +107,7 @@ async function main(): Promise<void> {
       flushes.push(nowMs() - started);
     }
     await attached.disconnect();
+    await waitDetached(goldenId);
     csi.close();
 
     // qcow2 overlays on a raw golden image, the backing-chain way to clone.
@@ -92,25 +127,36 @@ async function main(): Promise<void> {
 
     // fio: a fresh clone read with a cold cache (a new node process, empty cache), then warm.
     const rows: string[][] = [];
-    const fioOn = async (label: string, exportName: string, w: (typeof workloads)[number]) => {
-      const r = fioNbd(`nbd+unix:///${exportName}?socket=${node!.nbdSocket}`, w, volumeBytes, runtime);
-      rows.push([w.name, label, fmt(r.iops, 0), fmt(r.mibs, 1), fmt(r.p50us, 1), fmt(r.p99us, 1)]);
+    // After each run, wait until the node has uploaded and committed what the run wrote
+    // (it does so when the connection closes), so it does not slow the next run down;
+    // that time is printed (the column "let go").
+    const fioOn = async (label: string, cloneIndex: number, w: (typeof workloads)[number]) => {
+      const r = fioNbd(`nbd+unix:///clone${cloneIndex}?socket=${node!.nbdSocket}`, w, volumeBytes, runtime);
+      const letGoMs = await waitDetached(cloneIds[cloneIndex]);
+      rows.push([w.name, label, fmt(r.iops, 0), fmt(r.mibs, 1), fmt(r.p50us, 1), fmt(r.p99us, 1), `${fmt(letGoMs / 1000, 1)} s`]);
       return r;
     };
     await node.stop();
     node = await startNode('cache-2');
-    const cold = await fioOn('arbor, cold cache', 'clone1', workloads[0]);
-    const warm = await fioOn('arbor, warm cache', 'clone1', workloads[0]);
-    for (const w of workloads.slice(1)) await fioOn('arbor', `clone${2 + workloads.indexOf(w)}`, w);
+    const cold = await fioOn('arbor, cold cache', 1, workloads[0]);
+    // The cold run reads only a part of the volume's extents; read all of it once (not
+    // timed as a row) so that the warm run (and the runs after it) find every extent
+    // of the golden image in the node's cache.
+    const warmupStarted = nowMs();
+    execFileSync('fio', ['--name=warmup', '--ioengine=nbd', `--uri=nbd+unix:///clone1?socket=${node.nbdSocket}`, '--rw=read', '--bs=1m', '--iodepth=8', `--size=${volumeBytes}`, '--output-format=terse']);
+    console.log(`\nwarm-up: read all ${volumeBytes / MiB} MiB of clone1 into the node's cache in ${fmt((nowMs() - warmupStarted) / 1000)} s`);
+    await waitDetached(cloneIds[1]);
+    const warm = await fioOn('arbor, warm cache', 1, workloads[0]);
+    for (const w of workloads.slice(1)) await fioOn('arbor, warm cache', 2 + workloads.indexOf(w), w);
     const qemuSocket = path.join(dir, 'qemu.sock');
     qemu = spawn('qemu-nbd', ['-t', '-e', '4', '-f', 'raw', '-k', qemuSocket, '--cache=writeback', raw], { stdio: 'ignore' });
     for (let i = 0; i < 200 && !fs.existsSync(qemuSocket); i++) await new Promise((r) => setTimeout(r, 50));
     const peer = workloads.map((w) => {
       const r = fioNbd(`nbd+unix:///?socket=${qemuSocket}`, w, volumeBytes, runtime);
-      rows.push([w.name, 'qemu-nbd raw file', fmt(r.iops, 0), fmt(r.mibs, 1), fmt(r.p50us, 1), fmt(r.p99us, 1)]);
+      rows.push([w.name, 'qemu-nbd raw file', fmt(r.iops, 0), fmt(r.mibs, 1), fmt(r.p50us, 1), fmt(r.p99us, 1), '-']);
       return r;
     });
-    printTable(`fio --ioengine=nbd, ${runtime} s per run`, ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'], rows);
+    printTable(`fio --ioengine=nbd, ${runtime} s per run`, ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs', 'let go'], rows);
     console.log(`\n4 KiB random read, warm / cold cache: ${fmt(warm.iops / cold.iops)}x; warm / qemu-nbd raw: ${fmt(warm.iops / peer[0].iops)}x`);
   } finally {
     if (qemu) {
@@ -118,6 +164,7 @@ async function main(): Promise<void> {
       qemu.kill('SIGTERM');
       await exited;
     }
+    etcdClient.close();
     await stopServer(controller);
     await node?.stop();
     await rgw.stop();
