@@ -79,6 +79,19 @@ export class BlobIdAllocator {
     await this.catalog.txn([], ops).catch(() => (this.spent.push(...done), undefined));
   }
 
+  /**
+   * The lease the batches were recorded on has ended: their records are gone, so the
+   * collector no longer leaves their ids alone. Hand out nothing more from them; the
+   * next ids come from batches recorded on the new lease.
+   */
+  abandonBatches(): void {
+    for (const state of this.classes) {
+      state.next = state.limit;
+      state.batch = undefined;
+    }
+    this.spent = [];
+  }
+
   /** Every id inside a batch some process has recorded and not forgotten (the collector leaves them alone). */
   static async recordedBatches(catalog: Catalog, exceptLease?: string): Promise<(id: number) => boolean> {
     const ranges = (await catalog.list(batchKeyPrefix)).flatMap((entry) => {

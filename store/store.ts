@@ -26,7 +26,7 @@ import {
 } from './records';
 import { SnapshotReader } from './snapshot-reader';
 import { NodeSource, countExtents } from './tree';
-import { OwnedElsewhere, Ownership } from './ownership';
+import { OwnedElsewhere, Ownership, ownerKey } from './ownership';
 import { OwnerOp, OwnerRequests } from './owner-requests';
 import { GroupMember, HeldForGroup, abortUnlessDecided, awaitOutcome, newGroupToken, outcomeInTransaction } from './group-holds';
 import { Volume } from './volume';
@@ -252,22 +252,32 @@ export class Store {
   }
 
   private async cloneLiveVolume(name: string, ref: Ref, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
+    const entry = await this.findVolumeEntry(ref);
+    if (entry && !(await this.findVolume({ name }))) {
+      const record = cloneRecordOf(JSON.parse(entry.value) as VolumeRecord, name, labels);
+      if (await this.shareDetached(entry, [keys.volumeName(name)], [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)])) return record;
+    }
     return this.onOwner(ref, (volume) => this.cloneOpenVolume(volume, name, labels), (volumeId) => ({ op: 'cloneVolume', volumeId, name, labels }));
+  }
+
+  /**
+   * Shares the root of a volume that no process has open, in one transaction with
+   * `ops`: its record unchanged and (where volumes have owners) no owner key, so no
+   * write can be in flight anywhere. Three catalog round trips instead of opening
+   * the volume. False when the volume is open, here or elsewhere, or changed.
+   */
+  private async shareDetached(entry: KvEntry, absentKeys: string[], ops: Op[]): Promise<boolean> {
+    const source = JSON.parse(entry.value) as VolumeRecord;
+    if (this.open.has(source.id) || this.opening.has(source.id) || this.closing.has(source.id)) return false;
+    const compares: Compare[] = [unchanged(entry), absent(ownerKey(source.id)), ...absentKeys.map(absent)];
+    // No await between the check above and the transaction: nothing in this process can open the volume in between.
+    const result = await this.ctx.catalog.txn(compares, [put(keys.volume(source.id), { ...source, root: asShared(source.root) }), ...ops]);
+    return result.succeeded;
   }
 
   private async cloneOpenVolume(volume: Volume, name: string, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
     return volume.withCommitted(async (_committed, source) => {
-      const record: VolumeRecord = {
-        id: newVolumeId(),
-        name,
-        sizeBytes: source.sizeBytes,
-        extentSizeBytes: source.extentSizeBytes,
-        depth: source.depth,
-        root: asShared(source.root),
-        createdAt: new Date().toISOString(),
-        lineage: [{ volumeId: source.id, volumeName: source.name }, ...source.lineage],
-        ...(labels ? { labels } : {}),
-      };
+      const record = cloneRecordOf(source, name, labels);
       const done = await volume.commitWith({
         absent: [keys.volumeName(name)],
         ops: [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)],
@@ -407,7 +417,7 @@ export class Store {
         if (volume.isOpen) await volume.close();
       } finally {
         this.open.delete(id);
-        if (volume.guard) await this.ownership!.release(volume.guard).catch((err) => this.log.warn('letting go of a volume failed; its key expires with the lease', { volume: volume.name, error: (err as Error).message }));
+        if (volume.guard) await this.ownership!.release(volume.guard).catch((err) => this.log.warn('letting go of a volume failed; retrying in the background', { volume: volume.name, error: (err as Error).message }));
       }
     })().finally(() => this.closing.delete(id));
     this.closing.set(id, letGo);
@@ -416,6 +426,7 @@ export class Store {
 
   /** The owner lease ended: nothing this process held is its own any more. */
   private loseEveryVolume(reason: string): void {
+    this.ctx.ids.abandonBatches();
     for (const volume of this.open.values()) volume.markLost(reason);
     this.open.clear();
     this.users.clear();
@@ -441,6 +452,15 @@ export class Store {
   /** A consistent point-in-time snapshot: every write completed before the call, none after it. */
   async createSnapshot(volumeRef: Ref, name: string): Promise<SnapshotRecord> {
     validateName(name, 'snapshot');
+    // A detached volume: one transaction. Otherwise (and for retries, conflicts and errors) through the volume's owner.
+    const entry = await this.findVolumeEntry(volumeRef);
+    if (entry && !(await this.findSnapshot({ name }))) {
+      const record = snapshotRecordOf(JSON.parse(entry.value) as VolumeRecord, name);
+      if (await this.shareDetached(entry, [keys.snapshotName(name)], [put(keys.snapshot(record.id), record), put(keys.snapshotName(name), record.id)])) {
+        this.log.info('snapshot created', { volume: record.volumeName, snapshot: name, id: record.id });
+        return record;
+      }
+    }
     return this.onOwner(volumeRef, (volume) => this.snapshotOpenVolume(volume, name), (volumeId) => ({ op: 'createSnapshot', volumeId, name }));
   }
 
@@ -452,18 +472,7 @@ export class Store {
         throw new ArborError('already-exists', `snapshot name ${name} is already used by volume ${existing.volumeName}; snapshot names are unique in the store`);
       }
       const created = await volume.withCommitted(async (_committed, source) => {
-        const record: SnapshotRecord = {
-          id: newSnapshotId(),
-          name,
-          volumeId: source.id,
-          volumeName: source.name,
-          sizeBytes: source.sizeBytes,
-          extentSizeBytes: source.extentSizeBytes,
-          depth: source.depth,
-          root: asShared(source.root),
-          createdAt: new Date().toISOString(),
-          lineage: source.lineage,
-        };
+        const record = snapshotRecordOf(source, name);
         const done = await volume.commitWith({
           absent: [keys.snapshotName(name)],
           ops: [put(keys.snapshot(record.id), record), put(keys.snapshotName(name), record.id)],
@@ -936,6 +945,37 @@ export class Store {
 
 function notFound(what: 'volume' | 'snapshot' | 'group snapshot', ref: Ref): ArborError {
   return new ArborError('not-found', 'id' in ref ? `${what} with id ${ref.id} does not exist` : `${what} ${ref.name} does not exist`);
+}
+
+/** A snapshot of `source` as it is now: its root, read-only. */
+function snapshotRecordOf(source: VolumeRecord, name: string): SnapshotRecord {
+  return {
+    id: newSnapshotId(),
+    name,
+    volumeId: source.id,
+    volumeName: source.name,
+    sizeBytes: source.sizeBytes,
+    extentSizeBytes: source.extentSizeBytes,
+    depth: source.depth,
+    root: asShared(source.root),
+    createdAt: new Date().toISOString(),
+    lineage: source.lineage,
+  };
+}
+
+/** A new volume sharing every block of `source` as it is now. */
+function cloneRecordOf(source: VolumeRecord, name: string, labels?: Record<string, string>): VolumeRecord {
+  return {
+    id: newVolumeId(),
+    name,
+    sizeBytes: source.sizeBytes,
+    extentSizeBytes: source.extentSizeBytes,
+    depth: source.depth,
+    root: asShared(source.root),
+    createdAt: new Date().toISOString(),
+    lineage: [{ volumeId: source.id, volumeName: source.name }, ...source.lineage],
+    ...(labels ? { labels } : {}),
+  };
 }
 
 function describeStep(step: LineageStep): string {

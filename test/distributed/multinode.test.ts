@@ -318,6 +318,8 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       await again.disconnect();
     });
 
+    // Last, on purpose: node A here is the process that was paused and lost its lease above,
+    // so the ids it hands out must come from batches recorded on its new lease.
     it('the collector runs while both nodes write, snapshot and drop snapshots: no flushed byte is lost, and in the end nothing is left unreachable', async () => {
       const cli = (...args: string[]) => run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'gc-cli'), ...storeArgs(), ...args], { env: servers.env() });
       const ids = { a: await createVolume('gc-a'), b: await createVolume('gc-b') };
