@@ -74,15 +74,42 @@ export class Ownership {
       if (!current) continue; // released in between
       const owner = JSON.parse(current.value) as OwnerRecord;
       if (owner.lease === lease.id) {
-        throw new ArborError('internal', `volume ${volumeName} is already owned by this process; it must be opened once`);
+        // Ours, yet no volume here holds it (the store opens a volume once): left by a
+        // release that failed, or by an acquire that landed while its answer was lost
+        // (the etcd client retried it). Delete it and take the volume afresh.
+        this.log.warn('found an owner key of this process that no open volume holds; taking the volume afresh', { volume: volumeName });
+        await this.catalog.txn([{ key, modRevision: current.modRevision }], [del(key)]);
+        continue;
       }
       throw new OwnedElsewhere(volumeName, owner);
     }
   }
 
-  /** Lets go of a volume (after its last commit). A guard that no longer holds means it was not ours any more. */
+  /**
+   * Lets go of a volume (after its last commit). A guard that no longer holds means it
+   * was not ours any more. When the catalog cannot be reached, this throws and tries
+   * again in the background: the key is on a lease this process keeps alive, so until
+   * it is deleted no other node could ever take the volume.
+   */
   async release(guard: Compare): Promise<void> {
-    await this.catalog.txn([guard], [del(guard.key)]);
+    try {
+      await this.catalog.txn([guard], [del(guard.key)]);
+    } catch (err) {
+      this.releaseLater(guard, 0);
+      throw err;
+    }
+  }
+
+  private releaseLater(guard: Compare, attempt: number): void {
+    if (this.closed) return;
+    const retry = () => {
+      if (this.closed) return;
+      this.catalog.txn([guard], [del(guard.key)]).then(
+        () => this.log.info('let go of a volume once the catalog answered again', { key: guard.key }),
+        () => this.releaseLater(guard, attempt + 1),
+      );
+    };
+    setTimeout(retry, Math.min(5000, 250 * 2 ** attempt)).unref();
   }
 
   async ownerOf(volumeId: string): Promise<OwnerRecord | undefined> {

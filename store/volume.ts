@@ -210,16 +210,41 @@ export class Volume {
     extra: { compares?: KvEntry[]; absent?: string[]; ops: Op[] } = { ops: [] },
   ): Promise<boolean> {
     const next: VolumeRecord = { ...this.record, ...shape };
-    const compares = [...this.guards(), ...(extra.compares ?? []).map(unchanged), ...(extra.absent ?? []).map((key) => ({ key, modRevision: 0 }))];
-    const result = await this.ctx.catalog.txn(compares, [put(keys.volume(this.id), next), ...extra.ops]);
-    if (!result.succeeded) {
+    const value = JSON.stringify(next);
+    this.unconfirmed.set(value, sequence);
+    for (;;) {
+      const compares = [...this.guards(), ...(extra.compares ?? []).map(unchanged), ...(extra.absent ?? []).map((key) => ({ key, modRevision: 0 }))];
+      const result = await this.ctx.catalog.txn(compares, [put(keys.volume(this.id), next), ...extra.ops]);
+      if (result.succeeded) {
+        this.adopt({ key: this.committed.key, value, modRevision: result.revision }, sequence);
+        return true;
+      }
       await this.checkStillOwned();
-      return false;
+      // Still ours, yet the record moved: if to a commit of ours whose answer was lost, that is the committed state.
+      const current = await this.ctx.catalog.get(keys.volume(this.id));
+      const landed = current && current.modRevision !== this.committed.modRevision ? this.unconfirmed.get(current.value) : undefined;
+      if (landed === undefined) return false;
+      this.adopt(current!, landed);
+      if (landed === sequence) return true;
+      this.unconfirmed.set(value, sequence);
     }
-    this.record = next;
-    this.committed = { key: this.committed.key, value: JSON.stringify(next), modRevision: result.revision };
+  }
+
+  /**
+   * Records of commits whose outcome this process did not see, with their capture
+   * sequence. A transaction that failed may still land (etcd took it, then lost quorum
+   * and committed it when quorum came back; or its answer was lost and the client sent
+   * it again): the next commit then finds the record moved to one of these, and
+   * continues from it instead of failing for ever. Cleared at every commit: once the
+   * record's revision moved, no older transaction (they all compare it) can land.
+   */
+  private readonly unconfirmed = new Map<string, number>();
+
+  private adopt(committed: KvEntry, sequence: number): void {
+    this.record = JSON.parse(committed.value) as VolumeRecord;
+    this.committed = committed;
     this.committedCapture = Math.max(this.committedCapture, sequence);
-    return true;
+    this.unconfirmed.clear();
   }
 
   /**

@@ -1,4 +1,4 @@
-import { Etcd3, IOptions, Lease as EtcdLease, Namespace, Range, Watcher } from 'etcd3';
+import { Etcd3, EtcdLeaseInvalidError, IOptions, Namespace, Range, Watcher } from 'etcd3';
 import fs from 'node:fs';
 import { Log, silentLog } from '../../lib/logger';
 import { ArborError } from '../errors';
@@ -48,7 +48,8 @@ export class EtcdCatalog implements Catalog {
   readonly exclusive = false;
   private readonly kv: Namespace;
   private readonly watchers = new Set<Watcher>();
-  private readonly leases = new Set<EtcdLease>();
+  /** Stops the keep-alives of each lease still held (close lets them expire). */
+  private readonly leases = new Set<() => void>();
   private closed = false;
 
   private constructor(
@@ -146,21 +147,61 @@ export class EtcdCatalog implements Catalog {
     };
   }
 
+  /**
+   * Keep-alives are sent here, one KeepAlive call with a deadline every third of the
+   * TTL, not by the client's own loop: etcd3 1.1.2's loop can restart twice after a
+   * stream fails (a member without a leader), and each time leaks an interval that
+   * fires forever, keeping the process alive after the lease is released. As that
+   * loop did, the lease counts as lost when etcd says it ended, or when no keep-alive
+   * has been answered for twice the TTL.
+   */
   async grantLease(ttlMs: number): Promise<Lease> {
-    const lease = this.kv.lease(Math.max(1, Math.ceil(ttlMs / 1000)), { autoKeepAlive: true });
+    const ttlSeconds = Math.max(1, Math.ceil(ttlMs / 1000));
+    const lease = this.kv.lease(ttlSeconds, { autoKeepAlive: false });
     let id: string;
     try {
       id = await lease.grant();
     } catch (err) {
       throw new ArborError('unavailable', `etcd did not grant a lease: ${(err as Error).message}`);
     }
-    this.leases.add(lease);
-    const lost = new Promise<Error>((resolve) => lease.on('lost', (err) => resolve(new Error(`the etcd lease ${id} ended: ${err.message}`))));
+    const everyMs = (ttlSeconds * 1000) / 3;
+    let renewedAt = Date.now();
+    let timer: NodeJS.Timeout | undefined;
+    let ended = false;
+    let reportLost!: (err: Error) => void;
+    const lost = new Promise<Error>((resolve) => (reportLost = resolve));
+    const end = () => {
+      ended = true;
+      clearTimeout(timer);
+      this.leases.delete(stop);
+    };
+    const stop = () => {
+      end();
+      lease.release();
+    };
+    const renew = async () => {
+      try {
+        await lease.keepaliveOnce({ deadline: Date.now() + Math.min(everyMs, etcdCallDeadlineMs) });
+        renewedAt = Date.now();
+      } catch (err) {
+        if (ended) return;
+        const gone = err instanceof EtcdLeaseInvalidError;
+        if (gone || Date.now() - renewedAt > 2 * ttlSeconds * 1000) {
+          stop();
+          reportLost(new Error(`the etcd lease ${id} ended: ${gone ? 'etcd says it expired' : `no keep-alive answered for ${Math.round((Date.now() - renewedAt) / 1000)} s`}`));
+          return;
+        }
+        this.log.warn('an etcd lease keep-alive failed; retrying', { lease: id, error: (err as Error).message });
+      }
+      if (!ended) timer = setTimeout(() => void renew(), everyMs).unref();
+    };
+    timer = setTimeout(() => void renew(), everyMs).unref();
+    this.leases.add(stop);
     return {
       id,
       lost,
       revoke: async () => {
-        this.leases.delete(lease);
+        end();
         await lease.revoke().catch((err: Error) => this.log.warn('revoking an etcd lease failed; it will expire', { lease: id, error: err.message }));
       },
     };
@@ -170,7 +211,7 @@ export class EtcdCatalog implements Catalog {
     if (this.closed) return;
     this.closed = true;
     await Promise.all([...this.watchers].map((w) => w.cancel().catch(() => {})));
-    for (const lease of this.leases) lease.release();
+    for (const stop of [...this.leases]) stop();
     this.client.close();
   }
 
