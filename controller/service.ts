@@ -226,12 +226,8 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       const volumeId = required(request.source_volume_id, 'source_volume_id');
       const name = required(request.name, 'name');
       checkSnapshotParameters(request.parameters);
-      const existing = await store.findSnapshot({ name });
-      if (existing) {
-        if (existing.volumeId !== volumeId) throw alreadyExists(`snapshot name ${name} is taken by a snapshot of volume ${existing.volumeName}`);
-        return { snapshot: snapshotMessage(existing) };
-      }
-      await mustFindVolume(volumeId);
+      // The store answers idempotent retries, a name taken by another volume (ALREADY_EXISTS)
+      // and a missing volume (NOT_FOUND): the fewer catalog round trips the better here.
       return { snapshot: snapshotMessage(await store.createSnapshot({ id: volumeId }, name)) };
     },
 

@@ -452,9 +452,15 @@ export class Store {
   /** A consistent point-in-time snapshot: every write completed before the call, none after it. */
   async createSnapshot(volumeRef: Ref, name: string): Promise<SnapshotRecord> {
     validateName(name, 'snapshot');
-    // A detached volume: one transaction. Otherwise (and for retries, conflicts and errors) through the volume's owner.
     const entry = await this.findVolumeEntry(volumeRef);
-    if (entry && !(await this.findSnapshot({ name }))) {
+    if (!entry) throw notFound('volume', volumeRef);
+    const existing = await this.findSnapshot({ name });
+    if (existing) {
+      if (existing.volumeId === (JSON.parse(entry.value) as VolumeRecord).id) return existing;
+      throw new ArborError('already-exists', `snapshot name ${name} is already used by volume ${existing.volumeName}; snapshot names are unique in the store`);
+    }
+    // A detached volume: one transaction. Otherwise through the volume's owner.
+    {
       const record = snapshotRecordOf(JSON.parse(entry.value) as VolumeRecord, name);
       if (await this.shareDetached(entry, [keys.snapshotName(name)], [put(keys.snapshot(record.id), record), put(keys.snapshotName(name), record.id)])) {
         this.log.info('snapshot created', { volume: record.volumeName, snapshot: name, id: record.id });
