@@ -74,7 +74,8 @@ export class Store {
   private readonly opening = new Map<string, Promise<Volume>>();
   /** Volumes being let go: a new user waits, then opens afresh. */
   private readonly closing = new Map<string, Promise<void>>();
-  private readonly users = new Map<string, number>();
+  /** Uses of each open volume object (a volume lost and opened again is a new object, counted afresh). */
+  private readonly users = new Map<Volume, number>();
   /** Opened with openVolume: kept until the store closes. */
   private readonly pinned = new Set<string>();
   private heldFrees?: number[];
@@ -352,7 +353,7 @@ export class Store {
     if (!entry) throw notFound('volume', ref);
     const { id, name } = JSON.parse(entry.value) as VolumeRecord;
     const volume = await this.openShared(id, name, ref);
-    this.users.set(id, (this.users.get(id) ?? 0) + 1);
+    this.users.set(volume, (this.users.get(volume) ?? 0) + 1);
     let released = false;
     return {
       volume,
@@ -404,12 +405,12 @@ export class Store {
   }
 
   private async releaseUse(id: string, volume: Volume): Promise<void> {
-    const left = (this.users.get(id) ?? 1) - 1;
+    const left = (this.users.get(volume) ?? 1) - 1;
     if (left > 0) {
-      this.users.set(id, left);
+      this.users.set(volume, left);
       return;
     }
-    this.users.delete(id);
+    this.users.delete(volume);
     // The embedded store owns everything: volumes stay open. Elsewhere, let go.
     if (!this.ownership || this.pinned.has(id) || this.open.get(id) !== volume) return;
     const letGo = (async () => {
