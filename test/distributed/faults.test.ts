@@ -8,7 +8,7 @@ import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
 import { etcdCallDeadlineMs } from '../../store/limits';
 import { openStore } from '../../store/open';
 import { ArborServer, startServer } from '../support/arbor-server';
-import { distributedForSuite } from '../support/distributed';
+import { connectWithin, distributedForSuite, stamped, stampOf } from '../support/distributed';
 import { EtcdMember, sleep } from '../support/etcd';
 import { tempDir } from '../support/tmp';
 
@@ -28,18 +28,6 @@ const shortLeaseTtlMs = 3_000;
 /** A node commits and lets go on SIGTERM; with etcd healthy that takes well under this. */
 const stopWithinMs = 20_000;
 
-/** A 4 KiB block that names what wrote it: `tag` repeated (tags are unique per write). */
-function stamped(tag: number): Buffer {
-  const buffer = Buffer.alloc(block);
-  for (let at = 0; at < block; at += 4) buffer.writeUInt32LE(tag, at);
-  return buffer;
-}
-
-function stampOf(data: Buffer): number | 'mixed' {
-  const first = data.readUInt32LE(0);
-  for (let at = 4; at < data.length; at += 4) if (data.readUInt32LE(at) !== first) return 'mixed';
-  return first;
-}
 
 /**
  * What the first `blocks` blocks of a volume must hold. Writes go through one
@@ -133,21 +121,6 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     return node;
   };
 
-  /** Connects to a node's NBD socket, retrying (the volume owned elsewhere, the catalog unreachable) until `withinMs`. */
-  const connect = async (node: ArborServer, exportName: string, withinMs = 0): Promise<{ client: NbdClient; waitedMs: number; lastError?: string }> => {
-    const started = Date.now();
-    let lastError: string | undefined;
-    for (;;) {
-      try {
-        return { client: await NbdClient.connect({ socketPath: node.nbdSocket, exportName }), waitedMs: Date.now() - started, lastError };
-      } catch (err) {
-        lastError = (err as Error).message;
-        if (Date.now() - started > withinMs) throw new Error(`no connection to ${exportName} on ${path.basename(path.dirname(node.dataDir))} within ${withinMs} ms: ${lastError}`);
-        await sleep(200);
-      }
-    }
-  };
-
   /** Creates volumes from this process, as a one-off client of the same etcd and bucket. */
   const createVolumes = async (...names: string[]): Promise<void> => {
     const store = await openStore({ ...servers.location('faults', dir.dir), leaseTtlMs: 5000 }, { nodeId: 'test-admin', ephemeralCache: true });
@@ -189,6 +162,17 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
   /** The members other than `leader`. */
   const followersOf = (leader: EtcdMember) => servers.etcd.members.filter((m) => m !== leader);
 
+  /** Kills the leader and one follower, and waits until the survivor knows it has no leader. */
+  const killLeaderAndFollower = async (): Promise<{ stopped: EtcdMember[]; outageAt: number }> => {
+    const leader = await servers.etcd.leader();
+    assert.ok(leader);
+    const stopped = [leader, followersOf(leader)[0]];
+    await Promise.all(stopped.map((m) => m.kill()));
+    const outageAt = Date.now();
+    await waitUntil('the survivor knows it has no leader', 10_000, async () => (await servers.etcd.leader()) === undefined);
+    return { stopped, outageAt };
+  };
+
   before(async () => {
     dir = tempDir();
     await createVolumes('one-down', 'no-quorum', 'let-go', 'leftover', 'long-outage');
@@ -205,7 +189,7 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
 
   it('the leader killed: writes and flushes go on (a flush waits while the client fails over), everything flushed reads back, the member rejoins', async () => {
     const model = new Model('one-down');
-    const { client } = await connect(nodeA, 'one-down');
+    const { client } = await connectWithin(nodeA, 'one-down');
     let flushes = 0;
     let killedAt = 0;
     let stop = false;
@@ -251,7 +235,7 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
 
   it('two members stopped: a FLUSH and a FUA write fail with ESHUTDOWN while there is no quorum; back within the lease TTL, the node commits again and loses nothing flushed', async () => {
     const model = new Model('no-quorum');
-    let { client } = await connect(nodeA, 'no-quorum');
+    let { client } = await connectWithin(nodeA, 'no-quorum');
     for (let i = 0; i < 64; i++) await model.write(client, i);
     await model.flush(client);
     const flushedBefore = Buffer.from(model.durable);
@@ -319,26 +303,21 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     await client.disconnect();
 
     // Another connection to the same node, then the other node: the bytes are in etcd and S3.
-    ({ client } = await connect(nodeA, 'no-quorum', 5000));
+    ({ client } = await connectWithin(nodeA, 'no-quorum', 5000));
     await model.check(client, model.durable, 'on a new connection to the same node');
     await client.disconnect();
-    const onB = await connect(nodeB, 'no-quorum', 5000);
+    const onB = await connectWithin(nodeB, 'no-quorum', 5000);
     await model.check(onB.client, model.durable, 'on the second node');
     await onB.client.disconnect();
   });
 
   it('a connection closed while there is no quorum: once quorum is back the node lets go of the volume, and either node serves what was flushed', async () => {
     const model = new Model('let-go');
-    const { client } = await connect(nodeA, 'let-go');
+    const { client } = await connectWithin(nodeA, 'let-go');
     for (let i = 0; i < 32; i++) await model.write(client, i);
     await model.flush(client);
 
-    const leader = await servers.etcd.leader();
-    assert.ok(leader);
-    const stopped = [leader, followersOf(leader)[0]];
-    await Promise.all(stopped.map((m) => m.kill()));
-    const outageAt = Date.now();
-    await waitUntil('the survivor knows it has no leader', 10_000, async () => (await servers.etcd.leader()) === undefined);
+    const { stopped, outageAt } = await killLeaderAndFollower();
     for (let i = 32; i < 48; i++) await model.write(client, i);
     // The last connection goes: the node commits (which fails) and deletes its owner key (which fails too).
     await client.disconnect();
@@ -350,14 +329,14 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     await servers.etcd.waitHealthy();
     const healthyAt = Date.now();
     // Node A's lease lives on (the outage is shorter than it): only node A itself can delete the key.
-    const onB = await connect(nodeB, 'let-go', 15_000);
+    const onB = await connectWithin(nodeB, 'let-go', 15_000);
     note(`closed in the outage: node B served the volume ${onB.waitedMs} ms after quorum came back`);
     // What the failed close could not commit was never acknowledged by a flush: it is not there.
     await model.check(onB.client, model.durable, 'on node B after the outage');
     for (let i = 100; i < 116; i++) await model.write(onB.client, i);
     await model.flush(onB.client);
     await onB.client.disconnect();
-    const again = await connect(nodeA, 'let-go', 5000);
+    const again = await connectWithin(nodeA, 'let-go', 5000);
     await model.check(again.client, model.durable, 'on node A again');
     await again.client.disconnect();
     assert.ok(Date.now() - healthyAt < 20_000);
@@ -365,7 +344,7 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
 
   it("an owner key on the node's own lease that no open volume holds (an acquire that landed, its answer lost) does not block the volume", async () => {
     const model = new Model('leftover');
-    const first = await connect(nodeA, 'leftover');
+    const first = await connectWithin(nodeA, 'leftover');
     for (let i = 0; i < 8; i++) await model.write(first.client, i);
     await model.flush(first.client);
     const catalog = await catalogOf();
@@ -381,12 +360,12 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     } finally {
       await catalog.close();
     }
-    const again = await connect(nodeA, 'leftover');
+    const again = await connectWithin(nodeA, 'leftover');
     await model.check(again.client, model.durable, 'on node A with its leftover key');
     await model.write(again.client, 8);
     await model.flush(again.client);
     await again.client.disconnect();
-    const onB = await connect(nodeB, 'leftover', 5000);
+    const onB = await connectWithin(nodeB, 'leftover', 5000);
     await model.check(onB.client, model.durable, 'on node B once node A let go');
     await onB.client.disconnect();
   });
@@ -394,17 +373,12 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
   it('an outage longer than the lease: the node gives the volume up, nothing flushed is lost, and it serves the volume again within a bound once quorum is back', async () => {
     const nodeC = await startNode('node-c', shortLeaseTtlMs);
     const model = new Model('long-outage');
-    const { client } = await connect(nodeC, 'long-outage');
+    const { client } = await connectWithin(nodeC, 'long-outage');
     for (let i = 0; i < 64; i++) await model.write(client, i);
     await model.flush(client);
 
     // This time the leader and one follower go: the survivor has no leader at all.
-    const leader = await servers.etcd.leader();
-    assert.ok(leader);
-    const stopped = [leader, followersOf(leader)[0]];
-    await Promise.all(stopped.map((m) => m.kill()));
-    const outageAt = Date.now();
-    await waitUntil('the survivor knows it has no leader', 10_000, async () => (await servers.etcd.leader()) === undefined);
+    const { stopped, outageAt } = await killLeaderAndFollower();
     for (let i = 64; i < 96; i++) await model.write(client, i);
     await assert.rejects(model.flush(client), isShutdownError, 'a FLUSH without quorum does not succeed');
     await waitUntil('node C gives up its lease', 30_000, async () => nodeC.log().includes('the owner lease ended'));
@@ -426,7 +400,7 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
 
     // A new connection to the same node: the owner key on the old lease goes only when that
     // lease expires in etcd, a TTL after quorum came back; until then even node C is refused.
-    const again = await connect(nodeC, 'long-outage', 30_000);
+    const again = await connectWithin(nodeC, 'long-outage', 30_000);
     note(`long outage: node C served the volume again ${Date.now() - healthyAt} ms after quorum came back${again.lastError ? ` (refused until then: ${again.lastError})` : ''}`);
     assert.ok(Date.now() - healthyAt < 2 * shortLeaseTtlMs + 10_000, 'within a bound of the lease TTL');
     // The writes after the last good flush were never committed: the volume is as that flush left it.
@@ -435,7 +409,7 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     await model.flush(again.client);
     await again.client.disconnect();
 
-    const onB = await connect(nodeB, 'long-outage', 5000);
+    const onB = await connectWithin(nodeB, 'long-outage', 5000);
     await model.check(onB.client, model.durable, 'after the long outage, on node B');
     await onB.client.disconnect();
   });

@@ -4,9 +4,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { csiClient } from '../../csi/client';
-import { NbdClient } from '../../node-plugin/nbd/client';
 import { ArborServer, cliPath, startServer } from '../support/arbor-server';
-import { distributedForSuite } from '../support/distributed';
+import { connectWithin, distributedForSuite, stamped, stampOf } from '../support/distributed';
 import { run } from '../support/run';
 import { openStore } from '../../store/open';
 import { orphanBlobs } from '../support/store-inspect';
@@ -16,18 +15,6 @@ const MiB = 1024 * 1024;
 const block = 4096;
 const leaseTtl = '2s';
 
-/** A 4 KiB block that names what wrote it: the pattern repeats `tag` (a small whole number). */
-function stamped(tag: number): Buffer {
-  const buffer = Buffer.alloc(block);
-  for (let at = 0; at < block; at += 4) buffer.writeUInt32LE(tag, at);
-  return buffer;
-}
-
-function stampOf(data: Buffer): number | 'mixed' {
-  const first = data.readUInt32LE(0);
-  for (let at = 4; at < data.length; at += 4) if (data.readUInt32LE(at) !== first) return 'mixed';
-  return first;
-}
 
 /**
  * Two `arbor node` processes and one `arbor controller`, each its own process, on
@@ -51,19 +38,6 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       const nodeDir = path.join(dir.dir, name);
       fs.mkdirSync(nodeDir, { recursive: true });
       return startServer(nodeDir, [...storeArgs(), '--lease-ttl', leaseTtl, '--cache-dir', path.join(nodeDir, 'cache'), '--node-id', name, '--csi-endpoint', `unix://${csiSocket(name)}`], 'node');
-    };
-
-    /** Connects to a node's NBD socket; while another live node owns the volume the server refuses, so retry until `deadlineMs`. */
-    const connect = async (node: ArborServer, exportName: string, deadlineMs = 0): Promise<{ client: NbdClient; waitedMs: number }> => {
-      const started = Date.now();
-      for (;;) {
-        try {
-          return { client: await NbdClient.connect({ socketPath: node.nbdSocket, exportName }), waitedMs: Date.now() - started };
-        } catch (err) {
-          if (Date.now() - started > deadlineMs) throw err;
-          await new Promise((r) => setTimeout(r, 200));
-        }
-      }
     };
 
     const createVolume = async (name: string): Promise<string> => {
@@ -103,14 +77,14 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     it('a volume written and flushed on node A is read whole on node B once A lets go', async () => {
       await createVolume('moves');
       const data = crypto.randomBytes(8 * MiB);
-      const onA = (await connect(nodeA, 'moves')).client;
+      const onA = (await connectWithin(nodeA, 'moves')).client;
       await onA.write(0, data.subarray(0, 4 * MiB));
       await onA.write(32 * MiB, data.subarray(4 * MiB));
       await onA.flush();
       // While A holds it, B cannot serve it.
-      await assert.rejects(connect(nodeB, 'moves'), /attached on node node-a/);
+      await assert.rejects(connectWithin(nodeB, 'moves'), /attached on node node-a/);
       await onA.disconnect();
-      const onB = (await connect(nodeB, 'moves', 5000)).client;
+      const onB = (await connectWithin(nodeB, 'moves', 5000)).client;
       assert.ok((await onB.read(0, 4 * MiB)).equals(data.subarray(0, 4 * MiB)));
       assert.ok((await onB.read(32 * MiB, 4 * MiB)).equals(data.subarray(4 * MiB)));
       assert.ok((await onB.read(8 * MiB, MiB)).equals(Buffer.alloc(MiB)));
@@ -152,7 +126,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     it('the arbor CLI joins the same store: it lists, snapshots an attached volume through its owner, and exports a snapshot', async () => {
       const cli = (...args: string[]) => run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'cli'), ...storeArgs(), ...args], { env: servers.env() });
       await createVolume('by-cli');
-      const onA = (await connect(nodeA, 'by-cli')).client;
+      const onA = (await connectWithin(nodeA, 'by-cli')).client;
       const data = crypto.randomBytes(MiB);
       await onA.write(2 * MiB, data);
       // Acknowledged, not flushed: a snapshot through the owner must still hold it.
@@ -173,7 +147,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
 
     it('a snapshot asked of the controller while node A writes holds a prefix of the writes, at least those acknowledged before it was asked', async () => {
       const volumeId = await createVolume('busy');
-      const onA = (await connect(nodeA, 'busy')).client;
+      const onA = (await connectWithin(nodeA, 'busy')).client;
       let acknowledged = 0;
       let stop = false;
       const writer = (async () => {
@@ -190,7 +164,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       stop = true;
       await writer;
       assert.equal(snapshot.snapshot.ready_to_use, true);
-      const image = (await connect(nodeB, 'busy@busy-snap')).client;
+      const image = (await connectWithin(nodeB, 'busy@busy-snap')).client;
       const content = await image.read(0, 4000 * block);
       await image.disconnect();
       let prefix = 0;
@@ -203,8 +177,8 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     it('a group snapshot of volumes attached on two nodes cuts both at one instant', async () => {
       const idX = await createVolume('group-x');
       const idY = await createVolume('group-y');
-      const onA = (await connect(nodeA, 'group-x')).client;
-      const onB = (await connect(nodeB, 'group-y')).client;
+      const onA = (await connectWithin(nodeA, 'group-x')).client;
+      const onB = (await connectWithin(nodeB, 'group-y')).client;
       // One writer alternating between the volumes: write k goes to x when k is odd, to y when even.
       let acknowledged = 0;
       let stop = false;
@@ -225,7 +199,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       const snapshotOf = (id: string) => `pair.${id === first ? 0 : 1}`;
       const stamps = new Set<number>();
       for (const [volume, id, parity] of [['group-x', idX, 1], ['group-y', idY, 0]] as const) {
-        const image = (await connect(nodeB, `${volume}@${snapshotOf(id)}`)).client;
+        const image = (await connectWithin(nodeB, `${volume}@${snapshotOf(id)}`)).client;
         const content = await image.read(0, 2000 * block);
         await image.disconnect();
         for (let i = 0; i < 2000; i++) {
@@ -245,7 +219,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
 
     it('node A killed while it writes: node B takes over after the lease TTL with every flushed write and nothing that was never acknowledged', async () => {
       await createVolume('crash');
-      const onA = (await connect(nodeA, 'crash')).client;
+      const onA = (await connectWithin(nodeA, 'crash')).client;
       let acknowledged = 0;
       let durable = 0;
       const writer = (async () => {
@@ -262,7 +236,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       while (durable < 64) await new Promise((r) => setTimeout(r, 5));
       await nodeA.kill();
       await writer;
-      const { client: onB, waitedMs } = await connect(nodeB, 'crash', 20_000);
+      const { client: onB, waitedMs } = await connectWithin(nodeB, 'crash', 20_000);
       const content = await onB.read(0, (acknowledged + 2) * block);
       await onB.disconnect();
       for (let i = 0; i < durable; i++) assert.equal(stampOf(content.subarray(i * block, (i + 1) * block)), i + 1, `flushed block ${i} is lost`);
@@ -278,13 +252,13 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
 
     it('a paused owner (SIGSTOP) loses the volume; resumed after node B took over, it cannot put a single byte into it', async () => {
       await createVolume('fenced');
-      const onA = (await connect(nodeA, 'fenced')).client;
+      const onA = (await connectWithin(nodeA, 'fenced')).client;
       await onA.write(0, stamped(1));
       await onA.flush();
       await onA.write(0, stamped(2)); // acknowledged, not flushed
       process.kill(nodeA.pid, 'SIGSTOP');
       try {
-        const { client: onB } = await connect(nodeB, 'fenced', 20_000);
+        const { client: onB } = await connectWithin(nodeB, 'fenced', 20_000);
         assert.equal(stampOf(await onB.read(0, block)), 1, 'B sees the flushed write, not the unflushed one');
         await onB.write(block, stamped(3));
         await onB.flush();
@@ -313,7 +287,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
         }
       }
       // And once B let go, the old owner can take it again, with B's data.
-      const again = (await connect(nodeA, 'fenced', 10_000)).client;
+      const again = (await connectWithin(nodeA, 'fenced', 10_000)).client;
       assert.equal(stampOf(await again.read(block, block)), 3);
       await again.disconnect();
     });
@@ -323,7 +297,7 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     it('the collector runs while both nodes write, snapshot and drop snapshots: no flushed byte is lost, and in the end nothing is left unreachable', async () => {
       const cli = (...args: string[]) => run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'gc-cli'), ...storeArgs(), ...args], { env: servers.env() });
       const ids = { a: await createVolume('gc-a'), b: await createVolume('gc-b') };
-      const clients = { a: (await connect(nodeA, 'gc-a')).client, b: (await connect(nodeB, 'gc-b')).client };
+      const clients = { a: (await connectWithin(nodeA, 'gc-a')).client, b: (await connectWithin(nodeB, 'gc-b')).client };
       const flushed = { a: new Map<number, Buffer>(), b: new Map<number, Buffer>() };
       const extent = 64 * 1024;
       let stop = false;

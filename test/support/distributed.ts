@@ -1,7 +1,9 @@
 import crypto from 'node:crypto';
 import path from 'node:path';
+import { NbdClient } from '../../node-plugin/nbd/client';
+import { ArborServer } from './arbor-server';
 import { StoreLocation } from '../../store/open';
-import { etcdForSuite, EtcdCluster } from './etcd';
+import { etcdForSuite, EtcdCluster, sleep } from './etcd';
 import { Rgw, rgwForSuite } from './rgw';
 
 export interface DistributedSuite {
@@ -53,4 +55,38 @@ export function distributedForSuite(options: { etcdMembers?: 1 | 3 } = {}): Dist
     },
   };
   return suite;
+}
+
+const blockBytes = 4096;
+
+/** A 4 KiB block that names what wrote it: `tag` repeated (tags are unique per write). */
+export function stamped(tag: number): Buffer {
+  const buffer = Buffer.alloc(blockBytes);
+  for (let at = 0; at < blockBytes; at += 4) buffer.writeUInt32LE(tag, at);
+  return buffer;
+}
+
+/** The tag a block holds (0 for a block never written), or 'mixed' when it is torn. */
+export function stampOf(data: Buffer): number | 'mixed' {
+  const first = data.readUInt32LE(0);
+  for (let at = 4; at < data.length; at += 4) if (data.readUInt32LE(at) !== first) return 'mixed';
+  return first;
+}
+
+/**
+ * Connects to a node's NBD socket. While the volume is owned by another live node (or
+ * the catalog cannot be reached) the server refuses, so this retries until `withinMs`.
+ */
+export async function connectWithin(node: ArborServer, exportName: string, withinMs = 0): Promise<{ client: NbdClient; waitedMs: number; lastError?: string }> {
+  const started = Date.now();
+  let lastError: string | undefined;
+  for (;;) {
+    try {
+      return { client: await NbdClient.connect({ socketPath: node.nbdSocket, exportName }), waitedMs: Date.now() - started, lastError };
+    } catch (err) {
+      lastError = (err as Error).message;
+      if (Date.now() - started > withinMs) throw new Error(`no connection to ${exportName} on ${path.basename(path.dirname(node.dataDir))} within ${withinMs} ms: ${lastError}`);
+      await sleep(200);
+    }
+  }
 }
