@@ -2,8 +2,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { Log, silentLog } from '../lib/logger';
-import { S3BlobStore } from './blobs/s3';
-import { EtcdCatalog, EtcdTls, parseStoreUrl } from './catalog/etcd';
+import type { S3BlobStore } from './blobs/s3';
+import type { EtcdTls } from './catalog/etcd';
 import { openDataDir } from './embedded';
 import { ArborError } from './errors';
 import { defaultBlobCacheBytes } from './limits';
@@ -38,6 +38,9 @@ export async function openStore(location: StoreLocation, options: { log?: Log; n
   if (!location.storeUrl || !location.blobsUrl) {
     throw new ArborError('invalid-argument', 'the distributed store needs both --store etcd://... (the catalog) and --blobs s3://... (the blobs)');
   }
+  // Loaded only here: the etcd and S3 clients are a few hundred modules, seconds of start-up on a slow disk, that the embedded store never uses.
+  const { EtcdCatalog, parseStoreUrl } = await import('./catalog/etcd');
+  const { S3BlobStore } = await import('./blobs/s3');
   const etcd = parseStoreUrl(location.storeUrl);
   const cacheDir = options.ephemeralCache ? fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-cache-')) : (location.cacheDir ?? path.join(location.dataDir, 'blob-cache'));
   fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 });
