@@ -11,12 +11,16 @@
 ARG NODE_IMAGE=node:20.20.2-bookworm-slim
 
 FROM ${NODE_IMAGE} AS build
-# better-sqlite3 compiles from source when no prebuilt binary matches.
+# better-sqlite3 compiles from source when no prebuilt binary matches; gcc and the
+# kernel's headers (linux-libc-dev, with libc6-dev) build arbor-nbd-netlink, the
+# helper that configures the kernel's NBD driver over netlink.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 make g++ \
+ && apt-get install -y --no-install-recommends python3 make g++ gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/arbor
 COPY package.json package-lock.json ./
+# `npm ci` runs the package's install script, which builds the helper from here.
+COPY node-plugin/attach/native ./node-plugin/attach/native
 RUN npm ci --no-audit --no-fund
 COPY tsconfig.json ./
 COPY types ./types
@@ -32,8 +36,8 @@ RUN npm run build \
  && npm prune --omit=dev --no-audit --no-fund
 
 FROM ${NODE_IMAGE}
-# What the node plugin runs on the host's devices:
-#   nbd-client        the kernel NBD attach path (nbd-client)
+# What the node plugin runs on the host's devices (the kernel NBD path needs no
+# package: Arbor's own dist/native/arbor-nbd-netlink configures the driver):
 #   libnbd-bin        the userspace attach path (nbdfuse)
 #   fuse3             fusermount3, to undo nbdfuse's mount
 #   mount             mount, umount, losetup
@@ -41,11 +45,10 @@ FROM ${NODE_IMAGE}
 #   e2fsprogs         mkfs.ext4, e2fsck, resize2fs, dumpe2fs
 #   xfsprogs          mkfs.xfs, xfs_growfs
 #   kmod              modprobe (the chart's init container loads the nbd module)
-#   tini              PID 1: reaps the processes nbd-client and nbdfuse leave behind
+#   tini              PID 1: reaps the processes nbdfuse leaves behind
 #                     and forwards SIGTERM to arbor, which commits every volume
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      nbd-client \
       libnbd-bin \
       fuse3 \
       mount \
@@ -65,6 +68,7 @@ COPY --from=build /opt/arbor/csi/proto ./csi/proto
 # `arbor` on PATH is package.json's bin; the native module must load here.
 RUN ln -s /opt/arbor/dist/cli/main.js /usr/local/bin/arbor \
  && arbor --version \
+ && test -x /opt/arbor/dist/native/arbor-nbd-netlink \
  && node -e "require('better-sqlite3')(':memory:').close()"
 # The controller in distributed mode runs as this user; the node plugin (which
 # attaches devices and mounts filesystems) and the embedded controller (which uses the

@@ -108,7 +108,7 @@ export function nodeService(options: NodeOptions): Record<string, Unary> {
             throw new CsiError(grpc.status.RESOURCE_EXHAUSTED, `node ${options.nodeId} already holds its maximum of ${options.maxVolumesPerNode} volumes`);
           }
           const exportName = await exportNameFor(request);
-          const attachment = await getAttacher().attach({ socketPath: options.nbdSocket, exportName, readOnly, workDir: staged.workDir(volumeId) });
+          const attachment = await getAttacher().attach({ socketPath: options.nbdSocket, exportName, volumeId, readOnly, workDir: staged.workDir(volumeId) });
           state = { volumeId, exportName, stagingPath, access: capability.access, readOnly, attachment, targets: {} };
           staged.save(state);
           options.log.info('volume attached', { volume: volumeId, export: exportName, device: attachment.device, attacher: attachment.kind });

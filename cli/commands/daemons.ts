@@ -1,4 +1,5 @@
 import { once } from 'node:events';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { identityService } from '../../csi/identity';
@@ -6,7 +7,9 @@ import { nodeTopologyKey } from '../../csi/proto';
 import { CsiServices, startCsiServer } from '../../csi/server';
 import { groupControllerService } from '../../controller/group';
 import { controllerService } from '../../controller/service';
-import { chooseAttacher } from '../../node-plugin/attach';
+import { chooseAttacher, realHostProbe } from '../../node-plugin/attach';
+import { LocalNbdServer } from '../../node-plugin/attach/kernel';
+import { hostCommands } from '../../node-plugin/host/commands';
 import { NbdServer, TlsFiles } from '../../node-plugin/nbd/server';
 import { nodeService } from '../../node-plugin/service';
 import { StoreExports } from '../../node-plugin/store-exports';
@@ -110,7 +113,8 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     }
     const topology = { [nodeTopologyKey]: nodeId };
     if (endpoint) {
-      const services = csiServices(store, roles, { nodeId, topology, nbdSocket: nbdSocket!, stateDir: nodeStateDir(ctx, values), maxVolumes, ctx });
+      const localServer = { socketPath: nbdSocket!, connectLocal: (onread: net.OnReadOpts) => nbd.connectLocal(onread) };
+      const services = csiServices(store, roles, { nodeId, topology, localServer, stateDir: nodeStateDir(ctx, values), maxVolumes, ctx });
       await store.registerNode(nodeId, { topology });
       const csi = await startCsiServer(endpoint, services, ctx.log);
       stops.push(() => csi.stop());
@@ -140,7 +144,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
 function csiServices(
   store: StoreApi,
   roles: Roles,
-  node: { nodeId: string; topology: Record<string, string>; nbdSocket: string; stateDir: string; maxVolumes: number; ctx: CliContext },
+  node: { nodeId: string; topology: Record<string, string>; localServer: LocalNbdServer; stateDir: string; maxVolumes: number; ctx: CliContext },
 ): CsiServices {
   return {
     Identity: identityService({ controller: roles.controller, ready: () => store.healthy() }),
@@ -149,11 +153,11 @@ function csiServices(
     Node: roles.node
       ? nodeService({
           nodeId: node.nodeId,
-          nbdSocket: node.nbdSocket,
+          nbdSocket: node.localServer.socketPath,
           stateDir: node.stateDir,
           topology: node.topology,
           maxVolumesPerNode: node.maxVolumes,
-          attacher: () => chooseAttacher(),
+          attacher: () => chooseAttacher(realHostProbe, hostCommands, { localServer: node.localServer }),
           store,
           log: node.ctx.log,
         })

@@ -13,6 +13,11 @@ export interface AttachRequest {
   socketPath: string;
   /** Volume name, or NAME@SNAP for a snapshot. */
   exportName: string;
+  /**
+   * The volume's id. A kernel device carries it as its backend identifier, so it is
+   * found again after a restart and never given another volume's connections.
+   */
+  volumeId: string;
   readOnly: boolean;
   /** A private directory for this volume on this node (exists, 0700); keep pid files, fuse mount points etc. in it. */
   workDir: string;
@@ -41,6 +46,10 @@ export interface Attacher {
 /** Volume and snapshot names as the store allows them (README, "Names"), optionally NAME@SNAP. */
 const exportNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$/;
 
+/** The kernel shows a backend identifier in sysfs followed by a newline: keep it one printable word. */
+const maxVolumeIdBytes = 128;
+const volumeIdPattern = new RegExp(`^[\\x21-\\x7e]{1,${maxVolumeIdBytes}}$`);
+
 /**
  * Checks a request before anything runs. Names and paths end up in argv and in an
  * NBD URI, so they must be what they claim to be: absolute paths, a store name.
@@ -51,6 +60,9 @@ export function validateAttachRequest(request: AttachRequest): void {
   }
   if (request.exportName.includes('@') && !request.readOnly) {
     throw new ArborError('invalid-argument', `snapshot ${request.exportName} can only be attached read-only`);
+  }
+  if (!volumeIdPattern.test(request.volumeId)) {
+    throw new ArborError('invalid-argument', `export ${request.exportName}: volume id '${request.volumeId}' must be 1 to ${maxVolumeIdBytes} printable characters without spaces`);
   }
   for (const [what, value] of [['socket path', request.socketPath], ['work directory', request.workDir]] as const) {
     if (!path.isAbsolute(value) || path.resolve(value) !== value || /[\0\n]/.test(value)) {

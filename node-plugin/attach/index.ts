@@ -7,7 +7,8 @@ import path from 'node:path';
 import { ArborError } from '../../store/errors';
 import { CommandRunner, hostCommands } from '../host/commands';
 import { Attacher } from './attacher';
-import { KernelAttacher } from './kernel';
+import { KernelAttacher, KernelAttacherOptions } from './kernel';
+import { helperBuilt, netlinkHelperPath } from './nbd-netlink';
 import { UserspaceAttacher } from './userspace';
 
 export { Attacher, AttachRequest, Attachment } from './attacher';
@@ -17,6 +18,8 @@ export { UserspaceAttacher } from './userspace';
 /** What `chooseAttacher` asks of the host; tests pass a fake one. */
 export interface HostProbe {
   pathExists(path: string): boolean;
+  /** Whether Arbor's netlink helper for the kernel NBD driver was built (it needs a C compiler at install). */
+  netlinkHelperBuilt(): boolean;
   /** Whether an executable of this name is on PATH. */
   commandInstalled(command: string): boolean;
   uid(): number;
@@ -24,6 +27,7 @@ export interface HostProbe {
 
 export const realHostProbe: HostProbe = {
   pathExists: (file) => fs.existsSync(file),
+  netlinkHelperBuilt: helperBuilt,
   commandInstalled: (command) =>
     (process.env.PATH ?? '')
       .split(':')
@@ -39,21 +43,18 @@ export const realHostProbe: HostProbe = {
   uid: () => process.getuid?.() ?? -1,
 };
 
-/** Each program the attach paths run, with the Debian package that has it. */
-const kernelCommands = [['nbd-client', 'nbd-client']] as const;
+/** Each program the userspace path runs, with the Debian package that has it. */
 const userspaceCommands = [
   ['nbdfuse', 'libnbd-bin'],
   ['losetup', 'mount'],
   ['fusermount3', 'fuse3'],
 ] as const;
 
-export function chooseAttacher(probe: HostProbe = realHostProbe, runner: CommandRunner = hostCommands): Attacher {
+export function chooseAttacher(probe: HostProbe = realHostProbe, runner: CommandRunner = hostCommands, kernelOptions: KernelAttacherOptions = {}): Attacher {
   const kernelLacks: string[] = [];
   if (!probe.pathExists('/dev/nbd0')) kernelLacks.push('/dev/nbd0 is missing (load the nbd kernel module: modprobe nbd)');
-  for (const [command, debianPackage] of kernelCommands) {
-    if (!probe.commandInstalled(command)) kernelLacks.push(`${command} is not installed (Debian package ${debianPackage})`);
-  }
-  if (kernelLacks.length === 0) return new KernelAttacher(runner);
+  if (!probe.netlinkHelperBuilt()) kernelLacks.push(`Arbor's netlink helper ${netlinkHelperPath} is not built (install gcc and libc6-dev, then npm run build)`);
+  if (kernelLacks.length === 0) return new KernelAttacher(kernelOptions);
 
   const userspaceLacks: string[] = [];
   if (!probe.pathExists('/dev/fuse')) userspaceLacks.push('/dev/fuse is missing (load the fuse module; in a container, give it the host /dev/fuse)');

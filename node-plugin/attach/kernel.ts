@@ -1,199 +1,269 @@
 /**
- * The kernel attach path: the nbd driver, configured by nbd-client (Debian
- * nbd-client 3.24), talks NBD to `arbor serve` over its unix socket.
+ * The kernel attach path: the nbd driver, configured over netlink (nbd-netlink.ts).
+ * The kernel never handshakes: this process negotiates each connection itself (the
+ * export, simple replies), then hands the connected sockets to the kernel, which
+ * sends the device's requests over them.
  *
- * The kernel records who configured a device: /sys/block/nbdN/pid appears when the
- * device is connected and holds the pid of the process that connected it (with
- * netlink, nbd-client, which then exits; with the ioctl interface, the nbd-client
- * that stays to serve it). That pid is unique to one connection, so it tells our
- * attachment from a later one on the same device. It is kept, with the request, in
- * WORKDIR/kernel-attachment.json, so an attach repeated after a plugin restart finds
- * the device again.
+ * Each device carries the volume's id as its backend identifier
+ * (/sys/block/nbdN/backend), so a device is found again after a restart and a device
+ * can never be taken for another volume's. What was attached is also kept in
+ * WORKDIR/kernel-attachment.json, written before the attach reports success.
+ *
+ * Where the server is this process's own (the node plugin serves its volumes
+ * itself), each connection is made through `LocalNbdServer.connectLocal`, so the
+ * server's end of every connection is known: a device is healthy while at least one
+ * of them is open. After a restart none are, until the device is attached again.
  */
+import { once } from 'node:events';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { ArborError } from '../../store/errors';
-import { CommandRunner, processAlive, waitUntil } from '../host/commands';
+import { waitUntil } from '../host/commands';
+import { blockDeviceName, mountPointsOfDevice, sysBlockDir, sysfsSizeBytes } from '../host/mounts';
+import { NbdClient, NbdOptionError } from '../nbd/client';
+import { REP, TFLAG } from '../nbd/protocol';
 import { accessOf, Attacher, AttachRequest, Attachment, detailNumber, detailString, OneAtATime, validateAttachRequest } from './attacher';
+import { connectDevice, disconnectDevice } from './nbd-netlink';
 
 /** The block size the device presents: the page size, what filesystems use anyway. */
 export const nbdBlockSizeBytes = 4096;
-/** Connections per device: the server advertises multi-conn, so the kernel spreads requests over them. */
+/** Connections per device when the server allows several (CAN_MULTI_CONN): the kernel spreads requests over them. */
 export const nbdConnections = 4;
-/** A request the server has not answered in this long fails with EIO instead of hanging the filesystem forever. */
-export const nbdRequestTimeoutSeconds = 60;
-/** How long nbd-client may take to connect and configure the device. */
-export const nbdClientTimeoutMs = 60_000;
-/** How long the device may take to show its size after nbd-client returns (the ioctl interface configures it from a child). */
-export const nbdDeviceReadyTimeoutMs = 5_000;
-/** How long the device may take to drop its connection after `nbd-client -d`. */
+/** How long a device may take to drop its configuration after NBD_CMD_DISCONNECT (its receive threads end). */
 export const nbdReleaseTimeoutMs = 5_000;
+/** How long connecting and negotiating one connection may take. */
+export const negotiateTimeoutMs = 30_000;
+
+/** The node plugin's own NBD server, reached without going through its public socket. */
+export interface LocalNbdServer {
+  /** The public socket path: requests naming it are served by connectLocal. */
+  socketPath: string;
+  connectLocal(onread: net.OnReadOpts): Promise<{ socket: net.Socket; serverClosed: Promise<void> }>;
+}
 
 export interface KernelAttacherOptions {
-  /** Where the nbd devices appear in sysfs; /sys/block by default. */
-  sysBlockDir?: string;
-  /** Where their device nodes are; /dev by default. */
-  devDir?: string;
-  /** Where to look for processes; /proc by default. */
-  procDir?: string;
+  localServer?: LocalNbdServer;
 }
 
 const recordFileName = 'kernel-attachment.json';
-/** Free devices are picked from the shared pool of the host: one attach at a time. */
-const poolKey = 'nbd-devices';
+
+interface Negotiated {
+  socket: net.Socket;
+  sizeBytes: number;
+  transmissionFlags: number;
+  serverClosed?: Promise<void>;
+}
 
 export class KernelAttacher implements Attacher {
   readonly kind = 'kernel' as const;
-  private readonly sysBlockDir: string;
-  private readonly devDir: string;
-  private readonly procDir: string;
   private readonly serial = new OneAtATime();
+  /** Devices this process connected to its own server: how many of their connections the server still holds open. */
+  private readonly openConnections = new Map<string, { volumeId: string; open: number }>();
 
-  constructor(
-    private readonly runner: CommandRunner,
-    options: KernelAttacherOptions = {},
-  ) {
-    this.sysBlockDir = options.sysBlockDir ?? '/sys/block';
-    this.devDir = options.devDir ?? '/dev';
-    this.procDir = options.procDir ?? '/proc';
-  }
+  constructor(private readonly options: KernelAttacherOptions = {}) {}
 
   async attach(request: AttachRequest): Promise<Attachment> {
     validateAttachRequest(request);
-    return this.serial.run(poolKey, async () => {
+    return this.serial.run(request.workDir, async () => {
       const recorded = readRecord(request.workDir);
-      if (recorded && this.connectionPid(recorded) !== undefined) {
-        if (!sameRequest(recorded, request)) {
+      const current = recorded && this.stillOurs(recorded) ? recorded : undefined;
+      if (current) {
+        if (!sameRequest(current, request)) {
           throw new ArborError(
             'failed-precondition',
-            `export ${request.exportName}: work directory ${request.workDir} already holds ${detailString(recorded, 'exportName')} (${detailString(recorded, 'access')}) on ${recorded.device}; detach it before attaching ${accessOf(request.readOnly)}`,
+            `export ${request.exportName}: work directory ${request.workDir} already holds ${detailString(current, 'exportName')} (${detailString(current, 'access')}) on ${current.device}; detach it before attaching ${accessOf(request.readOnly)}`,
           );
         }
-        if (this.healthy(recorded)) return { ...recorded, sizeBytes: this.sizeBytes(deviceName(recorded.device)) };
-        await this.disconnect(recorded);
+        if (this.connectionsAlive(current)) return { ...current, sizeBytes: sysfsSizeBytes(deviceName(current.device)) };
+        await this.disconnect(current);
       }
+      // A device of this volume that no record names: a crash between connecting it and writing the record.
+      for (const orphan of devicesWithIdentifier(request.volumeId)) await this.disconnect(orphanAttachment(orphan, request));
       fs.rmSync(path.join(request.workDir, recordFileName), { force: true });
       return this.attachFresh(request);
     });
   }
 
   detach(attachment: Attachment): Promise<void> {
-    return this.serial.run(poolKey, async () => {
-      // A device whose connection is not ours any more was detached already (and may serve another volume now).
-      if (this.connectionPid(attachment) !== undefined) await this.disconnect(attachment);
-      const workDir = detailString(attachment, 'workDir');
+    const workDir = detailString(attachment, 'workDir');
+    return this.serial.run(workDir, async () => {
+      // A device whose configuration is not ours any more was detached already (and may serve another volume now).
+      if (this.stillOurs(attachment)) await this.disconnect(attachment);
       const recorded = readRecord(workDir);
-      if (recorded && recorded.device === attachment.device && recorded.details.connectionPid === attachment.details.connectionPid) {
-        fs.rmSync(path.join(workDir, recordFileName), { force: true });
-      }
+      if (recorded && recorded.device === attachment.device) fs.rmSync(path.join(workDir, recordFileName), { force: true });
     });
   }
 
   async isHealthy(attachment: Attachment): Promise<boolean> {
-    return this.connectionPid(attachment) !== undefined && this.healthy(attachment);
-  }
-
-  /** nbd-client -unix SOCKET /dev/nbdN -name EXPORT -block-size 4096 -connections 4 -timeout 60 [-readonly] */
-  nbdClientArgs(request: AttachRequest, device: string): string[] {
-    return [
-      '-unix', request.socketPath, device,
-      '-name', request.exportName,
-      '-block-size', String(nbdBlockSizeBytes),
-      '-connections', String(nbdConnections),
-      '-timeout', String(nbdRequestTimeoutSeconds),
-      ...(request.readOnly ? ['-readonly'] : []),
-    ]; // prettier-ignore
+    return this.stillOurs(attachment) && this.connectionsAlive(attachment);
   }
 
   private async attachFresh(request: AttachRequest): Promise<Attachment> {
-    const name = this.freeDevice(request.exportName);
-    const device = path.join(this.devDir, name);
-    await this.runner.run('nbd-client', this.nbdClientArgs(request, device), { timeoutMs: nbdClientTimeoutMs });
-    const ready = await waitUntil(() => this.sizeBytes(name) > 0 && this.sysfsPid(name) !== undefined, nbdDeviceReadyTimeoutMs);
-    if (!ready) {
-      await this.runner.run('nbd-client', ['-d', device], { timeoutMs: nbdClientTimeoutMs, allowFailure: true });
-      throw new ArborError('internal', `export ${request.exportName}: nbd-client connected ${device} but the device shows no size after ${nbdDeviceReadyTimeoutMs} ms; see the kernel log (dmesg)`);
+    const negotiated: Negotiated[] = [];
+    try {
+      negotiated.push(await this.negotiate(request));
+      const { sizeBytes, transmissionFlags } = negotiated[0];
+      const wanted = transmissionFlags & TFLAG.CAN_MULTI_CONN ? nbdConnections : 1;
+      while (negotiated.length < wanted) negotiated.push(await this.negotiate(request));
+      const differing = negotiated.find((n) => n.sizeBytes !== sizeBytes || n.transmissionFlags !== transmissionFlags);
+      if (differing) {
+        throw new ArborError('unavailable', `export ${request.exportName} changed while it was being attached (${sizeBytes} bytes, flags ${transmissionFlags}, then ${differing.sizeBytes} bytes, flags ${differing.transmissionFlags}); try again`);
+      }
+      const index = await connectDevice({
+        sockets: negotiated.map((n) => n.socket),
+        sizeBytes,
+        blockSizeBytes: nbdBlockSizeBytes,
+        serverFlags: transmissionFlags | (request.readOnly ? TFLAG.READ_ONLY : 0),
+        identifier: request.volumeId,
+      });
+      const device = `/dev/nbd${index}`;
+      const attachment: Attachment = {
+        kind: 'kernel',
+        device,
+        sizeBytes: sysfsSizeBytes(`nbd${index}`),
+        details: {
+          workDir: request.workDir,
+          exportName: request.exportName,
+          socketPath: request.socketPath,
+          access: accessOf(request.readOnly),
+          volumeId: request.volumeId,
+          index,
+          connections: negotiated.length,
+        },
+      };
+      this.watchConnections(attachment, negotiated);
+      writeRecord(request.workDir, attachment);
+      if (attachment.sizeBytes !== sizeBytes || !this.stillOurs(attachment)) {
+        const shown = `size ${attachment.sizeBytes}, backend '${readSysfs(`nbd${index}`, 'backend') ?? ''}'`;
+        await this.disconnect(attachment);
+        fs.rmSync(path.join(request.workDir, recordFileName), { force: true });
+        throw new ArborError('internal', `export ${request.exportName}: the kernel connected ${device} but shows ${shown}, not ${sizeBytes} bytes for ${request.volumeId}; see the kernel log (dmesg)`);
+      }
+      return attachment;
+    } finally {
+      // The kernel holds its own reference to each socket it took: closing ours leaves the connection open.
+      for (const n of negotiated) n.socket.destroy();
     }
-    const attachment: Attachment = {
-      kind: 'kernel',
-      device,
-      sizeBytes: this.sizeBytes(name),
-      details: {
-        workDir: request.workDir,
-        exportName: request.exportName,
-        socketPath: request.socketPath,
-        access: accessOf(request.readOnly),
-        connectionPid: this.sysfsPid(name)!,
-      },
-    };
-    writeRecord(request.workDir, attachment);
-    return attachment;
   }
 
-  /** The lowest-numbered device with no connection: no pid file and a size of 0. */
-  private freeDevice(exportName: string): string {
-    const names = fs
-      .readdirSync(this.sysBlockDir)
-      .filter((name) => /^nbd\d+$/.test(name))
-      .sort((a, b) => Number(a.slice(3)) - Number(b.slice(3)));
-    if (names.length === 0) throw new ArborError('failed-precondition', `export ${exportName}: this host has no nbd devices in ${this.sysBlockDir}; load the nbd kernel module (modprobe nbd)`);
-    const free = names.find((name) => this.sysfsPid(name) === undefined && this.sizeBytes(name) === 0 && fs.existsSync(path.join(this.devDir, name)));
-    if (!free) {
-      throw new ArborError(
-        'resource-exhausted',
-        `export ${exportName}: all ${names.length} nbd devices of this host are in use (${names[0]} to ${names[names.length - 1]}); detach unused volumes, or reload the nbd module with more devices (modprobe nbd nbds_max=${names.length * 2})`,
-      );
+  /** One connection, negotiated and no longer read, ready for the kernel. */
+  private async negotiate(request: AttachRequest): Promise<Negotiated> {
+    const local = this.options.localServer?.socketPath === request.socketPath ? this.options.localServer : undefined;
+    let serverClosed: Promise<void> | undefined;
+    const open = async (onread: net.OnReadOpts): Promise<net.Socket> => {
+      if (local) {
+        const connection = await local.connectLocal(onread);
+        serverClosed = connection.serverClosed;
+        return connection.socket;
+      }
+      const socket = net.connect({ path: request.socketPath, onread });
+      await once(socket, 'connect');
+      return socket;
+    };
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new ArborError('unavailable', `export ${request.exportName}: the NBD server at ${request.socketPath} did not finish the handshake within ${negotiateTimeoutMs} ms`)), negotiateTimeoutMs);
+    });
+    try {
+      const negotiated = await Promise.race([NbdClient.negotiateForKernel(open, request.exportName), timeout]);
+      return { ...negotiated, serverClosed };
+    } catch (err) {
+      throw negotiationError(request, err);
+    } finally {
+      clearTimeout(timer);
     }
-    return free;
+  }
+
+  private watchConnections(attachment: Attachment, negotiated: Negotiated[]): void {
+    const closed = negotiated.map((n) => n.serverClosed).filter((p): p is Promise<void> => p !== undefined);
+    if (closed.length === 0) return;
+    const entry = { volumeId: detailString(attachment, 'volumeId'), open: closed.length };
+    this.openConnections.set(attachment.device, entry);
+    for (const promise of closed) void promise.then(() => entry.open--);
+  }
+
+  /**
+   * Whether the device can still reach its server. For our own server we know each
+   * connection's end; an outside server (a benchmark's nbdkit) is not ours to see, and
+   * the kernel's configuration is all there is.
+   */
+  private connectionsAlive(attachment: Attachment): boolean {
+    if (this.options.localServer?.socketPath !== detailString(attachment, 'socketPath')) return true;
+    const entry = this.openConnections.get(attachment.device);
+    return entry !== undefined && entry.volumeId === detailString(attachment, 'volumeId') && entry.open > 0;
+  }
+
+  /** The device is still configured, for this attachment's volume. */
+  private stillOurs(attachment: Attachment): boolean {
+    const name = deviceName(attachment.device);
+    return readSysfs(name, 'pid') !== undefined && readSysfs(name, 'backend') === detailString(attachment, 'volumeId');
   }
 
   private async disconnect(attachment: Attachment): Promise<void> {
     const name = deviceName(attachment.device);
-    await this.runner.run('nbd-client', ['-d', attachment.device], { timeoutMs: nbdClientTimeoutMs });
-    if (!(await waitUntil(() => this.sysfsPid(name) === undefined, nbdReleaseTimeoutMs))) {
-      throw new ArborError('internal', `${attachment.device} (export ${detailString(attachment, 'exportName')}) is still connected ${nbdReleaseTimeoutMs} ms after 'nbd-client -d'; see the kernel log (dmesg)`);
+    const exportName = detailString(attachment, 'exportName');
+    const mountedAt = mountPointsOfDevice(attachment.device);
+    if (mountedAt.length > 0) {
+      throw new ArborError('failed-precondition', `export ${exportName}: ${attachment.device} is still mounted at ${mountedAt.join(', ')}; unmount it before detaching`);
     }
-  }
-
-  /** The connection's pid when the device is still connected by the attach that made `attachment`, else undefined. */
-  private connectionPid(attachment: Attachment): number | undefined {
-    const pid = this.sysfsPid(deviceName(attachment.device));
-    return pid !== undefined && pid === detailNumber(attachment, 'connectionPid') ? pid : undefined;
-  }
-
-  /**
-   * Connected and serving: the process that connected it is still alive (the ioctl
-   * interface: nbd-client serves the device) or the device still has its size (netlink:
-   * nbd-client has exited and the kernel holds the sockets).
-   */
-  private healthy(attachment: Attachment): boolean {
-    const name = deviceName(attachment.device);
-    return processAlive(detailNumber(attachment, 'connectionPid'), undefined, this.procDir) || this.sizeBytes(name) > 0;
-  }
-
-  private sysfsPid(name: string): number | undefined {
-    try {
-      const pid = Number(fs.readFileSync(path.join(this.sysBlockDir, name, 'pid'), 'utf8').trim());
-      return Number.isSafeInteger(pid) && pid > 0 ? pid : undefined;
-    } catch {
-      return undefined;
-    }
-  }
-
-  /** sysfs gives every block device's size in 512-byte sectors, whatever its block size. */
-  private sizeBytes(name: string): number {
-    try {
-      return Number(fs.readFileSync(path.join(this.sysBlockDir, name, 'size'), 'utf8').trim()) * 512;
-    } catch {
-      return 0;
+    await disconnectDevice(detailNumber(attachment, 'index'));
+    this.openConnections.delete(attachment.device);
+    if (!(await waitUntil(() => readSysfs(name, 'pid') === undefined, nbdReleaseTimeoutMs))) {
+      throw new ArborError(
+        'failed-precondition',
+        `${attachment.device} (export ${exportName}) is still configured ${nbdReleaseTimeoutMs} ms after NBD_CMD_DISCONNECT: some process holds it open (see 'fuser -v ${attachment.device}'); close it and detach again`,
+      );
     }
   }
 }
 
+function negotiationError(request: AttachRequest, err: unknown): Error {
+  if (err instanceof ArborError) return err;
+  if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) {
+    return new ArborError('not-found', `export ${request.exportName}: the NBD server at ${request.socketPath} has no such export; see 'arbor volume list' and 'arbor snapshot list'`);
+  }
+  const code = (err as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT' || code === 'ECONNREFUSED') {
+    return new ArborError('unavailable', `export ${request.exportName}: no NBD server listens on ${request.socketPath}: is arbor serve running on this node?`);
+  }
+  return new ArborError('unavailable', `export ${request.exportName}: negotiating with the NBD server at ${request.socketPath} failed: ${(err as Error).message}`);
+}
+
 function deviceName(device: string): string {
   const name = path.basename(device);
-  if (!/^nbd\d+$/.test(name)) throw new ArborError('invalid-argument', `${device} is not an nbd device; this attachment was not made by the kernel attacher`);
+  if (!/^nbd\d+$/.test(name) || device !== `/dev/${name}`) throw new ArborError('invalid-argument', `${device} is not an nbd device; this attachment was not made by the kernel attacher`);
   return name;
+}
+
+function readSysfs(name: string, file: string): string | undefined {
+  try {
+    const value = fs.readFileSync(path.join(sysBlockDir, name, file), 'utf8').trim();
+    return value === '' ? undefined : value;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Connected nbd devices whose backend identifier is `identifier`. */
+function devicesWithIdentifier(identifier: string): string[] {
+  let names: string[];
+  try {
+    names = fs.readdirSync(sysBlockDir);
+  } catch {
+    return [];
+  }
+  return names.filter((name) => /^nbd\d+$/.test(name) && readSysfs(name, 'pid') !== undefined && readSysfs(name, 'backend') === identifier).map((name) => `/dev/${name}`);
+}
+
+function orphanAttachment(device: string, request: AttachRequest): Attachment {
+  const name = blockDeviceName(device) ?? deviceName(device);
+  return {
+    kind: 'kernel',
+    device,
+    sizeBytes: sysfsSizeBytes(name),
+    details: { workDir: request.workDir, exportName: request.exportName, socketPath: request.socketPath, access: 'unknown', volumeId: request.volumeId, index: Number(name.slice(3)), connections: 0 },
+  };
 }
 
 function sameRequest(attachment: Attachment, request: AttachRequest): boolean {
@@ -209,8 +279,9 @@ function readRecord(workDir: string): Attachment | undefined {
   }
   const record = parsed as Partial<Attachment> | null;
   if (record?.kind !== 'kernel' || typeof record.device !== 'string' || typeof record.details !== 'object' || record.details === null) return undefined;
-  if (typeof record.details.connectionPid !== 'number' || typeof record.details.exportName !== 'string') return undefined;
-  return { kind: 'kernel', device: record.device, sizeBytes: Number(record.sizeBytes), details: record.details };
+  const { details } = record;
+  if (typeof details.index !== 'number' || typeof details.volumeId !== 'string' || typeof details.exportName !== 'string' || typeof details.socketPath !== 'string') return undefined;
+  return { kind: 'kernel', device: record.device, sizeBytes: Number(record.sizeBytes), details };
 }
 
 function writeRecord(workDir: string, attachment: Attachment): void {

@@ -16,6 +16,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { ArborError } from '../../store/errors';
 import { CommandRunner, processAlive, processArgv, stopProcess, waitUntil } from '../host/commands';
+import { isMountPoint, mountPointsOfDevice, sysBlockDir, sysfsSizeBytes } from '../host/mounts';
 import { accessOf, Attacher, AttachRequest, Attachment, detailNumber, detailString, OneAtATime, validateAttachRequest } from './attacher';
 
 /** How long nbdfuse may take to connect and mount before the attach fails. */
@@ -29,8 +30,6 @@ export const hostToolTimeoutMs = 30_000;
 /** A health probe's read that takes longer than this counts as a dead connection. */
 export const healthProbeTimeoutMs = 10_000;
 
-const sysBlockDir = '/sys/block';
-const mountInfoFile = '/proc/self/mountinfo';
 
 interface Paths {
   workDir: string;
@@ -162,8 +161,10 @@ function pathsIn(workDir: string): Paths {
   return { workDir, pidFile: path.join(workDir, 'nbdfuse.pid'), fuseDir, diskFile: path.join(fuseDir, 'disk') };
 }
 
+type ArgvRequest = Pick<AttachRequest, 'exportName' | 'socketPath' | 'readOnly' | 'workDir'>;
+
 /** nbdfuse [-r] -P PIDFILE WORKDIR/fuse/disk nbd+unix:///EXPORT?socket=SOCKET */
-function nbdfuseArgv(request: AttachRequest, paths: Paths): string[] {
+function nbdfuseArgv(request: ArgvRequest, paths: Paths): string[] {
   return ['nbdfuse', ...(request.readOnly ? ['-r'] : []), '-P', paths.pidFile, paths.diskFile, nbdUri(request)];
 }
 
@@ -200,7 +201,7 @@ function attachmentOf(request: AttachRequest, paths: Paths, nbdfusePid: number, 
 }
 
 function detailArgv(attachment: Attachment): string[] {
-  const request: AttachRequest = {
+  const request: ArgvRequest = {
     workDir: detailString(attachment, 'workDir'),
     exportName: detailString(attachment, 'exportName'),
     socketPath: detailString(attachment, 'socketPath'),
@@ -218,9 +219,7 @@ function readPidFile(pidFile: string): number | undefined {
   }
 }
 
-// ---- Loop devices and mounts, read from sysfs and mountinfo ----
-// Read directly rather than through losetup or findmnt: both stat the paths they
-// are given, which hangs or fails with ENOTCONN on the FUSE mount of a dead nbdfuse.
+// ---- Loop devices, read from sysfs (not losetup: see host/mounts.ts) ----
 
 function loopName(device: string): string | undefined {
   const match = /^\/dev\/(loop\d+)$/.exec(device);
@@ -249,41 +248,5 @@ export function loopDevicesBackedBy(file: string): string[] {
 
 function loopSizeBytes(device: string): number {
   const name = loopName(device);
-  // sysfs reports every block device's size in 512-byte sectors, whatever its block size.
-  return name ? Number(fs.readFileSync(path.join(sysBlockDir, name, 'size'), 'utf8').trim()) * 512 : 0;
-}
-
-interface MountInfoLine {
-  majorMinor: string;
-  mountPoint: string;
-}
-
-function mountInfo(): MountInfoLine[] {
-  return fs
-    .readFileSync(mountInfoFile, 'utf8')
-    .split('\n')
-    .filter((line) => line !== '')
-    .map((line) => {
-      const fields = line.split(' ');
-      // Spaces, tabs, newlines and backslashes in paths are written as octal escapes.
-      return { majorMinor: fields[2], mountPoint: fields[4].replace(/\\([0-7]{3})/g, (_, octal: string) => String.fromCharCode(parseInt(octal, 8))) };
-    });
-}
-
-function isMountPoint(dir: string): boolean {
-  return mountInfo().some((line) => line.mountPoint === dir);
-}
-
-function mountPointsOfDevice(device: string): string[] {
-  const name = loopName(device);
-  if (!name) return [];
-  let majorMinor: string;
-  try {
-    majorMinor = fs.readFileSync(path.join(sysBlockDir, name, 'dev'), 'utf8').trim();
-  } catch {
-    return [];
-  }
-  return mountInfo()
-    .filter((line) => line.majorMinor === majorMinor)
-    .map((line) => line.mountPoint);
+  return name ? sysfsSizeBytes(name) : 0;
 }

@@ -112,6 +112,33 @@ export class NbdClient {
     return client;
   }
 
+  /**
+   * Negotiates an export for the kernel's NBD driver, which never handshakes itself:
+   * simple replies, no meta context, as the kernel speaks. Returns the socket at the
+   * start of the transmission phase, no longer read, for the kernel to take over.
+   *
+   * `open` must connect with the `onread` it is given: a socket reading into its own
+   * buffer stops reading the moment it is paused, where net's usual reads would go on
+   * filling the stream's buffer and steal replies meant for the kernel.
+   */
+  static async negotiateForKernel(open: (onread: net.OnReadOpts) => Promise<net.Socket>, exportName: string): Promise<{ socket: net.Socket; sizeBytes: number; transmissionFlags: number }> {
+    const input = new ByteQueue();
+    const socket = await open({ buffer: Buffer.allocUnsafe(4096), callback: (n: number, buffer: Buffer) => (input.push(buffer.subarray(0, n)), true) });
+    const client = new NbdClient(socket, input);
+    client.listen(socket);
+    try {
+      await client.handshake({ exportName, structuredReplies: false });
+    } catch (err) {
+      socket.destroy();
+      throw err;
+    }
+    socket.pause();
+    socket.removeAllListeners();
+    // A socket the kernel holds may still report an error here (its peer gone): not ours to handle any more.
+    socket.on('error', () => {});
+    return { socket, sizeBytes: client.sizeBytes, transmissionFlags: client.transmissionFlags };
+  }
+
   async read(offset: number, length: number, flags = 0): Promise<Buffer> {
     return (await this.request(CMD.READ, flags, offset, length)) as Buffer;
   }

@@ -1,3 +1,5 @@
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
 import tls from 'node:tls';
@@ -68,24 +70,59 @@ export class NbdServer {
     return this.closing;
   }
 
-  private server(options: { tls?: { context: tls.SecureContext; required: boolean } }): net.Server {
-    const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (socket) => {
-      if (this.closing || this.connections.size >= maxConnections) {
+  /**
+   * A connection from this process to its own server, for the kernel's NBD driver to
+   * take over: made through a private listener (an abstract unix socket with a random
+   * name, closed at once), so the server's end of it is known. `serverClosed`
+   * settles when that end closes; the kernel's device is dead from then on.
+   */
+  async connectLocal(onread: net.OnReadOpts): Promise<{ socket: net.Socket; serverClosed: Promise<void> }> {
+    if (this.closing) throw new ArborError('unavailable', 'the NBD server is shutting down');
+    const listener = net.createServer({ pauseOnConnect: true, noDelay: true });
+    const name = `\0arbor-nbd-local-${randomBytes(16).toString('hex')}`;
+    await listen(listener, { path: name });
+    try {
+      const accepted = once(listener, 'connection') as Promise<[net.Socket]>;
+      const socket = net.connect({ path: name, onread, noDelay: true });
+      await once(socket, 'connect');
+      const [raw] = await accepted;
+      const connection = this.adopt(raw, {});
+      if (!connection) {
         socket.destroy();
-        return;
+        throw new ArborError('resource-exhausted', `the NBD server already holds ${maxConnections} connections`);
       }
-      const connection = new Connection(socket, { exports: this.exports, log: this.log, tls: options.tls }, this.nextId++);
-      this.connections.add(connection);
-      nbdConnections.inc();
-      void connection.whenClosed().then(() => {
-        this.connections.delete(connection);
-        nbdConnections.dec();
-      });
-    });
+      return { socket, serverClosed: connection.whenClosed() };
+    } finally {
+      listener.close();
+    }
+  }
+
+  private server(options: ConnectionSecurity): net.Server {
+    const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (socket) => this.adopt(socket, options));
     server.on('error', (err) => this.log.error('NBD listener error', { error: err.message }));
     this.listeners.push(server);
     return server;
   }
+
+  /** Serves an accepted socket; refuses it (undefined) past the connection limit or while shutting down. */
+  private adopt(socket: net.Socket, options: ConnectionSecurity): Connection | undefined {
+    if (this.closing || this.connections.size >= maxConnections) {
+      socket.destroy();
+      return undefined;
+    }
+    const connection = new Connection(socket, { exports: this.exports, log: this.log, tls: options.tls }, this.nextId++);
+    this.connections.add(connection);
+    nbdConnections.inc();
+    void connection.whenClosed().then(() => {
+      this.connections.delete(connection);
+      nbdConnections.dec();
+    });
+    return connection;
+  }
+}
+
+interface ConnectionSecurity {
+  tls?: { context: tls.SecureContext; required: boolean };
 }
 
 function listen(server: net.Server, options: net.ListenOptions): Promise<void> {

@@ -114,7 +114,6 @@ function programsTheNodePluginRuns(): string[] {
  * machine, `dpkg -S` confirms the entry (see the test below).
  */
 const debianPackageOf: Record<string, string> = {
-  'nbd-client': 'nbd-client',
   nbdfuse: 'libnbd-bin',
   fusermount3: 'fuse3',
   losetup: 'mount',
@@ -193,6 +192,24 @@ describe('the container image (Dockerfile, .dockerignore)', function () {
     }
     const init = nodePlugin(defaults()).spec.template.spec.initContainers?.[0];
     assert.match(init?.command?.join(' ') ?? '', /modprobe nbd/);
+  });
+
+  it('builds the kernel NBD helper with the npm install and ships it in dist/native', () => {
+    const stage = build();
+    const pkg = JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { scripts: Record<string, string> };
+    const script = /^sh (\S+)$/.exec(pkg.scripts.install)?.[1];
+    assert.ok(script, `package.json's install script is not 'sh SCRIPT': ${pkg.scripts.install}`);
+    assert.match(pkg.scripts.build, new RegExp(`sh ${script.replace(/[.]/g, '\\.')}$`), 'npm run build builds the helper too');
+    // npm ci runs the install script: the helper's source must be in the build stage before it.
+    const native = path.posix.dirname(script);
+    const copyAt = stage.instructions.findIndex((i) => i.keyword === 'COPY' && i.text.split(/\s+/).includes(native));
+    const ciAt = stage.instructions.findIndex((i) => i.keyword === 'RUN' && /\bnpm ci\b/.test(i.text));
+    assert.ok(copyAt >= 0 && copyAt < ciAt, `the build stage copies ${native} before npm ci`);
+    const packages = aptPackages(stage);
+    for (const needed of ['gcc', 'libc6-dev']) assert.ok(packages.includes(needed), `the build stage installs ${needed} for the helper`);
+    const shipped = copies(runtime()).some((c) => c.from === stage.name && c.sources.includes(path.posix.join(workdir(stage), 'dist')));
+    assert.ok(shipped, 'the runtime takes dist (with dist/native) from the build');
+    assert.match(runs(runtime()).join('\n'), /test -x \S+\/dist\/native\/arbor-nbd-netlink/, 'the image build proves the helper is there');
   });
 
   it("names each program's package correctly where this machine can tell (dpkg -S)", () => {

@@ -1,16 +1,16 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { Attachment, AttachRequest } from '../../node-plugin/attach/attacher';
+import { AttachRequest } from '../../node-plugin/attach/attacher';
 import { chooseAttacher, HostProbe } from '../../node-plugin/attach/index';
-import { KernelAttacher } from '../../node-plugin/attach/kernel';
+import { netlinkHelperPath } from '../../node-plugin/attach/nbd-netlink';
 import { nbdUri, UserspaceAttacher } from '../../node-plugin/attach/userspace';
 import { hostCommands } from '../../node-plugin/host/commands';
 import { formatFilesystem, mountFilesystem, unmount } from '../../node-plugin/host/filesystem';
 import { isArborError } from '../../store/errors';
 import { serverForSuite, startServer } from '../support/arbor-server';
-import { leftoversUnder, RecordingRunner, removeLeftoversUnder, workDirFor } from '../support/host';
-import { have, ok } from '../support/run';
+import { leftoversUnder, removeLeftoversUnder, workDirFor } from '../support/host';
+import { ok } from '../support/run';
 import { tempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
@@ -25,7 +25,7 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
   const attacher = new UserspaceAttacher(hostCommands);
 
   function request(name: string, exportName: string, readOnly = false): AttachRequest {
-    return { socketPath: suite.server.nbdSocket, exportName, readOnly, workDir: workDirFor(suite.dir, name) };
+    return { socketPath: suite.server.nbdSocket, exportName, volumeId: `vol-${name}`, readOnly, workDir: workDirFor(suite.dir, name) };
   }
 
   function assertNothingLeft(): void {
@@ -132,7 +132,7 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
     const server = await startServer(own.dir);
     try {
       await server.cliOk('volume', 'create', 'orphan', '--size', '64MiB');
-      const attachment = await attacher.attach({ socketPath: server.nbdSocket, exportName: 'orphan', readOnly: false, workDir: workDirFor(suite.dir, 'orphan') });
+      const attachment = await attacher.attach({ socketPath: server.nbdSocket, exportName: 'orphan', volumeId: 'vol-orphan', readOnly: false, workDir: workDirFor(suite.dir, 'orphan') });
       assert.equal(await attacher.isHealthy(attachment), true);
       await server.kill();
       assert.equal(await attacher.isHealthy(attachment), false, 'nbdfuse still runs, but nothing answers it');
@@ -184,187 +184,30 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
   });
 });
 
-describe('attaching an export with the kernel NBD driver (fake sysfs, recorded commands)', () => {
-  const mib = 1024 * 1024;
-  let root: { dir: string; cleanup: () => void };
-  let sys: string;
-  let dev: string;
-  let proc: string;
-  let nextPid: number;
-
-  beforeEach(() => {
-    root = tempDir('arbor-kernel-');
-    sys = path.join(root.dir, 'sys', 'block');
-    dev = path.join(root.dir, 'dev');
-    proc = path.join(root.dir, 'proc');
-    fs.mkdirSync(dev, { recursive: true });
-    fs.mkdirSync(proc, { recursive: true });
-    nextPid = 4000;
-  });
-  afterEach(() => root.cleanup());
-
-  /** An nbd device as the kernel shows it: connected by `pid` (or not), with a size. */
-  function device(name: string, state: { pid?: number; sizeBytes?: number } = {}): void {
-    fs.mkdirSync(path.join(sys, name), { recursive: true });
-    fs.writeFileSync(path.join(dev, name), '');
-    setDevice(name, state);
-  }
-
-  function setDevice(name: string, state: { pid?: number; sizeBytes?: number }): void {
-    fs.writeFileSync(path.join(sys, name, 'size'), `${(state.sizeBytes ?? 0) / 512}\n`);
-    if (state.pid === undefined) fs.rmSync(path.join(sys, name, 'pid'), { force: true });
-    else fs.writeFileSync(path.join(sys, name, 'pid'), `${state.pid}\n`);
-  }
-
-  function liveProcess(pid: number): void {
-    fs.mkdirSync(path.join(proc, String(pid)), { recursive: true });
-    fs.writeFileSync(path.join(proc, String(pid), 'stat'), `${pid} (nbd-client) S 1 ${pid} ${pid} 0 -1`);
-  }
-
-  /** Plays the kernel: `nbd-client -unix ...` connects the device (netlink: nbd-client exits), `-d` disconnects it. */
-  function kernelRunner(): RecordingRunner {
-    return new RecordingRunner((argv) => {
-      const name = path.basename(argv[1] === '-d' ? argv[2] : argv[3]);
-      if (argv[1] === '-d') setDevice(name, {});
-      else setDevice(name, { pid: nextPid++, sizeBytes: 512 * mib });
-    });
-  }
-
-  function request(exportName: string, readOnly = false, work = 'w'): AttachRequest {
-    const workDir = path.join(root.dir, work);
-    fs.mkdirSync(workDir, { recursive: true, mode: 0o700 });
-    return { socketPath: '/run/arbor/nbd.sock', exportName, readOnly, workDir };
-  }
-
-  it('runs nbd-client with exact arguments on the lowest free device, skipping connected ones', async () => {
-    device('nbd0', { pid: 77, sizeBytes: mib }); // connected
-    device('nbd1', { sizeBytes: mib }); // connected through netlink, its nbd-client gone: still busy
-    device('nbd10');
-    device('nbd2');
-    const runner = kernelRunner();
-    const attacher = new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc });
-    const attachment = await attacher.attach(request('vol-a'));
-    assert.deepEqual(runner.commands, [
-      ['nbd-client', '-unix', '/run/arbor/nbd.sock', path.join(dev, 'nbd2'), '-name', 'vol-a', '-block-size', '4096', '-connections', '4', '-timeout', '60'],
-    ]);
-    assert.equal(attachment.kind, 'kernel');
-    assert.equal(attachment.device, path.join(dev, 'nbd2'));
-    assert.equal(attachment.sizeBytes, 512 * mib);
-    assert.equal(await attacher.isHealthy(attachment), true);
-  });
-
-  it('adds -readonly for a read-only attach', async () => {
-    device('nbd0');
-    const runner = kernelRunner();
-    const attacher = new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc });
-    await attacher.attach(request('vol-a@snap-1', true));
-    assert.deepEqual(runner.commands, [
-      ['nbd-client', '-unix', '/run/arbor/nbd.sock', path.join(dev, 'nbd0'), '-name', 'vol-a@snap-1', '-block-size', '4096', '-connections', '4', '-timeout', '60', '-readonly'],
-    ]);
-  });
-
-  it('returns the live attachment when asked again, also from a new attacher (a plugin restart), and refuses other options', async () => {
-    device('nbd0');
-    device('nbd1');
-    const runner = kernelRunner();
-    const first = await new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc }).attach(request('vol-a'));
-    const again = await new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc }).attach(request('vol-a'));
-    assert.deepEqual(again, first);
-    assert.equal(runner.commands.length, 1, 'nbd-client ran once');
-    await assert.rejects(
-      new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc }).attach(request('vol-a', true)),
-      (err) => isArborError(err, 'failed-precondition') && err.message.includes(`holds vol-a (read-write) on ${path.join(dev, 'nbd0')}`),
-    );
-  });
-
-  it('says clearly when every device is in use, and when there are none', async () => {
-    device('nbd0', { pid: 70, sizeBytes: mib });
-    device('nbd1', { pid: 71, sizeBytes: mib });
-    const runner = kernelRunner();
-    const attacher = new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc });
-    await assert.rejects(attacher.attach(request('vol-a')), (err) => {
-      assert.ok(isArborError(err, 'resource-exhausted'));
-      assert.equal(err.message, 'export vol-a: all 2 nbd devices of this host are in use (nbd0 to nbd1); detach unused volumes, or reload the nbd module with more devices (modprobe nbd nbds_max=4)');
-      return true;
-    });
-    fs.rmSync(sys, { recursive: true });
-    fs.mkdirSync(sys, { recursive: true });
-    await assert.rejects(attacher.attach(request('vol-a')), (err) => isArborError(err, 'failed-precondition') && err.message.endsWith('load the nbd kernel module (modprobe nbd)'));
-    assert.deepEqual(runner.commands, [], 'nbd-client never ran');
-  });
-
-  it('detaches with nbd-client -d, and detaching again runs nothing', async () => {
-    device('nbd0');
-    const runner = kernelRunner();
-    const attacher = new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc });
-    const req = request('vol-a');
-    const attachment = await attacher.attach(req);
-    await attacher.detach(attachment);
-    await attacher.detach(attachment);
-    assert.deepEqual(runner.commands.slice(1), [['nbd-client', '-d', path.join(dev, 'nbd0')]]);
-    assert.equal(fs.existsSync(path.join(req.workDir, 'kernel-attachment.json')), false, 'the record is gone');
-    assert.equal(await attacher.isHealthy(attachment), false);
-  });
-
-  it('reads health from sysfs: alive while connected, dead once the device lost its connection or was reused', async () => {
-    device('nbd0');
-    const runner = kernelRunner();
-    const attacher = new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc });
-    const attachment: Attachment = await attacher.attach(request('vol-a'));
-    const pid = Number(attachment.details.connectionPid);
-
-    assert.equal(await attacher.isHealthy(attachment), true, 'connected through netlink: nbd-client gone, the size is there');
-    liveProcess(pid);
-    setDevice('nbd0', { pid, sizeBytes: 0 });
-    assert.equal(await attacher.isHealthy(attachment), true, 'connected through the ioctl interface: the nbd-client serving it is alive');
-    fs.rmSync(path.join(proc, String(pid)), { recursive: true });
-    assert.equal(await attacher.isHealthy(attachment), false, 'its nbd-client died and the size is gone');
-    setDevice('nbd0', {});
-    assert.equal(await attacher.isHealthy(attachment), false, 'disconnected');
-    setDevice('nbd0', { pid: 9999, sizeBytes: mib });
-    assert.equal(await attacher.isHealthy(attachment), false, 'connected again, by another attach');
-    await attacher.detach(attachment);
-    assert.equal(runner.commands.filter((argv) => argv[1] === '-d').length, 0, "detach leaves another attachment's device alone");
-  });
-
-  it('attaches afresh when the recorded device lost its connection', async () => {
-    device('nbd0');
-    device('nbd1');
-    const runner = kernelRunner();
-    const attacher = new KernelAttacher(runner, { sysBlockDir: sys, devDir: dev, procDir: proc });
-    const first = await attacher.attach(request('vol-a'));
-    setDevice('nbd0', { pid: 9999, sizeBytes: mib }); // since disconnected and taken by someone else
-    const second = await attacher.attach(request('vol-a'));
-    assert.equal(second.device, path.join(dev, 'nbd1'));
-    assert.notEqual(second.details.connectionPid, first.details.connectionPid);
-    assert.equal(runner.commands.length, 2);
-  });
-});
-
 describe('choosing how this host attaches', () => {
-  function probe(paths: string[], commands: string[], uid = 0): HostProbe {
-    return { pathExists: (file) => paths.includes(file), commandInstalled: (command) => commands.includes(command), uid: () => uid };
+  function probe(paths: string[], commands: string[], uid = 0, helper = true): HostProbe {
+    return { pathExists: (file) => paths.includes(file), netlinkHelperBuilt: () => helper, commandInstalled: (command) => commands.includes(command), uid: () => uid };
   }
   const userspaceHost = { paths: ['/dev/fuse', '/dev/loop-control'], commands: ['nbdfuse', 'losetup', 'fusermount3'] };
 
-  it('uses the kernel driver when /dev/nbd0 exists and nbd-client is installed', () => {
-    assert.equal(chooseAttacher(probe(['/dev/nbd0', ...userspaceHost.paths], ['nbd-client', ...userspaceHost.commands])).kind, 'kernel');
+  it('uses the kernel driver when /dev/nbd0 exists and the netlink helper is built', () => {
+    assert.equal(chooseAttacher(probe(['/dev/nbd0', ...userspaceHost.paths], userspaceHost.commands)).kind, 'kernel');
   });
 
-  it('falls back to userspace without the nbd module or without nbd-client', () => {
-    assert.equal(chooseAttacher(probe(userspaceHost.paths, ['nbd-client', ...userspaceHost.commands])).kind, 'userspace');
-    assert.equal(chooseAttacher(probe(['/dev/nbd0', ...userspaceHost.paths], userspaceHost.commands)).kind, 'userspace');
+  it('falls back to userspace without the nbd module or without the netlink helper', () => {
+    assert.equal(chooseAttacher(probe(userspaceHost.paths, userspaceHost.commands)).kind, 'userspace');
+    assert.equal(chooseAttacher(probe(['/dev/nbd0', ...userspaceHost.paths], userspaceHost.commands, 0, false)).kind, 'userspace');
   });
 
   it('says exactly what a bare host lacks', () => {
     assert.throws(
-      () => chooseAttacher(probe([], [], 1000)),
+      () => chooseAttacher(probe([], [], 1000, false)),
       (err) => {
         assert.ok(isArborError(err, 'failed-precondition'));
         assert.equal(
           err.message,
           'this host has no usable way to attach NBD volumes. ' +
-            'Kernel NBD: /dev/nbd0 is missing (load the nbd kernel module: modprobe nbd), nbd-client is not installed (Debian package nbd-client). ' +
+            `Kernel NBD: /dev/nbd0 is missing (load the nbd kernel module: modprobe nbd), Arbor's netlink helper ${netlinkHelperPath} is not built (install gcc and libc6-dev, then npm run build). ` +
             'Userspace NBD (nbdfuse and a loop device): /dev/fuse is missing (load the fuse module; in a container, give it the host /dev/fuse), ' +
             '/dev/loop-control is missing (load the loop module; in a container, give it the host /dev), ' +
             'nbdfuse is not installed (Debian package libnbd-bin), losetup is not installed (Debian package mount), ' +
@@ -377,13 +220,13 @@ describe('choosing how this host attaches', () => {
 
   it('names only what is missing on an almost-ready host', () => {
     assert.throws(
-      () => chooseAttacher(probe(['/dev/loop-control'], ['nbd-client', 'nbdfuse', 'losetup', 'fusermount3'])),
+      () => chooseAttacher(probe(['/dev/loop-control'], ['nbdfuse', 'losetup', 'fusermount3'])),
       (err) => isArborError(err) && err.message === 'this host has no usable way to attach NBD volumes. Kernel NBD: /dev/nbd0 is missing (load the nbd kernel module: modprobe nbd). Userspace NBD (nbdfuse and a loop device): /dev/fuse is missing (load the fuse module; in a container, give it the host /dev/fuse).',
     );
   });
 
-  it('probes this machine for real: the kernel driver only with /dev/nbd0 and nbd-client, else userspace', () => {
-    const kernelNbd = fs.existsSync('/dev/nbd0') && have('nbd-client');
+  it('probes this machine for real: the kernel driver only with /dev/nbd0 and the netlink helper, else userspace', () => {
+    const kernelNbd = fs.existsSync('/dev/nbd0') && fs.existsSync(netlinkHelperPath);
     assert.equal(chooseAttacher().kind, kernelNbd ? 'kernel' : 'userspace');
   });
 });

@@ -41,7 +41,7 @@ describe('filesystems on attached volumes', function () {
 
   async function volume(name: string, sizeBytes: number): Promise<AttachRequest> {
     await suite.server.cliOk('volume', 'create', name, '--size', String(sizeBytes));
-    return { socketPath: suite.server.nbdSocket, exportName: name, readOnly: false, workDir: workDirFor(suite.dir, name) };
+    return { socketPath: suite.server.nbdSocket, exportName: name, volumeId: `vol-${name}`, readOnly: false, workDir: workDirFor(suite.dir, name) };
   }
 
   function assertNothingLeft(): void {
