@@ -17,6 +17,7 @@
 import { once } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { ArborError } from '../../store/errors';
 import { waitUntil } from '../host/commands';
@@ -28,7 +29,7 @@ import { connectDevice, disconnectDevice } from './nbd-netlink';
 
 /** The block size the device presents: the page size, what filesystems use anyway. */
 export const nbdBlockSizeBytes = 4096;
-/** Connections per device when the server allows several (CAN_MULTI_CONN): the kernel spreads requests over them. */
+/** Connections per device when the server allows several (CAN_MULTI_CONN) and the host has the CPUs: the kernel spreads requests over them. */
 export const nbdConnections = 4;
 /** How long a device may take to drop its configuration after NBD_CMD_DISCONNECT (its receive threads end). */
 export const nbdReleaseTimeoutMs = 5_000;
@@ -104,7 +105,8 @@ export class KernelAttacher implements Attacher {
     try {
       negotiated.push(await this.negotiate(request));
       const { sizeBytes, transmissionFlags } = negotiated[0];
-      const wanted = transmissionFlags & TFLAG.CAN_MULTI_CONN ? nbdConnections : 1;
+      // The kernel gives each connection a hardware queue, one per CPU at most: more connections than CPUs would sit idle.
+      const wanted = transmissionFlags & TFLAG.CAN_MULTI_CONN ? Math.min(nbdConnections, os.availableParallelism()) : 1;
       while (negotiated.length < wanted) negotiated.push(await this.negotiate(request));
       const differing = negotiated.find((n) => n.sizeBytes !== sizeBytes || n.transmissionFlags !== transmissionFlags);
       if (differing) {
