@@ -100,14 +100,19 @@ export interface FioResult {
 
 /** One fio run over NBD (its nbd engine) against `uri`, time-based after a 2 s ramp. */
 export function fioNbd(uri: string, w: Workload, sizeBytes: number, runtimeSeconds: number): FioResult {
-  const out = execFileSync(
-    'fio',
-    ['--name=bench', '--ioengine=nbd', `--uri=${uri}`, `--rw=${w.rw}`, `--bs=${w.bs}`, `--iodepth=${w.iodepth}`, `--size=${sizeBytes}`, `--runtime=${runtimeSeconds}`, '--ramp_time=2', '--time_based', '--randrepeat=0', '--output-format=json'],
-    { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 },
-  );
+  const out = execFileSync('fio', ['--ioengine=nbd', `--uri=${uri}`, ...fioJobArgs(w, sizeBytes, runtimeSeconds)], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+  return fioResult(out, w);
+}
+
+/** The job every fio run here shares, whatever it runs against: the workload, time-based after a 2 s ramp, JSON out. */
+export function fioJobArgs(w: Workload, sizeBytes: number, runtimeSeconds: number): string[] {
+  return ['--name=bench', `--rw=${w.rw}`, `--bs=${w.bs}`, `--iodepth=${w.iodepth}`, `--size=${sizeBytes}`, `--runtime=${runtimeSeconds}`, '--ramp_time=2', '--time_based', '--randrepeat=0', '--output-format=json'];
+}
+
+/** Throughput and completion latency of the workload's direction, from fio's JSON (which may follow other output). */
+export function fioResult(out: string, w: Workload): FioResult {
   const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
   const side = w.rw.includes('read') ? job.read : job.write;
   const pct = side.clat_ns.percentile as Record<string, number>;
   return { iops: side.iops, mibs: side.bw_bytes / 1024 / 1024, p50us: pct['50.000000'] / 1000, p99us: pct['99.000000'] / 1000 };
 }
-

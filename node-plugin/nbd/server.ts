@@ -27,6 +27,7 @@ export class NbdServer {
   private readonly connections = new Set<Connection>();
   private nextId = 1;
   private closing?: Promise<void>;
+  private unixSocketPath?: string;
 
   constructor(
     private readonly exports: ExportProvider,
@@ -39,15 +40,8 @@ export class NbdServer {
 
   async listenUnix(socketPath: string): Promise<void> {
     await removeStaleSocket(socketPath);
-    const server = this.server({});
-    // Created 0600 from the start: the umask covers the window before chmod.
-    const previous = process.umask(0o177);
-    try {
-      await listen(server, { path: socketPath });
-    } finally {
-      process.umask(previous);
-    }
-    fs.chmodSync(socketPath, 0o600);
+    await listenOwnerOnly(this.server({}), socketPath);
+    this.unixSocketPath ??= socketPath;
     this.log.info('NBD server listening', { socket: socketPath });
   }
 
@@ -72,18 +66,21 @@ export class NbdServer {
 
   /**
    * A connection from this process to its own server, for the kernel's NBD driver to
-   * take over: made through a private listener (an abstract unix socket with a random
-   * name, closed at once), so the server's end of it is known. `serverClosed`
-   * settles when that end closes; the kernel's device is dead from then on.
+   * take over: made through a private listener, so the server's end of it is known.
+   * `serverClosed` settles when that end closes; the kernel's device is dead from then
+   * on. The listener is a socket file beside the public one, created 0600 (not an
+   * abstract socket: any process in the network namespace could race to one of those)
+   * and removed as soon as it has accepted.
    */
   async connectLocal(onread: net.OnReadOpts): Promise<{ socket: net.Socket; serverClosed: Promise<void> }> {
     if (this.closing) throw new ArborError('unavailable', 'the NBD server is shutting down');
+    if (!this.unixSocketPath) throw new ArborError('failed-precondition', 'the NBD server has no unix socket: local connections are made beside it (--nbd-socket)');
     const listener = net.createServer({ pauseOnConnect: true, noDelay: true });
-    const name = `\0arbor-nbd-local-${randomBytes(16).toString('hex')}`;
-    await listen(listener, { path: name });
+    const privatePath = `${this.unixSocketPath}.local-${randomBytes(8).toString('hex')}`;
+    await listenOwnerOnly(listener, privatePath);
     try {
       const accepted = once(listener, 'connection') as Promise<[net.Socket]>;
-      const socket = net.connect({ path: name, onread, noDelay: true });
+      const socket = net.connect({ path: privatePath, onread });
       await once(socket, 'connect');
       const [raw] = await accepted;
       const connection = this.adopt(raw, {});
@@ -94,6 +91,7 @@ export class NbdServer {
       return { socket, serverClosed: connection.whenClosed() };
     } finally {
       listener.close();
+      fs.rmSync(privatePath, { force: true });
     }
   }
 
@@ -123,6 +121,17 @@ export class NbdServer {
 
 interface ConnectionSecurity {
   tls?: { context: tls.SecureContext; required: boolean };
+}
+
+/** A unix socket only its owner (root, for the node plugin) may connect to: created 0600 from the start, the umask covering the window before chmod. */
+async function listenOwnerOnly(server: net.Server, socketPath: string): Promise<void> {
+  const previous = process.umask(0o177);
+  try {
+    await listen(server, { path: socketPath });
+  } finally {
+    process.umask(previous);
+  }
+  fs.chmodSync(socketPath, 0o600);
 }
 
 function listen(server: net.Server, options: net.ListenOptions): Promise<void> {

@@ -80,6 +80,7 @@ export interface PodSpec {
   initContainers?: Container[];
   volumes?: Volume[];
   hostNetwork?: boolean;
+  dnsPolicy?: string;
   serviceAccountName?: string;
   automountServiceAccountToken?: boolean;
   priorityClassName?: string;

@@ -71,7 +71,7 @@ The directory is an emptyDir in the controller and the kubelet's plugin director
 {{- define "arbor.pluginDir" -}}{{ .Values.node.kubeletDir }}/plugins/{{ include "arbor.driverName" . }}{{- end }}
 {{- define "arbor.registrationDir" -}}{{ .Values.node.kubeletDir }}/plugins_registry{{- end }}
 
-{{/* Where the node plugin serves NBD: a pod-local directory (nbd-client and nbdfuse run in the plugin container). */}}
+{{/* Where the node plugin serves NBD: a pod-local directory (the plugin connects the kernel to it, and nbdfuse runs in the plugin container). */}}
 {{- define "arbor.nbdSocketDir" -}}/run/arbor{{- end }}
 
 {{/* Where Secrets for the distributed store are mounted. */}}
