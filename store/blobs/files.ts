@@ -1,5 +1,6 @@
 import fs from 'node:fs';
 import path from 'node:path';
+import { runBounded } from '../../lib/bounded';
 import { ArborError } from '../errors';
 import { maxOpenSegmentFiles, syncConcurrency } from '../limits';
 import { blobId, bytesOfClass, classOf, serialOf } from '../blob-id';
@@ -288,22 +289,4 @@ async function syncFile(filePath: string, directory: boolean): Promise<void> {
   } finally {
     await handle.close();
   }
-}
-
-/** Runs the tasks with at most `limit` in flight; rejects with the first failure after all settle. */
-export async function runBounded(tasks: Array<() => Promise<void>>, limit: number): Promise<void> {
-  let next = 0;
-  let failure: unknown;
-  const worker = async (): Promise<void> => {
-    while (next < tasks.length) {
-      const task = tasks[next++];
-      try {
-        await task();
-      } catch (err) {
-        failure ??= err;
-      }
-    }
-  };
-  await Promise.all(Array.from({ length: Math.min(limit, tasks.length) }, worker));
-  if (failure !== undefined) throw failure;
 }

@@ -9,6 +9,7 @@ import {
   PutObjectCommand,
   S3Client,
 } from '@aws-sdk/client-s3';
+import { runBounded } from '../../lib/bounded';
 import { Log, silentLog } from '../../lib/logger';
 import { bytesOfClass, classOf, sizeClassCount } from '../blob-id';
 import { ArborError, assert } from '../errors';
@@ -24,7 +25,6 @@ import {
 } from '../limits';
 import { BlobCache } from './blob-cache';
 import { BlobStore } from './blobs';
-import { runBounded } from './files';
 import { BlobsLocation, idOfKey, objectKey, parseBlobsUrl } from './s3-url';
 
 export interface S3BlobStoreOptions {
