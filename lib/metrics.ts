@@ -78,6 +78,44 @@ export const storeCommits = new Histogram({
   registers: [registry],
 });
 
+/** Seconds: a device without a server waits for a plugin restart (seconds) or up to its dead-connection timeout. */
+const stallBuckets = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300];
+
+export const nbdDevicesReattached = new Counter({
+  name: 'arbor_nbd_devices_reattached_total',
+  help: 'Kernel NBD devices an earlier process attached that this one gave fresh connections at start',
+  registers: [registry],
+});
+
+export const nbdDeviceReconnects = new Counter({
+  name: 'arbor_nbd_device_reconnects_total',
+  help: 'Connections given to live kernel NBD devices in place of dead ones (a restart, a connection the kernel or the server closed)',
+  registers: [registry],
+});
+
+export const nbdDeviceStallSeconds = new Histogram({
+  name: 'arbor_nbd_device_stall_seconds',
+  help: 'How long a kernel NBD device had no connection to a server before it got one again (its I/O waited that long)',
+  buckets: stallBuckets,
+  registers: [registry],
+});
+
+export const nbdLongestStallSeconds = new Gauge({
+  name: 'arbor_nbd_device_longest_stall_seconds',
+  help: 'The longest a kernel NBD device of this node waited for a server, as this process saw it',
+  registers: [registry],
+});
+
+/** Records one device stall in the histogram and the longest-stall gauge. */
+export function observeDeviceStall(seconds: number): void {
+  nbdDeviceStallSeconds.observe(seconds);
+  if (seconds > (longestStall ?? 0)) {
+    longestStall = seconds;
+    nbdLongestStallSeconds.set(seconds);
+  }
+}
+let longestStall: number | undefined;
+
 export const gcRuns = new Counter({ name: 'arbor_gc_runs_total', help: 'Collector passes completed', registers: [registry] });
 export const gcFreedBlobs = new Counter({ name: 'arbor_gc_freed_blobs_total', help: 'Blobs the collector freed', registers: [registry] });
 export const gcLastSeconds = new Gauge({ name: 'arbor_gc_last_duration_seconds', help: 'Duration of the last collector pass', registers: [registry] });

@@ -10,9 +10,10 @@ import type { NodeUnstageVolumeRequest__Output } from '../csi/generated/csi/v1/N
 import { parseCapability } from '../csi/capabilities';
 import { aborted, alreadyExists, CsiError, failedPrecondition, invalid, notFound } from '../csi/errors';
 import { Unary } from '../csi/server';
+import { runBounded } from '../lib/bounded';
 import { Log } from '../lib/logger';
 import { StoreApi } from '../store/api';
-import { Attacher } from './attach/attacher';
+import { Attacher, Attachment } from './attach/attacher';
 import * as host from './host/filesystem';
 import { hostCommands } from './host/commands';
 import { ArborError } from '../store/errors';
@@ -34,6 +35,27 @@ export interface NodeOptions {
 
 const capabilities = ['STAGE_UNSTAGE_VOLUME', 'GET_VOLUME_STATS', 'EXPAND_VOLUME', 'VOLUME_CONDITION', 'SINGLE_NODE_MULTI_WRITER'];
 
+/** How often the plugin marks itself alive in its state directory: how precisely the next process knows how long devices waited. */
+export const aliveIntervalMs = 1_000;
+/**
+ * At a stop, after the devices' request timeout was shortened: the plugin keeps
+ * serving this long, so that what the kernel sent before the change is read and
+ * answered; what it sends after is sent again to the next process within a second.
+ */
+export const handOverSettleMs = 200;
+/** Devices re-attached at once at start: each is a few handshakes and a netlink call, then a short wait. */
+const reattachConcurrency = 16;
+
+/** The Node service's calls, and what the process around it does at its start and stop. */
+export interface NodeService {
+  handlers: Record<string, Unary>;
+  /** Gives the kernel devices an earlier process of this node attached fresh connections; Probe is ready once it has run. */
+  start(): Promise<void>;
+  ready(): boolean;
+  /** The process is stopping (call before its NBD server stops): the kernel devices wait for the next process. */
+  handOver(): Promise<void>;
+}
+
 function required(value: string | undefined, field: string): string {
   if (!value) throw invalid(`${field} is required`);
   return value;
@@ -46,11 +68,13 @@ function required(value: string | undefined, field: string): string {
  * volume (a concurrent one gets ABORTED), and recorded on disk so a plugin that
  * crashed half-way can be retried or undone.
  */
-export function nodeService(options: NodeOptions): Record<string, Unary> {
+export function nodeService(options: NodeOptions): NodeService {
   const staged = new StagedVolumes(options.stateDir);
   const busy = new Set<string>();
   let attacher: Attacher | undefined;
   const getAttacher = (): Attacher => (attacher ??= options.attacher());
+  let started = false;
+  let alive: NodeJS.Timeout | undefined;
 
   const exclusive = async <T>(volumeId: string, fn: () => Promise<T>): Promise<T> => {
     if (busy.has(volumeId)) throw aborted(`an operation on volume ${volumeId} is already in progress; retry`);
@@ -70,7 +94,16 @@ export function nodeService(options: NodeOptions): Record<string, Unary> {
     return volume.name;
   };
 
-  return {
+  /** A kernel device whose connections died gets fresh ones in place; undefined where that cannot be (userspace, or the device is gone). */
+  const revive = async (state: StagedVolume): Promise<StagedVolume | undefined> => {
+    const reattached = state.attachment.kind === 'kernel' ? await getAttacher().reattach?.(state.attachment, staged.lastAlive() ?? Date.now()) : undefined;
+    if (!reattached) return undefined;
+    const revived = { ...state, attachment: reattached };
+    staged.save(revived);
+    return revived;
+  };
+
+  const handlers: Record<string, Unary> = {
     async NodeGetCapabilities() {
       return { capabilities: capabilities.map((type) => ({ rpc: { type } })) };
     },
@@ -97,11 +130,17 @@ export function nodeService(options: NodeOptions): Record<string, Unary> {
           throw alreadyExists(`volume ${volumeId} is staged as a ${state.access} volume; unstage it first`);
         }
         if (state && !(await getAttacher().isHealthy(state.attachment))) {
-          // A plugin or server restart left a dead connection: attach afresh.
-          options.log.warn('re-attaching a volume whose NBD connection died', { volume: volumeId, device: state.attachment.device });
-          if (capability.access === 'mount') await host.unmount(stagingPath);
-          await getAttacher().detach(state.attachment);
-          state = undefined;
+          const revived = await revive(state);
+          if (revived) {
+            options.log.info('volume re-attached: its device has new connections', { volume: volumeId, device: revived.attachment.device });
+            state = revived;
+          } else {
+            // The userspace path cannot reconnect, and a kernel device may be gone: attach afresh.
+            options.log.warn('attaching again a volume whose NBD connection died', { volume: volumeId, device: state.attachment.device, attacher: state.attachment.kind });
+            if (capability.access === 'mount') await host.unmount(stagingPath);
+            await getAttacher().detach(state.attachment);
+            state = undefined;
+          }
         }
         if (!state) {
           if (staged.count() >= options.maxVolumesPerNode) {
@@ -196,7 +235,7 @@ export function nodeService(options: NodeOptions): Record<string, Unary> {
       if (!state) throw notFound(`volume ${volumeId} is not staged on node ${options.nodeId}`);
       if (!path.isAbsolute(volumePath) || !fs.existsSync(volumePath)) throw notFound(`volume ${volumeId} is not at ${volumePath}`);
       const healthy = await getAttacher().isHealthy(state.attachment);
-      const condition = { abnormal: !healthy, message: healthy ? 'volume is healthy' : `the NBD connection behind ${state.attachment.device} is dead; restage the volume` };
+      const condition = { abnormal: !healthy, message: healthy ? 'volume is healthy' : deadConnectionMessage(state.attachment) };
       if (state.access === 'block') {
         const total = healthy ? await host.blockDeviceSize(state.attachment.device) : state.attachment.sizeBytes;
         return { usage: [{ unit: 'BYTES', total: String(total), used: '0', available: '0' }], volume_condition: condition };
@@ -219,20 +258,84 @@ export function nodeService(options: NodeOptions): Record<string, Unary> {
         if (!state) throw notFound(`volume ${volumeId} is not staged on node ${options.nodeId}`);
         if (!path.isAbsolute(volumePath) || !fs.existsSync(volumePath)) throw notFound(`volume ${volumeId} is not at ${volumePath}`);
         const wanted = Number(request.capacity_range?.required_bytes ?? 0);
-        const deviceBytes = await host.blockDeviceSize(state.attachment.device);
+        let deviceBytes = await host.blockDeviceSize(state.attachment.device);
         if (deviceBytes < wanted) {
-          // nbdfuse fixes the file's size when it connects and there is no device-mapper to
-          // swap the device under a mounted filesystem: the device shows the new size when
-          // the volume is next staged, and the filesystem grows then.
-          throw failedPrecondition(
-            `volume ${volumeId}: the ${state.attachment.kind} device ${state.attachment.device} is ${deviceBytes} bytes and cannot grow while in use; it grows to ${wanted} bytes the next time the volume is staged`,
-          );
+          const resize = getAttacher().resize;
+          if (state.attachment.kind !== 'kernel' || !resize) {
+            // nbdfuse fixes the file's size when it connects and there is no device-mapper to
+            // swap the device under a mounted filesystem: the device shows the new size when
+            // the volume is next staged, and the filesystem grows then.
+            throw failedPrecondition(
+              `volume ${volumeId}: the ${state.attachment.kind} device ${state.attachment.device} is ${deviceBytes} bytes and cannot grow while in use; it grows to ${wanted} bytes the next time the volume is staged (the kernel NBD path grows it at once: load the nbd module)`,
+            );
+          }
+          const volume = await options.store.findVolume({ id: volumeId });
+          if (!volume) throw notFound(`volume ${volumeId} does not exist`);
+          if (volume.sizeBytes < wanted) throw failedPrecondition(`volume ${volumeId} is ${volume.sizeBytes} bytes, less than the ${wanted} asked for: expand it through the controller first`);
+          const resized = await resize.call(getAttacher(), state.attachment, volume.sizeBytes);
+          staged.save({ ...state, attachment: resized });
+          options.log.info('volume device grown in place', { volume: volumeId, device: resized.device, sizeBytes: volume.sizeBytes });
+          deviceBytes = volume.sizeBytes;
         }
         if (state.access === 'mount') await host.growFilesystem(state.attachment.device, state.stagingPath, (state.fsType ?? 'ext4') as 'ext4' | 'xfs');
         return { capacity_bytes: String(deviceBytes) };
       });
     },
   };
+
+  return {
+    handlers,
+    ready: () => started,
+
+    async start() {
+      const lostSince = staged.lastAlive() ?? Date.now();
+      staged.markAlive();
+      alive = setInterval(() => staged.markAlive(), aliveIntervalMs);
+      alive.unref();
+      const counts = { reattached: 0, gone: 0, failed: 0 };
+      const reattach = async (state: StagedVolume): Promise<void> => {
+        try {
+          await exclusive(state.volumeId, async () => {
+            const revived = await revive(state);
+            if (revived) {
+              counts.reattached++;
+              options.log.info('volume re-attached: its device has new connections', { volume: state.volumeId, device: revived.attachment.device, waitedMs: Date.now() - lostSince });
+            } else {
+              counts.gone++;
+              options.log.warn('the device of a staged volume is gone (the host restarted?); staging it again attaches it afresh', { volume: state.volumeId, device: state.attachment.device });
+            }
+          });
+        } catch (err) {
+          counts.failed++;
+          options.log.error('could not re-attach a staged volume; its I/O waits until it is staged again, up to the dead-connection timeout', { volume: state.volumeId, device: state.attachment.device, error: (err as Error).message });
+        }
+      };
+      const kernelVolumes = staged.all().filter((state) => state.attachment.kind === 'kernel');
+      await runBounded(
+        kernelVolumes.map((state) => () => reattach(state)),
+        reattachConcurrency,
+      );
+      started = true;
+      options.log.info('node plugin started', { ...counts, waitedMs: Date.now() - lostSince });
+    },
+
+    async handOver() {
+      clearInterval(alive);
+      if (attacher?.handOver) {
+        await attacher.handOver();
+        await new Promise((resolve) => setTimeout(resolve, handOverSettleMs));
+      }
+      staged.markAlive();
+    },
+  };
+}
+
+/** What a volume's condition says when its device lost its server. */
+function deadConnectionMessage(attachment: Attachment): string {
+  if (attachment.kind === 'kernel') {
+    return `the kernel NBD device ${attachment.device} has no connection to this node's server: its I/O waits (up to the dead-connection timeout, then fails); staging the volume again gives it new connections`;
+  }
+  return `the NBD connection behind ${attachment.device} is dead: nbdfuse cannot reconnect after the node plugin restarted or lost the volume; restage the volume (restart the pod), or load the nbd kernel module (modprobe nbd) so that attachments survive plugin restarts`;
 }
 
 /**

@@ -59,6 +59,36 @@ export class StagedVolumes {
     fs.rmSync(path.join(this.root, 'volumes', safe(volumeId)), { recursive: true, force: true });
   }
 
+  /** Every staged volume, in id order. */
+  all(): StagedVolume[] {
+    return fs
+      .readdirSync(path.join(this.root, 'volumes'))
+      .filter((dir) => fs.existsSync(path.join(this.root, 'volumes', dir, 'state.json')))
+      .sort()
+      .map((dir) => this.get(dir))
+      .filter((state): state is StagedVolume => state !== undefined);
+  }
+
+  /**
+   * When a process that served these volumes was last known alive (ms since the
+   * epoch): the node plugin writes it every second and when it stops, so the next
+   * one knows how long the devices have waited. Undefined before the first write.
+   */
+  lastAlive(): number | undefined {
+    try {
+      const at = Number(fs.readFileSync(path.join(this.root, 'alive'), 'utf8'));
+      return Number.isFinite(at) && at > 0 ? at : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  markAlive(at = Date.now()): void {
+    const file = path.join(this.root, 'alive');
+    fs.writeFileSync(`${file}.tmp`, String(at));
+    fs.renameSync(`${file}.tmp`, file);
+  }
+
   count(): number {
     return fs.readdirSync(path.join(this.root, 'volumes')).filter((d) => fs.existsSync(path.join(this.root, 'volumes', d, 'state.json'))).length;
   }

@@ -8,10 +8,10 @@ import { CsiServices, startCsiServer } from '../../csi/server';
 import { groupControllerService } from '../../controller/group';
 import { controllerService } from '../../controller/service';
 import { chooseAttacher, realHostProbe } from '../../node-plugin/attach';
-import { LocalNbdServer } from '../../node-plugin/attach/kernel';
+import { defaultDeadConnectionTimeoutSeconds } from '../../node-plugin/attach/kernel';
 import { hostCommands } from '../../node-plugin/host/commands';
 import { NbdServer, TlsFiles } from '../../node-plugin/nbd/server';
-import { nodeService } from '../../node-plugin/service';
+import { NodeService, nodeService } from '../../node-plugin/service';
 import { StoreExports } from '../../node-plugin/store-exports';
 import { observeOnScrape, serveMetrics } from '../../lib/metrics';
 import { parseDuration, UnitError } from '../../lib/units';
@@ -35,8 +35,15 @@ const storeOwnerOptions: Record<string, OptionSpec> = {
   'tls-key': { type: 'string', value: 'FILE', description: 'PEM private key for --tls-cert' },
 };
 
+const defaultDeadConnectionTimeout = `${defaultDeadConnectionTimeoutSeconds}s`;
+
 const nodeOptions: Record<string, OptionSpec> = {
   'state-dir': { type: 'string', value: 'DIR', description: 'where the node keeps what it staged (default: <data-dir>/node)' },
+  'dead-connection-timeout': {
+    type: 'string',
+    value: 'DURATION',
+    description: `how long a kernel NBD device's I/O waits for this plugin to come back (a restart) before it fails (default ${defaultDeadConnectionTimeout})`,
+  },
   'max-volumes': { type: 'string', value: 'N', description: `volumes this node may hold staged at once (default ${defaultMaxVolumes})` },
 };
 
@@ -91,6 +98,13 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   const nbdSocket = values['nbd-socket'] === undefined ? undefined : path.resolve(String(values['nbd-socket']));
   const endpoint = values['csi-endpoint'] === undefined ? undefined : String(values['csi-endpoint']);
   if (endpoint && roles.node && !nbdSocket) throw new UsageError('the CSI node service attaches volumes over NBD: give --nbd-socket too');
+  let deadConnectionTimeoutSeconds: number;
+  try {
+    deadConnectionTimeoutSeconds = Math.ceil(parseDuration(String(values['dead-connection-timeout'] ?? defaultDeadConnectionTimeout), '--dead-connection-timeout') / 1000);
+  } catch (err) {
+    if (err instanceof UnitError) throw new UsageError(err.message);
+    throw err;
+  }
   const maxVolumes = Number(values['max-volumes'] ?? defaultMaxVolumes);
   if (!Number.isInteger(maxVolumes) || maxVolumes < 1) throw new UsageError(`--max-volumes ${values['max-volumes']} is not a positive whole number`);
 
@@ -114,10 +128,25 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     const topology = { [nodeTopologyKey]: nodeId };
     if (endpoint) {
       const localServer = { socketPath: nbdSocket!, connectLocal: (onread: net.OnReadOpts) => nbd.connectLocal(onread) };
-      const services = csiServices(store, roles, { nodeId, topology, localServer, stateDir: nodeStateDir(ctx, values), maxVolumes, ctx });
+      const node = roles.node
+        ? nodeService({
+            nodeId,
+            nbdSocket: localServer.socketPath,
+            stateDir: nodeStateDir(ctx, values),
+            topology,
+            maxVolumesPerNode: maxVolumes,
+            attacher: () => chooseAttacher(realHostProbe, hostCommands, { localServer, deadConnectionTimeoutSeconds, log: ctx.log }),
+            store,
+            log: ctx.log,
+          })
+        : undefined;
+      // Before the NBD server stops: the kernel's devices are to wait for the next process.
+      if (node) stops.push(() => node.handOver());
       await store.registerNode(nodeId, { topology });
-      const csi = await startCsiServer(endpoint, services, ctx.log);
+      const csi = await startCsiServer(endpoint, csiServices(store, roles, topology, node), ctx.log);
       stops.push(() => csi.stop());
+      // Probe answers ready only once the devices an earlier process attached have their connections again.
+      await node?.start();
     }
     observeStore(store);
     const stopMetrics = await startMetrics(ctx, values['metrics-listen']);
@@ -141,27 +170,12 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   ctx.log.info('stopped: every volume committed and the store closed');
 }
 
-function csiServices(
-  store: StoreApi,
-  roles: Roles,
-  node: { nodeId: string; topology: Record<string, string>; localServer: LocalNbdServer; stateDir: string; maxVolumes: number; ctx: CliContext },
-): CsiServices {
+function csiServices(store: StoreApi, roles: Roles, topology: Record<string, string>, node: NodeService | undefined): CsiServices {
   return {
-    Identity: identityService({ controller: roles.controller, ready: () => store.healthy() }),
-    Controller: roles.controller ? controllerService({ store, topology: node.topology }) : undefined,
+    Identity: identityService({ controller: roles.controller, ready: async () => (node ? node.ready() : true) && (await store.healthy()) }),
+    Controller: roles.controller ? controllerService({ store, topology }) : undefined,
     GroupController: roles.controller ? groupControllerService(store) : undefined,
-    Node: roles.node
-      ? nodeService({
-          nodeId: node.nodeId,
-          nbdSocket: node.localServer.socketPath,
-          stateDir: node.stateDir,
-          topology: node.topology,
-          maxVolumesPerNode: node.maxVolumes,
-          attacher: () => chooseAttacher(realHostProbe, hostCommands, { localServer: node.localServer }),
-          store,
-          log: node.ctx.log,
-        })
-      : undefined,
+    Node: node?.handlers,
   };
 }
 

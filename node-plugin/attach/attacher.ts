@@ -41,6 +41,16 @@ export interface Attacher {
   detach(attachment: Attachment): Promise<void>;
   /** False when the NBD connection behind the device is dead (e.g. the nbdfuse process died or the kernel nbd device lost its server). */
   isHealthy(attachment: Attachment): Promise<boolean>;
+  /**
+   * Only where attachments outlive the process (the kernel path): gives a device an
+   * earlier process attached fresh connections to this one, in place. Undefined when
+   * the device is gone. `lostSince`: when its server went away (ms since the epoch).
+   */
+  reattach?(attachment: Attachment, lostSince: number): Promise<Attachment | undefined>;
+  /** Only where a connected device can change its size (the kernel path): resizes it in place. */
+  resize?(attachment: Attachment, sizeBytes: number): Promise<Attachment>;
+  /** The process is stopping: prepares its devices for the next process (the kernel path). */
+  handOver?(): Promise<void>;
 }
 
 /** Volume and snapshot names as the store allows them (README, "Names"), optionally NAME@SNAP. */

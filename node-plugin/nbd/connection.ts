@@ -12,6 +12,8 @@ export interface ConnectionOptions {
   log: Log;
   /** Present on TCP listeners with TLS; `required` is FORCEDTLS. */
   tls?: { context: tls.SecureContext; required: boolean };
+  /** Made by this process for the kernel's NBD driver (NbdServer.connectLocal): stopped without refusals at shutdown. */
+  local?: boolean;
 }
 
 type Phase = 'handshake' | 'transmission' | 'closed';
@@ -64,10 +66,27 @@ export class Connection implements ReplySink {
     return this.closed;
   }
 
-  /** Server shutdown: refuse new requests, finish the ones in flight, then close. */
+  /**
+   * Server shutdown: refuse new requests, finish the ones in flight, then close. The
+   * kernel's connections are not refused anything (ESHUTDOWN would fail the I/O): they
+   * stop being read, what was read is answered, then they close, and the kernel sends
+   * what was never read again to the next process.
+   */
   async shutdown(graceMs: number): Promise<void> {
     if (this.phase === 'handshake') {
       this.destroy('the server is shutting down');
+      return;
+    }
+    if (this.transmission && this.options.local) {
+      await this.transmission.stopTakingRequests();
+      // The replies are in the kernel's socket once written ('finish'): then close, not waiting for an end we no longer read.
+      const finished = new Promise((resolve) => this.socket.once('finish', resolve));
+      this.end();
+      const timer = setTimeout(() => this.destroy(`the replies were not written within ${graceMs} ms`), graceMs);
+      await Promise.race([finished, this.closed]);
+      clearTimeout(timer);
+      this.socket.destroy();
+      await this.closed;
       return;
     }
     if (this.transmission) {

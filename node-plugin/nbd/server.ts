@@ -83,7 +83,7 @@ export class NbdServer {
       const socket = net.connect({ path: privatePath, onread });
       await once(socket, 'connect');
       const [raw] = await accepted;
-      const connection = this.adopt(raw, {});
+      const connection = this.adopt(raw, { local: true });
       if (!connection) {
         socket.destroy();
         throw new ArborError('resource-exhausted', `the NBD server already holds ${maxConnections} connections`);
@@ -95,7 +95,7 @@ export class NbdServer {
     }
   }
 
-  private server(options: ConnectionSecurity): net.Server {
+  private server(options: ConnectionKind): net.Server {
     const server = net.createServer({ pauseOnConnect: true, noDelay: true }, (socket) => this.adopt(socket, options));
     server.on('error', (err) => this.log.error('NBD listener error', { error: err.message }));
     this.listeners.push(server);
@@ -103,12 +103,12 @@ export class NbdServer {
   }
 
   /** Serves an accepted socket; refuses it (undefined) past the connection limit or while shutting down. */
-  private adopt(socket: net.Socket, options: ConnectionSecurity): Connection | undefined {
+  private adopt(socket: net.Socket, options: ConnectionKind): Connection | undefined {
     if (this.closing || this.connections.size >= maxConnections) {
       socket.destroy();
       return undefined;
     }
-    const connection = new Connection(socket, { exports: this.exports, log: this.log, tls: options.tls }, this.nextId++);
+    const connection = new Connection(socket, { exports: this.exports, log: this.log, tls: options.tls, local: options.local }, this.nextId++);
     this.connections.add(connection);
     nbdConnections.inc();
     void connection.whenClosed().then(() => {
@@ -119,8 +119,9 @@ export class NbdServer {
   }
 }
 
-interface ConnectionSecurity {
+interface ConnectionKind {
   tls?: { context: tls.SecureContext; required: boolean };
+  local?: boolean;
 }
 
 /** A unix socket only its owner (root, for the node plugin) may connect to: created 0600 from the start, the umask covering the window before chmod. */

@@ -103,6 +103,9 @@ export class Transmission {
   private backlog?: Buffer;
   private disconnecting = false;
   private shuttingDown = false;
+  /** No request after the one being received is parsed (see stopTakingRequests). */
+  private draining = false;
+  private readingStopped = false;
   private idleWaiters: Array<() => void> = [];
 
   constructor(
@@ -130,6 +133,10 @@ export class Transmission {
     }
     let at = start;
     while (at < end && !this.disconnecting) {
+      if (this.draining && !this.receiving) {
+        this.stopReading();
+        return;
+      }
       if (this.paused && !this.receiving) {
         // Over the in-flight bound: keep the rest (a copy: the caller reuses `chunk`).
         this.backlog = Buffer.from(chunk.subarray(at, end));
@@ -158,6 +165,27 @@ export class Transmission {
   async shutdown(): Promise<void> {
     this.shuttingDown = true;
     await this.idle();
+  }
+
+  /**
+   * Stops taking requests without refusing any: the request whose payload is
+   * arriving is received, nothing after it is parsed, and what runs finishes and is
+   * answered. For the kernel's connections at a stop: a request this process never
+   * read, the kernel sends again once the connection is gone (to the next process),
+   * where ESHUTDOWN would have failed it. Resolves when nothing is in flight.
+   */
+  async stopTakingRequests(): Promise<void> {
+    this.draining = true;
+    this.backlog = undefined;
+    if (!this.receiving) this.stopReading();
+    await this.idle();
+  }
+
+  private stopReading(): void {
+    if (this.readingStopped) return;
+    this.readingStopped = true;
+    this.carried = 0;
+    this.sink.pauseReading();
   }
 
   /**

@@ -62,6 +62,11 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     };
   }
 
+  async function deleteVolume(v: Volume): Promise<void> {
+    await arbor.csi.controller.ControllerUnpublishVolume({ volume_id: v.id, node_id: arbor.nodeId });
+    await arbor.csi.controller.DeleteVolume({ volume_id: v.id });
+  }
+
   async function stage(v: Volume): Promise<void> {
     await node.ok(['mkdir', '-p', v.staging]);
     await arbor.csi.node.NodeStageVolume({ volume_id: v.id, staging_target_path: v.staging, volume_capability: v.capability, publish_context: v.publish, volume_context: v.context });
@@ -196,43 +201,77 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     await unpublishAndUnstage(v);
   });
 
-  it('an fsync in the guest is durable in the store: SIGKILLed after it returned, the restarted server has the data; meanwhile the volume is abnormal, and unpublish and unstage clear the dead device', async () => {
+  it('an fsync in the guest is durable in the store: the server SIGKILLed after it returned, the restarted one re-attaches the device under the mounted filesystem, which never notices', async () => {
     const v = await createVolume('durable', mount('ext4'));
     await stage(v);
     await publish(v);
     // What an application wants to survive a crash it fsyncs: the file, then its directory.
     await node.sh(`head -c ${MiB} /dev/urandom > ${dir}/durable.pattern && dd if=${dir}/durable.pattern of=${v.target}/precious bs=64k conv=fsync status=none`);
     await node.ok(['python3', '-c', `import os; fd = os.open(${JSON.stringify(v.target)}, os.O_RDONLY); os.fsync(fd)`]);
+    const device = await deviceOf(v);
     await arbor.kill();
+    // While no server runs, the filesystem's I/O waits (the dead-connection timeout) instead of failing.
+    const waiting = await node.spawn(['sh', '-c', `echo after > ${v.target}/written-while-down && sync -f ${v.target} && echo synced`]);
     arbor = await startGuestArbor(node, dir);
-
-    const dead = await stats(v);
-    assert.equal(dead.volume_condition.abnormal, true, 'the device lost its server');
-    assert.match(dead.volume_condition.message, /NBD connection behind \/dev\/nbd\d+ is dead/);
-    // The pod goes: its filesystem is unmounted from the dead device, and the device let go.
+    await waiting.waitForOutput('synced', 120_000);
+    assert.equal(await deviceOf(v), device, 'the same device, given new connections');
+    assert.deepEqual((await stats(v)).volume_condition, { abnormal: false, message: 'volume is healthy' });
+    await node.sh(`cmp ${dir}/durable.pattern ${v.target}/precious && grep -q after ${v.target}/written-while-down`);
+    assert.match(await node.ok(['findmnt', '-n', '-o', 'OPTIONS', v.staging]), /^rw,/, 'the filesystem stayed read-write');
     await unpublishAndUnstage(v);
     assert.deepEqual(await configuredNbdDevices(node), []);
-    await stage(v);
-    await publish(v);
-    assert.equal((await stats(v)).volume_condition.abnormal, false);
-    await node.sh(`cmp ${dir}/durable.pattern ${v.target}/precious`);
-    await unpublishAndUnstage(v);
   });
 
-  it('NodeExpandVolume: the device cannot grow while staged (FAILED_PRECONDITION); staged again, the filesystem fills the volume', async () => {
-    const v = await createVolume('grow', mount('ext4'));
+  it('a device disconnected behind the plugin\'s back shows an abnormal condition; staging again attaches the volume afresh', async () => {
+    const v = await createVolume('cut', block());
+    await stage(v);
+    await node.sh(`head -c ${MiB} /dev/urandom > ${dir}/cut.pattern && dd if=${dir}/cut.pattern of=${await deviceOf(v)} bs=64k oflag=direct conv=fsync status=none`);
+    const index = Number((await deviceOf(v)).slice('/dev/nbd'.length));
+    await node.ok([netlinkHelperPath, 'disconnect', '--index', String(index)]);
+    const dead = await stats(v, v.staging);
+    assert.equal(dead.volume_condition.abnormal, true);
+    assert.match(dead.volume_condition.message, /kernel NBD device \/dev\/nbd\d+ has no connection to this node's server/);
+    await stage(v);
+    assert.equal((await stats(v, v.staging)).volume_condition.abnormal, false);
+    await node.sh(`cmp -n ${MiB} ${dir}/cut.pattern ${await deviceOf(v)}`);
+    await arbor.csi.node.NodeUnstageVolume({ volume_id: v.id, staging_target_path: v.staging });
+    assert.deepEqual(await configuredNbdDevices(node), []);
+  });
+
+  for (const fsType of ['ext4', 'xfs']) {
+    it(`NodeExpandVolume grows a mounted ${fsType} volume in place: the device and the filesystem show the new size at once, the files are intact`, async () => {
+      const v = await createVolume(`grow-${fsType}`, mount(fsType), 320 * MiB);
+      await stage(v);
+      await publish(v);
+      await node.sh(`head -c ${8 * MiB} /dev/urandom > ${v.target}/kept && sync`);
+      const sum = await node.ok(['sha256sum', `${v.target}/kept`]);
+      const sizeOf = async () => Number((await node.ok(['df', '--output=size', '-B1', v.target])).split('\n')[1]);
+      const before = await sizeOf();
+      const expanded = await arbor.csi.controller.ControllerExpandVolume({ volume_id: v.id, capacity_range: { required_bytes: String(768 * MiB) }, volume_capability: v.capability });
+      assert.equal(expanded.node_expansion_required, true);
+      const grown = await arbor.csi.node.NodeExpandVolume({ volume_id: v.id, volume_path: v.target, capacity_range: { required_bytes: String(768 * MiB) } });
+      assert.equal(grown.capacity_bytes, String(768 * MiB));
+      assert.equal((await node.ok(['blockdev', '--getsize64', await deviceOf(v)])).trim(), String(768 * MiB));
+      const after = await sizeOf();
+      assert.ok(after > 2 * before, `the filesystem grew from ${before} to ${after} bytes while mounted`);
+      assert.equal(await node.ok(['sha256sum', `${v.target}/kept`]), sum);
+      // More than the old filesystem held: the new space is usable.
+      await node.sh(`head -c ${360 * MiB} /dev/urandom > ${v.target}/fills-the-new-space && sync && rm ${v.target}/fills-the-new-space`);
+      await unpublishAndUnstage(v);
+      await deleteVolume(v); // its 370 MiB live on the guest's memory
+    });
+  }
+
+  it('NodeExpandVolume grows a Block volume in place: the device shows the new size at once, its data intact', async () => {
+    const v = await createVolume('grow-raw', block());
     await stage(v);
     await publish(v);
-    const sizeOf = async () => Number((await node.ok(['df', '--output=size', '-B1', v.target])).split('\n')[1]);
-    const before = await sizeOf();
+    await node.sh(`head -c ${MiB} /dev/urandom > ${dir}/grow.pattern && dd if=${dir}/grow.pattern of=${v.target} bs=64k oflag=direct conv=fsync status=none`);
     await arbor.csi.controller.ControllerExpandVolume({ volume_id: v.id, capacity_range: { required_bytes: String(256 * MiB) }, volume_capability: v.capability });
-    await expectCode(arbor.csi.node.NodeExpandVolume({ volume_id: v.id, volume_path: v.target, capacity_range: { required_bytes: String(256 * MiB) } }), status.FAILED_PRECONDITION, 'growing a device in use');
-    await unpublishAndUnstage(v);
-    await stage(v);
-    await publish(v);
     await arbor.csi.node.NodeExpandVolume({ volume_id: v.id, volume_path: v.target, capacity_range: { required_bytes: String(256 * MiB) } });
-    const after = await sizeOf();
-    assert.ok(after > 3 * before, `the filesystem grew from ${before} to ${after} bytes`);
+    assert.equal((await node.ok(['blockdev', '--getsize64', v.target])).trim(), String(256 * MiB));
+    await node.sh(`cmp -n ${MiB} ${dir}/grow.pattern ${v.target} && dd if=${dir}/grow.pattern of=${v.target} bs=64k seek=3000 oflag=direct conv=fsync status=none`);
+    assert.equal((await stats(v)).usage[0].total, String(256 * MiB));
     await unpublishAndUnstage(v);
   });
 

@@ -32,8 +32,12 @@ export interface GuestArbor {
 
 export const guestMetricsAddress = '127.0.0.1:9820';
 
-/** Starts `arbor serve` with its files under `dir` in the guest; the same `dir` again is a restart on the same data. */
-export async function startGuestArbor(node: TestNode, dir: string, options: { nodeId?: string; extraArgs?: string[] } = {}): Promise<GuestArbor> {
+/**
+ * Starts `arbor serve` (or, with `command: 'node'`, the node plugin alone) with its
+ * files under `dir` in the guest; the same `dir` again is a restart on the same data.
+ * Resolves once it serves (and, for the node service, has re-attached its devices).
+ */
+export async function startGuestArbor(node: TestNode, dir: string, options: { nodeId?: string; extraArgs?: string[]; command?: 'serve' | 'node' } = {}): Promise<GuestArbor> {
   const nodeId = options.nodeId ?? 'test-node';
   const paths = {
     dir,
@@ -45,7 +49,7 @@ export async function startGuestArbor(node: TestNode, dir: string, options: { no
   await node.ok(['mkdir', '-p', paths.dataDir]);
   const process = await node.spawn(
     [
-      'node', guestCliPath, '--data-dir', paths.dataDir, 'serve',
+      'node', guestCliPath, '--data-dir', paths.dataDir, options.command ?? 'serve',
       '--nbd-socket', paths.nbdSocket, '--csi-endpoint', `unix://${paths.csiSocket}`,
       '--node-id', nodeId, '--state-dir', paths.stateDir, '--metrics-listen', guestMetricsAddress,
       ...(options.extraArgs ?? []),
