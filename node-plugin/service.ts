@@ -16,7 +16,7 @@ import { StoreApi } from '../store/api';
 import { Attacher, Attachment } from './attach/attacher';
 import * as host from './host/filesystem';
 import { hostCommands } from './host/commands';
-import { ArborError } from '../store/errors';
+import { ArborError, isArborError } from '../store/errors';
 import { StagedVolume, StagedVolumes } from './staged-volumes';
 
 export interface NodeOptions {
@@ -45,6 +45,13 @@ export const aliveIntervalMs = 1_000;
 export const handOverSettleMs = 200;
 /** Devices re-attached at once at start: each is a few handshakes and a netlink call, then a short wait. */
 const reattachConcurrency = 16;
+/**
+ * A volume that cannot be served yet at start (in distributed mode, the process that
+ * died still owns it until its lease expires: 10 s by default) is tried again this
+ * often, this long, in the background: Probe does not wait for it.
+ */
+const reattachRetryIntervalMs = 1_000;
+const reattachRetryMs = 120_000;
 
 /** The Node service's calls, and what the process around it does at its start and stop. */
 export interface NodeService {
@@ -293,7 +300,8 @@ export function nodeService(options: NodeOptions): NodeService {
       alive = setInterval(() => staged.markAlive(), aliveIntervalMs);
       alive.unref();
       const counts = { reattached: 0, gone: 0, failed: 0 };
-      const reattach = async (state: StagedVolume): Promise<void> => {
+      /** One try; true when it is settled (re-attached, or the device is gone), false when it is worth trying again. */
+      const reattach = async (state: StagedVolume, lastTry: boolean): Promise<boolean> => {
         try {
           await exclusive(state.volumeId, async () => {
             const revived = await revive(state);
@@ -305,18 +313,38 @@ export function nodeService(options: NodeOptions): NodeService {
               options.log.warn('the device of a staged volume is gone (the host restarted?); staging it again attaches it afresh', { volume: state.volumeId, device: state.attachment.device });
             }
           });
+          return true;
         } catch (err) {
+          // The volume may still be owned by the process that died (distributed mode: until its lease expires).
+          const transient = isArborError(err) && ['unavailable', 'busy', 'aborted'].includes(err.code);
+          if (transient && !lastTry) return false;
           counts.failed++;
           options.log.error('could not re-attach a staged volume; its I/O waits until it is staged again, up to the dead-connection timeout', { volume: state.volumeId, device: state.attachment.device, error: (err as Error).message });
+          return true;
         }
       };
       const kernelVolumes = staged.all().filter((state) => state.attachment.kind === 'kernel');
+      const pending: StagedVolume[] = [];
       await runBounded(
-        kernelVolumes.map((state) => () => reattach(state)),
+        kernelVolumes.map((state) => async () => {
+          if (!(await reattach(state, false))) pending.push(state);
+        }),
         reattachConcurrency,
       );
       started = true;
-      options.log.info('node plugin started', { ...counts, waitedMs: Date.now() - lostSince });
+      options.log.info('node plugin started', { ...counts, retrying: pending.length, waitedMs: Date.now() - lostSince });
+      // What could not be served yet is tried again in the background, until it is or the time runs out.
+      if (pending.length > 0) {
+        void (async () => {
+          const deadline = Date.now() + reattachRetryMs;
+          for (let round = pending; round.length > 0; ) {
+            await new Promise((resolve) => setTimeout(resolve, reattachRetryIntervalMs));
+            const next: StagedVolume[] = [];
+            for (const state of round) if (!(await reattach(state, Date.now() > deadline))) next.push(state);
+            round = next;
+          }
+        })();
+      }
     },
 
     async handOver() {

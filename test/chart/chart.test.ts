@@ -108,6 +108,7 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
       ['a filesystem Arbor does not format', { ...node, 'storageClasses.filesystem.fsType': 'btrfs' }, /\/storageClasses\/filesystem\/fsType/],
       ['mkfs options that are not options', { ...node, 'storageClasses.filesystem.mkfsOptions': 'lazy_itable_init=0' }, /\/storageClasses\/filesystem\/mkfsOptions/],
       ['a relative kubelet directory', { ...node, 'node.kubeletDir': 'var/lib/kubelet' }, /\/node\/kubeletDir/],
+      ['a dead-connection timeout without a unit', { ...node, 'node.deadConnectionTimeout': '300' }, /\/node\/deadConnectionTimeout/],
       ['a log level Arbor does not have', { ...node, logLevel: 'verbose' }, /\/logLevel/],
       ['an empty sidecar tag', { ...node, 'sidecars.provisioner.image.tag': '' }, /\/sidecars\/provisioner\/image\/tag/],
       ['distributed mode without etcd', { 'store.mode': 'distributed' }, /store\.distributed\.etcd\.endpoints/],

@@ -121,6 +121,7 @@ describe('the objects the chart renders', function () {
         const nbd = mountHolding(pod, plugin, flag(plugin, 'nbd-socket'));
         assert.ok(nbd.volume.emptyDir, 'the NBD socket is pod-local');
         assert.equal(flag(plugin, 'node-id'), '$(NODE_NAME)');
+        assert.equal(flag(plugin, 'dead-connection-timeout'), '300s', 'I/O waits for a restarted plugin (docs/install.md, Upgrade)');
         assert.equal(env(plugin, 'NODE_NAME')?.valueFrom?.fieldRef?.fieldPath, 'spec.nodeName');
         // Only the plugin (and the module loader) are privileged.
         for (const c of [...pod.containers, ...(pod.initContainers ?? [])].filter((c) => c.name !== 'arbor' && c.name !== 'load-nbd')) {
