@@ -210,7 +210,15 @@ export class EtcdCatalog implements Catalog {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
-    await Promise.all([...this.watchers].map((w) => w.cancel().catch(() => {})));
+    // A watch is a stream, with no deadline: cancelling one whose stream is reconnecting (a member died) can wait
+    // for ever. The client closes all streams below anyway; give each cancel a bounded chance first.
+    await Promise.all(
+      [...this.watchers].map((w) => {
+        let timer: NodeJS.Timeout | undefined;
+        const bound = new Promise<void>((resolve) => (timer = setTimeout(resolve, etcdCallDeadlineMs)));
+        return Promise.race([w.cancel().catch(() => {}), bound]).finally(() => clearTimeout(timer));
+      }),
+    );
     for (const stop of [...this.leases]) stop();
     this.client.close();
   }
