@@ -109,7 +109,7 @@ export function parseCommandLine<C>(argv: string[], commands: CommandSpec<C>[]):
   for (const [name, spec] of Object.entries(command.options)) {
     if (spec.required && result.values[name] === undefined) throw new UsageError(`--${name} is required\nusage: ${usageLine(command)}`);
   }
-  return { command, words, help: false, parsed: { positionals, values: result.values as ParsedCommand['values'] } };
+  return { command, words, help: false, parsed: { positionals, values: result.values } };
 }
 
 export function helpText<C>(commands: CommandSpec<C>[], only?: CommandSpec<C>): string {

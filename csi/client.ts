@@ -19,7 +19,7 @@ export function csiClient(socketPath: string): CsiClient {
   const wrap = (Service: grpc.ServiceClientConstructor): Record<string, Call> => {
     const client = new Service(address, grpc.credentials.createInsecure());
     clients.push(client);
-    return new Proxy({} as Record<string, Call>, {
+    return new Proxy({}, {
       get: (_t, method: string) => (request: object = {}) =>
         new Promise((resolve, reject) => {
           const fn = (client as unknown as Record<string, (r: object, cb: (e: grpc.ServiceError | null, v: Record<string, unknown>) => void) => void>)[method];

@@ -76,9 +76,9 @@ function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<ob
       (err: unknown) => {
         timer();
         const status = toGrpcError(err);
-        csiRequests.inc({ method, code: grpc.status[status.code!] });
+        csiRequests.inc({ method, code: grpc.status[status.code] });
         const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
-        log[level]('CSI call failed', { method, ms: Date.now() - started, code: grpc.status[status.code!], error: status.details, request: redact(call.request) });
+        log[level]('CSI call failed', { method, ms: Date.now() - started, code: grpc.status[status.code], error: status.details, request: redact(call.request) });
         callback(status);
       },
     );

@@ -1,7 +1,7 @@
 import { BufferPool } from '../../lib/buffer-pool';
 import { Log } from '../../lib/logger';
 import { NbdCommandName, nbdCounters, nbdReadBytes, nbdWrittenBytes } from '../../lib/metrics';
-import { ArborError, isArborError } from '../../store/errors';
+import { isArborError } from '../../store/errors';
 import { RangeStatus } from '../../store/tree';
 import { NbdExport } from './export';
 import { baseAllocationContextId, Negotiated } from './handshake';
@@ -517,7 +517,7 @@ export class Transmission {
 /** The NBD error for a failure of the store (or anything else: EIO). */
 export function errnoFor(err: unknown, type: number): [number, string] {
   if (!isArborError(err)) return [NBD_EIO, 'internal error'];
-  const e = err as ArborError;
+  const e = err;
   switch (e.code) {
     case 'out-of-range':
       return [type === CMD.WRITE || type === CMD.WRITE_ZEROES ? NBD_ENOSPC : NBD_EINVAL, e.message];

@@ -109,7 +109,7 @@ function play(socketPath: string, bytes: Buffer, rng: Random): Promise<void> {
     const pieces = rng.int(1, 3);
     const cut = Array.from({ length: pieces - 1 }, () => rng.int(0, bytes.length)).sort((a, b) => a - b);
     const chunks = [0, ...cut, bytes.length].slice(1).map((end, i, ends) => bytes.subarray(i === 0 ? 0 : ends[i - 1], end));
-    socket.once('connect', async () => {
+    socket.once('connect', () => void (async () => {
       for (const chunk of chunks) {
         if (socket.destroyed) break;
         socket.write(chunk);
@@ -117,7 +117,7 @@ function play(socketPath: string, bytes: Buffer, rng: Random): Promise<void> {
       }
       setTimeout(() => (rng.chance(0.5) ? socket.end() : socket.destroy()), rng.int(0, 20));
       setTimeout(() => socket.destroy(), 2000).unref();
-    });
+    })());
   });
 }
 

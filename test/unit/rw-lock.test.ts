@@ -16,7 +16,7 @@ describe('readers-writer lock', () => {
   it('a writer waits for readers, and readers that come after a waiting writer wait for it', async () => {
     const lock = new RwLock();
     const order: string[] = [];
-    lock.shared();
+    void lock.shared();
     const writer = Promise.resolve(lock.exclusive()).then(() => order.push('writer'));
     const lateReader = Promise.resolve(lock.shared()).then(() => order.push('late reader'));
     await Promise.resolve();

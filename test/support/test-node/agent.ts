@@ -64,8 +64,8 @@ function start(request: Extract<AgentRequest, { op: 'spawn' }>): number {
     output: '',
     exited: new Promise((resolve) => child.once('close', (status, signal) => resolve({ status, signal }))),
   };
-  child.stdout!.on('data', (chunk: Buffer) => (entry.output = keep(entry.output, chunk.toString())));
-  child.stderr!.on('data', (chunk: Buffer) => (entry.output = keep(entry.output, chunk.toString())));
+  child.stdout.on('data', (chunk: Buffer) => (entry.output = keep(entry.output, chunk.toString())));
+  child.stderr.on('data', (chunk: Buffer) => (entry.output = keep(entry.output, chunk.toString())));
   child.on('error', (err) => (entry.output += String(err)));
   spawned.set(child.pid, entry);
   return child.pid;
@@ -81,7 +81,7 @@ async function csiCall(request: Extract<AgentRequest, { op: 'csi' }>): Promise<u
   let client = csiClients.get(request.socketPath);
   if (!client) {
     // Loaded on first use: gRPC and the proto take seconds to load under TCG, and many boots need no CSI.
-    const { csiClient } = require('../../../csi/client') as typeof import('../../../csi/client');
+    const { csiClient } = await import('../../../csi/client');
     client = csiClient(request.socketPath);
     csiClients.set(request.socketPath, client);
   }

@@ -168,7 +168,7 @@ export class TestNode {
   /** A CSI client for a plugin's socket in the guest: each service's methods as promises, as `csiClient` gives locally. */
   csi(socketPath: string): Record<CsiService, Record<string, Call>> {
     const service = (name: CsiService) =>
-      new Proxy({} as Record<string, Call>, {
+      new Proxy({}, {
         get: (_target, method: string) => async (request: object = {}) => {
           try {
             return (await this.call({ op: 'csi', socketPath, service: name, method, request })) as Record<string, unknown>;
