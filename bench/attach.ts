@@ -61,15 +61,33 @@ const arbor: Target = {
   async setUp(node) {
     const server = await startGuestArbor(node, `${dir}/arbor`);
     const capability = { access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} };
-    const { volume } = (await server.csi.controller.CreateVolume({ name: 'bench', volume_capabilities: [capability], capacity_range: { required_bytes: String(volumeBytes) } })) as {
+    const { volume } = (await server.csi.controller.CreateVolume({
+      name: 'bench',
+      volume_capabilities: [capability],
+      capacity_range: { required_bytes: String(volumeBytes) },
+    })) as {
       volume: { volume_id: string; volume_context: Record<string, string> };
     };
-    const published = await server.csi.controller.ControllerPublishVolume({ volume_id: volume.volume_id, node_id: server.nodeId, volume_capability: capability });
+    const published = await server.csi.controller.ControllerPublishVolume({
+      volume_id: volume.volume_id,
+      node_id: server.nodeId,
+      volume_capability: capability,
+    });
     const staging = `${dir}/arbor/staging`;
     await node.ok(['mkdir', '-p', staging]);
-    await server.csi.node.NodeStageVolume({ volume_id: volume.volume_id, staging_target_path: staging, volume_capability: capability, publish_context: published.publish_context, volume_context: volume.volume_context });
-    const device = (await node.sh(`for d in /sys/block/nbd*; do if [ "$(cat $d/backend 2>/dev/null)" = ${volume.volume_id} ]; then echo /dev/$(basename $d); fi; done`)).trim();
-    const state = JSON.parse(await node.sh(`cat ${server.stateDir}/volumes/${volume.volume_id}/kernel-attachment.json`)) as { details: { connections: number } };
+    await server.csi.node.NodeStageVolume({
+      volume_id: volume.volume_id,
+      staging_target_path: staging,
+      volume_capability: capability,
+      publish_context: published.publish_context,
+      volume_context: volume.volume_context,
+    });
+    const device = (
+      await node.sh(`for d in /sys/block/nbd*; do if [ "$(cat $d/backend 2>/dev/null)" = ${volume.volume_id} ]; then echo /dev/$(basename $d); fi; done`)
+    ).trim();
+    const state = JSON.parse(await node.sh(`cat ${server.stateDir}/volumes/${volume.volume_id}/kernel-attachment.json`)) as {
+      details: { connections: number };
+    };
     return {
       device,
       connections: state.details.connections,
@@ -90,7 +108,9 @@ const targets: Target[] = [
 ];
 
 async function fio(node: TestNode, device: string, w: (typeof workloads)[number]): Promise<FioResult> {
-  const out = await node.ok(['fio', '--ioengine=libaio', '--direct=1', `--filename=${device}`, ...fioJobArgs(w, regionBytes, runtime)], { timeoutMs: (runtime + 120) * 1000 });
+  const out = await node.ok(['fio', '--ioengine=libaio', '--direct=1', `--filename=${device}`, ...fioJobArgs(w, regionBytes, runtime)], {
+    timeoutMs: (runtime + 120) * 1000,
+  });
   return fioResult(out, w);
 }
 
@@ -106,7 +126,22 @@ runBenchmark(async () => {
       const { device, connections: count, tearDown } = await target.setUp(node);
       connections.set(target.name, count);
       try {
-        await node.ok(['fio', '--name=fill', '--ioengine=libaio', '--direct=1', `--filename=${device}`, '--rw=write', '--bs=1m', '--iodepth=4', `--size=${regionBytes}`, '--refill_buffers', '--output-format=terse'], { timeoutMs: 600_000 });
+        await node.ok(
+          [
+            'fio',
+            '--name=fill',
+            '--ioengine=libaio',
+            '--direct=1',
+            `--filename=${device}`,
+            '--rw=write',
+            '--bs=1m',
+            '--iodepth=4',
+            `--size=${regionBytes}`,
+            '--refill_buffers',
+            '--output-format=terse',
+          ],
+          { timeoutMs: 600_000 },
+        );
         const row: FioResult[] = [];
         for (const w of workloads) {
           process.stderr.write(`${target.name}: ${w.name}...\n`);
@@ -121,14 +156,24 @@ runBenchmark(async () => {
     await node.shutdown();
   }
 
-  console.log(`\nthe test node: kernel ${node.kernelVersion}, booted in ${node.bootSeconds.toFixed(1)} s (agent started at ${node.guestUptimeAtAgent.toFixed(1)} s of guest uptime)`);
+  console.log(
+    `\nthe test node: kernel ${node.kernelVersion}, booted in ${node.bootSeconds.toFixed(1)} s (agent started at ${node.guestUptimeAtAgent.toFixed(1)} s of guest uptime)`,
+  );
   const rows = workloads.flatMap((w, i) =>
     targets.map((t) => {
       const r = results.get(t.name)![i];
       return [w.name, `${t.name} (${connections.get(t.name)} conn)`, fmt(r.iops, 0), fmt(r.mibs), fmt(r.p50us, 0), fmt(r.p99us, 0)];
     }),
   );
-  printTable(`fio --ioengine=libaio --direct=1 on /dev/nbdN in the test node (TCG, ${runtime} s per run after 2 s ramp)`, ['workload', 'server', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'], rows);
+  printTable(
+    `fio --ioengine=libaio --direct=1 on /dev/nbdN in the test node (TCG, ${runtime} s per run after 2 s ramp)`,
+    ['workload', 'server', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'],
+    rows,
+  );
   const ratio = (i: number, peerName: string) => fmt(results.get('arbor')![i].mibs / results.get(peerName)![i].mibs);
-  printTable('arbor / peer (throughput, same guest, same kernel path)', ['workload', 'arbor / nbdkit file', 'arbor / qemu-nbd raw'], workloads.map((w, i) => [w.name, ratio(i, 'nbdkit'), ratio(i, 'qemu-nbd')]));
+  printTable(
+    'arbor / peer (throughput, same guest, same kernel path)',
+    ['workload', 'arbor / nbdkit file', 'arbor / qemu-nbd raw'],
+    workloads.map((w, i) => [w.name, ratio(i, 'nbdkit'), ratio(i, 'qemu-nbd')]),
+  );
 });

@@ -21,13 +21,26 @@ async function main(): Promise<void> {
   let server: ChildProcess | undefined;
   try {
     const dataDir = path.join(dir, 'data');
-    server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', path.join(dir, 'nbd.sock'), '--csi-endpoint', `unix://${socket}`, '--node-id', 'bench'], {
-      stdio: 'ignore',
-      env: { ...process.env, ARBOR_LOG_LEVEL: 'warn' },
-    });
+    server = spawn(
+      process.execPath,
+      [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', path.join(dir, 'nbd.sock'), '--csi-endpoint', `unix://${socket}`, '--node-id', 'bench'],
+      {
+        stdio: 'ignore',
+        env: { ...process.env, ARBOR_LOG_LEVEL: 'warn' },
+      },
+    );
     for (let i = 0; i < 200 && !fs.existsSync(socket); i++) await new Promise((r) => setTimeout(r, 50));
     const golden = path.join(dir, 'golden.raw');
-    execFileSync('fio', ['--name=fill', '--ioengine=psync', `--filename=${golden}`, '--rw=write', '--bs=1m', '--size=1g', '--refill_buffers', '--output-format=terse']);
+    execFileSync('fio', [
+      '--name=fill',
+      '--ioengine=psync',
+      `--filename=${golden}`,
+      '--rw=write',
+      '--bs=1m',
+      '--size=1g',
+      '--refill_buffers',
+      '--output-format=terse',
+    ]);
     execFileSync(process.execPath, [cli, '--data-dir', dataDir, 'volume', 'create', 'golden', '--size', '1GiB']);
     execFileSync(process.execPath, [cli, '--data-dir', dataDir, 'volume', 'import', 'golden', golden]);
     const csi = csiClient(socket);
@@ -57,9 +70,19 @@ async function main(): Promise<void> {
     csi.close();
 
     const rows = [
-      ['arbor CreateVolume from snapshot (CSI, 1 at a time)', fmt(percentile(sequential, 50)), fmt(percentile(sequential, 99)), fmt(1000 / (sequential.reduce((a, b) => a + b, 0) / sequential.length), 0)],
+      [
+        'arbor CreateVolume from snapshot (CSI, 1 at a time)',
+        fmt(percentile(sequential, 50)),
+        fmt(percentile(sequential, 99)),
+        fmt(1000 / (sequential.reduce((a, b) => a + b, 0) / sequential.length), 0),
+      ],
       ['arbor CreateVolume from snapshot (CSI, 16 in flight)', '-', '-', fmt(parallelPerSecond, 0)],
-      ['qemu-img create -b (qcow2 overlay on the raw golden)', fmt(percentile(qemu, 50)), fmt(percentile(qemu, 99)), fmt(1000 / (qemu.reduce((a, b) => a + b, 0) / qemu.length), 0)],
+      [
+        'qemu-img create -b (qcow2 overlay on the raw golden)',
+        fmt(percentile(qemu, 50)),
+        fmt(percentile(qemu, 99)),
+        fmt(1000 / (qemu.reduce((a, b) => a + b, 0) / qemu.length), 0),
+      ],
     ];
     printTable(`golden-image clones: ${count} clones of a 1 GiB golden volume, ${os.cpus().length} cores`, ['how', 'p50 ms', 'p99 ms', 'clones/s'], rows);
     console.log(`\narbor / qemu-img overlay: p50 latency ${fmt(percentile(sequential, 50) / percentile(qemu, 50))}x`);

@@ -40,7 +40,12 @@ async function main(): Promise<void> {
     throw err;
   }
   Object.assign(process.env, rgw.env(), { AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED: 'true' });
-  const storeArgs = ['--store', `etcd://${etcd.endpoints.map((e) => new URL(e).host).join(',')}/bench`, '--blobs', `s3://arbor-bench/blobs/?endpoint=${encodeURIComponent(rgw.endpoint)}&region=${rgw.region}`];
+  const storeArgs = [
+    '--store',
+    `etcd://${etcd.endpoints.map((e) => new URL(e).host).join(',')}/bench`,
+    '--blobs',
+    `s3://arbor-bench/blobs/?endpoint=${encodeURIComponent(rgw.endpoint)}&region=${rgw.region}`,
+  ];
   let node: ArborServer | undefined;
   let controller: ChildProcess | undefined;
   let qemu: ChildProcess | undefined;
@@ -57,21 +62,34 @@ async function main(): Promise<void> {
   };
   // No --log-level warn here: startServer waits for the info-level "arbor serving" line (and has no timeout).
   const startNode = (cacheName: string) =>
-    startServer(path.join(dir, 'node'), [...storeArgs, '--node-id', 'bench-node', '--cache-dir', path.join(dir, cacheName), '--csi-endpoint', `unix://${path.join(dir, 'node.csi.sock')}`], 'node');
+    startServer(
+      path.join(dir, 'node'),
+      [...storeArgs, '--node-id', 'bench-node', '--cache-dir', path.join(dir, cacheName), '--csi-endpoint', `unix://${path.join(dir, 'node.csi.sock')}`],
+      'node',
+    );
   try {
     node = await startNode('cache-1');
     const controllerSocket = path.join(dir, 'controller.csi.sock');
     let controllerLog = '';
-    controller = spawn(process.execPath, [cliPath, '--data-dir', path.join(dir, 'controller'), 'controller', ...storeArgs, '--csi-endpoint', `unix://${controllerSocket}`], { stdio: ['ignore', 'ignore', 'pipe'] });
+    controller = spawn(
+      process.execPath,
+      [cliPath, '--data-dir', path.join(dir, 'controller'), 'controller', ...storeArgs, '--csi-endpoint', `unix://${controllerSocket}`],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
     controller.stderr!.on('data', (d) => (controllerLog += d));
     for (let i = 0; i < 600 && !controllerLog.includes('arbor controller serving'); i++) {
-      if (controller.exitCode !== null || controller.signalCode !== null) throw new Error(`arbor controller exited (${controller.exitCode ?? controller.signalCode}) before serving:\n${controllerLog}`);
+      if (controller.exitCode !== null || controller.signalCode !== null)
+        throw new Error(`arbor controller exited (${controller.exitCode ?? controller.signalCode}) before serving:\n${controllerLog}`);
       await new Promise((r) => setTimeout(r, 50));
     }
     if (!controllerLog.includes('arbor controller serving')) throw new Error(`arbor controller not serving after 30 s:\n${controllerLog}`);
     const csi = csiClient(controllerSocket);
     const capability = [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }];
-    const created = (await csi.controller.CreateVolume({ name: 'golden', capacity_range: { required_bytes: String(volumeBytes) }, volume_capabilities: capability })) as { volume: { volume_id: string } };
+    const created = (await csi.controller.CreateVolume({
+      name: 'golden',
+      capacity_range: { required_bytes: String(volumeBytes) },
+      volume_capabilities: capability,
+    })) as { volume: { volume_id: string } };
     const goldenId = created.volume.volume_id;
 
     // Fill the volume through NBD, flush at the end (the upload to S3 happens there:
@@ -79,7 +97,18 @@ async function main(): Promise<void> {
     // through the owner), then wait until the node has let go of it: it is detached.
     console.log(`filling a ${volumeBytes / MiB} MiB volume through NBD...`);
     const fillStarted = nowMs();
-    execFileSync('fio', ['--name=fill', '--ioengine=nbd', `--uri=nbd+unix:///golden?socket=${node.nbdSocket}`, '--rw=write', '--bs=1m', '--iodepth=8', `--size=${volumeBytes}`, '--refill_buffers', '--end_fsync=1', '--output-format=terse']);
+    execFileSync('fio', [
+      '--name=fill',
+      '--ioengine=nbd',
+      `--uri=nbd+unix:///golden?socket=${node.nbdSocket}`,
+      '--rw=write',
+      '--bs=1m',
+      '--iodepth=8',
+      `--size=${volumeBytes}`,
+      '--refill_buffers',
+      '--end_fsync=1',
+      '--output-format=terse',
+    ]);
     const filledMs = nowMs() - fillStarted;
     const releasedMs = await waitDetached(goldenId);
     console.log(`filled and flushed in ${fmt(filledMs / 1000)} s; the node let go of it ${fmt(releasedMs)} ms after fio ended`);
@@ -91,7 +120,11 @@ async function main(): Promise<void> {
     });
     const cloneIds: string[] = [];
     const clones = await timeEach(ops, async (i) => {
-      const made = (await csi.controller.CreateVolume({ name: `clone${i}`, volume_content_source: { snapshot: { snapshot_id: snapshotIds[0] } }, volume_capabilities: capability })) as { volume: { volume_id: string } };
+      const made = (await csi.controller.CreateVolume({
+        name: `clone${i}`,
+        volume_content_source: { snapshot: { snapshot_id: snapshotIds[0] } },
+        volume_capabilities: capability,
+      })) as { volume: { volume_id: string } };
       cloneIds.push(made.volume.volume_id);
     });
     const attached = await NbdClient.connect({ socketPath: node.nbdSocket, exportName: 'golden' });
@@ -112,18 +145,36 @@ async function main(): Promise<void> {
 
     // qcow2 overlays on a raw golden image, the backing-chain way to clone.
     const raw = path.join(dir, 'golden.raw');
-    execFileSync('fio', ['--name=raw', '--ioengine=psync', `--filename=${raw}`, '--rw=write', '--bs=1m', `--size=${volumeBytes}`, '--refill_buffers', '--output-format=terse']);
-    const overlays = await timeEach(ops, async (i) => void execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', raw, '-F', 'raw', path.join(dir, `o${i}.qcow2`)]));
+    execFileSync('fio', [
+      '--name=raw',
+      '--ioengine=psync',
+      `--filename=${raw}`,
+      '--rw=write',
+      '--bs=1m',
+      `--size=${volumeBytes}`,
+      '--refill_buffers',
+      '--output-format=terse',
+    ]);
+    const overlays = await timeEach(
+      ops,
+      async (i) => void execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', raw, '-F', 'raw', path.join(dir, `o${i}.qcow2`)]),
+    );
 
     const row = (name: string, values: number[]) => [name, fmt(percentile(values, 50)), fmt(percentile(values, 99))];
-    printTable(`latency through the controller (CSI) on etcd + RGW, ${ops} each, ${os.cpus().length} cores`, ['operation', 'p50 ms', 'p99 ms'], [
-      row('CreateSnapshot, detached 1 GiB volume', detachedSnapshots),
-      row('CreateVolume from snapshot (clone)', clones),
-      row('CreateSnapshot, volume attached on the node (via owner)', attachedSnapshots),
-      row('FLUSH after a 4 KiB write (S3 + etcd durable)', flushes),
-      row('qemu-img create -b (qcow2 overlay), same run', overlays),
-    ]);
-    console.log(`\nclone / qcow2 overlay p50: ${fmt(percentile(clones, 50) / percentile(overlays, 50))}x; detached snapshot p99 ${fmt(percentile(detachedSnapshots, 99))} ms (target < 20 ms)`);
+    printTable(
+      `latency through the controller (CSI) on etcd + RGW, ${ops} each, ${os.cpus().length} cores`,
+      ['operation', 'p50 ms', 'p99 ms'],
+      [
+        row('CreateSnapshot, detached 1 GiB volume', detachedSnapshots),
+        row('CreateVolume from snapshot (clone)', clones),
+        row('CreateSnapshot, volume attached on the node (via owner)', attachedSnapshots),
+        row('FLUSH after a 4 KiB write (S3 + etcd durable)', flushes),
+        row('qemu-img create -b (qcow2 overlay), same run', overlays),
+      ],
+    );
+    console.log(
+      `\nclone / qcow2 overlay p50: ${fmt(percentile(clones, 50) / percentile(overlays, 50))}x; detached snapshot p99 ${fmt(percentile(detachedSnapshots, 99))} ms (target < 20 ms)`,
+    );
 
     // fio: a fresh clone read with a cold cache (a new node process, empty cache), then warm.
     const rows: string[][] = [];
@@ -143,7 +194,16 @@ async function main(): Promise<void> {
     // timed as a row) so that the warm run (and the runs after it) find every extent
     // of the golden image in the node's cache.
     const warmupStarted = nowMs();
-    execFileSync('fio', ['--name=warmup', '--ioengine=nbd', `--uri=nbd+unix:///clone1?socket=${node.nbdSocket}`, '--rw=read', '--bs=1m', '--iodepth=8', `--size=${volumeBytes}`, '--output-format=terse']);
+    execFileSync('fio', [
+      '--name=warmup',
+      '--ioengine=nbd',
+      `--uri=nbd+unix:///clone1?socket=${node.nbdSocket}`,
+      '--rw=read',
+      '--bs=1m',
+      '--iodepth=8',
+      `--size=${volumeBytes}`,
+      '--output-format=terse',
+    ]);
     console.log(`\nwarm-up: read all ${volumeBytes / MiB} MiB of clone1 into the node's cache in ${fmt((nowMs() - warmupStarted) / 1000)} s`);
     await waitDetached(cloneIds[1]);
     const warm = await fioOn('arbor, warm cache', 1, workloads[0]);

@@ -49,14 +49,29 @@ async function main(): Promise<void> {
     const dataDir = path.join(dir, 'data');
     const nbdSocket = path.join(dir, 'arbor.sock');
     const arbor = (...args: string[]) => sh(process.execPath, [cli, '--data-dir', dataDir, ...args]);
-    server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', nbdSocket], { stdio: 'ignore', env: { ...process.env, ARBOR_LOG_LEVEL: 'warn' } });
+    server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', nbdSocket], {
+      stdio: 'ignore',
+      env: { ...process.env, ARBOR_LOG_LEVEL: 'warn' },
+    });
     await waitForSocket(nbdSocket);
     await waitForSocket(path.join(dataDir, 'arbor.sock'));
 
     process.stderr.write('filling a 4 GiB golden raw image and the golden volume...\n');
     const golden = path.join(dir, 'golden.raw');
-    sh('fio', ['--name=fill', '--ioengine=psync', `--filename=${golden}`, '--rw=write', '--bs=1m', `--size=${goldenBytes}`, '--refill_buffers', '--output-format=terse']);
-    for (const [name, extent] of [['golden', '64KiB'], ['golden4k', '4KiB']]) {
+    sh('fio', [
+      '--name=fill',
+      '--ioengine=psync',
+      `--filename=${golden}`,
+      '--rw=write',
+      '--bs=1m',
+      `--size=${goldenBytes}`,
+      '--refill_buffers',
+      '--output-format=terse',
+    ]);
+    for (const [name, extent] of [
+      ['golden', '64KiB'],
+      ['golden4k', '4KiB'],
+    ]) {
       arbor('volume', 'create', name, '--size', String(goldenBytes), '--extent-size', extent);
       sh('qemu-img', ['convert', '-n', '-W', '-m', '8', '-f', 'raw', '-O', 'raw', golden, `nbd+unix:///${name}?socket=${nbdSocket}`]);
       arbor('snapshot', 'create', `${name}@${name}-gold`);
@@ -83,13 +98,26 @@ async function main(): Promise<void> {
       const qcow = await qemuNbd(dir, 'qcow2', overlay);
       const q = fioNbd(qcow.uri, w, goldenBytes, runtime);
       await qcow.stop();
-      for (const [who, res] of [['arbor clone, 64 KiB extents', a], ['arbor clone, 4 KiB extents', a4], ['qemu-nbd raw', r], ['qemu-nbd qcow2 overlay', q]] as const) {
+      for (const [who, res] of [
+        ['arbor clone, 64 KiB extents', a],
+        ['arbor clone, 4 KiB extents', a4],
+        ['qemu-nbd raw', r],
+        ['qemu-nbd qcow2 overlay', q],
+      ] as const) {
         rows.push([w.name, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1)]);
       }
       ratios.push([w.name, fmt(a.iops / q.iops), fmt(a.iops / r.iops), fmt(a4.iops / q.iops), fmt(a4.iops / r.iops)]);
     }
-    printTable(`fio --ioengine=nbd, ${runtime} s per run after 2 s ramp, ${os.cpus().length} cores`, ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'], rows);
-    printTable('arbor / peer (throughput; targets: >= 1.0 vs the qcow2 overlay, >= 0.8 vs raw for 4 KiB random)', ['workload', '64K ext / qcow2', '64K ext / raw', '4K ext / qcow2', '4K ext / raw'], ratios);
+    printTable(
+      `fio --ioengine=nbd, ${runtime} s per run after 2 s ramp, ${os.cpus().length} cores`,
+      ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'],
+      rows,
+    );
+    printTable(
+      'arbor / peer (throughput; targets: >= 1.0 vs the qcow2 overlay, >= 0.8 vs raw for 4 KiB random)',
+      ['workload', '64K ext / qcow2', '64K ext / raw', '4K ext / qcow2', '4K ext / raw'],
+      ratios,
+    );
   } finally {
     await stopServer(server);
     fs.rmSync(dir, { recursive: true, force: true });

@@ -63,10 +63,12 @@ runBenchmark(async () => {
   }
   console.log(`\nthe test node: kernel ${node.kernelVersion}, booted in ${node.bootSeconds.toFixed(1)} s; ${restarts} restarts of each kind`);
   printTable(
-    'the longest a write waited across a node plugin restart, beside the plugin\'s start time (s)',
+    "the longest a write waited across a node plugin restart, beside the plugin's start time (s)",
     ['restart', 'stall p50', 'stall max', 'start p50', 'start max'],
     rows,
   );
   console.log('\nSIGTERM: the stall is the start time plus what a stop takes (the goal: under start + 2 s).');
-  console.log("SIGKILL: writes the killed process had read and never answered wait for the kernel's request timeout (30 s when none is set) before they are sent again.");
+  console.log(
+    "SIGKILL: writes the killed process had read and never answered wait for the kernel's request timeout (30 s when none is set) before they are sent again.",
+  );
 });

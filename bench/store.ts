@@ -34,7 +34,10 @@ async function fill(store: Store, name: string, sizeBytes: number, bytes: number
 async function branchingLatency(store: Store): Promise<void> {
   const rows: string[][] = [];
   const results: Record<string, { snap: number[]; clone: number[] }> = {};
-  for (const [label, size] of [['1 GiB', GiB], ['64 GiB', 64 * GiB]] as const) {
+  for (const [label, size] of [
+    ['1 GiB', GiB],
+    ['64 GiB', 64 * GiB],
+  ] as const) {
     const name = `lat-${size}`;
     process.stderr.write(`writing 1 GiB into the ${label} volume...\n`);
     await fill(store, name, size, GiB);
@@ -99,7 +102,23 @@ async function depthReads(store: Store, dir: string): Promise<void> {
     // qemu-img bench reads sequentially with a step; a large odd step scatters the reads.
     const qemuBench = (file: string): number => {
       const started = nowMs();
-      execFileSync('qemu-img', ['bench', '-q', '-f', 'qcow2', '-c', String(count), '-d', '1', '-s', '4096', '-S', String(4096 * 8191), '-t', 'writeback', file]);
+      execFileSync('qemu-img', [
+        'bench',
+        '-q',
+        '-f',
+        'qcow2',
+        '-c',
+        String(count),
+        '-d',
+        '1',
+        '-s',
+        '4096',
+        '-S',
+        String(4096 * 8191),
+        '-t',
+        'writeback',
+        file,
+      ]);
       return count / ((nowMs() - started) / 1000);
     };
     qemuBench(path.join(q, 'gen1.qcow2'));

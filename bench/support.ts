@@ -100,13 +100,27 @@ export interface FioResult {
 
 /** One fio run over NBD (its nbd engine) against `uri`, time-based after a 2 s ramp. */
 export function fioNbd(uri: string, w: Workload, sizeBytes: number, runtimeSeconds: number): FioResult {
-  const out = execFileSync('fio', ['--ioengine=nbd', `--uri=${uri}`, ...fioJobArgs(w, sizeBytes, runtimeSeconds)], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+  const out = execFileSync('fio', ['--ioengine=nbd', `--uri=${uri}`, ...fioJobArgs(w, sizeBytes, runtimeSeconds)], {
+    encoding: 'utf8',
+    maxBuffer: 64 * 1024 * 1024,
+  });
   return fioResult(out, w);
 }
 
 /** The job every fio run here shares, whatever it runs against: the workload, time-based after a 2 s ramp, JSON out. */
 export function fioJobArgs(w: Workload, sizeBytes: number, runtimeSeconds: number): string[] {
-  return ['--name=bench', `--rw=${w.rw}`, `--bs=${w.bs}`, `--iodepth=${w.iodepth}`, `--size=${sizeBytes}`, `--runtime=${runtimeSeconds}`, '--ramp_time=2', '--time_based', '--randrepeat=0', '--output-format=json'];
+  return [
+    '--name=bench',
+    `--rw=${w.rw}`,
+    `--bs=${w.bs}`,
+    `--iodepth=${w.iodepth}`,
+    `--size=${sizeBytes}`,
+    `--runtime=${runtimeSeconds}`,
+    '--ramp_time=2',
+    '--time_based',
+    '--randrepeat=0',
+    '--output-format=json',
+  ];
 }
 
 /** Throughput and completion latency of the workload's direction, from fio's JSON (which may follow other output). */

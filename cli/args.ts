@@ -20,9 +20,17 @@ export interface ParsedCommand {
 }
 
 export const globalOptions: Record<string, OptionSpec> = {
-  'data-dir': { type: 'string', value: 'DIR', description: 'the embedded store\'s data directory (default: $ARBOR_DATA_DIR or ./arbor-data)' },
-  store: { type: 'string', value: 'etcd://HOST:PORT[,...]/PREFIX', description: 'the distributed catalog in etcd (default: $ARBOR_STORE; none: the embedded data directory)' },
-  blobs: { type: 'string', value: 's3://BUCKET/PREFIX?endpoint=URL&region=R', description: 'the distributed blobs in S3, with --store (default: $ARBOR_BLOBS); credentials from the AWS environment' },
+  'data-dir': { type: 'string', value: 'DIR', description: "the embedded store's data directory (default: $ARBOR_DATA_DIR or ./arbor-data)" },
+  store: {
+    type: 'string',
+    value: 'etcd://HOST:PORT[,...]/PREFIX',
+    description: 'the distributed catalog in etcd (default: $ARBOR_STORE; none: the embedded data directory)',
+  },
+  blobs: {
+    type: 'string',
+    value: 's3://BUCKET/PREFIX?endpoint=URL&region=R',
+    description: 'the distributed blobs in S3, with --store (default: $ARBOR_BLOBS); credentials from the AWS environment',
+  },
   'etcd-ca': { type: 'string', value: 'FILE', description: 'CA bundle for etcds:// (TLS to etcd)' },
   'etcd-cert': { type: 'string', value: 'FILE', description: 'client certificate for etcd' },
   'etcd-key': { type: 'string', value: 'FILE', description: 'client key for --etcd-cert' },
@@ -91,7 +99,9 @@ export function parseCommandLine<C>(argv: string[], commands: CommandSpec<C>[]):
   try {
     result = parseArgs({
       args: argv,
-      options: Object.fromEntries(Object.entries(options).map(([name, spec]) => [name, spec.short ? { type: spec.type, short: spec.short } : { type: spec.type }])),
+      options: Object.fromEntries(
+        Object.entries(options).map(([name, spec]) => [name, spec.short ? { type: spec.type, short: spec.short } : { type: spec.type }]),
+      ),
       allowPositionals: true,
       strict: true,
     });
@@ -132,7 +142,11 @@ export function helpText<C>(commands: CommandSpec<C>[], only?: CommandSpec<C>): 
       const value = spec.type === 'string' ? ` ${spec.value}` : '';
       lines.push(`  --${name}${value}`.padEnd(28) + spec.description);
     }
-    lines.push('', "sizes take units: 512MiB, 10GiB, 1T (powers of 1024), 1GB (powers of 1000), or bytes.", "exit status: 0 on success, 1 when the operation failed, 2 on a usage error.");
+    lines.push(
+      '',
+      'sizes take units: 512MiB, 10GiB, 1T (powers of 1024), 1GB (powers of 1000), or bytes.',
+      'exit status: 0 on success, 1 when the operation failed, 2 on a usage error.',
+    );
   }
   return lines.join('\n') + '\n';
 }

@@ -29,7 +29,10 @@ export async function snapshotOf(store: StoreApi, ref: Required<VolumeOrSnapshot
   const snapshot = await store.findSnapshot({ name: ref.snapshot });
   if (!snapshot) throw new ArborError('not-found', `snapshot ${ref.volume}@${ref.snapshot} does not exist; see 'arbor snapshot list ${ref.volume}'`);
   if (snapshot.volumeName !== ref.volume) {
-    throw new ArborError('not-found', `snapshot ${ref.snapshot} was taken of volume ${snapshot.volumeName}, not ${ref.volume}; write ${snapshot.volumeName}@${ref.snapshot}`);
+    throw new ArborError(
+      'not-found',
+      `snapshot ${ref.snapshot} was taken of volume ${snapshot.volumeName}, not ${ref.volume}; write ${snapshot.volumeName}@${ref.snapshot}`,
+    );
   }
   return snapshot;
 }

@@ -42,7 +42,10 @@ export async function openSession(location: StoreLocation, log: Log): Promise<Se
       serverPid: info.pid,
       async openImage(exportName) {
         if (!info.nbdSocket) {
-          throw new ArborError('failed-precondition', `the server holding this data directory (pid ${info.pid}) serves no NBD socket; restart it with --nbd-socket, or stop it`);
+          throw new ArborError(
+            'failed-precondition',
+            `the server holding this data directory (pid ${info.pid}) serves no NBD socket; restart it with --nbd-socket, or stop it`,
+          );
         }
         return remoteImage(await NbdClient.connect({ socketPath: info.nbdSocket, exportName }).catch((err) => rethrow(err, exportName)), exportName);
       },
@@ -79,7 +82,8 @@ function remoteImage(client: NbdClient, name: string): Image {
       return await fn();
     } catch (err) {
       if (err instanceof NbdError) {
-        const code = err.errno === NBD_EINVAL ? 'invalid-argument' : err.errno === NBD_ENOSPC ? 'out-of-range' : err.errno === NBD_EPERM ? 'read-only' : 'internal';
+        const code =
+          err.errno === NBD_EINVAL ? 'invalid-argument' : err.errno === NBD_ENOSPC ? 'out-of-range' : err.errno === NBD_EPERM ? 'read-only' : 'internal';
         throw new ArborError(code, `${name}: ${err.message}`);
       }
       throw err;
@@ -107,7 +111,7 @@ function remoteImage(client: NbdClient, name: string): Image {
     async blockStatus(offset, length) {
       // The server may describe less than asked: ask again for the rest.
       const out: RangeStatus[] = [];
-      for (let at = offset; at < offset + length; ) {
+      for (let at = offset; at < offset + length;) {
         const ranges = await call(() => client.blockStatus(at, Math.min(offset + length - at, 0xffffffff - 0xfff)));
         for (const range of ranges) {
           const clipped = Math.min(range.length, offset + length - at);

@@ -32,7 +32,7 @@ export async function importImage(volume: Image, input: AsyncIterable<Buffer>, p
     filled = 0;
   };
   for await (const chunk of input) {
-    for (let used = 0; used < chunk.length; ) {
+    for (let used = 0; used < chunk.length;) {
       const n = Math.min(staging.length - filled, chunk.length - used);
       chunk.copy(staging, filled, used, used + n);
       filled += n;
@@ -102,7 +102,7 @@ export async function exportToFile(image: ReadableImage, filePath: string, progr
 }
 
 function writeFully(fd: number, buffer: Buffer, length: number, position: number): void {
-  for (let done = 0; done < length; ) done += fs.writeSync(fd, buffer, done, length - done, position + done);
+  for (let done = 0; done < length;) done += fs.writeSync(fd, buffer, done, length - done, position + done);
 }
 
 /** Streams a whole volume or snapshot, holes as zeros; a closed pipe ends it quietly. */

@@ -113,7 +113,9 @@ export function controllerService(options: ControllerOptions): Record<string, Un
         extentSizeBytes = volume.extentSizeBytes;
       }
       if (sourceRef && 'extentSize' in request.parameters && extentSizeBytes !== parameters.extentSizeBytes) {
-        throw invalid(`parameter extentSize ${request.parameters.extentSize} differs from the source's extent size ${extentSizeBytes}; a clone keeps its source's`);
+        throw invalid(
+          `parameter extentSize ${request.parameters.extentSize} differs from the source's extent size ${extentSizeBytes}; a clone keeps its source's`,
+        );
       }
       const sizeBytes = sizeFor(request.capacity_range, extentSizeBytes, sourceBytes);
       const fsType = caps.find((c) => c.fsType)?.fsType ?? parameters.fsType;
@@ -183,7 +185,12 @@ export function controllerService(options: ControllerOptions): Record<string, Un
         throw err;
       }
       return {
-        confirmed: { volume_context: request.volume_context, volume_capabilities: request.volume_capabilities, parameters: request.parameters, mutable_parameters: {} },
+        confirmed: {
+          volume_context: request.volume_context,
+          volume_capabilities: request.volume_capabilities,
+          parameters: request.parameters,
+          mutable_parameters: {},
+        },
       };
     },
 
@@ -200,7 +207,11 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       parseParameters(request.parameters);
       const here = !topology || !request.accessible_topology || Object.entries(request.accessible_topology.segments).every(([k, v]) => topology[k] === v);
       const available = here ? ((await store.availableBytes()) ?? maxVolumeSizeBytes) : 0;
-      return { available_capacity: String(available), maximum_volume_size: { value: String(maxVolumeSizeBytes) }, minimum_volume_size: { value: String(minExtentSizeBytes) } };
+      return {
+        available_capacity: String(available),
+        maximum_volume_size: { value: String(maxVolumeSizeBytes) },
+        minimum_volume_size: { value: String(minExtentSizeBytes) },
+      };
     },
 
     async ControllerGetVolume(request: ControllerGetVolumeRequest__Output) {
@@ -216,7 +227,8 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       const limit = wireCount(request.capacity_range.limit_bytes, 'capacity_range.limit_bytes');
       const target = Math.ceil(wanted / volume.extentSizeBytes) * volume.extentSizeBytes;
       if (limit > 0 && target > limit) throw outOfRange(`${wanted} bytes rounded up to whole extents is ${target}, more than limit_bytes ${limit}`);
-      if (limit > 0 && volume.sizeBytes > limit) throw outOfRange(`volume ${volume.name} is already ${volume.sizeBytes} bytes, more than limit_bytes ${limit}; volumes do not shrink`);
+      if (limit > 0 && volume.sizeBytes > limit)
+        throw outOfRange(`volume ${volume.name} is already ${volume.sizeBytes} bytes, more than limit_bytes ${limit}; volumes do not shrink`);
       const grown = target > volume.sizeBytes ? await store.resizeVolume({ id: volume.id }, target) : volume;
       // A filesystem must grow on the node; a raw block device's new size shows at its next attach.
       return { capacity_bytes: String(grown.sizeBytes), node_expansion_required: capability?.access !== 'block' };
@@ -267,17 +279,18 @@ function compatible(
   labels: Record<string, string>,
 ): VolumeRecord {
   const step = existing.lineage[0];
-  const sameSource = !source
-    ? !step
-    : 'snapshot' in source
-      ? step?.snapshotId === source.snapshot.id
-      : step?.volumeId === source.volume.id && !step.snapshotId;
+  const sameSource = !source ? !step : 'snapshot' in source ? step?.snapshotId === source.snapshot.id : step?.volumeId === source.volume.id && !step.snapshotId;
   const requiredBytes = Number(request.capacity_range?.required_bytes ?? 0);
   const limitBytes = Number(request.capacity_range?.limit_bytes ?? 0);
   const fits = existing.sizeBytes >= requiredBytes && (limitBytes === 0 || existing.sizeBytes <= limitBytes);
-  const sameClass = existing.extentSizeBytes === extentSizeBytes && (existing.labels?.fsType ?? '') === (labels.fsType ?? '') && (existing.labels?.mkfsOptions ?? '') === (labels.mkfsOptions ?? '');
+  const sameClass =
+    existing.extentSizeBytes === extentSizeBytes &&
+    (existing.labels?.fsType ?? '') === (labels.fsType ?? '') &&
+    (existing.labels?.mkfsOptions ?? '') === (labels.mkfsOptions ?? '');
   if (sameSource && fits && sameClass) return existing;
-  throw alreadyExists(`volume ${existing.name} already exists (${existing.sizeBytes} bytes${step ? `, cloned from ${step.snapshotName ?? step.volumeName}` : ''}) and differs from this request`);
+  throw alreadyExists(
+    `volume ${existing.name} already exists (${existing.sizeBytes} bytes${step ? `, cloned from ${step.snapshotName ?? step.volumeName}` : ''}) and differs from this request`,
+  );
 }
 
 function checkTopology(request: CreateVolumeRequest__Output, topology?: Record<string, string>): void {
@@ -285,6 +298,11 @@ function checkTopology(request: CreateVolumeRequest__Output, topology?: Record<s
   if (!topology || requisite.length === 0) return;
   const reachable = requisite.some((t) => Object.entries(t.segments).every(([k, v]) => topology[k] === v));
   if (!reachable) {
-    throw new CsiError(grpc.status.RESOURCE_EXHAUSTED, `volumes can only be made where the data is: ${Object.entries(topology).map(([k, v]) => `${k}=${v}`).join(', ')}`);
+    throw new CsiError(
+      grpc.status.RESOURCE_EXHAUSTED,
+      `volumes can only be made where the data is: ${Object.entries(topology)
+        .map(([k, v]) => `${k}=${v}`)
+        .join(', ')}`,
+    );
   }
 }

@@ -32,7 +32,8 @@ export function parseCapability(capability: VolumeCapability__Output | null | un
   if (!capability) throw invalid(`${what} is required`);
   const mode = capability.access_mode?.mode;
   if (!mode || mode === 'UNKNOWN') throw invalid(`${what}.access_mode is required`);
-  if (!(mode in modes)) throw invalid(`${what}: access mode ${mode} is not supported (a volume is written from one node; MULTI_NODE_READER_ONLY reads from many)`);
+  if (!(mode in modes))
+    throw invalid(`${what}: access mode ${mode} is not supported (a volume is written from one node; MULTI_NODE_READER_ONLY reads from many)`);
   const known = modes[mode as AccessMode];
   if (capability.access_type === 'block' || capability.block) {
     return { mode: mode as AccessMode, ...known, access: 'block', mountFlags: [] };
@@ -47,4 +48,3 @@ export function parseCapability(capability: VolumeCapability__Output | null | un
   }
   throw invalid(`${what}.access_type is required: block or mount`);
 }
-

@@ -19,14 +19,21 @@ export function csiClient(socketPath: string): CsiClient {
   const wrap = (Service: grpc.ServiceClientConstructor): Record<string, Call> => {
     const client = new Service(address, grpc.credentials.createInsecure());
     clients.push(client);
-    return new Proxy({}, {
-      get: (_t, method: string) => (request: object = {}) =>
-        new Promise((resolve, reject) => {
-          const fn = (client as unknown as Record<string, (r: object, cb: (e: grpc.ServiceError | null, v: Record<string, unknown>) => void) => void>)[method];
-          if (typeof fn !== 'function') return reject(new Error(`no method ${method}`));
-          fn.call(client, request, (err, value) => (err ? reject(err) : resolve(value)));
-        }),
-    });
+    return new Proxy(
+      {},
+      {
+        get:
+          (_t, method: string) =>
+          (request: object = {}) =>
+            new Promise((resolve, reject) => {
+              const fn = (client as unknown as Record<string, (r: object, cb: (e: grpc.ServiceError | null, v: Record<string, unknown>) => void) => void>)[
+                method
+              ];
+              if (typeof fn !== 'function') return reject(new Error(`no method ${method}`));
+              fn.call(client, request, (err, value) => (err ? reject(err) : resolve(value)));
+            }),
+      },
+    );
   };
   return {
     identity: wrap(proto.Identity as unknown as grpc.ServiceClientConstructor),

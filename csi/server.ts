@@ -49,7 +49,9 @@ export async function startCsiServer(endpoint: string, services: CsiServices, lo
     }
     server.addService(definition, handlers);
   }
-  await new Promise<void>((resolve, reject) => server.bindAsync(`unix://${socketPath}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())));
+  await new Promise<void>((resolve, reject) =>
+    server.bindAsync(`unix://${socketPath}`, grpc.ServerCredentials.createInsecure(), (err) => (err ? reject(err) : resolve())),
+  );
   fs.chmodSync(socketPath, 0o600);
   log.info('CSI server listening', { endpoint: `unix://${socketPath}`, services: Object.keys(services).filter((k) => services[k as keyof CsiServices]) });
   return {
@@ -78,7 +80,13 @@ function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<ob
         const status = toGrpcError(err);
         csiRequests.inc({ method, code: grpc.status[status.code] });
         const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
-        log[level]('CSI call failed', { method, ms: Date.now() - started, code: grpc.status[status.code], error: status.details, request: redact(call.request) });
+        log[level]('CSI call failed', {
+          method,
+          ms: Date.now() - started,
+          code: grpc.status[status.code],
+          error: status.details,
+          request: redact(call.request),
+        });
         callback(status);
       },
     );

@@ -73,7 +73,7 @@ export const nbdWrittenBytes = nbdBytes.labels('write');
 
 export const storeCommits = new Histogram({
   name: 'arbor_store_commit_duration_seconds',
-  help: 'Time from capturing a volume\'s changes to their catalog commit (flush, FUA, background commits)',
+  help: "Time from capturing a volume's changes to their catalog commit (flush, FUA, background commits)",
   buckets: commitBuckets,
   registers: [registry],
 });

@@ -143,7 +143,11 @@ export function nodeService(options: NodeOptions): NodeService {
             state = revived;
           } else {
             // The userspace path cannot reconnect, and a kernel device may be gone: attach afresh.
-            options.log.warn('attaching again a volume whose NBD connection died', { volume: volumeId, device: state.attachment.device, attacher: state.attachment.kind });
+            options.log.warn('attaching again a volume whose NBD connection died', {
+              volume: volumeId,
+              device: state.attachment.device,
+              attacher: state.attachment.kind,
+            });
             if (capability.access === 'mount') await host.unmount(stagingPath);
             await getAttacher().detach(state.attachment);
             state = undefined;
@@ -160,7 +164,13 @@ export function nodeService(options: NodeOptions): NodeService {
           options.log.info('volume attached', { volume: volumeId, export: exportName, device: attachment.device, attacher: attachment.kind });
         }
         if (capability.access === 'mount') {
-          const fsType = await mountStaged(state, capability.fsType ?? (request.volume_context.fsType as 'ext4' | 'xfs' | undefined), request.volume_context.mkfsOptions, capability.mountFlags, options.log);
+          const fsType = await mountStaged(
+            state,
+            capability.fsType ?? (request.volume_context.fsType as 'ext4' | 'xfs' | undefined),
+            request.volume_context.mkfsOptions,
+            capability.mountFlags,
+            options.log,
+          );
           if (state.fsType !== fsType) staged.save({ ...state, fsType });
         } else {
           fs.mkdirSync(stagingPath, { recursive: true });
@@ -203,7 +213,8 @@ export function nodeService(options: NodeOptions): NodeService {
         }
         const published = state.targets[targetPath];
         if (published && (await host.isMounted(targetPath))) {
-          if (published.readOnly !== readOnly) throw alreadyExists(`volume ${volumeId} is already published at ${targetPath} ${published.readOnly ? 'read-only' : 'read-write'}`);
+          if (published.readOnly !== readOnly)
+            throw alreadyExists(`volume ${volumeId} is already published at ${targetPath} ${published.readOnly ? 'read-only' : 'read-write'}`);
           return {};
         }
         if (capability.access === 'mount') {
@@ -278,7 +289,10 @@ export function nodeService(options: NodeOptions): NodeService {
           }
           const volume = await options.store.findVolume({ id: volumeId });
           if (!volume) throw notFound(`volume ${volumeId} does not exist`);
-          if (volume.sizeBytes < wanted) throw failedPrecondition(`volume ${volumeId} is ${volume.sizeBytes} bytes, less than the ${wanted} asked for: expand it through the controller first`);
+          if (volume.sizeBytes < wanted)
+            throw failedPrecondition(
+              `volume ${volumeId} is ${volume.sizeBytes} bytes, less than the ${wanted} asked for: expand it through the controller first`,
+            );
           const resized = await resize.call(getAttacher(), state.attachment, volume.sizeBytes);
           staged.save({ ...state, attachment: resized });
           options.log.info('volume device grown in place', { volume: volumeId, device: resized.device, sizeBytes: volume.sizeBytes });
@@ -307,10 +321,17 @@ export function nodeService(options: NodeOptions): NodeService {
             const revived = await revive(state);
             if (revived) {
               counts.reattached++;
-              options.log.info('volume re-attached: its device has new connections', { volume: state.volumeId, device: revived.attachment.device, waitedMs: Date.now() - lostSince });
+              options.log.info('volume re-attached: its device has new connections', {
+                volume: state.volumeId,
+                device: revived.attachment.device,
+                waitedMs: Date.now() - lostSince,
+              });
             } else {
               counts.gone++;
-              options.log.warn('the device of a staged volume is gone (the host restarted?); staging it again attaches it afresh', { volume: state.volumeId, device: state.attachment.device });
+              options.log.warn('the device of a staged volume is gone (the host restarted?); staging it again attaches it afresh', {
+                volume: state.volumeId,
+                device: state.attachment.device,
+              });
             }
           });
           return true;
@@ -319,7 +340,11 @@ export function nodeService(options: NodeOptions): NodeService {
           const transient = isArborError(err) && ['unavailable', 'busy', 'aborted'].includes(err.code);
           if (transient && !lastTry) return false;
           counts.failed++;
-          options.log.error('could not re-attach a staged volume; its I/O waits until it is staged again, up to the dead-connection timeout', { volume: state.volumeId, device: state.attachment.device, error: (err as Error).message });
+          options.log.error('could not re-attach a staged volume; its I/O waits until it is staged again, up to the dead-connection timeout', {
+            volume: state.volumeId,
+            device: state.attachment.device,
+            error: (err as Error).message,
+          });
           return true;
         }
       };
@@ -337,7 +362,7 @@ export function nodeService(options: NodeOptions): NodeService {
       if (pending.length > 0) {
         void (async () => {
           const deadline = Date.now() + reattachRetryMs;
-          for (let round = pending; round.length > 0; ) {
+          for (let round = pending; round.length > 0;) {
             await new Promise((resolve) => setTimeout(resolve, reattachRetryIntervalMs));
             const next: StagedVolume[] = [];
             for (const state of round) if (!(await reattach(state, Date.now() > deadline))) next.push(state);
@@ -371,7 +396,13 @@ function deadConnectionMessage(attachment: Attachment): string {
  * (never when it holds anything), checks it, mounts it, and grows it to the device
  * when the volume was expanded while detached. Returns the filesystem type.
  */
-async function mountStaged(state: StagedVolume, requested: 'ext4' | 'xfs' | undefined, mkfsOptions: string | undefined, flags: string[], log: Log): Promise<string> {
+async function mountStaged(
+  state: StagedVolume,
+  requested: 'ext4' | 'xfs' | undefined,
+  mkfsOptions: string | undefined,
+  flags: string[],
+  log: Log,
+): Promise<string> {
   const { device } = state.attachment;
   fs.mkdirSync(state.stagingPath, { recursive: true });
   if (await host.isMounted(state.stagingPath)) {

@@ -100,6 +100,7 @@ export class StagedVolumes {
 
 /** Volume ids come from the CO: keep them from naming anything outside our directory. */
 function safe(volumeId: string): string {
-  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(volumeId)) throw new ArborError('not-found', `volume ${JSON.stringify(volumeId)} does not exist: it is not an Arbor volume id`);
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/.test(volumeId))
+    throw new ArborError('not-found', `volume ${JSON.stringify(volumeId)} does not exist: it is not an Arbor volume id`);
   return volumeId;
 }

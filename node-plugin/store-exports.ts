@@ -29,7 +29,10 @@ export class StoreExports implements ExportProvider {
 
   async list(): Promise<ExportSummary[]> {
     const volumes = (await this.store.listVolumes()).map((v) => ({ name: v.name, description: `volume, ${formatSize(v.sizeBytes)}` }));
-    const snapshots = (await this.store.listSnapshots()).map((s) => ({ name: `${s.volumeName}@${s.name}`, description: `snapshot, ${formatSize(s.sizeBytes)}, read-only` }));
+    const snapshots = (await this.store.listSnapshots()).map((s) => ({
+      name: `${s.volumeName}@${s.name}`,
+      description: `snapshot, ${formatSize(s.sizeBytes)}, read-only`,
+    }));
     return [...volumes, ...snapshots];
   }
 }

@@ -42,10 +42,7 @@ export function isPowerOfTwo(n: number): boolean {
 
 export function validateExtentSize(extentSizeBytes: number, what: string): void {
   if (!isPowerOfTwo(extentSizeBytes) || extentSizeBytes < minExtentSizeBytes || extentSizeBytes > maxExtentSizeBytes) {
-    throw new ArborError(
-      'invalid-argument',
-      `${what}: extent size ${extentSizeBytes} is not a power of two from 4 KiB to 4 MiB; pick e.g. 64KiB`,
-    );
+    throw new ArborError('invalid-argument', `${what}: extent size ${extentSizeBytes} is not a power of two from 4 KiB to 4 MiB; pick e.g. 64KiB`);
   }
 }
 

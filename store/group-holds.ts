@@ -86,7 +86,14 @@ export function awaitOutcome(catalog: Catalog, token: string, member: GroupMembe
     if (event) settle({ key, value: event.value!, modRevision: event.modRevision });
   });
   // Watches can miss an event across a reconnection: look now and then too.
-  const poll = setInterval(() => void catalog.get(key).then((entry) => entry && settle(entry), () => {}), 500);
+  const poll = setInterval(
+    () =>
+      void catalog.get(key).then(
+        (entry) => entry && settle(entry),
+        () => {},
+      ),
+    500,
+  );
   const decide = () => {
     void abortUnlessDecided(catalog, token).then(settle, (err: Error) => {
       // Without the catalog the outcome cannot be known: keep holding, and try again.

@@ -42,7 +42,9 @@ export async function openStore(location: StoreLocation, options: { log?: Log; n
   const { EtcdCatalog, parseStoreUrl } = await import('./catalog/etcd');
   const { S3BlobStore } = await import('./blobs/s3');
   const etcd = parseStoreUrl(location.storeUrl);
-  const cacheDir = options.ephemeralCache ? fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-cache-')) : (location.cacheDir ?? path.join(location.dataDir, 'blob-cache'));
+  const cacheDir = options.ephemeralCache
+    ? fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-cache-'))
+    : (location.cacheDir ?? path.join(location.dataDir, 'blob-cache'));
   fs.mkdirSync(cacheDir, { recursive: true, mode: 0o700 });
   const catalog = await EtcdCatalog.open(etcd, { tls: location.etcdTls, log });
   let blobs: S3BlobStore | undefined;

@@ -66,7 +66,15 @@ export class OwnerRequests {
         stopWatch();
         clearInterval(check);
         clearTimeout(timer);
-        void this.catalog.txn([], [{ type: 'delete', key: replyKey(id) }, { type: 'delete', key: `${requestsOf(owner.nodeId)}${id}` }]).catch(() => {});
+        void this.catalog
+          .txn(
+            [],
+            [
+              { type: 'delete', key: replyKey(id) },
+              { type: 'delete', key: `${requestsOf(owner.nodeId)}${id}` },
+            ],
+          )
+          .catch(() => {});
         fn();
       };
       const onReply = (value: string) => {
@@ -89,7 +97,15 @@ export class OwnerRequests {
         })();
       }, ownerCheckIntervalMs);
       const timer = setTimeout(
-        () => finish(() => reject(new ArborError('unavailable', `volume ${op.volumeId}: its owner, node ${owner.nodeId}, did not answer ${op.op} within ${ownerRequestTimeoutMs / 1000} s`))),
+        () =>
+          finish(() =>
+            reject(
+              new ArborError(
+                'unavailable',
+                `volume ${op.volumeId}: its owner, node ${owner.nodeId}, did not answer ${op.op} within ${ownerRequestTimeoutMs / 1000} s`,
+              ),
+            ),
+          ),
         ownerRequestTimeoutMs,
       );
       this.catalog.txn([], [put(`${requestsOf(owner.nodeId)}${id}`, { ...op, from: this.ownership.nodeId }, lease)]).catch((err) => finish(() => reject(err)));

@@ -114,7 +114,9 @@ export class Store {
     } else if (JSON.parse(format.value) !== formatVersion) {
       throw new ArborError('failed-precondition', `the store has format ${format.value}; this arbor reads format ${formatVersion}`);
     }
-    const ownership = catalog.exclusive ? undefined : await Ownership.start(catalog, options.nodeId ?? os.hostname(), options.leaseTtlMs ?? defaultOwnerLeaseTtlMs, log);
+    const ownership = catalog.exclusive
+      ? undefined
+      : await Ownership.start(catalog, options.nodeId ?? os.hostname(), options.leaseTtlMs ?? defaultOwnerLeaseTtlMs, log);
     const store = new Store(catalog, blobs, log, ownership);
     await store.requests?.serve((op) => store.runForAsker(op));
     return store;
@@ -223,7 +225,10 @@ export class Store {
           `volume ${name} already exists${step ? ` as a clone of ${describeStep(step)}` : ''}; it is not a clone of ${describeStep(sourceDescription)}`,
         );
       }
-      const created = 'snapshot' in source ? await this.cloneSnapshot(name, source.snapshot, options.labels) : await this.cloneLiveVolume(name, source.volume, options.labels);
+      const created =
+        'snapshot' in source
+          ? await this.cloneSnapshot(name, source.snapshot, options.labels)
+          : await this.cloneLiveVolume(name, source.volume, options.labels);
       if (created) {
         this.log.info('volume cloned', { volume: name, id: created.id, from: describeStep(created.lineage[0]) });
         return created;
@@ -258,7 +263,11 @@ export class Store {
       const record = cloneRecordOf(JSON.parse(entry.value) as VolumeRecord, name, labels);
       if (await this.shareDetached(entry, [keys.volumeName(name)], [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)])) return record;
     }
-    return this.onOwner(ref, (volume) => this.cloneOpenVolume(volume, name, labels), (volumeId) => ({ op: 'cloneVolume', volumeId, name, labels }));
+    return this.onOwner(
+      ref,
+      (volume) => this.cloneOpenVolume(volume, name, labels),
+      (volumeId) => ({ op: 'cloneVolume', volumeId, name, labels }),
+    );
   }
 
   /**
@@ -418,7 +427,10 @@ export class Store {
         if (volume.isOpen) await volume.close();
       } finally {
         this.open.delete(id);
-        if (volume.guard) await this.ownership!.release(volume.guard).catch((err) => this.log.warn('letting go of a volume failed; retrying in the background', { volume: volume.name, error: (err as Error).message }));
+        if (volume.guard)
+          await this.ownership!.release(volume.guard).catch((err) =>
+            this.log.warn('letting go of a volume failed; retrying in the background', { volume: volume.name, error: (err as Error).message }),
+          );
       }
     })().finally(() => this.closing.delete(id));
     this.closing.set(id, letGo);
@@ -441,7 +453,8 @@ export class Store {
     else if (this.ownership) {
       // Another process may hold writes of it that are not committed yet: ask it to commit.
       const owner = await this.ownership.ownerOf(record.id);
-      if (owner && owner.lease !== (await this.ownership.currentLease()).id) return (await this.requests!.ask(owner, { op: 'volumeUsage', volumeId: record.id })) as VolumeUsage;
+      if (owner && owner.lease !== (await this.ownership.currentLease()).id)
+        return (await this.requests!.ask(owner, { op: 'volumeUsage', volumeId: record.id })) as VolumeUsage;
     }
     const current = await this.getVolume({ id: record.id });
     const counts = await countExtents(this.nodeSource(), current.root, current.depth);
@@ -468,7 +481,11 @@ export class Store {
         return record;
       }
     }
-    return this.onOwner(volumeRef, (volume) => this.snapshotOpenVolume(volume, name), (volumeId) => ({ op: 'createSnapshot', volumeId, name }));
+    return this.onOwner(
+      volumeRef,
+      (volume) => this.snapshotOpenVolume(volume, name),
+      (volumeId) => ({ op: 'createSnapshot', volumeId, name }),
+    );
   }
 
   private async snapshotOpenVolume(volume: Volume, name: string): Promise<SnapshotRecord> {
@@ -476,7 +493,10 @@ export class Store {
       const existing = await this.findSnapshot({ name });
       if (existing) {
         if (existing.volumeId === volume.id) return existing;
-        throw new ArborError('already-exists', `snapshot name ${name} is already used by volume ${existing.volumeName}; snapshot names are unique in the store`);
+        throw new ArborError(
+          'already-exists',
+          `snapshot name ${name} is already used by volume ${existing.volumeName}; snapshot names are unique in the store`,
+        );
       }
       const created = await volume.withCommitted(async (_committed, source) => {
         const record = snapshotRecordOf(source, name);
@@ -583,7 +603,10 @@ export class Store {
       return await this.snapshotTogether(name, members, remote ? token : undefined);
     } finally {
       // Owners still holding learn the outcome: committed, or aborted now.
-      if (remote) await abortUnlessDecided(this.ctx.catalog, token).catch((err) => this.log.warn('could not decide a group snapshot outcome; owners decide it after their timeout', { error: (err as Error).message }));
+      if (remote)
+        await abortUnlessDecided(this.ctx.catalog, token).catch((err) =>
+          this.log.warn('could not decide a group snapshot outcome; owners decide it after their timeout', { error: (err as Error).message }),
+        );
       for (const member of members) member.release();
     }
   }
@@ -627,7 +650,13 @@ export class Store {
   }
 
   private async snapshotTogether(name: string, members: GroupMember[], token?: string): Promise<GroupSnapshotRecord | undefined> {
-    const group: GroupSnapshotRecord = { id: newGroupId(), name, volumeIds: members.map((m) => m.volumeId), snapshotIds: [], createdAt: new Date().toISOString() };
+    const group: GroupSnapshotRecord = {
+      id: newGroupId(),
+      name,
+      volumeIds: members.map((m) => m.volumeId),
+      snapshotIds: [],
+      createdAt: new Date().toISOString(),
+    };
     const compares: Compare[] = [absent(keys.groupName(name))];
     const ops: Op[] = [];
     members.forEach((member, i) => {
@@ -733,7 +762,10 @@ export class Store {
       const mine = current.nodes[nodeId];
       if (mine) {
         if (mine.readOnly === options.readOnly && mine.multiNode === options.multiNode) return;
-        throw new ArborError('already-exists', `volume ${volume.name} is already published to node ${nodeId} ${mine.readOnly ? 'read-only' : 'read-write'}; unpublish it to change that`);
+        throw new ArborError(
+          'already-exists',
+          `volume ${volume.name} is already published to node ${nodeId} ${mine.readOnly ? 'read-only' : 'read-write'}; unpublish it to change that`,
+        );
       }
       const others = Object.entries(current.nodes);
       const exclusive = others.find(([, p]) => !p.multiNode) ?? (options.multiNode ? undefined : others[0]);
@@ -741,7 +773,13 @@ export class Store {
         throw new ArborError('failed-precondition', `volume ${volume.name} is published to node ${exclusive[0]} for one node only; unpublish it there first`);
       }
       current.nodes[nodeId] = { readOnly: options.readOnly, multiNode: options.multiNode, publishedAt: new Date().toISOString() };
-      const result = await this.ctx.catalog.txn([entry ? unchanged(entry) : absent(keys.publications(volumeId)), { key: keys.volume(volumeId), modRevision: (await this.ctx.catalog.get(keys.volume(volumeId)))?.modRevision ?? 0 }], [put(keys.publications(volumeId), current)]);
+      const result = await this.ctx.catalog.txn(
+        [
+          entry ? unchanged(entry) : absent(keys.publications(volumeId)),
+          { key: keys.volume(volumeId), modRevision: (await this.ctx.catalog.get(keys.volume(volumeId)))?.modRevision ?? 0 },
+        ],
+        [put(keys.publications(volumeId), current)],
+      );
       if (result.succeeded) return;
     }
   }
@@ -791,10 +829,16 @@ export class Store {
     // Where processes share the catalog: one collector at a time, announced by a key
     // that lives with this process's lease; while it is there, every process holds its frees.
     const lease = this.ownership ? await this.ownership.currentLease() : undefined;
-    if (lease && !(await this.ctx.catalog.txn([absent(gcPassKey)], [put(gcPassKey, { nodeId: this.nodeId, startedAt: new Date().toISOString() }, lease)])).succeeded) {
+    if (
+      lease &&
+      !(await this.ctx.catalog.txn([absent(gcPassKey)], [put(gcPassKey, { nodeId: this.nodeId, startedAt: new Date().toISOString() }, lease)])).succeeded
+    ) {
       const running = await this.ctx.catalog.get(gcPassKey);
       this.heldFrees = undefined;
-      throw new ArborError('busy', `node ${running ? (JSON.parse(running.value) as { nodeId: string }).nodeId : 'another node'} is collecting garbage now; try again when it is done`);
+      throw new ArborError(
+        'busy',
+        `node ${running ? (JSON.parse(running.value) as { nodeId: string }).nodeId : 'another node'} is collecting garbage now; try again when it is done`,
+      );
     }
     try {
       const { roots, allocatedAfter } = await this.takeCut();

@@ -137,7 +137,7 @@ export class Volume {
       this.checkRange(offset, data.length, 'write');
       const touched: number[] = [];
       const extentSize = this.extentSizeBytes;
-      for (let done = 0; done < data.length; ) {
+      for (let done = 0; done < data.length;) {
         const at = offset + done;
         const extent = Math.floor(at / extentSize);
         const inExtent = at - extent * extentSize;
@@ -383,7 +383,7 @@ export class Volume {
   /** Zeroes bytes extent by extent; nothing to do where an extent already reads as zeros. */
   private async zeroBytes(offset: number, length: number, touched: number[]): Promise<void> {
     const extentSize = this.extentSizeBytes;
-    for (let done = 0; done < length; ) {
+    for (let done = 0; done < length;) {
       const at = offset + done;
       const extent = Math.floor(at / extentSize);
       const n = Math.min(extentSize - (at - extent * extentSize), length - done);
@@ -552,7 +552,10 @@ export class Volume {
   }
 
   private lostError(): ArborError {
-    return new ArborError('unavailable', `volume ${this.name}: this node lost its ownership (${this.lostReason ?? 'unknown'}); writes since the last flush were not made durable`);
+    return new ArborError(
+      'unavailable',
+      `volume ${this.name}: this node lost its ownership (${this.lostReason ?? 'unknown'}); writes since the last flush were not made durable`,
+    );
   }
 
   private checkOpen(): void {

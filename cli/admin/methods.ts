@@ -13,12 +13,19 @@ type Check = (value: unknown) => boolean;
 const str: Check = (v) => typeof v === 'string';
 const num: Check = (v) => typeof v === 'number' && Number.isFinite(v);
 const ref: Check = (v) => isObject(v) && Object.keys(v).length === 1 && (str((v as Record<string, unknown>).name) || str((v as Record<string, unknown>).id));
-const optional = (check: Check): Check => (v) => v === undefined || v === null || check(v);
+const optional =
+  (check: Check): Check =>
+  (v) =>
+    v === undefined || v === null || check(v);
 const bool: Check = (v) => typeof v === 'boolean';
 const stringMap: Check = (v) => isObject(v) && Object.values(v).every(str);
 const sizeOptions: Check = (v) =>
-  isObject(v) && num((v as Record<string, unknown>).sizeBytes) && optional(num)((v as Record<string, unknown>).extentSizeBytes) && optional(stringMap)((v as Record<string, unknown>).labels);
-const cloneSource: Check = (v) => isObject(v) && Object.keys(v).length === 1 && (ref((v as Record<string, unknown>).volume) || ref((v as Record<string, unknown>).snapshot));
+  isObject(v) &&
+  num((v as Record<string, unknown>).sizeBytes) &&
+  optional(num)((v as Record<string, unknown>).extentSizeBytes) &&
+  optional(stringMap)((v as Record<string, unknown>).labels);
+const cloneSource: Check = (v) =>
+  isObject(v) && Object.keys(v).length === 1 && (ref((v as Record<string, unknown>).volume) || ref((v as Record<string, unknown>).snapshot));
 const cloneOptions: Check = (v) => isObject(v) && optional(stringMap)((v as Record<string, unknown>).labels);
 const publishOptions: Check = (v) => isObject(v) && bool((v as Record<string, unknown>).readOnly) && bool((v as Record<string, unknown>).multiNode);
 const refs: Check = (v) => Array.isArray(v) && v.every(ref);
@@ -67,5 +74,8 @@ export async function dispatch(store: Store, method: unknown, args: unknown): Pr
     throw new ArborError('invalid-argument', `malformed arguments for ${method}`);
   }
   const call = store[method as AdminMethod] as (...a: unknown[]) => Promise<unknown>;
-  return call.apply(store, args.map((a) => (a === null ? undefined : a)));
+  return call.apply(
+    store,
+    args.map((a) => (a === null ? undefined : a)),
+  );
 }

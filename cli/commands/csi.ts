@@ -13,11 +13,12 @@ export const csiCommands: CommandSpec<CliContext>[] = [
   {
     path: ['csi', 'call'],
     positionals: ['SERVICE.METHOD', 'REQUEST?'],
-    options: { 'csi-endpoint': { type: 'string', value: 'unix:///PATH', required: true, description: 'the plugin\'s CSI socket' } },
-    summary: "Call a CSI RPC by hand and print the response as JSON, e.g. arbor csi call Controller.CreateVolume '{\"name\":\"pvc-1\", ...}'.",
+    options: { 'csi-endpoint': { type: 'string', value: 'unix:///PATH', required: true, description: "the plugin's CSI socket" } },
+    summary: 'Call a CSI RPC by hand and print the response as JSON, e.g. arbor csi call Controller.CreateVolume \'{"name":"pvc-1", ...}\'.',
     async run(ctx, { positionals: [target, body], values }) {
       const match = /^(Identity|Controller|GroupController|Node)\.([A-Za-z]+)$/.exec(target);
-      if (!match) throw new UsageError(`${JSON.stringify(target)} is not SERVICE.METHOD (Identity, Controller, GroupController or Node; e.g. Identity.GetPluginInfo)`);
+      if (!match)
+        throw new UsageError(`${JSON.stringify(target)} is not SERVICE.METHOD (Identity, Controller, GroupController or Node; e.g. Identity.GetPluginInfo)`);
       const definition = csiProto().csi.v1[match[1] as keyof typeof services].service;
       if (!(match[2] in definition)) throw new UsageError(`${match[1]} has no method ${match[2]}; it has ${Object.keys(definition).join(', ')}`);
       let request: object;

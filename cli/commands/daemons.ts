@@ -100,7 +100,9 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   if (endpoint && roles.node && !nbdSocket) throw new UsageError('the CSI node service attaches volumes over NBD: give --nbd-socket too');
   let deadConnectionTimeoutSeconds: number;
   try {
-    deadConnectionTimeoutSeconds = Math.ceil(parseDuration(String(values['dead-connection-timeout'] ?? defaultDeadConnectionTimeout), '--dead-connection-timeout') / 1000);
+    deadConnectionTimeoutSeconds = Math.ceil(
+      parseDuration(String(values['dead-connection-timeout'] ?? defaultDeadConnectionTimeout), '--dead-connection-timeout') / 1000,
+    );
   } catch (err) {
     if (err instanceof UnitError) throw new UsageError(err.message);
     throw err;
@@ -211,7 +213,12 @@ function remoteStore(dataDir: string): { store: StoreApi; disconnect(): void } {
     }
   };
   return {
-    store: new Proxy({} as StoreApi, { get: (_target, method: string) => (...args: unknown[]) => call(method, args) }),
+    store: new Proxy({} as StoreApi, {
+      get:
+        (_target, method: string) =>
+        (...args: unknown[]) =>
+          call(method, args),
+    }),
     // The admin connection would keep the process alive after the CSI server stopped.
     disconnect: () => client?.close(),
   };
@@ -225,10 +232,11 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       ...storeOwnerOptions,
       ...metricsOption,
       'csi-endpoint': csiEndpoint(false),
-      'node-id': { type: 'string', value: 'ID', description: 'this node\'s id for CSI (default: the host name)' },
+      'node-id': { type: 'string', value: 'ID', description: "this node's id for CSI (default: the host name)" },
       ...nodeOptions,
     },
-    summary: 'Run Arbor on the embedded store (NBD, admin socket, and with --csi-endpoint the CSI Identity, Controller and Node services) until SIGTERM or SIGINT.',
+    summary:
+      'Run Arbor on the embedded store (NBD, admin socket, and with --csi-endpoint the CSI Identity, Controller and Node services) until SIGTERM or SIGINT.',
     async run(ctx, { values }) {
       await runStoreOwner(ctx, values, { controller: true, node: true }, String(values['node-id'] ?? os.hostname()));
     },
@@ -239,7 +247,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
     options: {
       ...storeOwnerOptions,
       ...metricsOption,
-      'node-id': { type: 'string', value: 'ID', required: true, description: 'this node\'s id for CSI' },
+      'node-id': { type: 'string', value: 'ID', required: true, description: "this node's id for CSI" },
       'csi-endpoint': csiEndpoint(true),
       ...nodeOptions,
     },
@@ -256,16 +264,23 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       'node-id': { type: 'string', value: 'ID', description: 'the node that holds the embedded data directory (volumes are reachable there only)' },
       ...metricsOption,
     },
-    summary: 'Run the CSI Identity, Controller and GroupController services: on the store held by `arbor node` on the same data directory, or with --store and --blobs on etcd and S3.',
+    summary:
+      'Run the CSI Identity, Controller and GroupController services: on the store held by `arbor node` on the same data directory, or with --store and --blobs on etcd and S3.',
     async run(ctx, { values }) {
       const stopMetrics = await startMetrics(ctx, values['metrics-listen']);
       // Embedded: the store is held by `arbor node`; distributed: this process joins it.
-      const joined = isDistributed(ctx.location) ? await openStore(ctx.location, { log: ctx.log, nodeId: `${os.hostname()}-controller-${process.pid}`, ephemeralCache: true }) : undefined;
+      const joined = isDistributed(ctx.location)
+        ? await openStore(ctx.location, { log: ctx.log, nodeId: `${os.hostname()}-controller-${process.pid}`, ephemeralCache: true })
+        : undefined;
       const { store, disconnect } = joined ? { store: joined as StoreApi, disconnect: () => {} } : remoteStore(ctx.dataDir);
       const topology = values['node-id'] ? { [nodeTopologyKey]: String(values['node-id']) } : undefined;
       const csi = await startCsiServer(
         String(values['csi-endpoint']),
-        { Identity: identityService({ controller: true, ready: () => store.healthy() }), Controller: controllerService({ store, topology }), GroupController: groupControllerService(store) },
+        {
+          Identity: identityService({ controller: true, ready: () => store.healthy() }),
+          Controller: controllerService({ store, topology }),
+          GroupController: groupControllerService(store),
+        },
         ctx.log,
       );
       ctx.log.info('arbor controller serving', { dataDir: ctx.dataDir, pid: process.pid, csiEndpoint: values['csi-endpoint'] });
@@ -296,4 +311,3 @@ function tlsOptions(cert: string | boolean | undefined, key: string | boolean | 
 function isLoopback(host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\./.test(host);
 }
-

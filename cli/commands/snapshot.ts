@@ -7,7 +7,15 @@ import { parseSnapshotRef, snapshotOf } from '../refs';
 
 /** The stable JSON form of a snapshot (documented in the README). */
 export function snapshotJson(s: SnapshotRecord): Record<string, unknown> {
-  return { id: s.id, name: s.name, volumeId: s.volumeId, volume: s.volumeName, sizeBytes: s.sizeBytes, extentSizeBytes: s.extentSizeBytes, createdAt: s.createdAt };
+  return {
+    id: s.id,
+    name: s.name,
+    volumeId: s.volumeId,
+    volume: s.volumeName,
+    sizeBytes: s.sizeBytes,
+    extentSizeBytes: s.extentSizeBytes,
+    createdAt: s.createdAt,
+  };
 }
 
 export const snapshotCommands: CommandSpec<CliContext>[] = [
@@ -37,7 +45,12 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
         ctx.stdout.write(json(snapshots.map(snapshotJson)));
         return;
       }
-      ctx.stdout.write(table(['SNAPSHOT', 'SIZE', 'CREATED'], snapshots.map((s) => [`${s.volumeName}@${s.name}`, formatSize(s.sizeBytes), s.createdAt])));
+      ctx.stdout.write(
+        table(
+          ['SNAPSHOT', 'SIZE', 'CREATED'],
+          snapshots.map((s) => [`${s.volumeName}@${s.name}`, formatSize(s.sizeBytes), s.createdAt]),
+        ),
+      );
     },
   },
   {

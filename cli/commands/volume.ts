@@ -67,7 +67,12 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
         ctx.stdout.write(json(volumes.map(volumeJson)));
         return;
       }
-      ctx.stdout.write(table(['NAME', 'SIZE', 'EXTENT', 'PARENT', 'CREATED'], volumes.map((v) => [v.name, formatSize(v.sizeBytes), formatSize(v.extentSizeBytes), describeParent(v.lineage[0]), v.createdAt])));
+      ctx.stdout.write(
+        table(
+          ['NAME', 'SIZE', 'EXTENT', 'PARENT', 'CREATED'],
+          volumes.map((v) => [v.name, formatSize(v.sizeBytes), formatSize(v.extentSizeBytes), describeParent(v.lineage[0]), v.createdAt]),
+        ),
+      );
     },
   },
   {

@@ -66,15 +66,24 @@ const volumeIdPattern = new RegExp(`^[\\x21-\\x7e]{1,${maxVolumeIdBytes}}$`);
  */
 export function validateAttachRequest(request: AttachRequest): void {
   if (!exportNamePattern.test(request.exportName)) {
-    throw new ArborError('invalid-argument', `export name '${request.exportName}' is not a volume name or NAME@SNAP (letters, digits, '.', '_' and '-', starting with a letter or digit)`);
+    throw new ArborError(
+      'invalid-argument',
+      `export name '${request.exportName}' is not a volume name or NAME@SNAP (letters, digits, '.', '_' and '-', starting with a letter or digit)`,
+    );
   }
   if (request.exportName.includes('@') && !request.readOnly) {
     throw new ArborError('invalid-argument', `snapshot ${request.exportName} can only be attached read-only`);
   }
   if (!volumeIdPattern.test(request.volumeId)) {
-    throw new ArborError('invalid-argument', `export ${request.exportName}: volume id '${request.volumeId}' must be 1 to ${maxVolumeIdBytes} printable characters without spaces`);
+    throw new ArborError(
+      'invalid-argument',
+      `export ${request.exportName}: volume id '${request.volumeId}' must be 1 to ${maxVolumeIdBytes} printable characters without spaces`,
+    );
   }
-  for (const [what, value] of [['socket path', request.socketPath], ['work directory', request.workDir]] as const) {
+  for (const [what, value] of [
+    ['socket path', request.socketPath],
+    ['work directory', request.workDir],
+  ] as const) {
     if (!path.isAbsolute(value) || path.resolve(value) !== value || /[\0\n]/.test(value)) {
       throw new ArborError('invalid-argument', `export ${request.exportName}: the ${what} '${value}' must be an absolute, normalized path`);
     }
@@ -83,7 +92,10 @@ export function validateAttachRequest(request: AttachRequest): void {
   try {
     stat = fs.statSync(request.workDir);
   } catch {
-    throw new ArborError('failed-precondition', `export ${request.exportName}: work directory ${request.workDir} does not exist; the node service creates it (mode 0700) before attaching`);
+    throw new ArborError(
+      'failed-precondition',
+      `export ${request.exportName}: work directory ${request.workDir} does not exist; the node service creates it (mode 0700) before attaching`,
+    );
   }
   if (!stat.isDirectory()) throw new ArborError('failed-precondition', `export ${request.exportName}: work directory ${request.workDir} is not a directory`);
 }
@@ -95,13 +107,21 @@ export function accessOf(readOnly: boolean): 'read-only' | 'read-write' {
 /** Reads a string that an attacher stored in `details`; a missing or mistyped one means the record is not ours. */
 export function detailString(attachment: Attachment, key: string): string {
   const value = attachment.details[key];
-  if (typeof value !== 'string') throw new ArborError('invalid-argument', `attachment of ${attachment.device} has no '${key}' in its details; it was not made by the ${attachment.kind} attacher`);
+  if (typeof value !== 'string')
+    throw new ArborError(
+      'invalid-argument',
+      `attachment of ${attachment.device} has no '${key}' in its details; it was not made by the ${attachment.kind} attacher`,
+    );
   return value;
 }
 
 export function detailNumber(attachment: Attachment, key: string): number {
   const value = attachment.details[key];
-  if (typeof value !== 'number') throw new ArborError('invalid-argument', `attachment of ${attachment.device} has no '${key}' in its details; it was not made by the ${attachment.kind} attacher`);
+  if (typeof value !== 'number')
+    throw new ArborError(
+      'invalid-argument',
+      `attachment of ${attachment.device} has no '${key}' in its details; it was not made by the ${attachment.kind} attacher`,
+    );
   return value;
 }
 

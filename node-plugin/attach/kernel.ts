@@ -145,7 +145,11 @@ export class KernelAttacher implements Attacher {
       const volumeId = detailString(attachment, 'volumeId');
       const devices = devicesWithIdentifier(volumeId);
       if (devices.length === 0) return undefined;
-      if (devices.length > 1) throw new ArborError('internal', `devices ${devices.join(', ')} all carry volume ${volumeId}; detach all but one by hand (arbor-nbd-netlink disconnect --index N)`);
+      if (devices.length > 1)
+        throw new ArborError(
+          'internal',
+          `devices ${devices.join(', ')} all carry volume ${volumeId}; detach all but one by hand (arbor-nbd-netlink disconnect --index N)`,
+        );
       const reattached = await this.reconnectRecorded(onDevice(attachment, devices[0]), lostSince);
       nbdDevicesReattached.inc();
       return reattached;
@@ -170,11 +174,15 @@ export class KernelAttacher implements Attacher {
   resize(attachment: Attachment, sizeBytes: number): Promise<Attachment> {
     return this.serial.run(detailString(attachment, 'workDir'), async () => {
       const volumeId = detailString(attachment, 'volumeId');
-      if (!configuredFor(attachment.device, volumeId)) throw new ArborError('failed-precondition', `${attachment.device} no longer carries volume ${volumeId}; stage the volume again`);
+      if (!configuredFor(attachment.device, volumeId))
+        throw new ArborError('failed-precondition', `${attachment.device} no longer carries volume ${volumeId}; stage the volume again`);
       await reconfigureDevice({ index: detailNumber(attachment, 'index'), identifier: volumeId, sizeBytes });
       const name = nbdName(attachment.device);
       if (!(await waitUntil(() => sysfsSizeBytes(name) === sizeBytes, nbdReleaseTimeoutMs))) {
-        throw new ArborError('internal', `${attachment.device} shows ${sysfsSizeBytes(name)} bytes after a RECONFIGURE to ${sizeBytes}; see the kernel log (dmesg)`);
+        throw new ArborError(
+          'internal',
+          `${attachment.device} shows ${sysfsSizeBytes(name)} bytes after a RECONFIGURE to ${sizeBytes}; see the kernel log (dmesg)`,
+        );
       }
       const resized = { ...attachment, sizeBytes };
       writeRecord(detailString(attachment, 'workDir'), resized);
@@ -195,8 +203,15 @@ export class KernelAttacher implements Attacher {
     for (const link of links) link.state = 'stopping';
     await Promise.all(
       links.map((link) =>
-        reconfigureDevice({ index: detailNumber(link.attachment, 'index'), identifier: detailString(link.attachment, 'volumeId'), timeoutSeconds: handOverRequestTimeoutSeconds }).catch((err) =>
-          this.log.warn('could not shorten the request timeout of a device before stopping; its requests in flight wait for the kernel default (30 s) instead', { device: link.attachment.device, error: (err as Error).message }),
+        reconfigureDevice({
+          index: detailNumber(link.attachment, 'index'),
+          identifier: detailString(link.attachment, 'volumeId'),
+          timeoutSeconds: handOverRequestTimeoutSeconds,
+        }).catch((err) =>
+          this.log.warn(
+            'could not shorten the request timeout of a device before stopping; its requests in flight wait for the kernel default (30 s) instead',
+            { device: link.attachment.device, error: (err as Error).message },
+          ),
         ),
       ),
     );
@@ -212,7 +227,10 @@ export class KernelAttacher implements Attacher {
       while (negotiated.length < wanted) negotiated.push(await this.negotiate(request));
       const differing = negotiated.find((n) => n.sizeBytes !== sizeBytes || n.transmissionFlags !== transmissionFlags);
       if (differing) {
-        throw new ArborError('unavailable', `export ${request.exportName} changed while it was being attached (${sizeBytes} bytes, flags ${transmissionFlags}, then ${differing.sizeBytes} bytes, flags ${differing.transmissionFlags}); try again`);
+        throw new ArborError(
+          'unavailable',
+          `export ${request.exportName} changed while it was being attached (${sizeBytes} bytes, flags ${transmissionFlags}, then ${differing.sizeBytes} bytes, flags ${differing.transmissionFlags}); try again`,
+        );
       }
       const index = await connectDevice({
         sockets: negotiated.map((n) => n.socket),
@@ -245,7 +263,10 @@ export class KernelAttacher implements Attacher {
         const shown = `size ${attachment.sizeBytes}, backend '${readSysfs(`nbd${index}`, 'backend') ?? ''}'`;
         await this.disconnect(attachment);
         fs.rmSync(path.join(request.workDir, recordFileName), { force: true });
-        throw new ArborError('internal', `export ${request.exportName}: the kernel connected ${device} but shows ${shown}, not ${sizeBytes} bytes for ${request.volumeId}; see the kernel log (dmesg)`);
+        throw new ArborError(
+          'internal',
+          `export ${request.exportName}: the kernel connected ${device} but shows ${shown}, not ${sizeBytes} bytes for ${request.volumeId}; see the kernel log (dmesg)`,
+        );
       }
       return attachment;
     } finally {
@@ -262,7 +283,11 @@ export class KernelAttacher implements Attacher {
     link.state = 'serving';
     if (link.open === 0) link.noServerSince ??= lostSince;
     await this.reconnect(link, link.slots - link.open, { timeoutSeconds: 0, deadConnTimeoutSeconds: this.deadConnectionTimeoutSeconds });
-    if (link.open === 0) throw new ArborError('unavailable', `${current.device} (volume ${detailString(current, 'volumeId')}) took none of its new connections; see the kernel log (dmesg)`);
+    if (link.open === 0)
+      throw new ArborError(
+        'unavailable',
+        `${current.device} (volume ${detailString(current, 'volumeId')}) took none of its new connections; see the kernel log (dmesg)`,
+      );
     if (link.open < link.slots) this.heal(link);
     return current;
   }
@@ -279,7 +304,12 @@ export class KernelAttacher implements Attacher {
       for (let i = 0; i < count; i++) negotiated.push(await this.negotiate(request));
       const before = link.open;
       this.watch(link, negotiated);
-      await reconfigureDevice({ index: detailNumber(link.attachment, 'index'), identifier: request.volumeId, sockets: negotiated.map((n) => n.socket), ...settings });
+      await reconfigureDevice({
+        index: detailNumber(link.attachment, 'index'),
+        identifier: request.volumeId,
+        sockets: negotiated.map((n) => n.socket),
+        ...settings,
+      });
       for (const n of negotiated) n.socket.destroy();
       await sleep(reconnectSettleMs);
       if (link.open > before) nbdDeviceReconnects.inc(link.open - before);
@@ -348,7 +378,16 @@ export class KernelAttacher implements Attacher {
     };
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(() => reject(new ArborError('unavailable', `export ${request.exportName}: the NBD server at ${request.socketPath} did not finish the handshake within ${negotiateTimeoutMs} ms`)), negotiateTimeoutMs);
+      timer = setTimeout(
+        () =>
+          reject(
+            new ArborError(
+              'unavailable',
+              `export ${request.exportName}: the NBD server at ${request.socketPath} did not finish the handshake within ${negotiateTimeoutMs} ms`,
+            ),
+          ),
+        negotiateTimeoutMs,
+      );
     });
     try {
       const negotiated = await Promise.race([NbdClient.negotiateForKernel(open, request.exportName), timeout]);
@@ -380,7 +419,10 @@ export class KernelAttacher implements Attacher {
     const exportName = detailString(attachment, 'exportName');
     const mountedAt = mountPointsOfDevice(attachment.device);
     if (mountedAt.length > 0) {
-      throw new ArborError('failed-precondition', `export ${exportName}: ${attachment.device} is still mounted at ${mountedAt.join(', ')}; unmount it before detaching`);
+      throw new ArborError(
+        'failed-precondition',
+        `export ${exportName}: ${attachment.device} is still mounted at ${mountedAt.join(', ')}; unmount it before detaching`,
+      );
     }
     const link = this.links.get(attachment.device);
     if (link) link.state = 'detaching';
@@ -398,13 +440,19 @@ export class KernelAttacher implements Attacher {
 function negotiationError(request: AttachRequest, err: unknown): Error {
   if (err instanceof ArborError) return err;
   if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) {
-    return new ArborError('not-found', `export ${request.exportName}: the NBD server at ${request.socketPath} has no such export; see 'arbor volume list' and 'arbor snapshot list'`);
+    return new ArborError(
+      'not-found',
+      `export ${request.exportName}: the NBD server at ${request.socketPath} has no such export; see 'arbor volume list' and 'arbor snapshot list'`,
+    );
   }
   const code = (err as NodeJS.ErrnoException).code;
   if (code === 'ENOENT' || code === 'ECONNREFUSED') {
     return new ArborError('unavailable', `export ${request.exportName}: no NBD server listens on ${request.socketPath}: is arbor serve running on this node?`);
   }
-  return new ArborError('unavailable', `export ${request.exportName}: negotiating with the NBD server at ${request.socketPath} failed: ${(err as Error).message}`);
+  return new ArborError(
+    'unavailable',
+    `export ${request.exportName}: negotiating with the NBD server at ${request.socketPath} failed: ${(err as Error).message}`,
+  );
 }
 
 /** The request an attachment was made from. */
@@ -428,12 +476,24 @@ function orphanAttachment(device: string, request: AttachRequest): Attachment {
     kind: 'kernel',
     device,
     sizeBytes: sysfsSizeBytes(nbdName(device)),
-    details: { workDir: request.workDir, exportName: request.exportName, socketPath: request.socketPath, access: 'unknown', volumeId: request.volumeId, index: nbdIndex(device), connections: 0 },
+    details: {
+      workDir: request.workDir,
+      exportName: request.exportName,
+      socketPath: request.socketPath,
+      access: 'unknown',
+      volumeId: request.volumeId,
+      index: nbdIndex(device),
+      connections: 0,
+    },
   };
 }
 
 function sameRequest(attachment: Attachment, request: AttachRequest): boolean {
-  return attachment.details.exportName === request.exportName && attachment.details.socketPath === request.socketPath && attachment.details.access === accessOf(request.readOnly);
+  return (
+    attachment.details.exportName === request.exportName &&
+    attachment.details.socketPath === request.socketPath &&
+    attachment.details.access === accessOf(request.readOnly)
+  );
 }
 
 function readRecord(workDir: string): Attachment | undefined {
@@ -446,7 +506,13 @@ function readRecord(workDir: string): Attachment | undefined {
   const record = parsed as Partial<Attachment> | null;
   if (record?.kind !== 'kernel' || typeof record.device !== 'string' || typeof record.details !== 'object' || record.details === null) return undefined;
   const { details } = record;
-  if (typeof details.index !== 'number' || typeof details.volumeId !== 'string' || typeof details.exportName !== 'string' || typeof details.socketPath !== 'string') return undefined;
+  if (
+    typeof details.index !== 'number' ||
+    typeof details.volumeId !== 'string' ||
+    typeof details.exportName !== 'string' ||
+    typeof details.socketPath !== 'string'
+  )
+    return undefined;
   if (typeof details.connections !== 'number') return undefined;
   return { kind: 'kernel', device: record.device, sizeBytes: Number(record.sizeBytes), details };
 }

@@ -12,7 +12,8 @@ import { sysBlockDir } from '../host/mounts';
 /** nbdN of /dev/nbdN; anything else is not a device the kernel attacher made. */
 export function nbdName(device: string): string {
   const name = path.basename(device);
-  if (!/^nbd\d+$/.test(name) || device !== `/dev/${name}`) throw new ArborError('invalid-argument', `${device} is not an nbd device; this attachment was not made by the kernel attacher`);
+  if (!/^nbd\d+$/.test(name) || device !== `/dev/${name}`)
+    throw new ArborError('invalid-argument', `${device} is not an nbd device; this attachment was not made by the kernel attacher`);
   return name;
 }
 

@@ -97,7 +97,8 @@ export async function deviceStatus(index?: number): Promise<DeviceStatus[]> {
   if (!Array.isArray(reply.devices)) throw new ArborError('internal', `arbor-nbd-netlink status printed no device list: ${JSON.stringify(reply)}`);
   return reply.devices.map((device: unknown) => {
     const { index: i, connected } = device as { index: unknown; connected: unknown };
-    if (typeof i !== 'number' || typeof connected !== 'boolean') throw new ArborError('internal', `arbor-nbd-netlink status printed a malformed device: ${JSON.stringify(device)}`);
+    if (typeof i !== 'number' || typeof connected !== 'boolean')
+      throw new ArborError('internal', `arbor-nbd-netlink status printed a malformed device: ${JSON.stringify(device)}`);
     return { index: i, connected };
   });
 }
@@ -117,7 +118,8 @@ function optional(option: string, value: number | string | undefined): string[] 
 
 function indexOf(reply: Record<string, unknown>): number {
   const index = reply.index;
-  if (typeof index !== 'number' || !Number.isInteger(index) || index < 0) throw new ArborError('internal', `arbor-nbd-netlink printed no device index: ${JSON.stringify(reply)}`);
+  if (typeof index !== 'number' || !Number.isInteger(index) || index < 0)
+    throw new ArborError('internal', `arbor-nbd-netlink printed no device index: ${JSON.stringify(reply)}`);
   return index;
 }
 
@@ -139,7 +141,10 @@ function runHelper(args: string[], sockets: net.Socket[]): Promise<Record<string
       clearTimeout(timer);
       reject(
         err.code === 'ENOENT'
-          ? new ArborError('failed-precondition', `the kernel NBD helper ${netlinkHelperPath} is not built: install a C compiler (Debian: gcc, libc6-dev) and run 'npm run build'`)
+          ? new ArborError(
+              'failed-precondition',
+              `the kernel NBD helper ${netlinkHelperPath} is not built: install a C compiler (Debian: gcc, libc6-dev) and run 'npm run build'`,
+            )
           : new ArborError('internal', `arbor-nbd-netlink could not start: ${err.message}`),
       );
     });

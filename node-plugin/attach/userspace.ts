@@ -30,7 +30,6 @@ export const hostToolTimeoutMs = 30_000;
 /** A health probe's read that takes longer than this counts as a dead connection. */
 export const healthProbeTimeoutMs = 10_000;
 
-
 interface Paths {
   workDir: string;
   pidFile: string;
@@ -112,8 +111,11 @@ export class UserspaceAttacher implements Attacher {
     if (!ready || pid !== spawnedPid || !processAlive(pid, argv)) {
       const what = processAlive(spawnedPid, argv) ? `did not serve it within ${nbdfuseStartTimeoutMs} ms` : 'exited without serving it';
       await this.tearDown(paths, findIn(paths), request.exportName);
-      if (processAlive(spawnedPid, argv)) await stopProcess(spawnedPid, () => processAlive(spawnedPid, argv), nbdfuseExitGraceMs, `nbdfuse for ${request.exportName}`);
-      const hint = fs.existsSync(request.socketPath) ? "does the server have that export? see 'arbor volume list' and 'arbor snapshot list'" : 'the socket does not exist: is arbor serve running on this node?';
+      if (processAlive(spawnedPid, argv))
+        await stopProcess(spawnedPid, () => processAlive(spawnedPid, argv), nbdfuseExitGraceMs, `nbdfuse for ${request.exportName}`);
+      const hint = fs.existsSync(request.socketPath)
+        ? "does the server have that export? see 'arbor volume list' and 'arbor snapshot list'"
+        : 'the socket does not exist: is arbor serve running on this node?';
       throw new ArborError('unavailable', `export ${request.exportName}: nbdfuse ${what} from ${request.socketPath} (${hint})`);
     }
     try {
@@ -141,7 +143,10 @@ export class UserspaceAttacher implements Attacher {
       await this.runner.run('losetup', ['-d', device], { timeoutMs: hostToolTimeoutMs });
       // A loop device still open elsewhere is only marked to clear itself on last close.
       if (!(await waitUntil(() => loopBackingFile(device) !== paths.diskFile, loopReleaseTimeoutMs))) {
-        throw new ArborError('failed-precondition', `export ${exportName}: ${device} is still in use after 'losetup -d' (held open by some process: see 'fuser -v ${device}'); close it and detach again`);
+        throw new ArborError(
+          'failed-precondition',
+          `export ${exportName}: ${device} is still in use after 'losetup -d' (held open by some process: see 'fuser -v ${device}'); close it and detach again`,
+        );
       }
     }
     if (found.fuseMounted || isMountPoint(paths.fuseDir)) {
@@ -232,7 +237,10 @@ export function loopBackingFile(device: string): string | undefined {
   if (!name) return undefined;
   try {
     // The kernel appends " (deleted)" when the file was unlinked; ours never is, but the path stays comparable.
-    return fs.readFileSync(path.join(sysBlockDir, name, 'loop', 'backing_file'), 'utf8').trim().replace(/ \(deleted\)$/, '');
+    return fs
+      .readFileSync(path.join(sysBlockDir, name, 'loop', 'backing_file'), 'utf8')
+      .trim()
+      .replace(/ \(deleted\)$/, '');
   } catch {
     return undefined;
   }

@@ -185,5 +185,8 @@ export async function stopProcess(pid: number, isAlive: () => boolean, graceMs: 
     }
     if (await waitUntil(() => !isAlive(), graceMs)) return;
   }
-  throw new ArborError('internal', `${what} (pid ${pid}) is still running after SIGKILL; look at it with 'ps -o stat,wchan -p ${pid}' (a process stuck in the kernel cannot be killed)`);
+  throw new ArborError(
+    'internal',
+    `${what} (pid ${pid}) is still running after SIGKILL; look at it with 'ps -o stat,wchan -p ${pid}' (a process stuck in the kernel cannot be killed)`,
+  );
 }

@@ -52,7 +52,8 @@ export async function blockDeviceSize(device: string, runner: CommandRunner = ho
   assertAbsolutePath(device, 'device');
   const stdout = (await runner.run('blockdev', ['--getsize64', device], { timeoutMs: probeTimeoutMs })).stdout.trim();
   const size = Number(stdout);
-  if (!/^\d+$/.test(stdout) || !Number.isSafeInteger(size)) throw new ArborError('internal', `blockdev --getsize64 ${device} printed '${stdout}', not a size in bytes`);
+  if (!/^\d+$/.test(stdout) || !Number.isSafeInteger(size))
+    throw new ArborError('internal', `blockdev --getsize64 ${device} printed '${stdout}', not a size in bytes`);
   return size;
 }
 
@@ -91,7 +92,10 @@ export async function formatFilesystem(device: string, fsType: FilesystemType, m
   const options = validateMkfsOptions(fsType, mkfsOptions);
   const existing = await detectFilesystem(device, runner);
   if (existing !== undefined) {
-    throw new ArborError('failed-precondition', `${device} already holds ${existing}; refusing to format it as ${fsType} (wipe it by hand with 'wipefs -a ${device}' if it really is unused)`);
+    throw new ArborError(
+      'failed-precondition',
+      `${device} already holds ${existing}; refusing to format it as ${fsType} (wipe it by hand with 'wipefs -a ${device}' if it really is unused)`,
+    );
   }
   await runner.run(rules.command, [...rules.fixedArgs, ...options, device], { timeoutMs: mkfsTimeoutMs });
 }
@@ -147,7 +151,10 @@ async function e2fsck(device: string, options: string[], runner: CommandRunner):
     [32, 'cancelled'],
     [128, 'shared library error'],
   ];
-  const meaning = meanings.filter(([bit]) => result.status & bit).map(([, what]) => what).join(', ');
+  const meaning = meanings
+    .filter(([bit]) => result.status & bit)
+    .map(([, what]) => what)
+    .join(', ');
   const said = (result.stdout + result.stderr).trim().slice(-1000);
   throw new ArborError(
     'failed-precondition',
@@ -164,7 +171,10 @@ const refusedMountFlags = new Set(['bind', 'rbind', 'move', 'remount', 'loop']);
 export function validateMountFlags(flags: string[]): void {
   for (const flag of flags) {
     if (!/^[A-Za-z0-9_][^,\s]*$/.test(flag)) {
-      throw new ArborError('invalid-argument', `mount flag '${flag}' must be one option, a word or word=value without commas or spaces (pass each option as its own flag)`);
+      throw new ArborError(
+        'invalid-argument',
+        `mount flag '${flag}' must be one option, a word or word=value without commas or spaces (pass each option as its own flag)`,
+      );
     }
     if (refusedMountFlags.has(flag.toLowerCase()) || /^x-mount\./i.test(flag)) {
       throw new ArborError('invalid-argument', `mount flag '${flag}' changes what mount does, not how the filesystem behaves; it is not accepted`);
@@ -194,7 +204,10 @@ export async function mountFilesystem(
   fs.mkdirSync(target, { recursive: true });
   if (await isMounted(target, runner)) {
     if (holdsFilesystemOf(target, device)) return;
-    throw new ArborError('failed-precondition', `cannot mount ${device} at ${target}: ${(await mountedDevice(target, runner)) ?? 'another filesystem'} is mounted there; unmount it first`);
+    throw new ArborError(
+      'failed-precondition',
+      `cannot mount ${device} at ${target}: ${(await mountedDevice(target, runner)) ?? 'another filesystem'} is mounted there; unmount it first`,
+    );
   }
   const options = [...flags, ...(readOnly ? ['ro'] : []), ...(fsType === 'xfs' && !flags.includes('nouuid') ? ['nouuid'] : [])];
   await runner.run('mount', ['-t', fsType, ...(options.length > 0 ? ['-o', options.join(',')] : []), device, target], { timeoutMs: mountTimeoutMs });
@@ -225,9 +238,13 @@ export async function bindMount(source: string, target: string, readOnly: boolea
   if (await isMounted(target, runner)) {
     const targetStat = fs.statSync(target);
     if (targetStat.dev !== sourceStat.dev || targetStat.ino !== sourceStat.ino) {
-      throw new ArborError('failed-precondition', `cannot bind-mount ${source} at ${target}: ${(await mountedDevice(target, runner)) ?? 'something else'} is mounted there; unmount it first`);
+      throw new ArborError(
+        'failed-precondition',
+        `cannot bind-mount ${source} at ${target}: ${(await mountedDevice(target, runner)) ?? 'something else'} is mounted there; unmount it first`,
+      );
     }
-    if (readOnly && !(await mountOptions(target, runner)).includes('ro')) await runner.run('mount', ['-o', 'remount,bind,ro', target], { timeoutMs: mountTimeoutMs });
+    if (readOnly && !(await mountOptions(target, runner)).includes('ro'))
+      await runner.run('mount', ['-o', 'remount,bind,ro', target], { timeoutMs: mountTimeoutMs });
     return;
   }
   await runner.run('mount', ['--bind', source, target], { timeoutMs: mountTimeoutMs });
@@ -311,7 +328,11 @@ export async function growFilesystem(device: string, mountPoint: string, fsType:
   assertAbsolutePath(mountPoint, 'mount point');
   const mounted = (await isMounted(mountPoint, runner)) && (await mountedDevice(mountPoint, runner)) === device;
   if (assertFilesystemType(fsType) === 'xfs') {
-    if (!mounted) throw new ArborError('failed-precondition', `the xfs filesystem on ${device} can only grow while mounted, and it is not mounted at ${mountPoint}; mount it first`);
+    if (!mounted)
+      throw new ArborError(
+        'failed-precondition',
+        `the xfs filesystem on ${device} can only grow while mounted, and it is not mounted at ${mountPoint}; mount it first`,
+      );
     // -d: the data section, to the whole device.
     await runner.run('xfs_growfs', ['-d', mountPoint], { timeoutMs: growTimeoutMs });
     return;

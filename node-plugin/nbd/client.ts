@@ -121,7 +121,10 @@ export class NbdClient {
    * buffer stops reading the moment it is paused, where net's usual reads would go on
    * filling the stream's buffer and steal replies meant for the kernel.
    */
-  static async negotiateForKernel(open: (onread: net.OnReadOpts) => Promise<net.Socket>, exportName: string): Promise<{ socket: net.Socket; sizeBytes: number; transmissionFlags: number }> {
+  static async negotiateForKernel(
+    open: (onread: net.OnReadOpts) => Promise<net.Socket>,
+    exportName: string,
+  ): Promise<{ socket: net.Socket; sizeBytes: number; transmissionFlags: number }> {
     const input = new ByteQueue();
     const socket = await open({ buffer: Buffer.allocUnsafe(4096), callback: (n: number, buffer: Buffer) => (input.push(buffer.subarray(0, n)), true) });
     const client = new NbdClient(socket, input);

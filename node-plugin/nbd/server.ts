@@ -74,7 +74,8 @@ export class NbdServer {
    */
   async connectLocal(onread: net.OnReadOpts): Promise<{ socket: net.Socket; serverClosed: Promise<void> }> {
     if (this.closing) throw new ArborError('unavailable', 'the NBD server is shutting down');
-    if (!this.unixSocketPath) throw new ArborError('failed-precondition', 'the NBD server has no unix socket: local connections are made beside it (--nbd-socket)');
+    if (!this.unixSocketPath)
+      throw new ArborError('failed-precondition', 'the NBD server has no unix socket: local connections are made beside it (--nbd-socket)');
     const listener = net.createServer({ pauseOnConnect: true, noDelay: true });
     const privatePath = `${this.unixSocketPath}.local-${randomBytes(8).toString('hex')}`;
     await listenOwnerOnly(listener, privatePath);

@@ -300,7 +300,8 @@ export class Transmission {
     if (writes && this.exp.readOnly) return [NBD_EPERM, `export ${this.exp.name} is read-only`];
     if (type === CMD.FLUSH) return length === 0 && offset === 0 ? [0, ''] : [NBD_EINVAL, 'flush takes offset 0 and length 0'];
     if (type === CMD.BLOCK_STATUS && !this.negotiated.baseAllocation) return [NBD_EINVAL, 'no meta context was negotiated for block status'];
-    if ((type === CMD.READ || type === CMD.WRITE) && length > maxPayloadBytes) return [NBD_EOVERFLOW, `${length} bytes is over the ${maxPayloadBytes}-byte maximum`];
+    if ((type === CMD.READ || type === CMD.WRITE) && length > maxPayloadBytes)
+      return [NBD_EOVERFLOW, `${length} bytes is over the ${maxPayloadBytes}-byte maximum`];
     if (length === 0) return [NBD_EINVAL, 'a request of length 0'];
     if (offset + length > this.exp.sizeBytes) {
       // The spec's choice: writing past the end is "no space", anything else is invalid.

@@ -2,7 +2,10 @@
 export class Bitset {
   readonly bytes: Uint8Array;
 
-  constructor(readonly size: number, bytes?: Uint8Array) {
+  constructor(
+    readonly size: number,
+    bytes?: Uint8Array,
+  ) {
     this.bytes = bytes ?? new Uint8Array(Math.ceil(size / 8));
   }
 

@@ -204,7 +204,13 @@ export class BlobCache {
   }
 
   stats(): { stagedBlobs: number; stagedBytes: number; cleanBlobs: number; cleanBytes: number; evictions: number } {
-    return { stagedBlobs: this.staged.size, stagedBytes: this.stagedBytes, cleanBlobs: this.clean.size, cleanBytes: this.cleanBytes, evictions: this.evictions };
+    return {
+      stagedBlobs: this.staged.size,
+      stagedBytes: this.stagedBytes,
+      cleanBlobs: this.clean.size,
+      cleanBytes: this.cleanBytes,
+      evictions: this.evictions,
+    };
   }
 
   /** Discards what is still staged (never acknowledged as durable) and lets go of the directory. */

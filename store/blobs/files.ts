@@ -74,7 +74,8 @@ export class FileBlobStore implements BlobStore {
       segment.freed = store.loadFreed(segment);
       for (let slot = 0; slot < idsPerSegment; slot++) {
         const serial = segment.index * idsPerSegment + slot;
-        if (blobId(segment.sizeClass, serial) !== 0 && serial < (options.serialsBelow[segment.sizeClass] ?? 0) && !segment.freed.has(slot)) segment.present.add(slot);
+        if (blobId(segment.sizeClass, serial) !== 0 && serial < (options.serialsBelow[segment.sizeClass] ?? 0) && !segment.freed.has(slot))
+          segment.present.add(slot);
       }
       store.segments.set(segment.key, segment);
     }
@@ -130,7 +131,7 @@ export class FileBlobStore implements BlobStore {
   async delete(ids: Iterable<number>): Promise<void> {
     const sorted = [...new Set(ids)].sort((a, b) => a - b);
     const touched = new Set<Segment>();
-    for (let i = 0; i < sorted.length; ) {
+    for (let i = 0; i < sorted.length;) {
       // Adjacent ids are adjacent slots: one hole for the whole run.
       let end = i + 1;
       while (end < sorted.length && sorted[end] === sorted[end - 1] + 1 && segmentKey(sorted[end]) === segmentKey(sorted[i])) end++;
@@ -151,7 +152,8 @@ export class FileBlobStore implements BlobStore {
 
   async list(): Promise<number[]> {
     const ids: number[] = [];
-    for (const segment of this.segments.values()) for (const slot of segment.present.members()) ids.push(blobId(segment.sizeClass, segment.index * idsPerSegment + slot));
+    for (const segment of this.segments.values())
+      for (const slot of segment.present.members()) ids.push(blobId(segment.sizeClass, segment.index * idsPerSegment + slot));
     return ids;
   }
 

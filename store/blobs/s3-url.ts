@@ -62,7 +62,8 @@ export function bucketNameProblem(name: string): string | undefined {
   if (name.includes('..')) return 'must not hold two adjacent dots';
   if (/^\d+\.\d+\.\d+\.\d+$/.test(name)) return 'must not look like an IP address';
   for (const reserved of ['xn--', 'sthree-', 'amzn-s3-demo-']) if (name.startsWith(reserved)) return `must not begin with "${reserved}" (reserved by S3)`;
-  for (const reserved of ['-s3alias', '--ol-s3', '.mrap', '--x-s3', '--table-s3']) if (name.endsWith(reserved)) return `must not end with "${reserved}" (reserved by S3)`;
+  for (const reserved of ['-s3alias', '--ol-s3', '.mrap', '--x-s3', '--table-s3'])
+    if (name.endsWith(reserved)) return `must not end with "${reserved}" (reserved by S3)`;
   return undefined;
 }
 
@@ -102,7 +103,8 @@ function parseQuery(shown: string, rawQuery: string): { endpoint?: string; regio
   if (endpoint !== null) result.endpoint = parseEndpoint(shown, endpoint);
   const region = query.get('region');
   if (region !== null) {
-    if (!/^[a-z0-9][a-z0-9-]{0,62}$/.test(region)) throw bad(`blob store URL "${shown}": region "${region}" may hold only lowercase letters, digits and hyphens`);
+    if (!/^[a-z0-9][a-z0-9-]{0,62}$/.test(region))
+      throw bad(`blob store URL "${shown}": region "${region}" may hold only lowercase letters, digits and hyphens`);
     result.region = region;
   }
   return result;

@@ -266,7 +266,10 @@ export class S3BlobStore implements BlobStore {
       etag = (await this.client.send(new HeadObjectCommand({ Bucket: this.location.bucket, Key: key }))).ETag;
     } catch (err) {
       if (statusOf(err) === 404) {
-        throw new ArborError('unavailable', `${this.where(key)}: uploading blob ${id} met a conflicting write (HTTP ${status}), and no object is there; sync again`);
+        throw new ArborError(
+          'unavailable',
+          `${this.where(key)}: uploading blob ${id} met a conflicting write (HTTP ${status}), and no object is there; sync again`,
+        );
       }
       throw this.failure(err, `checking blob ${id} after its upload was refused (HTTP ${status})`, key);
     }
@@ -311,7 +314,10 @@ export class S3BlobStore implements BlobStore {
       throw this.failure(err, `reading blob ${id}`, key);
     }
     if (object.length > bytesOfClass(classOf(id))) {
-      throw new ArborError('internal', `${this.where(key)} holds ${object.length} bytes, more than blob ${id}'s size class allows (${bytesOfClass(classOf(id))})`);
+      throw new ArborError(
+        'internal',
+        `${this.where(key)} holds ${object.length} bytes, more than blob ${id}'s size class allows (${bytesOfClass(classOf(id))})`,
+      );
     }
     // Not kept when the blob was deleted meanwhile, or written here (a bug the upload reports).
     if (!this.closed && !this.voidedFetches.has(id) && this.cache.state(id) === undefined) this.cache.insertClean(id, object);

@@ -29,11 +29,13 @@ export function parseStoreUrl(url: string): EtcdLocation {
   const [, scheme, hosts, rawPrefix] = match;
   if (hosts.includes('@')) throw new ArborError('invalid-argument', `--store ${url}: credentials do not go in the URL; set ETCD_USERNAME and ETCD_PASSWORD`);
   const endpoints = hosts.split(',').map((host) => {
-    if (!/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(host)) throw new ArborError('invalid-argument', `--store ${url}: ${JSON.stringify(host)} is not HOST:PORT`);
+    if (!/^(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(host))
+      throw new ArborError('invalid-argument', `--store ${url}: ${JSON.stringify(host)} is not HOST:PORT`);
     return `${scheme === 'etcds' ? 'https' : 'http'}://${host}`;
   });
   const prefix = (rawPrefix ?? '/').replace(/\/+$/, '');
-  if (!/^(\/[A-Za-z0-9._-]+)*$/.test(prefix)) throw new ArborError('invalid-argument', `--store ${url}: the prefix ${JSON.stringify(prefix)} may hold letters, digits, '.', '_', '-' and '/'`);
+  if (!/^(\/[A-Za-z0-9._-]+)*$/.test(prefix))
+    throw new ArborError('invalid-argument', `--store ${url}: the prefix ${JSON.stringify(prefix)} may hold letters, digits, '.', '_', '-' and '/'`);
   return { endpoints, prefix: `${prefix}/arbor/` };
 }
 
@@ -81,7 +83,10 @@ export class EtcdCatalog implements Catalog {
       await catalog.kv.get('meta/format').string();
     } catch (err) {
       client.close();
-      throw new ArborError('unavailable', `cannot reach etcd at ${location.endpoints.join(', ')}: ${(err as Error).message}; check --store and that etcd is running`);
+      throw new ArborError(
+        'unavailable',
+        `cannot reach etcd at ${location.endpoints.join(', ')}: ${(err as Error).message}; check --store and that etcd is running`,
+      );
     }
     return catalog;
   }
@@ -94,7 +99,10 @@ export class EtcdCatalog implements Catalog {
 
   async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
     const start = options.after === undefined ? prefix : `${options.after}\0`;
-    const builder = this.kv.getAll().inRange(new Range(start, prefixEnd(prefix))).sort('Key', 'Ascend');
+    const builder = this.kv
+      .getAll()
+      .inRange(new Range(start, prefixEnd(prefix)))
+      .sort('Key', 'Ascend');
     if (options.limit !== undefined) builder.limit(options.limit);
     const response = await this.call('list', prefix, () => builder.exec());
     return response.kvs.map((kv) => ({ key: kv.key.toString(), value: kv.value.toString(), modRevision: Number(kv.mod_revision) }));
@@ -188,7 +196,11 @@ export class EtcdCatalog implements Catalog {
         const gone = err instanceof EtcdLeaseInvalidError;
         if (gone || Date.now() - renewedAt > 2 * ttlSeconds * 1000) {
           stop();
-          reportLost(new Error(`the etcd lease ${id} ended: ${gone ? 'etcd says it expired' : `no keep-alive answered for ${Math.round((Date.now() - renewedAt) / 1000)} s`}`));
+          reportLost(
+            new Error(
+              `the etcd lease ${id} ended: ${gone ? 'etcd says it expired' : `no keep-alive answered for ${Math.round((Date.now() - renewedAt) / 1000)} s`}`,
+            ),
+          );
           return;
         }
         this.log.warn('an etcd lease keep-alive failed; retrying', { lease: id, error: (err as Error).message });
@@ -222,7 +234,6 @@ export class EtcdCatalog implements Catalog {
     for (const stop of [...this.leases]) stop();
     this.client.close();
   }
-
 
   private async call<T>(what: string, key: string, fn: () => Promise<T>): Promise<T> {
     if (this.closed) throw new ArborError('unavailable', 'the catalog is closed');

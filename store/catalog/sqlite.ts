@@ -140,7 +140,11 @@ export class SqliteCatalog implements Catalog {
       revoke: async () => {
         if (!this.leases.delete(id) || this.closed) return;
         const keys = this.stmt.leased.all(id).map((row) => row.key);
-        if (keys.length > 0) await this.txn([], keys.map((key) => ({ type: 'delete', key })));
+        if (keys.length > 0)
+          await this.txn(
+            [],
+            keys.map((key) => ({ type: 'delete', key })),
+          );
       },
     };
   }

@@ -5,7 +5,16 @@ import { chartDir, helm, helmTemplate, parseDocuments, repoRoot, valuesArgs } fr
 import { objectProblems } from './models';
 import { ciValues, dataNode, defaults, distributed, embedded, kubevirt, namespace, render } from './rendered';
 
-const clusterScoped = new Set(['Namespace', 'CSIDriver', 'StorageClass', 'ClusterRole', 'ClusterRoleBinding', 'VolumeSnapshotClass', 'VolumeGroupSnapshotClass', 'StorageProfile']);
+const clusterScoped = new Set([
+  'Namespace',
+  'CSIDriver',
+  'StorageClass',
+  'ClusterRole',
+  'ClusterRoleBinding',
+  'VolumeSnapshotClass',
+  'VolumeGroupSnapshotClass',
+  'StorageProfile',
+]);
 
 /**
  * Every values file CI uses: the chart's own ci/ files and the ones docs/ tell people
@@ -35,7 +44,10 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
     }
 
     it('covers both store modes and the KubeVirt options among its values files', () => {
-      const text = valuesSets().flat().map((f) => fs.readFileSync(path.join(repoRoot, f), 'utf8')).join('\n');
+      const text = valuesSets()
+        .flat()
+        .map((f) => fs.readFileSync(path.join(repoRoot, f), 'utf8'))
+        .join('\n');
       assert.match(text, /mode: embedded/);
       assert.match(text, /mode: distributed/);
       assert.match(text, /storageProfile:\s*\n\s*enabled: true/);
@@ -48,7 +60,19 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
       ['embedded mode', embedded],
       ['distributed mode with every option', distributed],
       ['the KubeVirt options', kubevirt],
-      ['everything optional turned off', () => render({ set: { 'store.embedded.nodeName': dataNode, 'snapshots.enabled': false, 'metrics.enabled': false, 'node.loadNbdModule': false, 'storageClasses.block.enabled': false } })],
+      [
+        'everything optional turned off',
+        () =>
+          render({
+            set: {
+              'store.embedded.nodeName': dataNode,
+              'snapshots.enabled': false,
+              'metrics.enabled': false,
+              'node.loadNbdModule': false,
+              'storageClasses.block.enabled': false,
+            },
+          }),
+      ],
     ];
     for (const [what, objects] of renderings) {
       it(`renders ${what}: every object is a kind the cluster knows, with no unknown or mistyped field`, () => {
@@ -75,7 +99,13 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
     it('labels every object with the chart, release and component, as strings', () => {
       for (const o of distributed()) {
         const labels = o.metadata.labels ?? {};
-        for (const key of ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by', 'helm.sh/chart', 'app.kubernetes.io/component']) {
+        for (const key of [
+          'app.kubernetes.io/name',
+          'app.kubernetes.io/instance',
+          'app.kubernetes.io/managed-by',
+          'helm.sh/chart',
+          'app.kubernetes.io/component',
+        ]) {
           assert.equal(typeof labels[key], 'string', `${o.kind}/${o.metadata.name} label ${key}`);
         }
         for (const [key, value] of Object.entries({ ...labels, ...(o.metadata.annotations ?? {}) })) {
@@ -96,7 +126,12 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
 
   describe('refuses values that would not work, saying which and why', () => {
     const node = { 'store.embedded.nodeName': dataNode };
-    const distributedBase = { 'store.mode': 'distributed', 'store.distributed.etcd.endpoints[0]': 'etcd:2379', 'store.distributed.s3.bucket': 'arbor', 'store.distributed.s3.credentialsSecret.name': 's3' };
+    const distributedBase = {
+      'store.mode': 'distributed',
+      'store.distributed.etcd.endpoints[0]': 'etcd:2379',
+      'store.distributed.s3.bucket': 'arbor',
+      'store.distributed.s3.credentialsSecret.name': 's3',
+    };
     const cases: [string, Record<string, string | number | boolean>, RegExp][] = [
       ['a store mode that does not exist', { ...node, 'store.mode': 'bogus' }, /\/store\/mode.*one of 'embedded', 'distributed'/],
       ['embedded mode without the data node', {}, /store\.embedded\.nodeName/],
@@ -106,21 +141,53 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
       ['a misspelled nested key', { ...node, 'controller.replica': 2 }, /\/controller.*additional properties 'replica' not allowed/],
       ['an extent size that is not a power of two', { ...node, 'storageClasses.block.extentSize': '3KiB' }, /\/storageClasses\/block\/extentSize/],
       ['a filesystem Arbor does not format', { ...node, 'storageClasses.filesystem.fsType': 'btrfs' }, /\/storageClasses\/filesystem\/fsType/],
-      ['mkfs options that are not options', { ...node, 'storageClasses.filesystem.mkfsOptions': 'lazy_itable_init=0' }, /\/storageClasses\/filesystem\/mkfsOptions/],
+      [
+        'mkfs options that are not options',
+        { ...node, 'storageClasses.filesystem.mkfsOptions': 'lazy_itable_init=0' },
+        /\/storageClasses\/filesystem\/mkfsOptions/,
+      ],
       ['a relative kubelet directory', { ...node, 'node.kubeletDir': 'var/lib/kubelet' }, /\/node\/kubeletDir/],
       ['a dead-connection timeout without a unit', { ...node, 'node.deadConnectionTimeout': '300' }, /\/node\/deadConnectionTimeout/],
       ['a log level Arbor does not have', { ...node, logLevel: 'verbose' }, /\/logLevel/],
       ['an empty sidecar tag', { ...node, 'sidecars.provisioner.image.tag': '' }, /\/sidecars\/provisioner\/image\/tag/],
       ['distributed mode without etcd', { 'store.mode': 'distributed' }, /store\.distributed\.etcd\.endpoints/],
-      ['an etcd endpoint given as a URL', { ...distributedBase, 'store.distributed.etcd.endpoints[0]': 'http://etcd:2379' }, /\/store\/distributed\/etcd\/endpoints\/0/],
+      [
+        'an etcd endpoint given as a URL',
+        { ...distributedBase, 'store.distributed.etcd.endpoints[0]': 'http://etcd:2379' },
+        /\/store\/distributed\/etcd\/endpoints\/0/,
+      ],
       ['distributed mode without a bucket', { ...distributedBase, 'store.distributed.s3.bucket': '' }, /store\.distributed\.s3\.bucket/],
-      ['S3 credentials without a Secret', { ...distributedBase, 'store.distributed.s3.credentialsSecret.name': '' }, /credentialsSecret\.name.*never go in values/],
-      ['S3 credentials written in values', { ...distributedBase, 'store.distributed.s3.accessKeyId': 'AKIA0000' }, /additional properties 'accessKeyId' not allowed/],
+      [
+        'S3 credentials without a Secret',
+        { ...distributedBase, 'store.distributed.s3.credentialsSecret.name': '' },
+        /credentialsSecret\.name.*never go in values/,
+      ],
+      [
+        'S3 credentials written in values',
+        { ...distributedBase, 'store.distributed.s3.accessKeyId': 'AKIA0000' },
+        /additional properties 'accessKeyId' not allowed/,
+      ],
       ['a cache size without a unit', { ...distributedBase, 'store.distributed.cache.size': '10' }, /\/store\/distributed\/cache\/size/],
-      ['a StorageProfile without snapshots', { ...node, 'kubevirt.storageProfile.enabled': true, 'snapshots.enabled': false }, /kubevirt\.storageProfile\.enabled.*snapshots\.enabled=true/],
-      ['group snapshots without the snapshotter', { ...node, 'groupSnapshots.enabled': true, 'snapshots.enabled': false }, /groupSnapshots\.enabled needs snapshots\.enabled/],
-      ['a ServiceMonitor without metrics', { ...node, 'metrics.enabled': false, 'metrics.serviceMonitor.enabled': true }, /metrics\.serviceMonitor\.enabled needs metrics\.enabled/],
-      ['two default StorageClasses', { ...node, 'storageClasses.block.isDefaultClass': true, 'storageClasses.filesystem.isDefaultClass': true }, /one default StorageClass/],
+      [
+        'a StorageProfile without snapshots',
+        { ...node, 'kubevirt.storageProfile.enabled': true, 'snapshots.enabled': false },
+        /kubevirt\.storageProfile\.enabled.*snapshots\.enabled=true/,
+      ],
+      [
+        'group snapshots without the snapshotter',
+        { ...node, 'groupSnapshots.enabled': true, 'snapshots.enabled': false },
+        /groupSnapshots\.enabled needs snapshots\.enabled/,
+      ],
+      [
+        'a ServiceMonitor without metrics',
+        { ...node, 'metrics.enabled': false, 'metrics.serviceMonitor.enabled': true },
+        /metrics\.serviceMonitor\.enabled needs metrics\.enabled/,
+      ],
+      [
+        'two default StorageClasses',
+        { ...node, 'storageClasses.block.isDefaultClass': true, 'storageClasses.filesystem.isDefaultClass': true },
+        /one default StorageClass/,
+      ],
       ['two node ports that collide', { ...node, 'node.metricsPort': 9809 }, /node\.healthPort, node\.registrarHealthPort and node\.metricsPort must differ/],
     ];
     for (const [what, set, message] of cases) {
@@ -138,14 +205,29 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
       assert.equal(result.status, 0, result.stderr);
       const notes = result.stdout.slice(result.stdout.indexOf('NOTES:'));
       assert.ok(notes.length > 'NOTES:'.length, 'no NOTES in the output');
-      for (const text of ['csi.arbor.dev', 'Store: embedded', dataNode, 'StorageClass arbor-block', 'StorageClass arbor-fs', 'VolumeSnapshotClass arbor-snapshot', 'StorageProfile arbor-block', 'kubectl get csinodes']) {
+      for (const text of [
+        'csi.arbor.dev',
+        'Store: embedded',
+        dataNode,
+        'StorageClass arbor-block',
+        'StorageClass arbor-fs',
+        'VolumeSnapshotClass arbor-snapshot',
+        'StorageProfile arbor-block',
+        'kubectl get csinodes',
+      ]) {
         assert.ok(notes.includes(text), `NOTES do not mention ${text}`);
       }
       const heredoc = /<<'YAML'\n([\s\S]*?)\n\s*YAML\n/.exec(notes);
       assert.ok(heredoc, 'NOTES hold no example to apply');
       const manifests = parseDocuments(heredoc[1].replace(/^ {2}/gm, ''));
-      assert.deepEqual(manifests.map((m) => (m as { kind: string }).kind), ['PersistentVolumeClaim', 'Pod']);
-      assert.deepEqual(manifests.flatMap((m) => objectProblems(m)), []);
+      assert.deepEqual(
+        manifests.map((m) => (m as { kind: string }).kind),
+        ['PersistentVolumeClaim', 'Pod'],
+      );
+      assert.deepEqual(
+        manifests.flatMap((m) => objectProblems(m)),
+        [],
+      );
       assert.match(heredoc[1], /storageClassName: arbor-fs/);
     });
 

@@ -10,10 +10,16 @@ const examplesDir = path.join(repoRoot, 'docs/examples');
 const guides = ['docs/install.md', 'docs/kubevirt.md'];
 
 function walk(dir: string): string[] {
-  return fs.readdirSync(dir, { withFileTypes: true }).flatMap((entry) => (entry.isDirectory() ? walk(path.join(dir, entry.name)) : [path.join(dir, entry.name)]));
+  return fs
+    .readdirSync(dir, { withFileTypes: true })
+    .flatMap((entry) => (entry.isDirectory() ? walk(path.join(dir, entry.name)) : [path.join(dir, entry.name)]));
 }
 
-const exampleFiles = () => walk(examplesDir).filter((f) => f.endsWith('.yaml')).map((f) => path.relative(repoRoot, f)).sort();
+const exampleFiles = () =>
+  walk(examplesDir)
+    .filter((f) => f.endsWith('.yaml'))
+    .map((f) => path.relative(repoRoot, f))
+    .sort();
 const isValuesFile = (file: string) => path.basename(file).startsWith('values-');
 const read = (file: string) => fs.readFileSync(path.join(repoRoot, file), 'utf8');
 
@@ -46,27 +52,53 @@ describe('the docs and their examples', function () {
 
   it('has the example manifests the issue asks for', () => {
     const kinds = new Set(exampleObjects().map((o) => o.kind));
-    for (const kind of ['PersistentVolumeClaim', 'VolumeSnapshot', 'DataVolume', 'DataImportCron', 'VirtualMachine', 'VirtualMachineSnapshot', 'VirtualMachineRestore']) {
+    for (const kind of [
+      'PersistentVolumeClaim',
+      'VolumeSnapshot',
+      'DataVolume',
+      'DataImportCron',
+      'VirtualMachine',
+      'VirtualMachineSnapshot',
+      'VirtualMachineRestore',
+    ]) {
       assert.ok(kinds.has(kind), `no ${kind} example`);
     }
     const pvcs = exampleObjects().filter((o) => o.kind === 'PersistentVolumeClaim');
-    assert.ok(pvcs.some((p) => spec(p).volumeMode === 'Block'), 'a Block PVC');
-    assert.ok(pvcs.some((p) => spec(p).volumeMode === undefined), 'a Filesystem PVC');
-    assert.ok(pvcs.some((p) => (spec(p).dataSource as Spec | undefined)?.kind === 'VolumeSnapshot'), 'a restore');
-    assert.ok(pvcs.some((p) => (spec(p).dataSource as Spec | undefined)?.kind === 'PersistentVolumeClaim'), 'a clone');
+    assert.ok(
+      pvcs.some((p) => spec(p).volumeMode === 'Block'),
+      'a Block PVC',
+    );
+    assert.ok(
+      pvcs.some((p) => spec(p).volumeMode === undefined),
+      'a Filesystem PVC',
+    );
+    assert.ok(
+      pvcs.some((p) => (spec(p).dataSource as Spec | undefined)?.kind === 'VolumeSnapshot'),
+      'a restore',
+    );
+    assert.ok(
+      pvcs.some((p) => (spec(p).dataSource as Spec | undefined)?.kind === 'PersistentVolumeClaim'),
+      'a clone',
+    );
   });
 
   for (const file of exampleFiles()) {
     if (isValuesFile(file)) {
       it(`${file}: the chart renders with it`, () => {
         const objects = render({ valuesFiles: valuesStack(file) });
-        assert.deepEqual(objects.flatMap((o) => objectProblems(o)), []);
+        assert.deepEqual(
+          objects.flatMap((o) => objectProblems(o)),
+          [],
+        );
       });
     } else {
       it(`${file}: every object is valid for the API types`, () => {
         const objects = parseDocuments(read(file));
         assert.ok(objects.length > 0);
-        assert.deepEqual(objects.flatMap((o) => objectProblems(o)), []);
+        assert.deepEqual(
+          objects.flatMap((o) => objectProblems(o)),
+          [],
+        );
       });
     }
   }
@@ -76,11 +108,14 @@ describe('the docs and their examples', function () {
       const chart = defaults();
       const storageClasses = new Set(all(chart, 'StorageClass').map((s) => s.metadata.name));
       const snapshotClasses = new Set(all(chart, 'VolumeSnapshotClass').map((s) => s.metadata.name));
-      const groupClasses = new Set(all(render({ set: { 'store.embedded.nodeName': 'n', 'groupSnapshots.enabled': true } }), 'VolumeGroupSnapshotClass').map((s) => s.metadata.name));
+      const groupClasses = new Set(
+        all(render({ set: { 'store.embedded.nodeName': 'n', 'groupSnapshots.enabled': true } }), 'VolumeGroupSnapshotClass').map((s) => s.metadata.name),
+      );
       const text = JSON.stringify(exampleObjects());
       for (const [, name] of text.matchAll(/"storageClassName":"([^"]+)"/g)) assert.ok(storageClasses.has(name), `storageClassName ${name}`);
       for (const [, name] of text.matchAll(/"volumeSnapshotClassName":"([^"]+)"/g)) assert.ok(snapshotClasses.has(name), `volumeSnapshotClassName ${name}`);
-      for (const [, name] of text.matchAll(/"volumeGroupSnapshotClassName":"([^"]+)"/g)) assert.ok(groupClasses.has(name), `volumeGroupSnapshotClassName ${name}`);
+      for (const [, name] of text.matchAll(/"volumeGroupSnapshotClassName":"([^"]+)"/g))
+        assert.ok(groupClasses.has(name), `volumeGroupSnapshotClassName ${name}`);
     });
 
     it('ask only for access modes Arbor serves, and use Block volumes as devices', () => {
@@ -90,11 +125,15 @@ describe('the docs and their examples', function () {
       }
       const blockClaims = new Set(objects.filter((o) => o.kind === 'PersistentVolumeClaim' && spec(o).volumeMode === 'Block').map((o) => o.metadata.name));
       for (const pod of objects.filter((o) => o.kind === 'Pod')) {
-        const podSpec = spec(pod) as { volumes: { name: string; persistentVolumeClaim: { claimName: string } }[]; containers: { volumeDevices?: { name: string }[]; volumeMounts?: { name: string }[] }[] };
+        const podSpec = spec(pod) as {
+          volumes: { name: string; persistentVolumeClaim: { claimName: string } }[];
+          containers: { volumeDevices?: { name: string }[]; volumeMounts?: { name: string }[] }[];
+        };
         for (const v of podSpec.volumes) {
           const asDevice = podSpec.containers.some((c) => (c.volumeDevices ?? []).some((d) => d.name === v.name));
           const asMount = podSpec.containers.some((c) => (c.volumeMounts ?? []).some((m) => m.name === v.name));
-          if (blockClaims.has(v.persistentVolumeClaim.claimName)) assert.ok(asDevice && !asMount, `${pod.metadata.name}: Block volume ${v.name} must be a volumeDevice`);
+          if (blockClaims.has(v.persistentVolumeClaim.claimName))
+            assert.ok(asDevice && !asMount, `${pod.metadata.name}: Block volume ${v.name} must be a volumeDevice`);
           else assert.ok(asMount && !asDevice, `${pod.metadata.name}: filesystem volume ${v.name} must be mounted`);
         }
       }
@@ -134,18 +173,27 @@ describe('the docs and their examples', function () {
         };
         const templates = vmSpec.dataVolumeTemplates;
         assert.ok(templates.length > 0, 'the root disk is a dataVolumeTemplate');
-        for (const t of templates) assert.ok(dataSources.has(t.spec.sourceRef.name), `${t.metadata.name} clones DataSource ${t.spec.sourceRef.name}, which no example creates`);
+        for (const t of templates)
+          assert.ok(dataSources.has(t.spec.sourceRef.name), `${t.metadata.name} clones DataSource ${t.spec.sourceRef.name}, which no example creates`);
         const volumes = vmSpec.template.spec.volumes;
         assert.deepEqual(vmSpec.template.spec.domain.devices.disks.map((d) => d.name).sort(), volumes.map((v) => v.name).sort(), 'every disk has a volume');
-        for (const v of volumes) if (v.dataVolume) assert.ok(templates.some((t) => t.metadata.name === v.dataVolume!.name), `volume ${v.name} uses DataVolume ${v.dataVolume.name}`);
+        for (const v of volumes)
+          if (v.dataVolume)
+            assert.ok(
+              templates.some((t) => t.metadata.name === v.dataVolume!.name),
+              `volume ${v.name} uses DataVolume ${v.dataVolume.name}`,
+            );
         assert.notEqual((vmSpec.template.spec as Spec).evictionStrategy, 'LiveMigrate', 'Arbor disks cannot live-migrate');
       }
       const vmNames = new Set(vms.map((v) => v.metadata.name));
       const snapshots = objects.filter((o) => o.kind === 'VirtualMachineSnapshot');
-      for (const s of snapshots) assert.ok(vmNames.has(((spec(s).source as Spec).name as string)), s.metadata.name);
+      for (const s of snapshots) assert.ok(vmNames.has((spec(s).source as Spec).name as string), s.metadata.name);
       for (const r of objects.filter((o) => o.kind === 'VirtualMachineRestore')) {
         assert.ok(vmNames.has((spec(r).target as Spec).name as string), r.metadata.name);
-        assert.ok(snapshots.some((s) => s.metadata.name === spec(r).virtualMachineSnapshotName), `${r.metadata.name} restores a snapshot no example takes`);
+        assert.ok(
+          snapshots.some((s) => s.metadata.name === spec(r).virtualMachineSnapshotName),
+          `${r.metadata.name} restores a snapshot no example takes`,
+        );
       }
     });
   });
@@ -163,7 +211,11 @@ describe('the docs and their examples', function () {
           }
           const docs = parseDocuments(block);
           if (docs.every((d) => typeof d === 'object' && d !== null && 'kind' in d)) {
-            assert.deepEqual(docs.flatMap((d) => objectProblems(d)), [], block);
+            assert.deepEqual(
+              docs.flatMap((d) => objectProblems(d)),
+              [],
+              block,
+            );
           } else {
             // Helm values: the chart must render with them.
             const file = path.join(fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-values-')), 'values.yaml');
@@ -186,7 +238,17 @@ describe('the docs and their examples', function () {
 
     it('install.md covers the prerequisites, both modes, expansion, upgrade and uninstall', () => {
       const text = read('docs/install.md');
-      for (const needle of [/external-snapshotter/, /snapshot-controller/, /store\.embedded\.nodeName/, /mode: distributed/, /FAILED_PRECONDITION/, /restart the pod/i, /## \d+\. Upgrade/, /## \d+\. Uninstall/, /helm uninstall/]) {
+      for (const needle of [
+        /external-snapshotter/,
+        /snapshot-controller/,
+        /store\.embedded\.nodeName/,
+        /mode: distributed/,
+        /FAILED_PRECONDITION/,
+        /restart the pod/i,
+        /## \d+\. Upgrade/,
+        /## \d+\. Uninstall/,
+        /helm uninstall/,
+      ]) {
         assert.match(text, needle);
       }
     });
@@ -194,7 +256,8 @@ describe('the docs and their examples', function () {
     it('kubevirt.md says plainly that there is no ReadWriteMany and so no live migration', () => {
       const text = read('docs/kubevirt.md');
       assert.match(text, /no `ReadWriteMany`, so VMs on Arbor disks cannot live-migrate/);
-      for (const kind of ['DataVolume', 'DataImportCron', 'dataVolumeTemplates', 'VirtualMachineSnapshot', 'VirtualMachineRestore']) assert.ok(text.includes(kind), kind);
+      for (const kind of ['DataVolume', 'DataImportCron', 'dataVolumeTemplates', 'VirtualMachineSnapshot', 'VirtualMachineRestore'])
+        assert.ok(text.includes(kind), kind);
     });
   });
 });

@@ -69,7 +69,12 @@ function aptPackages(stage: Stage): string[] {
       .split(/&&|;/)
       .map((command) => command.trim())
       .filter((command) => /^apt-get\s+install\b/.test(command))
-      .flatMap((command) => command.split(/\s+/).slice(2).filter((word) => !word.startsWith('-'))),
+      .flatMap((command) =>
+        command
+          .split(/\s+/)
+          .slice(2)
+          .filter((word) => !word.startsWith('-')),
+      ),
   );
 }
 
@@ -162,7 +167,10 @@ describe('the container image (Dockerfile, .dockerignore)', function () {
     const engines = (JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { engines: { node: string } }).engines.node;
     const [, minMajor, minMinor, maxMajor] = /^>=(\d+)\.(\d+)\s+<(\d+)$/.exec(engines) ?? [];
     const [major, minor] = [Number(match[1]), Number(match[2])];
-    assert.ok(major >= Number(minMajor) && major < Number(maxMajor) && (major > Number(minMajor) || minor >= Number(minMinor)), `${image} does not satisfy engines.node ${engines}`);
+    assert.ok(
+      major >= Number(minMajor) && major < Number(maxMajor) && (major > Number(minMajor) || minor >= Number(minMinor)),
+      `${image} does not satisfy engines.node ${engines}`,
+    );
   });
 
   it('installs packages that exist in Debian bookworm', function () {
@@ -171,7 +179,10 @@ describe('the container image (Dockerfile, .dockerignore)', function () {
     const os = osRelease();
     assert.equal(os.VERSION_CODENAME, 'bookworm', 'this check needs a Debian 12 (bookworm) machine, as the README says');
     const lists = fs.existsSync('/var/lib/apt/lists') ? fs.readdirSync('/var/lib/apt/lists') : [];
-    assert.ok(lists.some((f) => f.includes('_Packages')), 'apt has no package lists: run apt-get update');
+    assert.ok(
+      lists.some((f) => f.includes('_Packages')),
+      'apt has no package lists: run apt-get update',
+    );
     const packages = [...aptPackages(build()), ...aptPackages(runtime())];
     assert.ok(packages.length >= 8, packages.join(' '));
     // One apt-cache call for all of them: it prints a record for each package it knows.
@@ -238,7 +249,9 @@ describe('the container image (Dockerfile, .dockerignore)', function () {
     const argv = JSON.parse(entry.text) as string[];
     assert.deepEqual(argv, ['/usr/bin/tini', '--', 'arbor']);
     const pkg = JSON.parse(fs.readFileSync(path.join(repoRoot, 'package.json'), 'utf8')) as { bin: Record<string, string>; scripts: Record<string, string> };
-    const link = runs(stage).join(' && ').match(/ln -s (\S+) (\S+)/);
+    const link = runs(stage)
+      .join(' && ')
+      .match(/ln -s (\S+) (\S+)/);
     assert.ok(link, 'no symlink puts arbor on PATH');
     assert.equal(link[1], path.posix.join(workdir(stage), pkg.bin.arbor), 'the symlink points at package.json bin.arbor');
     assert.equal(link[2], '/usr/local/bin/arbor');
@@ -255,11 +268,17 @@ describe('the container image (Dockerfile, .dockerignore)', function () {
     const stage = runtime();
     const dir = workdir(stage);
     const fromBuild = copies(stage).filter((c) => c.from === build().name);
-    const shipped = new Map(fromBuild.flatMap((c) => c.sources.map((s) => [path.posix.relative(workdir(build()), s), path.posix.join(dir, c.destination)] as const)));
-    for (const item of ['dist', 'node_modules', 'package.json', 'csi/proto']) assert.equal(shipped.get(item), path.posix.join(dir, item), `${item} is not copied to ${dir}/${item}`);
+    const shipped = new Map(
+      fromBuild.flatMap((c) => c.sources.map((s) => [path.posix.relative(workdir(build()), s), path.posix.join(dir, c.destination)] as const)),
+    );
+    for (const item of ['dist', 'node_modules', 'package.json', 'csi/proto'])
+      assert.equal(shipped.get(item), path.posix.join(dir, item), `${item} is not copied to ${dir}/${item}`);
     // csi/proto.ts finds the proto relative to its compiled file: the same relative path must hold in the image.
     assert.equal(path.relative(repoRoot, protoPath), 'csi/proto/csi.proto');
-    assert.ok(copies(stage).every((c) => c.from !== undefined), 'the runtime copies nothing from the build context');
+    assert.ok(
+      copies(stage).every((c) => c.from !== undefined),
+      'the runtime copies nothing from the build context',
+    );
     assert.ok(!runs(stage).some((r) => /\bnpm (ci|install|i)\b/.test(r)), 'the runtime installs no npm packages');
     const buildRuns = runs(build()).join('\n');
     const buildAt = buildRuns.indexOf('npm run build');
@@ -292,7 +311,8 @@ describe('the container image (Dockerfile, .dockerignore)', function () {
       .map((l) => l.trim())
       .filter((l) => l !== '' && !l.startsWith('#'))
       .map((l) => l.replace(/\/$/, ''));
-    for (const needed of ['node_modules', 'dist', '.git', 'test', 'arbor-data', '*.state', 'csi/generated']) assert.ok(patterns.includes(needed), `.dockerignore lacks ${needed}`);
+    for (const needed of ['node_modules', 'dist', '.git', 'test', 'arbor-data', '*.state', 'csi/generated'])
+      assert.ok(patterns.includes(needed), `.dockerignore lacks ${needed}`);
     const ignored = (file: string) =>
       patterns.some((p) => {
         const regex = new RegExp(`^${p.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '[^/]*')}(/.*)?$`);

@@ -130,7 +130,8 @@ function typeProblems(value: unknown, type: string, format: string, at: string, 
       if (typeof value !== 'string') problems.push(`${at}: should be a string, is ${describe(value)}`);
       return;
     case 'number':
-      if (typeof value !== 'number' || (/^int/.test(format) && !Number.isInteger(value))) problems.push(`${at}: should be ${format || 'a number'}, is ${describe(value)}`);
+      if (typeof value !== 'number' || (/^int/.test(format) && !Number.isInteger(value)))
+        problems.push(`${at}: should be ${format || 'a number'}, is ${describe(value)}`);
       return;
     case 'boolean':
       if (typeof value !== 'boolean') problems.push(`${at}: should be a boolean, is ${describe(value)}`);
@@ -261,14 +262,38 @@ export const customKinds: Record<string, Record<string, Shape>> = {
   'groupsnapshot.storage.k8s.io/v1beta2/VolumeGroupSnapshotClass': { ...snapshotClassFields },
   'groupsnapshot.storage.k8s.io/v1beta1/VolumeGroupSnapshotClass': { ...snapshotClassFields },
   'snapshot.storage.k8s.io/v1/VolumeSnapshot': {
-    spec: obj({ source: obj({ persistentVolumeClaimName: 'string', volumeSnapshotContentName: 'string' }, [], ['persistentVolumeClaimName', 'volumeSnapshotContentName']), volumeSnapshotClassName: 'string' }, ['source']),
+    spec: obj(
+      {
+        source: obj(
+          { persistentVolumeClaimName: 'string', volumeSnapshotContentName: 'string' },
+          [],
+          ['persistentVolumeClaimName', 'volumeSnapshotContentName'],
+        ),
+        volumeSnapshotClassName: 'string',
+      },
+      ['source'],
+    ),
   },
   'groupsnapshot.storage.k8s.io/v1/VolumeGroupSnapshot': {
-    spec: obj({ source: obj({ selector: { model: 'V1LabelSelector' }, volumeGroupSnapshotContentName: 'string' }, [], ['selector', 'volumeGroupSnapshotContentName']), volumeGroupSnapshotClassName: 'string' }, ['source']),
+    spec: obj(
+      {
+        source: obj({ selector: { model: 'V1LabelSelector' }, volumeGroupSnapshotContentName: 'string' }, [], ['selector', 'volumeGroupSnapshotContentName']),
+        volumeGroupSnapshotClassName: 'string',
+      },
+      ['source'],
+    ),
   },
   'cdi.kubevirt.io/v1beta1/StorageProfile': {
     spec: obj({
-      claimPropertySets: list(obj({ accessModes: list({ enum: ['ReadWriteOnce', 'ReadOnlyMany', 'ReadWriteMany', 'ReadWriteOncePod'] }, 1), volumeMode: { enum: ['Block', 'Filesystem'] } }, ['accessModes', 'volumeMode'])),
+      claimPropertySets: list(
+        obj(
+          {
+            accessModes: list({ enum: ['ReadWriteOnce', 'ReadOnlyMany', 'ReadWriteMany', 'ReadWriteOncePod'] }, 1),
+            volumeMode: { enum: ['Block', 'Filesystem'] },
+          },
+          ['accessModes', 'volumeMode'],
+        ),
+      ),
       cloneStrategy: { enum: ['snapshot', 'copy', 'csi-clone'] },
       dataImportCronSourceFormat: { enum: ['pvc', 'snapshot'] },
       snapshotClass: 'string',
@@ -312,7 +337,10 @@ export const customKinds: Record<string, Record<string, Shape>> = {
       {
         selector: { model: 'V1LabelSelector' },
         namespaceSelector: obj({ matchNames: list('string'), any: 'boolean' }),
-        endpoints: list(obj({ port: 'string', path: 'string', interval: 'string', scrapeTimeout: 'string', scheme: { enum: ['http', 'https'] }, honorLabels: 'boolean' }), 1),
+        endpoints: list(
+          obj({ port: 'string', path: 'string', interval: 'string', scrapeTimeout: 'string', scheme: { enum: ['http', 'https'] }, honorLabels: 'boolean' }),
+          1,
+        ),
         jobLabel: 'string',
       },
       ['selector', 'endpoints'],
@@ -386,7 +414,11 @@ export function objectProblems(object: unknown): string[] {
   const builtin = builtinKinds[key];
   if (builtin) return withWhere([...problems, ...modelProblems(object, builtin)]);
   const custom = customKinds[key];
-  if (!custom) return withWhere([...problems, `${key}: a kind the cluster does not know (known: ${[...Object.keys(builtinKinds), ...Object.keys(customKinds)].join(', ')})`]);
+  if (!custom)
+    return withWhere([
+      ...problems,
+      `${key}: a kind the cluster does not know (known: ${[...Object.keys(builtinKinds), ...Object.keys(customKinds)].join(', ')})`,
+    ]);
   problems.push(...modelProblems(object.metadata, 'V1ObjectMeta', '.metadata'));
   const { apiVersion: _apiVersion, kind: _kind, metadata: _metadata, ...rest } = object;
   shapeProblems(rest, obj(custom, 'spec' in custom ? ['spec'] : ['driver', 'deletionPolicy']), '', problems);

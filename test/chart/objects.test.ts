@@ -72,7 +72,10 @@ describe('the objects the chart renders', function () {
   });
 
   describe('sockets and mounts', () => {
-    for (const [mode, objects] of [['embedded', embedded], ['distributed', distributed]] as const) {
+    for (const [mode, objects] of [
+      ['embedded', embedded],
+      ['distributed', distributed],
+    ] as const) {
       it(`(${mode}) every sidecar dials the socket its plugin listens on, through the same volume`, () => {
         for (const workload of workloads(objects())) {
           const pod = workload.spec.template.spec;
@@ -191,7 +194,11 @@ describe('the objects the chart renders', function () {
       const objects = distributed();
       const args = workloads(objects).map((w) => container(w.spec.template.spec, 'arbor'));
       for (const c of args) {
-        assert.equal(flag(c, 'store'), 'etcds://etcd-0.etcd.storage.svc:2379,etcd-1.etcd.storage.svc:2379,etcd-2.etcd.storage.svc:2379/arbor/prod', 'etcds:// when the etcd TLS Secret is set');
+        assert.equal(
+          flag(c, 'store'),
+          'etcds://etcd-0.etcd.storage.svc:2379,etcd-1.etcd.storage.svc:2379,etcd-2.etcd.storage.svc:2379/arbor/prod',
+          'etcds:// when the etcd TLS Secret is set',
+        );
         const blobs = new URL(flag(c, 'blobs'));
         assert.equal(blobs.protocol, 's3:');
         assert.equal(blobs.host, 'arbor-blobs');
@@ -207,7 +214,10 @@ describe('the objects the chart renders', function () {
         const pod = w.spec.template.spec;
         const c = container(pod, 'arbor');
         const user = c.securityContext?.runAsUser ?? pod.securityContext?.runAsUser;
-        assert.ok(user === 0 || pod.securityContext?.fsGroup !== undefined, `${w.metadata.name} runs as ${user} without an fsGroup: it cannot read its 0400 Secret files`);
+        assert.ok(
+          user === 0 || pod.securityContext?.fsGroup !== undefined,
+          `${w.metadata.name} runs as ${user} without an fsGroup: it cannot read its 0400 Secret files`,
+        );
         assert.deepEqual(env(c, 'AWS_ACCESS_KEY_ID')?.valueFrom?.secretKeyRef, { name: 'arbor-s3', key: 'AWS_ACCESS_KEY_ID' });
         assert.deepEqual(env(c, 'AWS_SECRET_ACCESS_KEY')?.valueFrom?.secretKeyRef, { name: 'arbor-s3', key: 'AWS_SECRET_ACCESS_KEY' });
         assert.deepEqual(env(c, 'ETCD_USERNAME')?.valueFrom?.secretKeyRef, { name: 'arbor-etcd-auth', key: 'username' });
@@ -221,7 +231,10 @@ describe('the objects the chart renders', function () {
           const { mount, volume: v } = mountHolding(pod, c, file);
           assert.ok(v.secret, `${file} is not in a Secret volume`);
           assert.equal(mount.readOnly, true);
-          assert.ok((v.secret.items ?? []).some((item) => item.path === path.relative(mount.mountPath, file)), `${file} is not one of the Secret's items`);
+          assert.ok(
+            (v.secret.items ?? []).some((item) => item.path === path.relative(mount.mountPath, file)),
+            `${file} is not one of the Secret's items`,
+          );
         }
       }
     });
@@ -279,7 +292,12 @@ describe('the objects the chart renders', function () {
         }
         if (fs.existsSync(s3)) {
           const { parseBlobsUrl } = require(s3) as { parseBlobsUrl(url: string, env: NodeJS.ProcessEnv): unknown };
-          assert.deepEqual(parseBlobsUrl(flag(c, 'blobs'), {}), { bucket: 'arbor-blobs', prefix: 'prod/', endpoint: 'https://rgw.storage.svc:8443', region: 'default' });
+          assert.deepEqual(parseBlobsUrl(flag(c, 'blobs'), {}), {
+            bucket: 'arbor-blobs',
+            prefix: 'prod/',
+            endpoint: 'https://rgw.storage.svc:8443',
+            region: 'default',
+          });
         }
       }
     });
@@ -309,7 +327,14 @@ describe('the objects the chart renders', function () {
           if (c.name !== 'arbor' && c.name !== 'load-nbd') assert.match(c.image, /^registry\.k8s\.io\/sig-storage\//, c.name);
         }
       }
-      const mirrored = render({ set: { 'store.embedded.nodeName': dataNode, 'sidecars.provisioner.image.repository': 'mirror.example/csi-provisioner', 'sidecars.provisioner.image.tag': 'v9.9.9', 'image.digest': `sha256:${'a'.repeat(64)}` } });
+      const mirrored = render({
+        set: {
+          'store.embedded.nodeName': dataNode,
+          'sidecars.provisioner.image.repository': 'mirror.example/csi-provisioner',
+          'sidecars.provisioner.image.tag': 'v9.9.9',
+          'image.digest': `sha256:${'a'.repeat(64)}`,
+        },
+      });
       const pod = controller(mirrored).spec.template.spec;
       assert.equal(container(pod, 'csi-provisioner').image, 'mirror.example/csi-provisioner:v9.9.9');
       assert.equal(container(pod, 'arbor').image, `ghcr.io/arbor-csi/arbor@sha256:${'a'.repeat(64)}`);
@@ -353,10 +378,17 @@ describe('the objects the chart renders', function () {
       const services = all(objects, 'Service');
       assert.equal(services.length, 2);
       const monitor = one(objects, 'ServiceMonitor');
-      const monitorSpec = monitor.spec as { selector: { matchLabels: Record<string, string> }; endpoints: { port: string }[]; namespaceSelector: { matchNames: string[] } };
+      const monitorSpec = monitor.spec as {
+        selector: { matchLabels: Record<string, string> };
+        endpoints: { port: string }[];
+        namespaceSelector: { matchNames: string[] };
+      };
       assert.deepEqual(monitorSpec.namespaceSelector.matchNames, [namespace]);
       assert.deepEqual(monitor.metadata.labels?.release, 'prometheus');
-      for (const [w, expected] of [[controller(objects), 9820], [nodePlugin(objects), 9821]] as const) {
+      for (const [w, expected] of [
+        [controller(objects), 9820],
+        [nodePlugin(objects), 9821],
+      ] as const) {
         const pod = w.spec.template;
         const plugin = container(pod.spec, 'arbor');
         assert.equal(flag(plugin, 'metrics-listen'), `0.0.0.0:${expected}`);
@@ -369,8 +401,14 @@ describe('the objects the chart renders', function () {
         });
         assert.ok(service, `no Service selects ${w.metadata.name}'s pods`);
         const servicePorts = (service.spec as { ports: { name: string; targetPort: string }[] }).ports;
-        assert.deepEqual(servicePorts.map((p) => [p.name, p.targetPort]), [['metrics', 'metrics']]);
-        assert.ok(Object.entries(monitorSpec.selector.matchLabels).every(([k, v]) => service.metadata.labels?.[k] === v), `the ServiceMonitor does not select ${service.metadata.name}`);
+        assert.deepEqual(
+          servicePorts.map((p) => [p.name, p.targetPort]),
+          [['metrics', 'metrics']],
+        );
+        assert.ok(
+          Object.entries(monitorSpec.selector.matchLabels).every(([k, v]) => service.metadata.labels?.[k] === v),
+          `the ServiceMonitor does not select ${service.metadata.name}`,
+        );
         assert.ok(monitorSpec.endpoints.some((e) => e.port === 'metrics'));
       }
       const quiet = render({ set: { 'store.embedded.nodeName': dataNode, 'metrics.enabled': false } });
@@ -387,7 +425,8 @@ describe('the objects the chart renders', function () {
     /** resource → verbs, from a role's rules. */
     const grants = (o: K8sObject) => {
       const out: Record<string, string[]> = {};
-      for (const rule of rulesOf(o)) for (const group of rule.apiGroups) for (const resource of rule.resources) out[`${group}/${resource}`] = [...rule.verbs].sort();
+      for (const rule of rulesOf(o))
+        for (const group of rule.apiGroups) for (const resource of rule.resources) out[`${group}/${resource}`] = [...rule.verbs].sort();
       return out;
     };
     const verbs = (...v: string[]) => v.sort();
@@ -433,7 +472,12 @@ describe('the objects the chart renders', function () {
         },
       };
       const clusterRoles = all(objects, 'ClusterRole');
-      assert.deepEqual(clusterRoles.map((r) => r.metadata.name).sort(), Object.keys(expected).map((s) => `${controllerName}-${s}`).sort());
+      assert.deepEqual(
+        clusterRoles.map((r) => r.metadata.name).sort(),
+        Object.keys(expected)
+          .map((s) => `${controllerName}-${s}`)
+          .sort(),
+      );
       for (const [sidecar, rules] of Object.entries(expected)) {
         assert.deepEqual(grants(one(objects, 'ClusterRole', `${controllerName}-${sidecar}`)), rules, sidecar);
       }
@@ -472,17 +516,29 @@ describe('the objects the chart renders', function () {
     it('offers a Block class and a Filesystem class with parameters Arbor accepts', () => {
       const objects = defaults();
       const classes = all(objects, 'StorageClass');
-      assert.deepEqual(classes.map((c) => c.metadata.name), ['arbor-block', 'arbor-fs']);
+      assert.deepEqual(
+        classes.map((c) => c.metadata.name),
+        ['arbor-block', 'arbor-fs'],
+      );
       for (const sc of classes) {
         assert.equal(sc.allowVolumeExpansion, true);
         assert.equal(sc.reclaimPolicy, 'Delete');
         const parameters = sc.parameters as Record<string, string>;
-        for (const key of Object.keys(parameters)) assert.ok(['extentSize', 'fsType', 'mkfsOptions'].includes(key) || key.startsWith('csi.storage.k8s.io/'), `${sc.metadata.name}: CreateVolume refuses parameter ${key}`);
+        for (const key of Object.keys(parameters))
+          assert.ok(
+            ['extentSize', 'fsType', 'mkfsOptions'].includes(key) || key.startsWith('csi.storage.k8s.io/'),
+            `${sc.metadata.name}: CreateVolume refuses parameter ${key}`,
+          );
         assert.equal(parameters.extentSize, '64KiB');
       }
       assert.equal((classes[0].parameters as Record<string, string>)['csi.storage.k8s.io/fstype'], undefined, 'the block class formats nothing');
       assert.equal((classes[1].parameters as Record<string, string>)['csi.storage.k8s.io/fstype'], 'ext4');
-      const tuned = all(render({ set: { 'store.embedded.nodeName': dataNode, 'storageClasses.filesystem.fsType': 'xfs', 'storageClasses.filesystem.mkfsOptions': '-m reflink=0' } }), 'StorageClass')[1];
+      const tuned = all(
+        render({
+          set: { 'store.embedded.nodeName': dataNode, 'storageClasses.filesystem.fsType': 'xfs', 'storageClasses.filesystem.mkfsOptions': '-m reflink=0' },
+        }),
+        'StorageClass',
+      )[1];
       assert.deepEqual(tuned.parameters, { 'csi.storage.k8s.io/fstype': 'xfs', extentSize: '64KiB', mkfsOptions: '-m reflink=0' });
     });
 
@@ -491,9 +547,17 @@ describe('the objects the chart renders', function () {
       const profile = one(objects, 'StorageProfile');
       const block = one(objects, 'StorageClass', 'arbor-block');
       assert.equal(profile.metadata.name, block.metadata.name, 'CDI matches profiles to classes by name');
-      const spec = profile.spec as { claimPropertySets: { accessModes: string[]; volumeMode: string }[]; cloneStrategy: string; dataImportCronSourceFormat: string; snapshotClass: string };
+      const spec = profile.spec as {
+        claimPropertySets: { accessModes: string[]; volumeMode: string }[];
+        cloneStrategy: string;
+        dataImportCronSourceFormat: string;
+        snapshotClass: string;
+      };
       assert.deepEqual(spec.claimPropertySets[0], { accessModes: ['ReadWriteOnce'], volumeMode: 'Block' });
-      assert.deepEqual(spec.claimPropertySets.map((s) => s.volumeMode), ['Block', 'Filesystem']);
+      assert.deepEqual(
+        spec.claimPropertySets.map((s) => s.volumeMode),
+        ['Block', 'Filesystem'],
+      );
       for (const set of spec.claimPropertySets) assert.ok(!set.accessModes.includes('ReadWriteMany'), 'Arbor has no multi-node writer');
       assert.equal(spec.cloneStrategy, 'csi-clone');
       assert.equal(spec.dataImportCronSourceFormat, 'snapshot');

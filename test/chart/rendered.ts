@@ -66,7 +66,13 @@ export interface Container {
   ports?: { name: string; containerPort: number }[];
   volumeMounts?: VolumeMount[];
   livenessProbe?: { httpGet?: { path: string; port: string | number } };
-  securityContext?: { privileged?: boolean; runAsUser?: number; allowPrivilegeEscalation?: boolean; readOnlyRootFilesystem?: boolean; capabilities?: { drop?: string[] } };
+  securityContext?: {
+    privileged?: boolean;
+    runAsUser?: number;
+    allowPrivilegeEscalation?: boolean;
+    readOnlyRootFilesystem?: boolean;
+    capabilities?: { drop?: string[] };
+  };
   resources?: { requests?: Record<string, string>; limits?: Record<string, string> };
 }
 export interface Volume {
@@ -85,7 +91,11 @@ export interface PodSpec {
   automountServiceAccountToken?: boolean;
   priorityClassName?: string;
   nodeSelector?: Record<string, string>;
-  affinity?: { nodeAffinity?: { requiredDuringSchedulingIgnoredDuringExecution?: { nodeSelectorTerms: { matchFields?: { key: string; operator: string; values: string[] }[] }[] } } };
+  affinity?: {
+    nodeAffinity?: {
+      requiredDuringSchedulingIgnoredDuringExecution?: { nodeSelectorTerms: { matchFields?: { key: string; operator: string; values: string[] }[] }[] };
+    };
+  };
   securityContext?: { runAsUser?: number; runAsNonRoot?: boolean; fsGroup?: number };
 }
 export interface Workload extends K8sObject {

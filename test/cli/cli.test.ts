@@ -68,7 +68,10 @@ describe('the arbor CLI', function () {
     }
     const info = JSON.parse(ok('volume', 'info', 'golden', '--json'));
     assert.equal(info.allocatedBytes, 60 * MiB, 'the 4 MiB zero run and the unwritten tail are holes');
-    assert.deepEqual(info.snapshots.map((s: { name: string }) => s.name), ['v1']);
+    assert.deepEqual(
+      info.snapshots.map((s: { name: string }) => s.name),
+      ['v1'],
+    );
     const vm = JSON.parse(ok('volume', 'info', 'vm', '--json'));
     assert.deepEqual(vm.lineage, [{ volumeId: info.id, volume: 'golden', snapshotId: info.snapshots[0].id, snapshot: 'v1' }]);
     assert.equal(vm.exclusiveBytes, 49 * 65536, 'the clone owns only the 49 extents it overwrote');
@@ -99,7 +102,11 @@ describe('the arbor CLI', function () {
   it('errors name the volume or snapshot, say what to do, and exit non-zero', () => {
     const cases: Array<[string[], number, RegExp]> = [
       [['volume', 'info', 'nope'], 1, /volume nope does not exist/],
-      [['volume', 'resize', 'golden', '--size', '1MiB'], 1, /volume golden: requested size 1048576 is smaller than its current size 83886080; shrinking is not supported/],
+      [
+        ['volume', 'resize', 'golden', '--size', '1MiB'],
+        1,
+        /volume golden: requested size 1048576 is smaller than its current size 83886080; shrinking is not supported/,
+      ],
       [['volume', 'create', 'golden', '--size', '1GiB'], 1, /volume golden already exists with size 83886080/],
       [['volume', 'create', 'x', '--size', 'lots'], 2, /--size "lots" is not a size/],
       [['volume', 'create', 'x', '--size', '1000'], 1, /not a multiple of 512 bytes/],
@@ -128,7 +135,9 @@ describe('the arbor CLI', function () {
   });
 
   it('while serve holds the data directory the CLI works through it; a second serve gets a clear error; SIGTERM stops it cleanly', async () => {
-    const server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', path.join(dir.dir, 'nbd.sock')], { stdio: ['ignore', 'ignore', 'pipe'] });
+    const server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', path.join(dir.dir, 'nbd.sock')], {
+      stdio: ['ignore', 'ignore', 'pipe'],
+    });
     let log = '';
     await new Promise<void>((resolve) => server.stderr.on('data', (chunk) => ((log += chunk), log.includes('arbor serving') && resolve())));
     const second = arbor('serve');
@@ -137,7 +146,10 @@ describe('the arbor CLI', function () {
     const created = await runAsync('volume', 'create', 'through-server', '--size', '1MiB');
     assert.equal(created.status, 0, created.stderr);
     const listed = await runAsync('volume', 'list', '--json');
-    assert.deepEqual(JSON.parse(listed.stdout).map((v: { name: string }) => v.name), ['through-server']);
+    assert.deepEqual(
+      JSON.parse(listed.stdout).map((v: { name: string }) => v.name),
+      ['through-server'],
+    );
     server.kill('SIGTERM');
     const status = await new Promise((resolve) => server.on('exit', resolve));
     assert.equal(status, 0);

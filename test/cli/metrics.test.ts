@@ -14,9 +14,19 @@ function sample(text: string, name: string, labels = ''): number | undefined {
 
 describe('Prometheus metrics (--metrics-listen)', function () {
   this.timeout(60_000);
-  const suite = serverForSuite(async (dir) => ['--metrics-listen', '127.0.0.1:0', '--csi-endpoint', `unix://${path.join(dir, 'csi.sock')}`, '--node-id', 'metrics-node']);
+  const suite = serverForSuite(async (dir) => [
+    '--metrics-listen',
+    '127.0.0.1:0',
+    '--csi-endpoint',
+    `unix://${path.join(dir, 'csi.sock')}`,
+    '--node-id',
+    'metrics-node',
+  ]);
   const metricsUrl = () => {
-    const line = suite.server.log().split('\n').find((l) => l.includes('"message":"metrics served"'));
+    const line = suite.server
+      .log()
+      .split('\n')
+      .find((l) => l.includes('"message":"metrics served"'));
     assert.ok(line, 'the server logs where it serves metrics');
     return `http://${JSON.parse(line).address}/metrics`;
   };
@@ -34,7 +44,11 @@ describe('Prometheus metrics (--metrics-listen)', function () {
 
     const csi = csiClient(path.join(suite.dir, 'csi.sock'));
     try {
-      await csi.controller.CreateVolume({ name: 'observed', capacity_range: { required_bytes: String(16 * MiB) }, volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }] });
+      await csi.controller.CreateVolume({
+        name: 'observed',
+        capacity_range: { required_bytes: String(16 * MiB) },
+        volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }],
+      });
       await assert.rejects(csi.controller.DeleteVolume({ volume_id: '' }));
     } finally {
       csi.close();

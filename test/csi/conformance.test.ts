@@ -34,7 +34,15 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
   });
 
   const create = (name: string, extra: object = {}) =>
-    csi.controller.CreateVolume({ name, volume_capabilities: [mount()], capacity_range: { required_bytes: String(64 * MiB) }, ...extra }) as Promise<{ volume: { volume_id: string; capacity_bytes: string; volume_context: Record<string, string>; accessible_topology: Array<{ segments: Record<string, string> }>; content_source: unknown } }>;
+    csi.controller.CreateVolume({ name, volume_capabilities: [mount()], capacity_range: { required_bytes: String(64 * MiB) }, ...extra }) as Promise<{
+      volume: {
+        volume_id: string;
+        capacity_bytes: string;
+        volume_context: Record<string, string>;
+        accessible_topology: Array<{ segments: Record<string, string> }>;
+        content_source: unknown;
+      };
+    }>;
   const nbd = (exportName: string) => NbdClient.connect({ socketPath: suite.server.nbdSocket, exportName });
 
   describe('Identity', () => {
@@ -62,18 +70,46 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       await expectCode(csi.controller.CreateVolume({ ...base, name: '' }), status.INVALID_ARGUMENT, 'no name');
       await expectCode(csi.controller.CreateVolume({ ...base, volume_capabilities: [] }), status.INVALID_ARGUMENT, 'no capabilities');
       await expectCode(csi.controller.CreateVolume({ ...base, volume_capabilities: [{ mount: {} }] }), status.INVALID_ARGUMENT, 'no access mode');
-      await expectCode(csi.controller.CreateVolume({ ...base, volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' } }] }), status.INVALID_ARGUMENT, 'no access type');
-      await expectCode(csi.controller.CreateVolume({ ...base, volume_capabilities: [mount('MULTI_NODE_MULTI_WRITER')] }), status.INVALID_ARGUMENT, 'multi-node writers');
-      await expectCode(csi.controller.CreateVolume({ ...base, volume_capabilities: [mount('SINGLE_NODE_WRITER', 'ntfs')] }), status.INVALID_ARGUMENT, 'an unknown fs_type');
-      const key = await expectCode(csi.controller.CreateVolume({ ...base, parameters: { compression: 'on' } }), status.INVALID_ARGUMENT, 'an unknown parameter');
+      await expectCode(
+        csi.controller.CreateVolume({ ...base, volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' } }] }),
+        status.INVALID_ARGUMENT,
+        'no access type',
+      );
+      await expectCode(
+        csi.controller.CreateVolume({ ...base, volume_capabilities: [mount('MULTI_NODE_MULTI_WRITER')] }),
+        status.INVALID_ARGUMENT,
+        'multi-node writers',
+      );
+      await expectCode(
+        csi.controller.CreateVolume({ ...base, volume_capabilities: [mount('SINGLE_NODE_WRITER', 'ntfs')] }),
+        status.INVALID_ARGUMENT,
+        'an unknown fs_type',
+      );
+      const key = await expectCode(
+        csi.controller.CreateVolume({ ...base, parameters: { compression: 'on' } }),
+        status.INVALID_ARGUMENT,
+        'an unknown parameter',
+      );
       assert.match(key, /"compression"/, 'the error names the key');
       await expectCode(csi.controller.CreateVolume({ ...base, parameters: { extentSize: '3KiB' } }), status.INVALID_ARGUMENT, 'a bad extentSize');
       await expectCode(csi.controller.CreateVolume({ ...base, parameters: { fsType: 'btrfs' } }), status.INVALID_ARGUMENT, 'a bad fsType');
-      await expectCode(csi.controller.CreateVolume({ ...base, capacity_range: { required_bytes: String(2 * MiB), limit_bytes: String(MiB) } }), status.INVALID_ARGUMENT, 'required above limit');
-      await expectCode(csi.controller.CreateVolume({ ...base, capacity_range: { required_bytes: '1000', limit_bytes: '2000' } }), status.OUT_OF_RANGE, 'no whole extent fits the limit');
-      await expectCode(csi.controller.CreateVolume({ ...base, capacity_range: { required_bytes: String(2 ** 51) } }), status.OUT_OF_RANGE, 'beyond the largest volume');
+      await expectCode(
+        csi.controller.CreateVolume({ ...base, capacity_range: { required_bytes: String(2 * MiB), limit_bytes: String(MiB) } }),
+        status.INVALID_ARGUMENT,
+        'required above limit',
+      );
+      await expectCode(
+        csi.controller.CreateVolume({ ...base, capacity_range: { required_bytes: '1000', limit_bytes: '2000' } }),
+        status.OUT_OF_RANGE,
+        'no whole extent fits the limit',
+      );
+      await expectCode(
+        csi.controller.CreateVolume({ ...base, capacity_range: { required_bytes: String(2 ** 51) } }),
+        status.OUT_OF_RANGE,
+        'beyond the largest volume',
+      );
       await expectCode(csi.controller.CreateVolume({ ...base, name: 'has/slash' }), status.INVALID_ARGUMENT, 'a name Arbor cannot use');
-      assert.equal((await admin.api.findVolume({ name: 'bad' })), undefined, 'nothing was created');
+      assert.equal(await admin.api.findVolume({ name: 'bad' }), undefined, 'nothing was created');
     });
 
     it('rounds the size up to whole extents, within the limit, and reports topology and context', async () => {
@@ -134,23 +170,50 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       const again = (await csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'origin-snap' })).snapshot as Record<string, unknown>;
       assert.equal(again.snapshot_id, snap.snapshot_id);
 
-      const restored = await create('restored', { volume_content_source: { snapshot: { snapshot_id: snap.snapshot_id } }, capacity_range: { required_bytes: String(128 * MiB) } });
+      const restored = await create('restored', {
+        volume_content_source: { snapshot: { snapshot_id: snap.snapshot_id } },
+        capacity_range: { required_bytes: String(128 * MiB) },
+      });
       assert.equal(restored.volume.capacity_bytes, String(128 * MiB), 'restored and grown to the size asked for');
       assert.deepEqual(restored.volume.content_source, { snapshot: { snapshot_id: snap.snapshot_id }, type: 'snapshot' });
       const reader = await nbd('restored');
-      assert.ok((await reader.read(MiB, MiB)).every((b) => b === 0x61), 'the restore holds the snapshot, not later writes');
-      assert.ok((await reader.read(100 * MiB, MiB)).every((b) => b === 0), 'and zeros past the snapshot size');
+      assert.ok(
+        (await reader.read(MiB, MiB)).every((b) => b === 0x61),
+        'the restore holds the snapshot, not later writes',
+      );
+      assert.ok(
+        (await reader.read(100 * MiB, MiB)).every((b) => b === 0),
+        'and zeros past the snapshot size',
+      );
       await reader.disconnect();
 
       const clone = await create('cloned', { volume_content_source: { volume: { volume_id: volume.volume_id } } });
       const cloneReader = await nbd('cloned');
-      assert.ok((await cloneReader.read(MiB, MiB)).every((b) => b === 0x62), 'a clone of the volume holds what it holds now');
+      assert.ok(
+        (await cloneReader.read(MiB, MiB)).every((b) => b === 0x62),
+        'a clone of the volume holds what it holds now',
+      );
       await cloneReader.disconnect();
       await writer.disconnect();
       assert.ok(clone.volume.volume_id);
-      await expectCode(create('too-small', { volume_content_source: { snapshot: { snapshot_id: snap.snapshot_id } }, capacity_range: { required_bytes: String(MiB), limit_bytes: String(32 * MiB) } }), status.OUT_OF_RANGE, 'limit below the snapshot');
-      await expectCode(create('from-nothing', { volume_content_source: { snapshot: { snapshot_id: 'snap-0000000000000000' } } }), status.NOT_FOUND, 'missing snapshot');
-      await expectCode(create('from-nowhere', { volume_content_source: { volume: { volume_id: 'vol-0000000000000000' } } }), status.NOT_FOUND, 'missing volume');
+      await expectCode(
+        create('too-small', {
+          volume_content_source: { snapshot: { snapshot_id: snap.snapshot_id } },
+          capacity_range: { required_bytes: String(MiB), limit_bytes: String(32 * MiB) },
+        }),
+        status.OUT_OF_RANGE,
+        'limit below the snapshot',
+      );
+      await expectCode(
+        create('from-nothing', { volume_content_source: { snapshot: { snapshot_id: 'snap-0000000000000000' } } }),
+        status.NOT_FOUND,
+        'missing snapshot',
+      );
+      await expectCode(
+        create('from-nowhere', { volume_content_source: { volume: { volume_id: 'vol-0000000000000000' } } }),
+        status.NOT_FOUND,
+        'missing volume',
+      );
     });
 
     it('CreateSnapshot refuses missing fields, unknown sources and a name taken by another volume', async () => {
@@ -158,14 +221,25 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       await expectCode(csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: '' }), status.INVALID_ARGUMENT, 'no name');
       await expectCode(csi.controller.CreateSnapshot({ source_volume_id: '', name: 'x' }), status.INVALID_ARGUMENT, 'no source');
       await expectCode(csi.controller.CreateSnapshot({ source_volume_id: 'vol-0000000000000000', name: 'x' }), status.NOT_FOUND, 'unknown source');
-      await expectCode(csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'origin-snap' }), status.ALREADY_EXISTS, 'name of another volume\'s snapshot');
-      await expectCode(csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'y', parameters: { tier: 'gold' } }), status.INVALID_ARGUMENT, 'unknown parameter');
+      await expectCode(
+        csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'origin-snap' }),
+        status.ALREADY_EXISTS,
+        "name of another volume's snapshot",
+      );
+      await expectCode(
+        csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'y', parameters: { tier: 'gold' } }),
+        status.INVALID_ARGUMENT,
+        'unknown parameter',
+      );
     });
 
     it('ListSnapshots by id, by source, in pages; GetSnapshot; DeleteSnapshot is idempotent', async () => {
       const { volume } = await create('many-snaps');
       const ids: string[] = [];
-      for (let i = 0; i < 5; i++) ids.push(((await csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: `many-${i}` })).snapshot as { snapshot_id: string }).snapshot_id);
+      for (let i = 0; i < 5; i++)
+        ids.push(
+          ((await csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: `many-${i}` })).snapshot as { snapshot_id: string }).snapshot_id,
+        );
       const byId = (await csi.controller.ListSnapshots({ snapshot_id: ids[2] })).entries as unknown[];
       assert.equal(byId.length, 1);
       assert.deepEqual((await csi.controller.ListSnapshots({ snapshot_id: 'snap-0000000000000000' })).entries, [], 'an unknown id lists nothing');
@@ -193,16 +267,36 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
     it('ControllerPublishVolume: the export to attach, idempotent, one node at a time unless read-only for many', async () => {
       const { volume } = await create('published');
       const id = volume.volume_id;
-      await expectCode(csi.controller.ControllerPublishVolume({ volume_id: '', node_id: node, volume_capability: mount() }), status.INVALID_ARGUMENT, 'no volume');
+      await expectCode(
+        csi.controller.ControllerPublishVolume({ volume_id: '', node_id: node, volume_capability: mount() }),
+        status.INVALID_ARGUMENT,
+        'no volume',
+      );
       await expectCode(csi.controller.ControllerPublishVolume({ volume_id: id, node_id: '', volume_capability: mount() }), status.INVALID_ARGUMENT, 'no node');
       await expectCode(csi.controller.ControllerPublishVolume({ volume_id: id, node_id: node }), status.INVALID_ARGUMENT, 'no capability');
-      await expectCode(csi.controller.ControllerPublishVolume({ volume_id: 'vol-0000000000000000', node_id: node, volume_capability: mount() }), status.NOT_FOUND, 'unknown volume');
-      await expectCode(csi.controller.ControllerPublishVolume({ volume_id: id, node_id: 'no-such-node', volume_capability: mount() }), status.NOT_FOUND, 'unknown node');
+      await expectCode(
+        csi.controller.ControllerPublishVolume({ volume_id: 'vol-0000000000000000', node_id: node, volume_capability: mount() }),
+        status.NOT_FOUND,
+        'unknown volume',
+      );
+      await expectCode(
+        csi.controller.ControllerPublishVolume({ volume_id: id, node_id: 'no-such-node', volume_capability: mount() }),
+        status.NOT_FOUND,
+        'unknown node',
+      );
       const published = await csi.controller.ControllerPublishVolume({ volume_id: id, node_id: node, volume_capability: mount() });
       assert.deepEqual(published.publish_context, { export: 'published', readOnly: 'false' });
       await csi.controller.ControllerPublishVolume({ volume_id: id, node_id: node, volume_capability: mount() });
-      await expectCode(csi.controller.ControllerPublishVolume({ volume_id: id, node_id: node, volume_capability: mount(), readonly: true }), status.ALREADY_EXISTS, 'same node, now read-only');
-      await expectCode(csi.controller.ControllerPublishVolume({ volume_id: id, node_id: 'other-node', volume_capability: mount() }), status.FAILED_PRECONDITION, 'a second node');
+      await expectCode(
+        csi.controller.ControllerPublishVolume({ volume_id: id, node_id: node, volume_capability: mount(), readonly: true }),
+        status.ALREADY_EXISTS,
+        'same node, now read-only',
+      );
+      await expectCode(
+        csi.controller.ControllerPublishVolume({ volume_id: id, node_id: 'other-node', volume_capability: mount() }),
+        status.FAILED_PRECONDITION,
+        'a second node',
+      );
       const listed = (await csi.controller.ListVolumes({})).entries as Array<{ volume: { volume_id: string }; status: { published_node_ids: string[] } }>;
       assert.deepEqual(listed.find((e) => e.volume.volume_id === id)!.status.published_node_ids, [node]);
       await csi.controller.ControllerUnpublishVolume({ volume_id: id, node_id: node });
@@ -219,9 +313,20 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
     it('ValidateVolumeCapabilities confirms what Arbor serves and says why not otherwise', async () => {
       const { volume } = await create('validated', { parameters: { fsType: 'ext4' } });
       await expectCode(csi.controller.ValidateVolumeCapabilities({ volume_id: '', volume_capabilities: [mount()] }), status.INVALID_ARGUMENT, 'no id');
-      await expectCode(csi.controller.ValidateVolumeCapabilities({ volume_id: volume.volume_id, volume_capabilities: [] }), status.INVALID_ARGUMENT, 'no capabilities');
-      await expectCode(csi.controller.ValidateVolumeCapabilities({ volume_id: 'vol-0000000000000000', volume_capabilities: [mount()] }), status.NOT_FOUND, 'unknown volume');
-      const ok = await csi.controller.ValidateVolumeCapabilities({ volume_id: volume.volume_id, volume_capabilities: [mount(), block('SINGLE_NODE_READER_ONLY')] });
+      await expectCode(
+        csi.controller.ValidateVolumeCapabilities({ volume_id: volume.volume_id, volume_capabilities: [] }),
+        status.INVALID_ARGUMENT,
+        'no capabilities',
+      );
+      await expectCode(
+        csi.controller.ValidateVolumeCapabilities({ volume_id: 'vol-0000000000000000', volume_capabilities: [mount()] }),
+        status.NOT_FOUND,
+        'unknown volume',
+      );
+      const ok = await csi.controller.ValidateVolumeCapabilities({
+        volume_id: volume.volume_id,
+        volume_capabilities: [mount(), block('SINGLE_NODE_READER_ONLY')],
+      });
       assert.ok(ok.confirmed);
       const no = await csi.controller.ValidateVolumeCapabilities({ volume_id: volume.volume_id, volume_capabilities: [mount('MULTI_NODE_MULTI_WRITER')] });
       assert.equal(no.confirmed, null);
@@ -244,7 +349,7 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       await expectCode(csi.controller.ListVolumes({ max_entries: -5 }), status.INVALID_ARGUMENT, 'negative max_entries');
     });
 
-    it('GetCapacity reports the data directory\'s real free space and the size limits', async () => {
+    it("GetCapacity reports the data directory's real free space and the size limits", async () => {
       const capacity = await csi.controller.GetCapacity({ volume_capabilities: [mount()] });
       const free = Number(capacity.available_capacity);
       assert.ok(free > 0 && free < 10 * 2 ** 50);
@@ -261,19 +366,49 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       assert.deepEqual((got.status as { volume_condition: { abnormal: boolean } }).volume_condition.abnormal, false);
       await expectCode(csi.controller.ControllerGetVolume({ volume_id: 'vol-0000000000000000' }), status.NOT_FOUND, 'unknown volume');
       await expectCode(csi.controller.ControllerExpandVolume({ volume_id: volume.volume_id }), status.INVALID_ARGUMENT, 'no capacity range');
-      await expectCode(csi.controller.ControllerExpandVolume({ volume_id: 'vol-0000000000000000', capacity_range: { required_bytes: String(GiB) } }), status.NOT_FOUND, 'unknown volume');
-      const grown = await csi.controller.ControllerExpandVolume({ volume_id: volume.volume_id, capacity_range: { required_bytes: String(100 * MiB + 1) }, volume_capability: mount() });
+      await expectCode(
+        csi.controller.ControllerExpandVolume({ volume_id: 'vol-0000000000000000', capacity_range: { required_bytes: String(GiB) } }),
+        status.NOT_FOUND,
+        'unknown volume',
+      );
+      const grown = await csi.controller.ControllerExpandVolume({
+        volume_id: volume.volume_id,
+        capacity_range: { required_bytes: String(100 * MiB + 1) },
+        volume_capability: mount(),
+      });
       assert.equal(grown.capacity_bytes, String(100 * MiB + 65536), 'rounded up to whole extents');
       assert.equal(grown.node_expansion_required, true);
-      const same = await csi.controller.ControllerExpandVolume({ volume_id: volume.volume_id, capacity_range: { required_bytes: String(MiB) }, volume_capability: block() });
+      const same = await csi.controller.ControllerExpandVolume({
+        volume_id: volume.volume_id,
+        capacity_range: { required_bytes: String(MiB) },
+        volume_capability: block(),
+      });
       assert.equal(same.capacity_bytes, String(100 * MiB + 65536), 'asking for less changes nothing');
       assert.equal(same.node_expansion_required, false);
-      await expectCode(csi.controller.ControllerExpandVolume({ volume_id: volume.volume_id, capacity_range: { required_bytes: String(GiB), limit_bytes: String(512 * MiB) } }), status.OUT_OF_RANGE, 'beyond the limit');
+      await expectCode(
+        csi.controller.ControllerExpandVolume({ volume_id: volume.volume_id, capacity_range: { required_bytes: String(GiB), limit_bytes: String(512 * MiB) } }),
+        status.OUT_OF_RANGE,
+        'beyond the limit',
+      );
     });
 
     it('ControllerGetCapabilities lists what the controller does', async () => {
       const types = ((await csi.controller.ControllerGetCapabilities()).capabilities as Array<{ rpc: { type: string } }>).map((c) => c.rpc.type);
-      for (const t of ['CREATE_DELETE_VOLUME', 'PUBLISH_UNPUBLISH_VOLUME', 'LIST_VOLUMES', 'GET_CAPACITY', 'CREATE_DELETE_SNAPSHOT', 'LIST_SNAPSHOTS', 'CLONE_VOLUME', 'PUBLISH_READONLY', 'EXPAND_VOLUME', 'LIST_VOLUMES_PUBLISHED_NODES', 'VOLUME_CONDITION', 'GET_VOLUME', 'SINGLE_NODE_MULTI_WRITER']) {
+      for (const t of [
+        'CREATE_DELETE_VOLUME',
+        'PUBLISH_UNPUBLISH_VOLUME',
+        'LIST_VOLUMES',
+        'GET_CAPACITY',
+        'CREATE_DELETE_SNAPSHOT',
+        'LIST_SNAPSHOTS',
+        'CLONE_VOLUME',
+        'PUBLISH_READONLY',
+        'EXPAND_VOLUME',
+        'LIST_VOLUMES_PUBLISHED_NODES',
+        'VOLUME_CONDITION',
+        'GET_VOLUME',
+        'SINGLE_NODE_MULTI_WRITER',
+      ]) {
         assert.ok(types.includes(t), t);
       }
     });
@@ -284,12 +419,18 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       const volumes = await Promise.all(['g1', 'g2', 'g3'].map((n) => create(n)));
       const writers = await Promise.all(['g1', 'g2', 'g3'].map(nbd));
       await Promise.all(writers.map((w, i) => w.write(0, Buffer.alloc(MiB, 0x10 + i))));
-      assert.deepEqual((await csi.group.GroupControllerGetCapabilities()).capabilities, [{ rpc: { type: 'CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT' }, type: 'rpc' }]);
+      assert.deepEqual((await csi.group.GroupControllerGetCapabilities()).capabilities, [
+        { rpc: { type: 'CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT' }, type: 'rpc' },
+      ]);
       await expectCode(csi.group.CreateVolumeGroupSnapshot({ name: '', source_volume_ids: [volumes[0].volume.volume_id] }), status.INVALID_ARGUMENT, 'no name');
       await expectCode(csi.group.CreateVolumeGroupSnapshot({ name: 'g', source_volume_ids: [] }), status.INVALID_ARGUMENT, 'no volumes');
       await expectCode(csi.group.CreateVolumeGroupSnapshot({ name: 'g', source_volume_ids: ['vol-0000000000000000'] }), status.NOT_FOUND, 'an unknown volume');
       const ids = volumes.map((v) => v.volume.volume_id);
-      const group = (await csi.group.CreateVolumeGroupSnapshot({ name: 'together', source_volume_ids: ids })).group_snapshot as { group_snapshot_id: string; snapshots: Array<{ snapshot_id: string; source_volume_id: string; group_snapshot_id: string; ready_to_use: boolean }>; ready_to_use: boolean };
+      const group = (await csi.group.CreateVolumeGroupSnapshot({ name: 'together', source_volume_ids: ids })).group_snapshot as {
+        group_snapshot_id: string;
+        snapshots: Array<{ snapshot_id: string; source_volume_id: string; group_snapshot_id: string; ready_to_use: boolean }>;
+        ready_to_use: boolean;
+      };
       await Promise.all(writers.map((w) => w.write(0, Buffer.alloc(MiB, 0xff))));
       assert.equal(group.ready_to_use, true);
       assert.deepEqual(group.snapshots.map((s) => s.source_volume_id).sort(), [...ids].sort());
@@ -300,7 +441,10 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
         const index = ids.indexOf(s.source_volume_id);
         const restored = await create(`from-group-${index}`, { volume_content_source: { snapshot: { snapshot_id: s.snapshot_id } } });
         const reader = await nbd(`from-group-${index}`);
-        assert.ok((await reader.read(0, MiB)).every((b) => b === 0x10 + index), `member ${index} holds what its volume held at the group's instant`);
+        assert.ok(
+          (await reader.read(0, MiB)).every((b) => b === 0x10 + index),
+          `member ${index} holds what its volume held at the group's instant`,
+        );
         await reader.disconnect();
         assert.ok(restored.volume.volume_id);
       }
@@ -308,7 +452,11 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       const got = (await csi.group.GetVolumeGroupSnapshot({ group_snapshot_id: group.group_snapshot_id })).group_snapshot as { snapshots: unknown[] };
       assert.equal(got.snapshots.length, 3);
       await expectCode(csi.group.GetVolumeGroupSnapshot({ group_snapshot_id: 'group-0000000000000000' }), status.NOT_FOUND, 'unknown group');
-      await expectCode(csi.group.DeleteVolumeGroupSnapshot({ group_snapshot_id: group.group_snapshot_id, snapshot_ids: [group.snapshots[0].snapshot_id] }), status.FAILED_PRECONDITION, 'members that do not match');
+      await expectCode(
+        csi.group.DeleteVolumeGroupSnapshot({ group_snapshot_id: group.group_snapshot_id, snapshot_ids: [group.snapshots[0].snapshot_id] }),
+        status.FAILED_PRECONDITION,
+        'members that do not match',
+      );
       await csi.group.DeleteVolumeGroupSnapshot({ group_snapshot_id: group.group_snapshot_id, snapshot_ids: group.snapshots.map((s) => s.snapshot_id) });
       await csi.group.DeleteVolumeGroupSnapshot({ group_snapshot_id: group.group_snapshot_id });
       assert.deepEqual((await csi.controller.ListSnapshots({ snapshot_id: group.snapshots[1].snapshot_id })).entries, []);

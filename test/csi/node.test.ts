@@ -49,16 +49,35 @@ describe('CSI node: stage, publish, use, unpublish, unstage, for real', function
     assert.deepEqual(left, [], 'nothing is left attached or mounted');
   });
 
-  const paths = (name: string) => ({ staging: path.join(dir.dir, 'kubelet', name, 'globalmount'), target: path.join(dir.dir, 'kubelet', 'pods', name, 'volume') });
-  async function createAndPublish(name: string, capability: object, parameters: Record<string, string> = {}, size = 64 * MiB): Promise<{ id: string; context: Record<string, string>; publish: Record<string, string> }> {
-    const { volume } = (await csi.controller.CreateVolume({ name, volume_capabilities: [capability], capacity_range: { required_bytes: String(size) }, parameters })) as { volume: { volume_id: string; volume_context: Record<string, string> } };
+  const paths = (name: string) => ({
+    staging: path.join(dir.dir, 'kubelet', name, 'globalmount'),
+    target: path.join(dir.dir, 'kubelet', 'pods', name, 'volume'),
+  });
+  async function createAndPublish(
+    name: string,
+    capability: object,
+    parameters: Record<string, string> = {},
+    size = 64 * MiB,
+  ): Promise<{ id: string; context: Record<string, string>; publish: Record<string, string> }> {
+    const { volume } = (await csi.controller.CreateVolume({
+      name,
+      volume_capabilities: [capability],
+      capacity_range: { required_bytes: String(size) },
+      parameters,
+    })) as { volume: { volume_id: string; volume_context: Record<string, string> } };
     const published = await csi.controller.ControllerPublishVolume({ volume_id: volume.volume_id, node_id: nodeId, volume_capability: capability });
     return { id: volume.volume_id, context: volume.volume_context, publish: published.publish_context as Record<string, string> };
   }
   async function stage(name: string, v: { id: string; context: Record<string, string>; publish: Record<string, string> }, capability: object): Promise<void> {
     const { staging } = paths(name);
     fs.mkdirSync(staging, { recursive: true });
-    await csi.node.NodeStageVolume({ volume_id: v.id, staging_target_path: staging, volume_capability: capability, publish_context: v.publish, volume_context: v.context });
+    await csi.node.NodeStageVolume({
+      volume_id: v.id,
+      staging_target_path: staging,
+      volume_capability: capability,
+      publish_context: v.publish,
+      volume_context: v.context,
+    });
   }
   async function publish(name: string, id: string, capability: object, readonly = false, target = paths(name).target): Promise<void> {
     fs.mkdirSync(path.dirname(target), { recursive: true });
@@ -136,15 +155,31 @@ describe('CSI node: stage, publish, use, unpublish, unstage, for real', function
     assert.ok(!fs.existsSync(target));
   });
 
-  it('refuses bad requests with the spec\'s codes', async () => {
+  it("refuses bad requests with the spec's codes", async () => {
     const fake = 'vol-0000000000000000';
     await expectCode(csi.node.NodeStageVolume({ staging_target_path: '/tmp/x', volume_capability: mount() }), status.INVALID_ARGUMENT, 'stage without id');
     await expectCode(csi.node.NodeStageVolume({ volume_id: fake, volume_capability: mount() }), status.INVALID_ARGUMENT, 'stage without staging path');
     await expectCode(csi.node.NodeStageVolume({ volume_id: fake, staging_target_path: '/tmp/x' }), status.INVALID_ARGUMENT, 'stage without capability');
-    await expectCode(csi.node.NodeStageVolume({ volume_id: fake, staging_target_path: path.join(dir.dir, 'fake'), volume_capability: mount() }), status.NOT_FOUND, 'stage of nothing');
-    await expectCode(csi.node.NodePublishVolume({ volume_id: fake, staging_target_path: '/tmp/s', volume_capability: mount() }), status.INVALID_ARGUMENT, 'publish without target');
-    await expectCode(csi.node.NodePublishVolume({ volume_id: fake, staging_target_path: '/tmp/s', target_path: '/tmp/t' }), status.INVALID_ARGUMENT, 'publish without capability');
-    await expectCode(csi.node.NodePublishVolume({ volume_id: fake, staging_target_path: '/tmp/s', target_path: path.join(dir.dir, 't'), volume_capability: mount() }), status.FAILED_PRECONDITION, 'publish before stage');
+    await expectCode(
+      csi.node.NodeStageVolume({ volume_id: fake, staging_target_path: path.join(dir.dir, 'fake'), volume_capability: mount() }),
+      status.NOT_FOUND,
+      'stage of nothing',
+    );
+    await expectCode(
+      csi.node.NodePublishVolume({ volume_id: fake, staging_target_path: '/tmp/s', volume_capability: mount() }),
+      status.INVALID_ARGUMENT,
+      'publish without target',
+    );
+    await expectCode(
+      csi.node.NodePublishVolume({ volume_id: fake, staging_target_path: '/tmp/s', target_path: '/tmp/t' }),
+      status.INVALID_ARGUMENT,
+      'publish without capability',
+    );
+    await expectCode(
+      csi.node.NodePublishVolume({ volume_id: fake, staging_target_path: '/tmp/s', target_path: path.join(dir.dir, 't'), volume_capability: mount() }),
+      status.FAILED_PRECONDITION,
+      'publish before stage',
+    );
     await expectCode(csi.node.NodeUnpublishVolume({ volume_id: fake }), status.INVALID_ARGUMENT, 'unpublish without target');
     await expectCode(csi.node.NodeUnstageVolume({ volume_id: fake }), status.INVALID_ARGUMENT, 'unstage without path');
     await csi.node.NodeUnpublishVolume({ volume_id: fake, target_path: path.join(dir.dir, 'never') });
@@ -160,7 +195,11 @@ describe('CSI node: stage, publish, use, unpublish, unstage, for real', function
     const v = await createAndPublish('keep', ext4);
     await stage('keep', v, ext4);
     await publish('keep', v.id, ext4);
-    await expectCode(publish('keep', v.id, ext4, false, path.join(dir.dir, 'kubelet', 'pods', 'second', 'volume')), status.FAILED_PRECONDITION, 'a second target for a single writer');
+    await expectCode(
+      publish('keep', v.id, ext4, false, path.join(dir.dir, 'kubelet', 'pods', 'second', 'volume')),
+      status.FAILED_PRECONDITION,
+      'a second target for a single writer',
+    );
     await teardown('keep', v.id);
     const xfs = mount('SINGLE_NODE_SINGLE_WRITER', 'xfs');
     await expectCode(stage('keep', v, xfs), status.FAILED_PRECONDITION, 'ext4 asked to be xfs');
@@ -187,9 +226,17 @@ describe('CSI node: stage, publish, use, unpublish, unstage, for real', function
     await publish('grow', v.id, cap);
     const { target } = paths('grow');
     const before = fs.statfsSync(target).blocks * fs.statfsSync(target).bsize;
-    const expanded = await csi.controller.ControllerExpandVolume({ volume_id: v.id, capacity_range: { required_bytes: String(256 * MiB) }, volume_capability: cap });
+    const expanded = await csi.controller.ControllerExpandVolume({
+      volume_id: v.id,
+      capacity_range: { required_bytes: String(256 * MiB) },
+      volume_capability: cap,
+    });
     assert.equal(expanded.node_expansion_required, true);
-    const inUse = await expectCode(csi.node.NodeExpandVolume({ volume_id: v.id, volume_path: target, capacity_range: { required_bytes: String(256 * MiB) } }), status.FAILED_PRECONDITION, 'growing the device in use');
+    const inUse = await expectCode(
+      csi.node.NodeExpandVolume({ volume_id: v.id, volume_path: target, capacity_range: { required_bytes: String(256 * MiB) } }),
+      status.FAILED_PRECONDITION,
+      'growing the device in use',
+    );
     assert.match(inUse, /next time the volume is staged/);
     await teardown('grow', v.id);
     await stage('grow', v, cap);

@@ -28,7 +28,11 @@ describe('arbor node and arbor controller as separate processes; arbor csi call'
   before(async () => {
     dir = tempDir();
     node = await startServer(dir.dir, ['--node-id', 'node-a', '--csi-endpoint', `unix://${nodeSocket()}`], 'node');
-    controller = spawn(process.execPath, [cliPath, '--data-dir', node.dataDir, 'controller', '--csi-endpoint', `unix://${controllerSocket()}`, '--node-id', 'node-a'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    controller = spawn(
+      process.execPath,
+      [cliPath, '--data-dir', node.dataDir, 'controller', '--csi-endpoint', `unix://${controllerSocket()}`, '--node-id', 'node-a'],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    );
     controller.stderr!.on('data', (d) => (controllerLog += d));
     for (let i = 0; i < 100 && !controllerLog.includes('arbor controller serving'); i++) await new Promise((r) => setTimeout(r, 50));
     assert.match(controllerLog, /arbor controller serving/);
@@ -41,7 +45,7 @@ describe('arbor node and arbor controller as separate processes; arbor csi call'
     dir.cleanup();
   });
 
-  it('the node offers no controller; the controller creates on the node\'s store; the node stages it', async () => {
+  it("the node offers no controller; the controller creates on the node's store; the node stages it", async () => {
     const caps = JSON.parse((await call(nodeSocket(), 'Identity.GetPluginCapabilities')).stdout).capabilities as Array<{ service?: { type: string } }>;
     assert.ok(!caps.some((c) => c.service?.type === 'CONTROLLER_SERVICE'), 'arbor node offers no controller service');
     const created = await call(controllerSocket(), 'Controller.CreateVolume', {
@@ -52,11 +56,24 @@ describe('arbor node and arbor controller as separate processes; arbor csi call'
     assert.equal(created.status, 0, created.stderr);
     const volume = JSON.parse(created.stdout).volume;
     assert.deepEqual(volume.accessible_topology, [{ segments: { 'topology.csi.arbor.dev/node': 'node-a' } }]);
-    const published = JSON.parse((await call(controllerSocket(), 'Controller.ControllerPublishVolume', { volume_id: volume.volume_id, node_id: 'node-a', volume_capability: { access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: {} } })).stdout);
+    const published = JSON.parse(
+      (
+        await call(controllerSocket(), 'Controller.ControllerPublishVolume', {
+          volume_id: volume.volume_id,
+          node_id: 'node-a',
+          volume_capability: { access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: {} },
+        })
+      ).stdout,
+    );
     const csi = csiClient(nodeSocket());
     const staging = path.join(dir.dir, 'staging');
     fs.mkdirSync(staging);
-    await csi.node.NodeStageVolume({ volume_id: volume.volume_id, staging_target_path: staging, volume_capability: { access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: {} }, publish_context: published.publish_context });
+    await csi.node.NodeStageVolume({
+      volume_id: volume.volume_id,
+      staging_target_path: staging,
+      volume_capability: { access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: {} },
+      publish_context: published.publish_context,
+    });
     fs.writeFileSync(path.join(staging, 'from-node-a'), 'ok');
     await csi.node.NodeUnstageVolume({ volume_id: volume.volume_id, staging_target_path: staging });
     csi.close();

@@ -30,9 +30,22 @@ function catalogContract(name: string, open: () => Promise<Catalog>, reopen?: ()
       assert.deepEqual(await catalog.get('things/a'), { key: 'things/a', value: '1', modRevision: first.revision });
       assert.equal(await catalog.get('things/zz'), undefined);
       const listed = await catalog.list('things/');
-      assert.deepEqual(listed.map((e) => [e.key, e.value, e.modRevision]), [['things/a', '1', first.revision], ['things/b', '2', first.revision], ['things/c', '3', second.revision]]);
-      assert.deepEqual((await catalog.list('things/', { after: 'things/a', limit: 1 })).map((e) => e.key), ['things/b']);
-      assert.deepEqual((await catalog.list('things/', { after: 'things/c' })).map((e) => e.key), []);
+      assert.deepEqual(
+        listed.map((e) => [e.key, e.value, e.modRevision]),
+        [
+          ['things/a', '1', first.revision],
+          ['things/b', '2', first.revision],
+          ['things/c', '3', second.revision],
+        ],
+      );
+      assert.deepEqual(
+        (await catalog.list('things/', { after: 'things/a', limit: 1 })).map((e) => e.key),
+        ['things/b'],
+      );
+      assert.deepEqual(
+        (await catalog.list('things/', { after: 'things/c' })).map((e) => e.key),
+        [],
+      );
     });
 
     it('a transaction applies only when every compare holds, and then all of its ops', async () => {
@@ -56,7 +69,14 @@ function catalogContract(name: string, open: () => Promise<Catalog>, reopen?: ()
       await catalog.txn([], [{ type: 'delete', key: 'watched/a' }]);
       await until('three events', () => seen.length >= 3);
       stop();
-      assert.deepEqual(seen.map((e) => [e.type, e.key, e.value]), [['put', 'watched/a', '1'], ['put', 'watched/a', '2'], ['delete', 'watched/a', undefined]]);
+      assert.deepEqual(
+        seen.map((e) => [e.type, e.key, e.value]),
+        [
+          ['put', 'watched/a', '1'],
+          ['put', 'watched/a', '2'],
+          ['delete', 'watched/a', undefined],
+        ],
+      );
       assert.ok(seen[0].modRevision < seen[1].modRevision && seen[1].modRevision < seen[2].modRevision);
     });
 
@@ -109,7 +129,10 @@ describe('catalogs', () => {
     );
 
     it('parses store URLs and refuses bad ones precisely', () => {
-      assert.deepEqual(parseStoreUrl('etcd://10.0.0.1:2379,10.0.0.2:2379/prod'), { endpoints: ['http://10.0.0.1:2379', 'http://10.0.0.2:2379'], prefix: '/prod/arbor/' });
+      assert.deepEqual(parseStoreUrl('etcd://10.0.0.1:2379,10.0.0.2:2379/prod'), {
+        endpoints: ['http://10.0.0.1:2379', 'http://10.0.0.2:2379'],
+        prefix: '/prod/arbor/',
+      });
       assert.deepEqual(parseStoreUrl('etcds://etcd.example:2379'), { endpoints: ['https://etcd.example:2379'], prefix: '/arbor/' });
       assert.throws(() => parseStoreUrl('http://x:1/p'), /--store "http:\/\/x:1\/p" is not etcd:\/\/HOST:PORT/);
       assert.throws(() => parseStoreUrl('etcd://user:pw@x:1/p'), /credentials do not go in the URL; set ETCD_USERNAME and ETCD_PASSWORD/);

@@ -28,7 +28,6 @@ const shortLeaseTtlMs = 3_000;
 /** A node commits and lets go on SIGTERM; with etcd healthy that takes well under this. */
 const stopWithinMs = 20_000;
 
-
 /**
  * What the first `blocks` blocks of a volume must hold. Writes go through one
  * connection, one at a time, so a FLUSH that succeeds covers every write
@@ -116,7 +115,21 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
   const startNode = async (name: string, ttlMs: number): Promise<ArborServer> => {
     const nodeDir = path.join(dir.dir, name);
     fs.mkdirSync(nodeDir, { recursive: true });
-    const node = await startServer(nodeDir, [...storeArgs(), '--lease-ttl', `${ttlMs / 1000}s`, '--cache-dir', path.join(nodeDir, 'cache'), '--node-id', name, '--csi-endpoint', `unix://${path.join(dir.dir, `${name}.csi.sock`)}`], 'node');
+    const node = await startServer(
+      nodeDir,
+      [
+        ...storeArgs(),
+        '--lease-ttl',
+        `${ttlMs / 1000}s`,
+        '--cache-dir',
+        path.join(nodeDir, 'cache'),
+        '--node-id',
+        name,
+        '--csi-endpoint',
+        `unix://${path.join(dir.dir, `${name}.csi.sock`)}`,
+      ],
+      'node',
+    );
     nodes.push(node);
     return node;
   };
@@ -220,7 +233,9 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     // was acknowledged is also what a flush covered (reading the volume shows every acknowledged write).
     await model.flush(client);
     const worst = Math.max(...afterKill);
-    note(`leader killed: ${afterKill.length} flushes after the kill, the slowest ${worst} ms (median ${afterKill.sort((a, b) => a - b)[afterKill.length >> 1]} ms)`);
+    note(
+      `leader killed: ${afterKill.length} flushes after the kill, the slowest ${worst} ms (median ${afterKill.sort((a, b) => a - b)[afterKill.length >> 1]} ms)`,
+    );
     // A call in flight to the old leader waits out its deadline once; then the client asks another member.
     assert.ok(worst < etcdCallDeadlineMs + 3000, `a flush during the failover took ${worst} ms`);
     await model.check(client, model.durable, 'after the leader was killed');
@@ -274,8 +289,13 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     await stopped[1].start();
     await servers.etcd.waitHealthy();
     const healthyAt = Date.now();
-    note(`quorum back: the two members restarted ${restartedMs} ms after they were killed (lease TTL ${leaseTtlMs} ms), all three healthy ${healthyAt - outageAt - restartedMs} ms later`);
-    assert.ok(restartedMs < leaseTtlMs, `the members were restarted ${restartedMs} ms after they were killed, later than the lease TTL this test means to stay within`);
+    note(
+      `quorum back: the two members restarted ${restartedMs} ms after they were killed (lease TTL ${leaseTtlMs} ms), all three healthy ${healthyAt - outageAt - restartedMs} ms later`,
+    );
+    assert.ok(
+      restartedMs < leaseTtlMs,
+      `the members were restarted ${restartedMs} ms after they were killed, later than the lease TTL this test means to stay within`,
+    );
     const landed = (await recordRevision('no-quorum')) !== revisionBefore;
     note(`quorum back: the FLUSH that failed at once ${landed ? 'was committed all the same' : 'was not committed'} when quorum came back`);
     // What this test is about: the old leader had taken that FLUSH's transaction and, elected again, committed it.
@@ -291,11 +311,16 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
         break;
       } catch (err) {
         lastError = (err as Error).message;
-        if (Date.now() - healthyAt > 20_000) assert.fail(`no FLUSH succeeded within 20 s of quorum coming back; the last failed with: ${lastError}\n${nodeA.log().split('\n').slice(-15).join('\n')}`);
+        if (Date.now() - healthyAt > 20_000)
+          assert.fail(
+            `no FLUSH succeeded within 20 s of quorum coming back; the last failed with: ${lastError}\n${nodeA.log().split('\n').slice(-15).join('\n')}`,
+          );
         await sleep(250);
       }
     }
-    note(`quorum back: the first FLUSH on the same connection succeeded ${recoveredMs} ms after the cluster was healthy${lastError ? ` (earlier tries: ${lastError})` : ''}`);
+    note(
+      `quorum back: the first FLUSH on the same connection succeeded ${recoveredMs} ms after the cluster was healthy${lastError ? ` (earlier tries: ${lastError})` : ''}`,
+    );
     assert.ok(recoveredMs < 10_000, `recovery took ${recoveredMs} ms`);
     await model.check(client, model.acknowledged, 'after quorum came back, on the same connection');
     assert.ok(!nodeA.log().includes('the owner lease ended'), 'node A kept its lease through the outage');
@@ -385,7 +410,10 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     for (let i = 64; i < 96; i++) await model.write(client, i);
     await assert.rejects(model.flush(client), isShutdownError, 'a FLUSH without quorum does not succeed');
     await waitUntil('node C gives up its lease', 30_000, async () => nodeC.log().includes('the owner lease ended'));
-    const lostLine = nodeC.log().split('\n').find((line) => line.includes('the owner lease ended'))!;
+    const lostLine = nodeC
+      .log()
+      .split('\n')
+      .find((line) => line.includes('the owner lease ended'))!;
     const lostAfterMs = Date.parse((JSON.parse(lostLine) as { timestamp: string }).timestamp) - outageAt;
     note(`long outage: node C declared its lease (TTL ${shortLeaseTtlMs} ms) lost ${lostAfterMs} ms into the outage`);
     // Not before etcd could have ended it (the TTL), and not much after twice the TTL without an answered keep-alive.
@@ -404,7 +432,9 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     // A new connection to the same node: the owner key on the old lease goes only when that
     // lease expires in etcd, a TTL after quorum came back; until then even node C is refused.
     const again = await connectWithin(nodeC, 'long-outage', 30_000);
-    note(`long outage: node C served the volume again ${Date.now() - healthyAt} ms after quorum came back${again.lastError ? ` (refused until then: ${again.lastError})` : ''}`);
+    note(
+      `long outage: node C served the volume again ${Date.now() - healthyAt} ms after quorum came back${again.lastError ? ` (refused until then: ${again.lastError})` : ''}`,
+    );
     assert.ok(Date.now() - healthyAt < 2 * shortLeaseTtlMs + 10_000, 'within a bound of the lease TTL');
     // The writes after the last good flush were never committed: the volume is as that flush left it.
     await model.check(again.client, model.durable, 'after the long outage, on node C');

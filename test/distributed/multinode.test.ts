@@ -15,7 +15,6 @@ const MiB = 1024 * 1024;
 const block = 4096;
 const leaseTtl = '2s';
 
-
 /**
  * Two `arbor node` processes and one `arbor controller`, each its own process, on
  * one real etcd and one real Ceph RGW. Any node serves any volume; a volume has one
@@ -37,13 +36,21 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     const startNode = async (name: string): Promise<ArborServer> => {
       const nodeDir = path.join(dir.dir, name);
       fs.mkdirSync(nodeDir, { recursive: true });
-      return startServer(nodeDir, [...storeArgs(), '--lease-ttl', leaseTtl, '--cache-dir', path.join(nodeDir, 'cache'), '--node-id', name, '--csi-endpoint', `unix://${csiSocket(name)}`], 'node');
+      return startServer(
+        nodeDir,
+        [...storeArgs(), '--lease-ttl', leaseTtl, '--cache-dir', path.join(nodeDir, 'cache'), '--node-id', name, '--csi-endpoint', `unix://${csiSocket(name)}`],
+        'node',
+      );
     };
 
     const createVolume = async (name: string): Promise<string> => {
       const csi = csiClient(csiSocket('controller'));
       try {
-        const response = await csi.controller.CreateVolume({ name, capacity_range: { required_bytes: String(64 * MiB) }, volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }] });
+        const response = await csi.controller.CreateVolume({
+          name,
+          capacity_range: { required_bytes: String(64 * MiB) },
+          volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }],
+        });
         return (response as { volume: { volume_id: string } }).volume.volume_id;
       } finally {
         csi.close();
@@ -54,10 +61,14 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       dir = tempDir();
       nodeA = await startNode('node-a');
       nodeB = await startNode('node-b');
-      controller = spawn(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'controller'), 'controller', ...storeArgs(), '--csi-endpoint', `unix://${csiSocket('controller')}`], {
-        stdio: ['ignore', 'ignore', 'pipe'],
-        env: servers.env(),
-      });
+      controller = spawn(
+        process.execPath,
+        [cliPath, '--data-dir', path.join(dir.dir, 'controller'), 'controller', ...storeArgs(), '--csi-endpoint', `unix://${csiSocket('controller')}`],
+        {
+          stdio: ['ignore', 'ignore', 'pipe'],
+          env: servers.env(),
+        },
+      );
       controller.stderr!.on('data', (d) => (controllerLog += d));
       for (let i = 0; i < 200 && !controllerLog.includes('arbor controller serving'); i++) await new Promise((r) => setTimeout(r, 50));
       assert.match(controllerLog, /arbor controller serving/, controllerLog);
@@ -96,11 +107,18 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       const capability = { access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: { fs_type: 'ext4' } };
       const controllerCsi = csiClient(csiSocket('controller'));
       const stageOn = async (node: string) => {
-        const published = (await controllerCsi.controller.ControllerPublishVolume({ volume_id: volumeId, node_id: node, volume_capability: capability })) as { publish_context: Record<string, string> };
+        const published = (await controllerCsi.controller.ControllerPublishVolume({ volume_id: volumeId, node_id: node, volume_capability: capability })) as {
+          publish_context: Record<string, string>;
+        };
         const staging = path.join(dir.dir, `${node}-staging`);
         fs.mkdirSync(staging, { recursive: true });
         const nodeCsi = csiClient(csiSocket(node));
-        await nodeCsi.node.NodeStageVolume({ volume_id: volumeId, staging_target_path: staging, volume_capability: capability, publish_context: published.publish_context });
+        await nodeCsi.node.NodeStageVolume({
+          volume_id: volumeId,
+          staging_target_path: staging,
+          volume_capability: capability,
+          publish_context: published.publish_context,
+        });
         return {
           staging,
           unstage: async () => {
@@ -124,7 +142,8 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     });
 
     it('the arbor CLI joins the same store: it lists, snapshots an attached volume through its owner, and exports a snapshot', async () => {
-      const cli = (...args: string[]) => run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'cli'), ...storeArgs(), ...args], { env: servers.env() });
+      const cli = (...args: string[]) =>
+        run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'cli'), ...storeArgs(), ...args], { env: servers.env() });
       await createVolume('by-cli');
       const onA = (await connectWithin(nodeA, 'by-cli')).client;
       const data = crypto.randomBytes(MiB);
@@ -141,7 +160,12 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       const out = path.join(dir.dir, 'snap.raw');
       const exported = await cli('volume', 'export', 'by-cli@cli-snap', out);
       assert.equal(exported.status, 0, exported.stderr);
-      assert.ok(fs.readFileSync(out).subarray(2 * MiB, 3 * MiB).equals(data));
+      assert.ok(
+        fs
+          .readFileSync(out)
+          .subarray(2 * MiB, 3 * MiB)
+          .equals(data),
+      );
       await onA.disconnect();
     });
 
@@ -169,7 +193,8 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       await image.disconnect();
       let prefix = 0;
       while (prefix < 4000 && stampOf(content.subarray(prefix * block, (prefix + 1) * block)) === prefix + 1) prefix++;
-      for (let i = prefix; i < 4000; i++) assert.equal(stampOf(content.subarray(i * block, (i + 1) * block)), 0, `block ${i} after the prefix of ${prefix} is not empty`);
+      for (let i = prefix; i < 4000; i++)
+        assert.equal(stampOf(content.subarray(i * block, (i + 1) * block)), 0, `block ${i} after the prefix of ${prefix} is not empty`);
       assert.ok(prefix >= before, `the snapshot holds ${prefix} writes; ${before} were acknowledged before it was asked`);
       await onA.disconnect();
     });
@@ -198,7 +223,10 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       const [first] = [idX, idY].sort();
       const snapshotOf = (id: string) => `pair.${id === first ? 0 : 1}`;
       const stamps = new Set<number>();
-      for (const [volume, id, parity] of [['group-x', idX, 1], ['group-y', idY, 0]] as const) {
+      for (const [volume, id, parity] of [
+        ['group-x', idX, 1],
+        ['group-y', idY, 0],
+      ] as const) {
         const image = (await connectWithin(nodeB, `${volume}@${snapshotOf(id)}`)).client;
         const content = await image.read(0, 2000 * block);
         await image.disconnect();
@@ -295,7 +323,8 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
     // Last, on purpose: node A here is the process that was paused and lost its lease above,
     // so the ids it hands out must come from batches recorded on its new lease.
     it('the collector runs while both nodes write, snapshot and drop snapshots: no flushed byte is lost, and in the end nothing is left unreachable', async () => {
-      const cli = (...args: string[]) => run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'gc-cli'), ...storeArgs(), ...args], { env: servers.env() });
+      const cli = (...args: string[]) =>
+        run(process.execPath, [cliPath, '--data-dir', path.join(dir.dir, 'gc-cli'), ...storeArgs(), ...args], { env: servers.env() });
       const ids = { a: await createVolume('gc-a'), b: await createVolume('gc-b') };
       const clients = { a: (await connectWithin(nodeA, 'gc-a')).client, b: (await connectWithin(nodeB, 'gc-b')).client };
       const flushed = { a: new Map<number, Buffer>(), b: new Map<number, Buffer>() };
@@ -336,7 +365,8 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
       stop = true;
       await Promise.all(writers);
       for (const side of ['a', 'b'] as const) {
-        for (const [offset, data] of flushed[side]) assert.ok((await clients[side].read(offset, extent)).equals(data), `gc-${side} at ${offset} lost a flushed write`);
+        for (const [offset, data] of flushed[side])
+          assert.ok((await clients[side].read(offset, extent)).equals(data), `gc-${side} at ${offset} lost a flushed write`);
         await clients[side].disconnect();
       }
       // With every node gone (their id batches with them), a last pass leaves nothing unreachable.
@@ -349,7 +379,8 @@ describe('many nodes on etcd and S3: ownership, takeover, fencing, snapshots thr
         assert.deepEqual(await orphanBlobs(inspector), []);
         for (const side of ['a', 'b'] as const) {
           const volume = await inspector.openVolume({ name: `gc-${side}` });
-          for (const [offset, data] of flushed[side]) assert.ok((await volume.read(offset, extent)).equals(data), `gc-${side} at ${offset}, read by another process`);
+          for (const [offset, data] of flushed[side])
+            assert.ok((await volume.read(offset, extent)).equals(data), `gc-${side} at ${offset}, read by another process`);
         }
       } finally {
         await inspector.close();

@@ -73,7 +73,10 @@ describe('parseBlobsUrl', () => {
   ];
   for (const [url, message] of refused) {
     it(`refuses ${url.length > 40 ? `${url.slice(0, 40)}…` : url}`, () => {
-      assert.throws(() => parseBlobsUrl(url, noEnv), (err: unknown) => isArborError(err, 'invalid-argument') && message.test(err.message));
+      assert.throws(
+        () => parseBlobsUrl(url, noEnv),
+        (err: unknown) => isArborError(err, 'invalid-argument') && message.test(err.message),
+      );
     });
   }
 
@@ -143,7 +146,10 @@ describe('S3 blob store (real Ceph RGW)', function () {
     dirs.push(dir);
     return dir.dir;
   };
-  const open = async (dir: string, options: { cacheBytes?: number; log?: Log; bucket?: string; url?: string; requestTimeoutMs?: number } = {}): Promise<S3BlobStore> => {
+  const open = async (
+    dir: string,
+    options: { cacheBytes?: number; log?: Log; bucket?: string; url?: string; requestTimeoutMs?: number } = {},
+  ): Promise<S3BlobStore> => {
     const store = await S3BlobStore.open({
       location: options.url ?? urlOf(options.bucket ?? s3.bucket),
       cacheDir: dir,
@@ -223,7 +229,8 @@ describe('S3 blob store (real Ceph RGW)', function () {
       const got = await read(store, id, offset, length);
       if (!got.equals(expected(id, offset, length))) {
         const at = got.findIndex((byte, i) => byte !== expected(id, offset, length)[i]);
-        if (trace) process.stderr.write(`  got ${got.subarray(0, 32).toString('hex')}\n  exp ${expected(id, offset, length).subarray(0, 32).toString('hex')}\n`);
+        if (trace)
+          process.stderr.write(`  got ${got.subarray(0, 32).toString('hex')}\n  exp ${expected(id, offset, length).subarray(0, 32).toString('hex')}\n`);
         assert.fail(`step ${step} (seed ${seed}): blob ${id} bytes ${offset}+${length} differ from the model first at +${at}`);
       }
     };
@@ -317,7 +324,11 @@ describe('S3 blob store (real Ceph RGW)', function () {
         }
         case 'list': {
           const listed = (await store.list()).sort((a, b) => a - b);
-          assert.deepEqual(listed, [...model.keys()].sort((a, b) => a - b), `step ${step} (seed ${seed}): list differs from the model`);
+          assert.deepEqual(
+            listed,
+            [...model.keys()].sort((a, b) => a - b),
+            `step ${step} (seed ${seed}): list differs from the model`,
+          );
           break;
         }
         case 'reopen':
@@ -338,7 +349,10 @@ describe('S3 blob store (real Ceph RGW)', function () {
       }
       timing[op] = (timing[op] ?? 0) + Date.now() - opStart;
       const stats = store.cacheStats();
-      assert.ok(stats.stagedBytes + stats.cleanBytes <= cacheBytes || stats.cleanBlobs === 0, `step ${step}: the cache holds ${JSON.stringify(stats)}, over ${cacheBytes} with clean entries left`);
+      assert.ok(
+        stats.stagedBytes + stats.cleanBytes <= cacheBytes || stats.cleanBlobs === 0,
+        `step ${step}: the cache holds ${JSON.stringify(stats)}, over ${cacheBytes} with clean entries left`,
+      );
     }
 
     // The end state, from a fresh cache: everything comes from S3.
@@ -346,7 +360,10 @@ describe('S3 blob store (real Ceph RGW)', function () {
     for (const [id, blob] of model) if (!blob.synced) model.delete(id);
     store = await open(cacheDir(), { cacheBytes, log });
     for (const id of [...model.keys(), ...gone]) await checkRead(id, 0, bytesOfClass(classOf(id)), operations);
-    assert.deepEqual((await store.list()).sort((a, b) => a - b), [...model.keys()].sort((a, b) => a - b));
+    assert.deepEqual(
+      (await store.list()).sort((a, b) => a - b),
+      [...model.keys()].sort((a, b) => a - b),
+    );
     assert.equal((await store.usage()).blobs, model.size);
     assert.ok(evictions > 0, 'the cache evicted');
     assert.ok(warnings.length <= storesOpened + 1, `at most one warning per store: ${warnings.length} for ${storesOpened + 1} stores`);
@@ -389,14 +406,18 @@ describe('S3 blob store (real Ceph RGW)', function () {
     await store.sync([id]);
     await assert.rejects(
       write(store, id, 100, Buffer.alloc(10, 0xff)),
-      (err: unknown) => isArborError(err, 'internal') && err.message.startsWith(`blob ${id} was written after it was synced`) && err.message.includes(objectKey('arbor/', id)),
+      (err: unknown) =>
+        isArborError(err, 'internal') && err.message.startsWith(`blob ${id} was written after it was synced`) && err.message.includes(objectKey('arbor/', id)),
     );
     assert.ok((await read(store, id)).equals(original));
 
     // Another process (a fresh cache) cannot know: its sync finds the object, with other bytes.
     const other = await open(cacheDir());
     await write(other, id, 0, Buffer.alloc(4 * KiB, 0xb2));
-    await assert.rejects(other.sync([id]), (err: unknown) => isArborError(err, 'internal') && /already holds other bytes than blob \d+ .*nothing was overwritten/.test(err.message));
+    await assert.rejects(
+      other.sync([id]),
+      (err: unknown) => isArborError(err, 'internal') && /already holds other bytes than blob \d+ .*nothing was overwritten/.test(err.message),
+    );
     const third = await open(cacheDir());
     assert.ok((await read(third, id)).equals(original), 'the object keeps its first bytes');
 
@@ -413,7 +434,8 @@ describe('S3 blob store (real Ceph RGW)', function () {
     await assert.rejects(
       open(dir),
       (err: unknown) =>
-        isArborError(err, 'busy') && err.message === `blob cache directory ${dir} is in use by another blob store (pid ${process.pid}); every store needs a cache directory of its own`,
+        isArborError(err, 'busy') &&
+        err.message === `blob cache directory ${dir} is in use by another blob store (pid ${process.pid}); every store needs a cache directory of its own`,
     );
     await close(first);
     const second = await open(dir);
@@ -497,7 +519,10 @@ describe('S3 blob store (real Ceph RGW)', function () {
     for (const key of keys) assert.match(key, /^arbor\/[0-9a-f]{4}\/[0-9a-f]{12}$/);
     const prefixes = new Set(keys.map((key) => key.split('/')[1]));
     assert.ok(prefixes.size >= 250, `256 consecutive ids fall under ${prefixes.size} distinct prefixes`);
-    assert.deepEqual(keys.map((key) => idOfKey('arbor/', key)).sort((a, b) => a! - b!), ids);
+    assert.deepEqual(
+      keys.map((key) => idOfKey('arbor/', key)).sort((a, b) => a! - b!),
+      ids,
+    );
   });
 
   it('a deleted blob is gone from the list and the bucket and reads as zeros; deletes go in batches of 1000 keys', async () => {
@@ -554,9 +579,17 @@ describe('S3 blob store (real Ceph RGW)', function () {
     const hidden = ['AWS_ACCESS_KEY_ID', 'AWS_SECRET_ACCESS_KEY', 'AWS_EC2_METADATA_DISABLED', 'AWS_SHARED_CREDENTIALS_FILE', 'AWS_CONFIG_FILE', 'AWS_PROFILE'];
     const kept = Object.fromEntries(hidden.map((name) => [name, process.env[name]]));
     for (const name of hidden) delete process.env[name];
-    Object.assign(process.env, { AWS_EC2_METADATA_DISABLED: 'true', AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials', AWS_CONFIG_FILE: '/nonexistent/config' });
+    Object.assign(process.env, {
+      AWS_EC2_METADATA_DISABLED: 'true',
+      AWS_SHARED_CREDENTIALS_FILE: '/nonexistent/credentials',
+      AWS_CONFIG_FILE: '/nonexistent/config',
+    });
     try {
-      await assert.rejects(open(cacheDir()), (err: unknown) => isArborError(err, 'failed-precondition') && /failed: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/.test(err.message));
+      await assert.rejects(
+        open(cacheDir()),
+        (err: unknown) =>
+          isArborError(err, 'failed-precondition') && /failed: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY/.test(err.message),
+      );
     } finally {
       for (const name of hidden) {
         if (kept[name] === undefined) delete process.env[name];
@@ -567,7 +600,9 @@ describe('S3 blob store (real Ceph RGW)', function () {
     const t0 = Date.now();
     await assert.rejects(
       open(cacheDir(), { url: `s3://${s3.bucket}/arbor?endpoint=http://127.0.0.1:9` }),
-      (err: unknown) => isArborError(err, 'unavailable') && /^s3:\/\/[a-z0-9-]+\/arbor\/ at http:\/\/127\.0\.0\.1:9: checking that the bucket exists failed after \d tries \(.*ECONNREFUSED/.test(err.message),
+      (err: unknown) =>
+        isArborError(err, 'unavailable') &&
+        /^s3:\/\/[a-z0-9-]+\/arbor\/ at http:\/\/127\.0\.0\.1:9: checking that the bucket exists failed after \d tries \(.*ECONNREFUSED/.test(err.message),
     );
     assert.ok(Date.now() - t0 < 10_000, 'bounded retries');
     // A failed open lets go of its cache directory.

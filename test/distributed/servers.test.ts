@@ -127,7 +127,9 @@ describe('test servers: Ceph RGW', function () {
       const pages: string[][] = [];
       let token: string | undefined;
       do {
-        const page: ListObjectsV2CommandOutput = await s3.client.send(new ListObjectsV2Command({ Bucket: s3.bucket, Prefix: 'b/', MaxKeys: 2, ContinuationToken: token }));
+        const page: ListObjectsV2CommandOutput = await s3.client.send(
+          new ListObjectsV2Command({ Bucket: s3.bucket, Prefix: 'b/', MaxKeys: 2, ContinuationToken: token }),
+        );
         pages.push((page.Contents ?? []).map((o) => o.Key!));
         token = page.IsTruncated ? page.NextContinuationToken : undefined;
         assert.ok(pages.length <= keys.length, 'listing ends');

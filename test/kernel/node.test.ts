@@ -32,7 +32,9 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
 
   before(async function () {
     node = await TestNode.boot();
-    console.log(`      the test node (kernel ${node.kernelVersion}) booted in ${node.bootSeconds.toFixed(1)} s; its agent started at ${node.guestUptimeAtAgent.toFixed(1)} s of guest uptime`);
+    console.log(
+      `      the test node (kernel ${node.kernelVersion}) booted in ${node.bootSeconds.toFixed(1)} s; its agent started at ${node.guestUptimeAtAgent.toFixed(1)} s of guest uptime`,
+    );
     arbor = await startGuestArbor(node, dir);
   });
 
@@ -45,8 +47,20 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     }
   });
 
-  async function createVolume(name: string, capability: object, sizeBytes = 64 * MiB, parameters: Record<string, string> = {}, source?: object): Promise<Volume> {
-    const request = { name, volume_capabilities: [capability], capacity_range: { required_bytes: String(sizeBytes) }, parameters, volume_content_source: source };
+  async function createVolume(
+    name: string,
+    capability: object,
+    sizeBytes = 64 * MiB,
+    parameters: Record<string, string> = {},
+    source?: object,
+  ): Promise<Volume> {
+    const request = {
+      name,
+      volume_capabilities: [capability],
+      capacity_range: { required_bytes: String(sizeBytes) },
+      parameters,
+      volume_content_source: source,
+    };
     const { volume } = (await arbor.csi.controller.CreateVolume(request)) as {
       volume: { volume_id: string; volume_context: Record<string, string> };
     };
@@ -69,11 +83,23 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
 
   async function stage(v: Volume): Promise<void> {
     await node.ok(['mkdir', '-p', v.staging]);
-    await arbor.csi.node.NodeStageVolume({ volume_id: v.id, staging_target_path: v.staging, volume_capability: v.capability, publish_context: v.publish, volume_context: v.context });
+    await arbor.csi.node.NodeStageVolume({
+      volume_id: v.id,
+      staging_target_path: v.staging,
+      volume_capability: v.capability,
+      publish_context: v.publish,
+      volume_context: v.context,
+    });
   }
 
   async function publish(v: Volume, readonly = false): Promise<void> {
-    await arbor.csi.node.NodePublishVolume({ volume_id: v.id, staging_target_path: v.staging, target_path: v.target, volume_capability: v.capability, readonly });
+    await arbor.csi.node.NodePublishVolume({
+      volume_id: v.id,
+      staging_target_path: v.staging,
+      target_path: v.target,
+      volume_capability: v.capability,
+      readonly,
+    });
   }
 
   async function unpublishAndUnstage(v: Volume): Promise<void> {
@@ -88,7 +114,10 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     return devices[0].device;
   }
 
-  async function stats(v: Volume, path = v.target): Promise<{ usage: Array<{ unit: string; total: string; used: string; available: string }>; volume_condition: { abnormal: boolean; message: string } }> {
+  async function stats(
+    v: Volume,
+    path = v.target,
+  ): Promise<{ usage: Array<{ unit: string; total: string; used: string; available: string }>; volume_condition: { abnormal: boolean; message: string } }> {
     return (await arbor.csi.node.NodeGetVolumeStats({ volume_id: v.id, volume_path: path })) as never;
   }
 
@@ -114,7 +143,9 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     await publish(v); // idempotent
     assert.equal((await node.ok(['stat', '-L', '-c', '%F', v.target])).trim(), 'block special file');
     // 3 MiB of random bytes at 5 MiB, written through the published target with O_DIRECT, then fsync.
-    await node.sh(`head -c ${3 * MiB} /dev/urandom > ${dir}/raw.pattern && dd if=${dir}/raw.pattern of=${v.target} bs=1M seek=5 oflag=direct conv=fsync,notrunc status=none`);
+    await node.sh(
+      `head -c ${3 * MiB} /dev/urandom > ${dir}/raw.pattern && dd if=${dir}/raw.pattern of=${v.target} bs=1M seek=5 oflag=direct conv=fsync,notrunc status=none`,
+    );
     // The store has it: the volume exported by the CLI (through the server) holds the same bytes.
     await arbor.cli('volume', 'export', 'raw', `${dir}/raw.export`);
     await node.sh(`cmp -n ${3 * MiB} -i 0:${5 * MiB} ${dir}/raw.pattern ${dir}/raw.export`);
@@ -141,7 +172,9 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
       await publish(v);
       const device = await deviceOf(v);
       assert.match(await node.ok(['findmnt', '-n', '-o', 'SOURCE,FSTYPE', v.staging]), new RegExp(`^${device} +${fsType}$`, 'm'));
-      await node.sh(`cd ${v.target} && mkdir -p tree/a tree/b && head -c ${20 * MiB} /dev/urandom > tree/a/big && echo hello > tree/b/small && for i in $(seq 1 200); do echo $i > tree/b/f$i; done && sync`);
+      await node.sh(
+        `cd ${v.target} && mkdir -p tree/a tree/b && head -c ${20 * MiB} /dev/urandom > tree/a/big && echo hello > tree/b/small && for i in $(seq 1 200); do echo $i > tree/b/f$i; done && sync`,
+      );
       const sums = await node.sh(`cd ${v.target} && find tree -type f | sort | xargs sha256sum`);
       const fsStats = await stats(v);
       const bytes = fsStats.usage.find((u) => u.unit === 'BYTES')!;
@@ -222,10 +255,12 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     assert.deepEqual(await configuredNbdDevices(node), []);
   });
 
-  it('a device disconnected behind the plugin\'s back shows an abnormal condition; staging again attaches the volume afresh', async () => {
+  it("a device disconnected behind the plugin's back shows an abnormal condition; staging again attaches the volume afresh", async () => {
     const v = await createVolume('cut', block());
     await stage(v);
-    await node.sh(`head -c ${MiB} /dev/urandom > ${dir}/cut.pattern && dd if=${dir}/cut.pattern of=${await deviceOf(v)} bs=64k oflag=direct conv=fsync status=none`);
+    await node.sh(
+      `head -c ${MiB} /dev/urandom > ${dir}/cut.pattern && dd if=${dir}/cut.pattern of=${await deviceOf(v)} bs=64k oflag=direct conv=fsync status=none`,
+    );
     const index = Number((await deviceOf(v)).slice('/dev/nbd'.length));
     await node.ok([netlinkHelperPath, 'disconnect', '--index', String(index)]);
     const dead = await stats(v, v.staging);
@@ -247,7 +282,11 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
       const sum = await node.ok(['sha256sum', `${v.target}/kept`]);
       const sizeOf = async () => Number((await node.ok(['df', '--output=size', '-B1', v.target])).split('\n')[1]);
       const before = await sizeOf();
-      const expanded = await arbor.csi.controller.ControllerExpandVolume({ volume_id: v.id, capacity_range: { required_bytes: String(768 * MiB) }, volume_capability: v.capability });
+      const expanded = await arbor.csi.controller.ControllerExpandVolume({
+        volume_id: v.id,
+        capacity_range: { required_bytes: String(768 * MiB) },
+        volume_capability: v.capability,
+      });
       assert.equal(expanded.node_expansion_required, true);
       const grown = await arbor.csi.node.NodeExpandVolume({ volume_id: v.id, volume_path: v.target, capacity_range: { required_bytes: String(768 * MiB) } });
       assert.equal(grown.capacity_bytes, String(768 * MiB));
@@ -267,10 +306,16 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     await stage(v);
     await publish(v);
     await node.sh(`head -c ${MiB} /dev/urandom > ${dir}/grow.pattern && dd if=${dir}/grow.pattern of=${v.target} bs=64k oflag=direct conv=fsync status=none`);
-    await arbor.csi.controller.ControllerExpandVolume({ volume_id: v.id, capacity_range: { required_bytes: String(256 * MiB) }, volume_capability: v.capability });
+    await arbor.csi.controller.ControllerExpandVolume({
+      volume_id: v.id,
+      capacity_range: { required_bytes: String(256 * MiB) },
+      volume_capability: v.capability,
+    });
     await arbor.csi.node.NodeExpandVolume({ volume_id: v.id, volume_path: v.target, capacity_range: { required_bytes: String(256 * MiB) } });
     assert.equal((await node.ok(['blockdev', '--getsize64', v.target])).trim(), String(256 * MiB));
-    await node.sh(`cmp -n ${MiB} ${dir}/grow.pattern ${v.target} && dd if=${dir}/grow.pattern of=${v.target} bs=64k seek=3000 oflag=direct conv=fsync status=none`);
+    await node.sh(
+      `cmp -n ${MiB} ${dir}/grow.pattern ${v.target} && dd if=${dir}/grow.pattern of=${v.target} bs=64k seek=3000 oflag=direct conv=fsync status=none`,
+    );
     assert.equal((await stats(v)).usage[0].total, String(256 * MiB));
     await unpublishAndUnstage(v);
   });
@@ -280,7 +325,11 @@ describe('CSI node through the kernel NBD driver, in the test node', function ()
     assert.equal(listed.ok, true);
     assert.ok(listed.devices.length >= 16, `nbd0 to nbd15 at least: ${JSON.stringify(listed.devices)}`);
     const configured = (await configuredNbdDevices(node)).map((d) => d.device);
-    assert.deepEqual(listed.devices.filter((d) => d.connected).map((d) => `/dev/nbd${d.index}`), configured, 'connected means configured');
+    assert.deepEqual(
+      listed.devices.filter((d) => d.connected).map((d) => `/dev/nbd${d.index}`),
+      configured,
+      'connected means configured',
+    );
     const isolated = await node.exec(['unshare', '--net', netlinkHelperPath, 'status']);
     assert.equal(isolated.status, 1);
     const refusal = JSON.parse(isolated.stdout) as { ok: boolean; code: string; message: string };

@@ -105,7 +105,10 @@ describe('node plugin restarts under a running workload, in the test node', func
     await node.sh(`dd if=/dev/zero of=${fs.target}/stamps bs=1M count=16 oflag=direct conv=fsync status=none`);
     const writers = [await writer(`${fs.target}/stamps`, blocks, 'fs'), await writer(raw.target, blocks, 'raw')];
     const starts: number[] = [];
-    for (const [how, count] of [['SIGTERM', restarts], ['SIGKILL', restarts]] as const) {
+    for (const [how, count] of [
+      ['SIGTERM', restarts],
+      ['SIGKILL', restarts],
+    ] as const) {
       for (let i = 0; i < count; i++) {
         await waitForProgress(2);
         if (how === 'SIGTERM') assert.equal(await arbor.stop(), 0, 'a stopping node plugin exits cleanly');
@@ -159,7 +162,12 @@ describe('node plugin restarts under a running workload, in the test node', func
     arbor = await startNode();
     // The pod restarts: its volume is unpublished, unstaged and staged again; every write is there.
     await unstage(raw);
-    await arbor.csi.node.NodeStageVolume({ volume_id: raw.id, staging_target_path: raw.staging, volume_capability: raw.capability, volume_context: { name: raw.name } });
+    await arbor.csi.node.NodeStageVolume({
+      volume_id: raw.id,
+      staging_target_path: raw.staging,
+      volume_capability: raw.capability,
+      volume_context: { name: raw.name },
+    });
     await arbor.csi.node.NodePublishVolume({ volume_id: raw.id, staging_target_path: raw.staging, target_path: raw.target, volume_capability: raw.capability });
     await node.ok(['python3', stampWriter, 'verify', raw.target, String(blocks), w.state]);
     await unstage(raw);
@@ -168,7 +176,9 @@ describe('node plugin restarts under a running workload, in the test node', func
   it("a device is never given another volume's connections: records naming each other's devices are corrected from the devices' identifiers, and the kernel refuses a mismatch", async () => {
     const a = await stageNew('ident-a', { access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }, 64 * MiB);
     const b = await stageNew('ident-b', { access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }, 64 * MiB);
-    await node.sh(`printf 'volume a%.0s' $(seq 512) | dd of=${a.target} bs=4k oflag=direct conv=fsync status=none; printf 'volume b%.0s' $(seq 512) | dd of=${b.target} bs=4k oflag=direct conv=fsync status=none`);
+    await node.sh(
+      `printf 'volume a%.0s' $(seq 512) | dd of=${a.target} bs=4k oflag=direct conv=fsync status=none; printf 'volume b%.0s' $(seq 512) | dd of=${b.target} bs=4k oflag=direct conv=fsync status=none`,
+    );
     const [deviceA, deviceB] = [await deviceOf(a), await deviceOf(b)];
     assert.equal(await arbor.stop(), 0);
     // Swap the device each volume's records name (the attacher's record and the node's state): each now names the other's.
@@ -184,7 +194,7 @@ for one, other in ((sys.argv[1], sys.argv[2]), (sys.argv[3], sys.argv[4])):
     json.dump(x, open(one, 'w')); json.dump(y, open(other, 'w'))`;
     await node.ok(['python3', '-c', swap, record(a), record(b), state(a), state(b)]);
     arbor = await startNode();
-    assert.equal(await deviceOf(a), deviceA, "volume a keeps its own device");
+    assert.equal(await deviceOf(a), deviceA, 'volume a keeps its own device');
     assert.equal(await deviceOf(b), deviceB);
     assert.ok((await healthy(a)) && (await healthy(b)));
     assert.match(await node.ok(['head', '-c', '16', a.target]), /^volume avolume a/, 'a reads its own data');

@@ -22,8 +22,24 @@ describe('NBD with fio, a userspace attach, and snapshots while writing', functi
 
   it('fio random and sequential read/write with verify (nbd engine, queue depth 16)', async () => {
     await suite.server.cliOk('volume', 'create', 'fio', '--size', '128MiB', '--extent-size', '16KiB');
-    for (const [rw, bs] of [['randwrite', '4k'], ['write', '1m'], ['randrw', '8k']] as const) {
-      const out = await ok('fio', fioArgs(suite.server.uri('fio'), [`--rw=${rw}`, `--bs=${bs}`, '--iodepth=16', '--size=64M', '--verify=crc32c', '--do_verify=1', '--verify_fatal=1', '--randseed=7']));
+    for (const [rw, bs] of [
+      ['randwrite', '4k'],
+      ['write', '1m'],
+      ['randrw', '8k'],
+    ] as const) {
+      const out = await ok(
+        'fio',
+        fioArgs(suite.server.uri('fio'), [
+          `--rw=${rw}`,
+          `--bs=${bs}`,
+          '--iodepth=16',
+          '--size=64M',
+          '--verify=crc32c',
+          '--do_verify=1',
+          '--verify_fatal=1',
+          '--randseed=7',
+        ]),
+      );
       const job = fioJson(out).jobs[0];
       assert.equal(job.error, 0, `${rw} verified without error`);
       assert.ok(job.write.io_bytes > 0 && job.read.io_bytes > 0, `${rw} wrote and read back`);
@@ -65,7 +81,20 @@ describe('NBD with fio, a userspace attach, and snapshots while writing', functi
     await suite.server.cliOk('volume', 'create', 'busy', '--size', `${(blocks * blockBytes) / MiB}MiB`);
     // Old contents: 0xee everywhere, which no fio block (filled with its own offset) can look like.
     await ok('qemu-io', ['-f', 'raw', '-c', `write -P 0xee 0 ${blocks * blockBytes}`, suite.server.uri('busy')]);
-    const fio = spawn('fio', fioArgs(suite.server.uri('busy'), ['--rw=write', `--bs=${blockBytes}`, '--iodepth=16', `--size=${blocks * blockBytes}`, '--rate=24m', '--verify=pattern', '--verify_pattern=%o', '--do_verify=0']), { stdio: 'ignore' });
+    const fio = spawn(
+      'fio',
+      fioArgs(suite.server.uri('busy'), [
+        '--rw=write',
+        `--bs=${blockBytes}`,
+        '--iodepth=16',
+        `--size=${blocks * blockBytes}`,
+        '--rate=24m',
+        '--verify=pattern',
+        '--verify_pattern=%o',
+        '--do_verify=0',
+      ]),
+      { stdio: 'ignore' },
+    );
     const finished = new Promise<number | null>((resolve) => fio.on('exit', resolve));
     const taken: string[] = [];
     for (let i = 0; i < 6; i++) {
@@ -95,7 +124,10 @@ describe('NBD with fio, a userspace attach, and snapshots while writing', functi
     }
     assert.equal(prefixes[prefixes.length - 1], blocks, 'in the end fio wrote every block');
     for (let i = 1; i < prefixes.length; i++) assert.ok(prefixes[i] >= prefixes[i - 1], `later snapshots hold more: ${prefixes.join(', ')}`);
-    assert.ok(prefixes.some((p) => p > 0 && p < blocks), `some snapshot caught fio mid-way: ${prefixes.join(', ')}`);
+    assert.ok(
+      prefixes.some((p) => p > 0 && p < blocks),
+      `some snapshot caught fio mid-way: ${prefixes.join(', ')}`,
+    );
     console.log(`      blocks written in each snapshot: ${prefixes.join(', ')} of ${blocks}`);
   });
 });

@@ -37,7 +37,8 @@ function validSession(rng: Random): Buffer {
   const parts: Buffer[] = [u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)];
   const exportName = rng.pick(['fuzz', 'fuzz', 'fuzz@snap', 'nope', '']);
   const extended = rng.chance(0.2);
-  for (let i = rng.int(0, 3); i > 0; i--) parts.push(option(rng.pick([OPT.LIST, OPT.INFO, 99, OPT.STARTTLS]), rng.chance(0.5) ? named(exportName, [u16(0)]) : Buffer.alloc(0)));
+  for (let i = rng.int(0, 3); i > 0; i--)
+    parts.push(option(rng.pick([OPT.LIST, OPT.INFO, 99, OPT.STARTTLS]), rng.chance(0.5) ? named(exportName, [u16(0)]) : Buffer.alloc(0)));
   if (extended) parts.push(option(OPT.EXTENDED_HEADERS));
   else if (rng.chance(0.7)) parts.push(option(OPT.STRUCTURED_REPLY));
   if (rng.chance(0.6)) parts.push(option(OPT.SET_META_CONTEXT, named(exportName, [u32(1), u32(15), Buffer.from('base:allocation')])));
@@ -48,7 +49,9 @@ function validSession(rng: Random): Buffer {
   }
   for (let i = rng.int(0, 12); i > 0; i--) {
     const type = rng.pick([CMD.READ, CMD.WRITE, CMD.WRITE, CMD.FLUSH, CMD.TRIM, CMD.CACHE, CMD.WRITE_ZEROES, CMD.BLOCK_STATUS, CMD.DISC, 9]);
-    const flags = rng.chance(0.8) ? 0 : rng.pick([CMD_FLAG.FUA, CMD_FLAG.NO_HOLE, CMD_FLAG.DF, CMD_FLAG.REQ_ONE, CMD_FLAG.FAST_ZERO, CMD_FLAG.PAYLOAD_LEN, 0xffff]);
+    const flags = rng.chance(0.8)
+      ? 0
+      : rng.pick([CMD_FLAG.FUA, CMD_FLAG.NO_HOLE, CMD_FLAG.DF, CMD_FLAG.REQ_ONE, CMD_FLAG.FAST_ZERO, CMD_FLAG.PAYLOAD_LEN, 0xffff]);
     const offset = rng.int(0, volumeBytes / 512) * 512;
     const length = rng.int(1, 64) * 512;
     if (extended) {
@@ -109,15 +112,19 @@ function play(socketPath: string, bytes: Buffer, rng: Random): Promise<void> {
     const pieces = rng.int(1, 3);
     const cut = Array.from({ length: pieces - 1 }, () => rng.int(0, bytes.length)).sort((a, b) => a - b);
     const chunks = [0, ...cut, bytes.length].slice(1).map((end, i, ends) => bytes.subarray(i === 0 ? 0 : ends[i - 1], end));
-    socket.once('connect', () => void (async () => {
-      for (const chunk of chunks) {
-        if (socket.destroyed) break;
-        socket.write(chunk);
-        await new Promise((r) => setImmediate(r));
-      }
-      setTimeout(() => (rng.chance(0.5) ? socket.end() : socket.destroy()), rng.int(0, 20));
-      setTimeout(() => socket.destroy(), 2000).unref();
-    })());
+    socket.once(
+      'connect',
+      () =>
+        void (async () => {
+          for (const chunk of chunks) {
+            if (socket.destroyed) break;
+            socket.write(chunk);
+            await new Promise((r) => setImmediate(r));
+          }
+          setTimeout(() => (rng.chance(0.5) ? socket.end() : socket.destroy()), rng.int(0, 20));
+          setTimeout(() => socket.destroy(), 2000).unref();
+        })(),
+    );
   });
 }
 

@@ -21,15 +21,24 @@ describe('NBD interop with qemu and libnbd', function () {
     it('qemu-io writes patterns at any offset and reads them back; unwritten ranges read as zeros', async () => {
       await suite.server.cliOk('volume', 'create', 'qio', '--size', '64MiB');
       const out = await ok('qemu-io', [
-        '-f', 'raw',
-        '-c', 'write -P 0x5a 0 1M',
-        '-c', 'write -P 0xa5 4097 3000',
-        '-c', 'write -P 0x11 63M 1M',
-        '-c', 'read -P 0x5a 0 4097',
-        '-c', 'read -P 0xa5 4097 3000',
-        '-c', 'read -P 0x5a 7097 1041479',
-        '-c', 'read -P 0 1M 62M',
-        '-c', 'read -P 0x11 63M 1M',
+        '-f',
+        'raw',
+        '-c',
+        'write -P 0x5a 0 1M',
+        '-c',
+        'write -P 0xa5 4097 3000',
+        '-c',
+        'write -P 0x11 63M 1M',
+        '-c',
+        'read -P 0x5a 0 4097',
+        '-c',
+        'read -P 0xa5 4097 3000',
+        '-c',
+        'read -P 0x5a 7097 1041479',
+        '-c',
+        'read -P 0 1M 62M',
+        '-c',
+        'read -P 0x11 63M 1M',
         suite.server.uri('qio'),
       ]);
       assert.doesNotMatch(out, /Pattern verification failed|error/i, out);
@@ -80,7 +89,8 @@ describe('NBD interop with qemu and libnbd', function () {
       const volume = JSON.parse(await ok('nbdinfo', ['--json', suite.server.uri('info')]));
       const exp = volume.exports[0];
       assert.equal(exp['export-size'], 48 * MiB);
-      for (const flag of ['can_flush', 'can_fua', 'can_trim', 'can_zero', 'can_fast_zero', 'can_cache', 'can_df', 'can_multi_conn']) assert.equal(exp[flag], true, flag);
+      for (const flag of ['can_flush', 'can_fua', 'can_trim', 'can_zero', 'can_fast_zero', 'can_cache', 'can_df', 'can_multi_conn'])
+        assert.equal(exp[flag], true, flag);
       assert.equal(exp.is_read_only, false);
       assert.deepEqual([exp.block_size_minimum, exp.block_size_preferred, exp.block_size_maximum], [1, 16384, 32 * MiB]);
       assert.deepEqual(exp.contexts, ['base:allocation']);
@@ -95,7 +105,19 @@ describe('NBD interop with qemu and libnbd', function () {
     it('nbdinfo --map shows data, holes after TRIM, and allocated zeros after write-zeroes', async () => {
       await suite.server.cliOk('volume', 'create', 'map', '--size', '8MiB');
       // write -z sends WRITE_ZEROES with NO_HOLE (allocated zeros); -u lets the server punch a hole.
-      await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 1 0 8M', '-c', 'discard 1M 2M', '-c', 'write -z 4M 1M', '-c', 'write -z -u 6M 1M', suite.server.uri('map')]);
+      await ok('qemu-io', [
+        '-f',
+        'raw',
+        '-c',
+        'write -P 1 0 8M',
+        '-c',
+        'discard 1M 2M',
+        '-c',
+        'write -z 4M 1M',
+        '-c',
+        'write -z -u 6M 1M',
+        suite.server.uri('map'),
+      ]);
       const map = JSON.parse(await ok('nbdinfo', ['--map', '--json', suite.server.uri('map')]));
       const simplified = map.map((m: { offset: number; length: number; type: number }) => [m.offset / MiB, m.length / MiB, m.type]);
       assert.deepEqual(simplified, [

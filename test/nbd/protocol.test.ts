@@ -28,8 +28,31 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
 
   before(async () => {
     dir = tempDir();
-    await ok('openssl', ['req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', path.join(dir.dir, 'key.pem'), '-out', path.join(dir.dir, 'cert.pem'), '-days', '2', '-subj', '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1']);
-    server = await startServer(dir.dir, ['--nbd-listen', '127.0.0.1:0', '--tls-cert', path.join(dir.dir, 'cert.pem'), '--tls-key', path.join(dir.dir, 'key.pem')]);
+    await ok('openssl', [
+      'req',
+      '-x509',
+      '-newkey',
+      'rsa:2048',
+      '-nodes',
+      '-keyout',
+      path.join(dir.dir, 'key.pem'),
+      '-out',
+      path.join(dir.dir, 'cert.pem'),
+      '-days',
+      '2',
+      '-subj',
+      '/CN=127.0.0.1',
+      '-addext',
+      'subjectAltName=IP:127.0.0.1',
+    ]);
+    server = await startServer(dir.dir, [
+      '--nbd-listen',
+      '127.0.0.1:0',
+      '--tls-cert',
+      path.join(dir.dir, 'cert.pem'),
+      '--tls-key',
+      path.join(dir.dir, 'key.pem'),
+    ]);
     tlsPort = Number(/"port":(\d+)/.exec(server.log())![1]);
     await server.cliOk('volume', 'create', 'p', '--size', '64MiB', '--extent-size', '4KiB');
     await server.cliOk('snapshot', 'create', 'p@ro');
@@ -39,7 +62,8 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
     dir.cleanup();
   });
 
-  const connect = (options: Partial<Parameters<typeof NbdClient.connect>[0]> = {}) => NbdClient.connect({ socketPath: server.nbdSocket, exportName: 'p', ...options });
+  const connect = (options: Partial<Parameters<typeof NbdClient.connect>[0]> = {}) =>
+    NbdClient.connect({ socketPath: server.nbdSocket, exportName: 'p', ...options });
 
   describe('handshake', () => {
     it('greets with NBDMAGIC, IHAVEOPT and fixed newstyle without zeroes', async () => {
@@ -60,17 +84,40 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
     it('answers an unknown option with ERR_UNSUP and goes on', async () => {
       const raw = await RawNbd.connect(server.nbdSocket);
       await raw.greet();
-      assert.deepEqual((await raw.option(99, Buffer.from('whatever'))).map((r) => r.type), [REP.ERR_UNSUP]);
-      assert.deepEqual((await raw.option(OPT.LIST, Buffer.from('x'))).map((r) => r.type), [REP.ERR_INVALID], 'LIST with data is invalid');
-      assert.deepEqual((await raw.option(OPT.STRUCTURED_REPLY)).map((r) => r.type), [REP.ACK]);
-      assert.deepEqual((await raw.option(OPT.STRUCTURED_REPLY)).map((r) => r.type), [REP.ERR_INVALID], 'twice is invalid');
+      assert.deepEqual(
+        (await raw.option(99, Buffer.from('whatever'))).map((r) => r.type),
+        [REP.ERR_UNSUP],
+      );
+      assert.deepEqual(
+        (await raw.option(OPT.LIST, Buffer.from('x'))).map((r) => r.type),
+        [REP.ERR_INVALID],
+        'LIST with data is invalid',
+      );
+      assert.deepEqual(
+        (await raw.option(OPT.STRUCTURED_REPLY)).map((r) => r.type),
+        [REP.ACK],
+      );
+      assert.deepEqual(
+        (await raw.option(OPT.STRUCTURED_REPLY)).map((r) => r.type),
+        [REP.ERR_INVALID],
+        'twice is invalid',
+      );
       const info = await raw.option(OPT.INFO, infoRequest('p', [3]));
-      assert.deepEqual(info.map((r) => r.type), [REP.INFO, REP.INFO, REP.ACK]);
+      assert.deepEqual(
+        info.map((r) => r.type),
+        [REP.INFO, REP.INFO, REP.ACK],
+      );
       const exportInfo = info[0].data;
       assert.equal(exportInfo.readBigUInt64BE(2), BigInt(64 * MiB));
       assert.ok(exportInfo.readUInt16BE(10) & TFLAG.SEND_DF, 'DF is advertised once replies are structured');
-      assert.deepEqual((await raw.option(OPT.GO, infoRequest('nope'))).map((r) => r.type), [REP.ERR_UNKNOWN]);
-      assert.deepEqual((await raw.option(OPT.GO, infoRequest('p'))).map((r) => r.type), [REP.INFO, REP.INFO, REP.ACK]);
+      assert.deepEqual(
+        (await raw.option(OPT.GO, infoRequest('nope'))).map((r) => r.type),
+        [REP.ERR_UNKNOWN],
+      );
+      assert.deepEqual(
+        (await raw.option(OPT.GO, infoRequest('p'))).map((r) => r.type),
+        [REP.INFO, REP.INFO, REP.ACK],
+      );
       raw.send(request(CMD.DISC, 0, 1, 0, 0));
       assert.ok(await raw.closesWithin(2000), 'DISC closes');
     });
@@ -81,14 +128,31 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
       const name = Buffer.from('p');
       const query = Buffer.from('base:allocation');
       const set = Buffer.concat([u32(name.length), name, u32(1), u32(query.length), query]);
-      assert.deepEqual((await raw.option(OPT.SET_META_CONTEXT, set)).map((r) => r.type), [REP.ERR_INVALID]);
+      assert.deepEqual(
+        (await raw.option(OPT.SET_META_CONTEXT, set)).map((r) => r.type),
+        [REP.ERR_INVALID],
+      );
       await raw.option(OPT.STRUCTURED_REPLY);
       const listed = await raw.option(OPT.LIST_META_CONTEXT, Buffer.concat([u32(name.length), name, u32(0)]));
-      assert.deepEqual(listed.map((r) => r.type), [REP.META_CONTEXT, REP.ACK]);
+      assert.deepEqual(
+        listed.map((r) => r.type),
+        [REP.META_CONTEXT, REP.ACK],
+      );
       assert.equal(listed[0].data.toString('utf8', 4), 'base:allocation');
-      const selected = await raw.option(OPT.SET_META_CONTEXT, Buffer.concat([u32(name.length), name, u32(2), u32(5), Buffer.from('qemu:'), u32(query.length), query]));
-      assert.deepEqual(selected.map((r) => r.type), [REP.META_CONTEXT, REP.ACK], 'an unknown namespace is ignored');
-      assert.deepEqual((await raw.option(OPT.SET_META_CONTEXT, Buffer.from([0, 0, 0, 9, 1]))).map((r) => r.type), [REP.ERR_INVALID], 'a malformed request');
+      const selected = await raw.option(
+        OPT.SET_META_CONTEXT,
+        Buffer.concat([u32(name.length), name, u32(2), u32(5), Buffer.from('qemu:'), u32(query.length), query]),
+      );
+      assert.deepEqual(
+        selected.map((r) => r.type),
+        [REP.META_CONTEXT, REP.ACK],
+        'an unknown namespace is ignored',
+      );
+      assert.deepEqual(
+        (await raw.option(OPT.SET_META_CONTEXT, Buffer.from([0, 0, 0, 9, 1]))).map((r) => r.type),
+        [REP.ERR_INVALID],
+        'a malformed request',
+      );
       raw.destroy();
     });
 
@@ -121,16 +185,25 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
       assert.ok(await big.closesWithin(2000));
       const abort = await RawNbd.connect(server.nbdSocket);
       await abort.greet();
-      assert.deepEqual((await abort.option(OPT.ABORT)).map((r) => r.type), [REP.ACK]);
+      assert.deepEqual(
+        (await abort.option(OPT.ABORT)).map((r) => r.type),
+        [REP.ACK],
+      );
       assert.ok(await abort.closesWithin(2000));
     });
 
     it('STARTTLS on the unix socket is refused by policy; the TCP listener requires TLS (FORCEDTLS)', async () => {
       const raw = await RawNbd.connect(server.nbdSocket);
       await raw.greet();
-      assert.deepEqual((await raw.option(OPT.STARTTLS)).map((r) => r.type), [REP.ERR_POLICY]);
+      assert.deepEqual(
+        (await raw.option(OPT.STARTTLS)).map((r) => r.type),
+        [REP.ERR_POLICY],
+      );
       raw.destroy();
-      await assert.rejects(NbdClient.connect({ host: '127.0.0.1', port: tlsPort, exportName: 'p' }), (err) => err instanceof NbdOptionError && err.replyType === REP.ERR_TLS_REQD);
+      await assert.rejects(
+        NbdClient.connect({ host: '127.0.0.1', port: tlsPort, exportName: 'p' }),
+        (err) => err instanceof NbdOptionError && err.replyType === REP.ERR_TLS_REQD,
+      );
       const ca = fs.readFileSync(path.join(dir.dir, 'cert.pem'));
       const secure = await NbdClient.connect({ host: '127.0.0.1', port: tlsPort, exportName: 'p', tls: { ca, host: '127.0.0.1' } });
       await secure.write(MiB, Buffer.alloc(4096, 0x33));
@@ -150,8 +223,14 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
     it('extended headers: negotiated, they replace structured replies and carry 64-bit lengths', async () => {
       const raw = await RawNbd.connect(server.nbdSocket);
       await raw.greet();
-      assert.deepEqual((await raw.option(OPT.EXTENDED_HEADERS)).map((r) => r.type), [REP.ACK]);
-      assert.deepEqual((await raw.option(OPT.STRUCTURED_REPLY)).map((r) => r.type), [REP.ERR_EXT_HEADER_REQD]);
+      assert.deepEqual(
+        (await raw.option(OPT.EXTENDED_HEADERS)).map((r) => r.type),
+        [REP.ACK],
+      );
+      assert.deepEqual(
+        (await raw.option(OPT.STRUCTURED_REPLY)).map((r) => r.type),
+        [REP.ERR_EXT_HEADER_REQD],
+      );
       raw.destroy();
       const client = await connect({ extendedHeaders: true });
       await client.write(3 * MiB + 5, Buffer.alloc(10000, 0x44));
@@ -235,17 +314,26 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
       await client.write(MiB, Buffer.alloc(MiB, 9));
       await client.zero(4 * MiB, MiB, CMD_FLAG.NO_HOLE);
       const all = await client.blockStatus(0, 16 * MiB);
-      assert.deepEqual(all.map((r) => [r.offset / MiB, r.length / MiB, r.kind]), [
-        [0, 1, 'hole'],
-        [1, 1, 'data'],
-        [2, 2, 'hole'],
-        [4, 1, 'zero'],
-        [5, 11, 'hole'],
-      ]);
+      assert.deepEqual(
+        all.map((r) => [r.offset / MiB, r.length / MiB, r.kind]),
+        [
+          [0, 1, 'hole'],
+          [1, 1, 'data'],
+          [2, 2, 'hole'],
+          [4, 1, 'zero'],
+          [5, 11, 'hole'],
+        ],
+      );
       const one = await client.blockStatus(MiB + 4096, 8 * MiB, CMD_FLAG.REQ_ONE);
-      assert.deepEqual(one.map((r) => [r.length, r.kind]), [[MiB - 4096, 'data']]);
+      assert.deepEqual(
+        one.map((r) => [r.length, r.kind]),
+        [[MiB - 4096, 'data']],
+      );
       const hole = await client.read(6 * MiB, 8 * MiB);
-      assert.ok(hole.every((b) => b === 0), 'a read over holes is answered with hole chunks that read as zeros');
+      assert.ok(
+        hole.every((b) => b === 0),
+        'a read over holes is answered with hole chunks that read as zeros',
+      );
       await client.disconnect();
     });
 
@@ -263,7 +351,10 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
         flusher.destroy();
         await victim.cliOk('volume', 'export', 'mc', path.join(d.dir, 'mc.raw'));
         const image = fs.readFileSync(path.join(d.dir, 'mc.raw'));
-        assert.ok(image.subarray(5 * MiB, 6 * MiB).every((b) => b === 0x5c), 'the write flushed from the other connection survived SIGKILL');
+        assert.ok(
+          image.subarray(5 * MiB, 6 * MiB).every((b) => b === 0x5c),
+          'the write flushed from the other connection survived SIGKILL',
+        );
       } finally {
         await victim.kill();
         d.cleanup();

@@ -61,14 +61,21 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
     await attacher.detach(rw);
     await suite.server.cliOk('snapshot', 'create', 'snapped@before');
 
-    await assert.rejects(attacher.attach(request('snapped-ro', 'snapped@before', false)), (err) => isArborError(err, 'invalid-argument') && /only be attached read-only/.test(err.message));
+    await assert.rejects(
+      attacher.attach(request('snapped-ro', 'snapped@before', false)),
+      (err) => isArborError(err, 'invalid-argument') && /only be attached read-only/.test(err.message),
+    );
     const ro = await attacher.attach(request('snapped-ro', 'snapped@before', true));
     try {
       assert.equal(ro.sizeBytes, 64 * MiB);
       assert.equal(fs.readFileSync(`/sys/block/${path.basename(ro.device)}/ro`, 'utf8').trim(), '1', 'the loop device is read-only');
       assert.ok(readDevice(ro.device, 0, 4096).equals(pattern(0x11)), 'the snapshot reads what was written before it');
       // The kernel refuses writes to a read-only block device with EPERM (blkdev_write_iter).
-      assert.throws(() => writeDevice(ro.device, 0, pattern(0x22)), (err: NodeJS.ErrnoException) => err.code === 'EPERM', 'writing the device fails');
+      assert.throws(
+        () => writeDevice(ro.device, 0, pattern(0x22)),
+        (err: NodeJS.ErrnoException) => err.code === 'EPERM',
+        'writing the device fails',
+      );
       assert.ok(readDevice(ro.device, 0, 4096).equals(pattern(0x11)), 'and changed nothing');
     } finally {
       await attacher.detach(ro);
@@ -113,7 +120,12 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
     await suite.server.cliOk('volume', 'create', 'half', '--size', '64MiB');
     const req = request('half', 'half');
     fs.mkdirSync(path.join(req.workDir, 'fuse'));
-    const strayPid = await hostCommands.spawnDetached('nbdfuse', ['-P', path.join(req.workDir, 'nbdfuse.pid'), path.join(req.workDir, 'fuse', 'disk'), suite.server.uri('half')]);
+    const strayPid = await hostCommands.spawnDetached('nbdfuse', [
+      '-P',
+      path.join(req.workDir, 'nbdfuse.pid'),
+      path.join(req.workDir, 'fuse', 'disk'),
+      suite.server.uri('half'),
+    ]);
     await waitFor(async () => fs.existsSync(path.join(req.workDir, 'nbdfuse.pid')));
     const attachment = await attacher.attach(req);
     try {
@@ -132,7 +144,13 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
     const server = await startServer(own.dir);
     try {
       await server.cliOk('volume', 'create', 'orphan', '--size', '64MiB');
-      const attachment = await attacher.attach({ socketPath: server.nbdSocket, exportName: 'orphan', volumeId: 'vol-orphan', readOnly: false, workDir: workDirFor(suite.dir, 'orphan') });
+      const attachment = await attacher.attach({
+        socketPath: server.nbdSocket,
+        exportName: 'orphan',
+        volumeId: 'vol-orphan',
+        readOnly: false,
+        workDir: workDirFor(suite.dir, 'orphan'),
+      });
       assert.equal(await attacher.isHealthy(attachment), true);
       await server.kill();
       assert.equal(await attacher.isHealthy(attachment), false, 'nbdfuse still runs, but nothing answers it');
@@ -148,7 +166,10 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
     await suite.server.cliOk('volume', 'create', 'twice', '--size', '64MiB');
     const attachment = await attacher.attach(request('twice', 'twice'));
     try {
-      await assert.rejects(attacher.attach(request('twice', 'twice', true)), (err) => isArborError(err, 'failed-precondition') && /detach it before attaching read-only/.test(err.message));
+      await assert.rejects(
+        attacher.attach(request('twice', 'twice', true)),
+        (err) => isArborError(err, 'failed-precondition') && /detach it before attaching read-only/.test(err.message),
+      );
     } finally {
       await attacher.detach(attachment);
     }
@@ -161,7 +182,10 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
     const mountPoint = path.join(suite.dir, 'mnt', 'busy');
     await formatFilesystem(attachment.device, 'ext4', []);
     await mountFilesystem(attachment.device, mountPoint, 'ext4', [], false);
-    await assert.rejects(attacher.detach(attachment), (err) => isArborError(err, 'failed-precondition') && err.message.includes(`still mounted at ${mountPoint}`));
+    await assert.rejects(
+      attacher.detach(attachment),
+      (err) => isArborError(err, 'failed-precondition') && err.message.includes(`still mounted at ${mountPoint}`),
+    );
     assert.equal(await attacher.isHealthy(attachment), true, 'the refused detach changed nothing');
     await unmount(mountPoint);
     await attacher.detach(attachment);
@@ -169,14 +193,20 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
   });
 
   it('names the export in an nbd+unix URI with the socket path percent-encoded, as libnbd decodes it', () => {
-    assert.equal(nbdUri({ exportName: 'vol-1@snap.2', socketPath: '/var/lib/kubelet/plugins/arbor csi+x/nbd.sock' }), 'nbd+unix:///vol-1@snap.2?socket=/var/lib/kubelet/plugins/arbor%20csi%2Bx/nbd.sock');
+    assert.equal(
+      nbdUri({ exportName: 'vol-1@snap.2', socketPath: '/var/lib/kubelet/plugins/arbor csi+x/nbd.sock' }),
+      'nbd+unix:///vol-1@snap.2?socket=/var/lib/kubelet/plugins/arbor%20csi%2Bx/nbd.sock',
+    );
   });
 
   it('fails the attach of an export the server does not have, naming it, and leaves nothing', async () => {
     const started = Date.now();
     await assert.rejects(attacher.attach(request('missing', 'no-such-volume')), (err) => {
       assert.ok(isArborError(err, 'unavailable'));
-      assert.equal(err.message, `export no-such-volume: nbdfuse exited without serving it from ${suite.server.nbdSocket} (does the server have that export? see 'arbor volume list' and 'arbor snapshot list')`);
+      assert.equal(
+        err.message,
+        `export no-such-volume: nbdfuse exited without serving it from ${suite.server.nbdSocket} (does the server have that export? see 'arbor volume list' and 'arbor snapshot list')`,
+      );
       return true;
     });
     assert.ok(Date.now() - started < 5_000, 'at once, without waiting out the start timeout');
@@ -186,7 +216,12 @@ describe('attaching an export in userspace: nbdfuse and a loop device', function
 
 describe('choosing how this host attaches', () => {
   function probe(paths: string[], commands: string[], uid = 0, helper = true): HostProbe {
-    return { pathExists: (file) => paths.includes(file), netlinkHelperBuilt: () => helper, commandInstalled: (command) => commands.includes(command), uid: () => uid };
+    return {
+      pathExists: (file) => paths.includes(file),
+      netlinkHelperBuilt: () => helper,
+      commandInstalled: (command) => commands.includes(command),
+      uid: () => uid,
+    };
   }
   const userspaceHost = { paths: ['/dev/fuse', '/dev/loop-control'], commands: ['nbdfuse', 'losetup', 'fusermount3'] };
 
@@ -221,7 +256,10 @@ describe('choosing how this host attaches', () => {
   it('names only what is missing on an almost-ready host', () => {
     assert.throws(
       () => chooseAttacher(probe(['/dev/loop-control'], ['nbdfuse', 'losetup', 'fusermount3'])),
-      (err) => isArborError(err) && err.message === 'this host has no usable way to attach NBD volumes. Kernel NBD: /dev/nbd0 is missing (load the nbd kernel module: modprobe nbd). Userspace NBD (nbdfuse and a loop device): /dev/fuse is missing (load the fuse module; in a container, give it the host /dev/fuse).',
+      (err) =>
+        isArborError(err) &&
+        err.message ===
+          'this host has no usable way to attach NBD volumes. Kernel NBD: /dev/nbd0 is missing (load the nbd kernel module: modprobe nbd). Userspace NBD (nbdfuse and a loop device): /dev/fuse is missing (load the fuse module; in a container, give it the host /dev/fuse).',
     );
   });
 

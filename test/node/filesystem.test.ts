@@ -69,13 +69,20 @@ describe('filesystems on attached volumes', function () {
         await formatFilesystem(device, fsType, [...mkfsOptions]);
         assert.equal(await detectFilesystem(device), fsType);
         assert.equal((await ok('blkid', ['-p', '-o', 'value', '-s', 'LABEL', device])).trim(), label, 'the mkfs options were applied');
-        await assert.rejects(formatFilesystem(device, fsType, []), (err) => isArborError(err, 'failed-precondition') && err.message.startsWith(`${device} already holds ${fsType}; refusing to format it`));
+        await assert.rejects(
+          formatFilesystem(device, fsType, []),
+          (err) => isArborError(err, 'failed-precondition') && err.message.startsWith(`${device} already holds ${fsType}; refusing to format it`),
+        );
 
         await mountFilesystem(device, staging, fsType, ['noatime'], false);
         await mountFilesystem(device, staging, fsType, ['noatime'], false);
         assert.equal(await isMounted(staging), true);
         assert.equal(await mountedDevice(staging), device);
-        assert.equal((await ok('findmnt', ['-n', '-o', 'SOURCE', '--mountpoint', staging])).trim().split('\n').length, 1, 'mounting again mounted nothing more');
+        assert.equal(
+          (await ok('findmnt', ['-n', '-o', 'SOURCE', '--mountpoint', staging])).trim().split('\n').length,
+          1,
+          'mounting again mounted nothing more',
+        );
         assert.match(await ok('findmnt', ['-n', '-o', 'VFS-OPTIONS', '--mountpoint', staging]), /\bnoatime\b/);
         for (const [file, data] of files) fs.writeFileSync(path.join(staging, file), data);
         await ok('sync', ['-f', staging]);
@@ -84,8 +91,13 @@ describe('filesystems on attached volumes', function () {
         // xfs counts its internal log (64 MiB here) out of the total.
         assert.ok(stats.totalBytes > volumeSize[fsType] * 0.75 && stats.totalBytes <= volumeSize[fsType], `size ${stats.totalBytes} is most of the volume`);
         assert.ok(stats.usedBytes >= filesBytes, `used ${stats.usedBytes} holds the ${filesBytes} bytes written`);
-        assert.ok(stats.availableBytes <= stats.totalBytes - stats.usedBytes && stats.availableBytes > stats.totalBytes - stats.usedBytes - 0.1 * stats.totalBytes);
-        assert.ok(stats.totalInodes > 1000 && stats.usedInodes >= files.size && stats.freeInodes === stats.totalInodes - stats.usedInodes, JSON.stringify(stats));
+        assert.ok(
+          stats.availableBytes <= stats.totalBytes - stats.usedBytes && stats.availableBytes > stats.totalBytes - stats.usedBytes - 0.1 * stats.totalBytes,
+        );
+        assert.ok(
+          stats.totalInodes > 1000 && stats.usedInodes >= files.size && stats.freeInodes === stats.totalInodes - stats.usedInodes,
+          JSON.stringify(stats),
+        );
 
         await unmount(staging);
         await unmount(staging);
@@ -105,7 +117,11 @@ describe('filesystems on attached volumes', function () {
         await bindMount(staging, published, true);
         await bindMount(staging, published, true);
         assert.equal((await ok('findmnt', ['-n', '-o', 'TARGET', '--mountpoint', published])).trim().split('\n').length, 1, 'binding again bound nothing more');
-        assert.throws(() => fs.writeFileSync(path.join(published, 'new.txt'), 'x'), (err: NodeJS.ErrnoException) => err.code === 'EROFS', 'the read-only bind refuses writes');
+        assert.throws(
+          () => fs.writeFileSync(path.join(published, 'new.txt'), 'x'),
+          (err: NodeJS.ErrnoException) => err.code === 'EROFS',
+          'the read-only bind refuses writes',
+        );
         assert.ok(fs.readFileSync(path.join(published, 'file0.bin')).equals(files.get('file0.bin')!), 'and reads the files');
         fs.writeFileSync(path.join(staging, 'staging-stays-writable.txt'), 'x');
         assert.equal((await filesystemStats(published)).totalBytes, (await filesystemStats(staging)).totalBytes);
@@ -182,7 +198,10 @@ describe('filesystems on attached volumes', function () {
       await growFilesystem(attachment.device, staging, 'ext4');
       await mountFilesystem(attachment.device, staging, 'ext4', [], false);
       await assertGrown(staging, before, 'ext4');
-      await assert.rejects(growFilesystem('/dev/loop9', staging, 'xfs'), (err) => isArborError(err, 'failed-precondition') && err.message.includes('can only grow while mounted'));
+      await assert.rejects(
+        growFilesystem('/dev/loop9', staging, 'xfs'),
+        (err) => isArborError(err, 'failed-precondition') && err.message.includes('can only grow while mounted'),
+      );
     } finally {
       await unmount(staging);
       await attacher.detach(attachment);
@@ -205,7 +224,12 @@ describe('filesystems on attached volumes', function () {
       await ok('debugfs', ['-w', '-R', 'ssv state 0', device]);
       await assert.rejects(checkFilesystem(device, 'ext4'), (err) => {
         assert.ok(isArborError(err, 'failed-precondition'));
-        assert.ok(err.message.startsWith(`the ext4 filesystem on ${device} failed its check and will not be mounted: e2fsck -p exited with status 4 (errors left uncorrected)`), err.message);
+        assert.ok(
+          err.message.startsWith(
+            `the ext4 filesystem on ${device} failed its check and will not be mounted: e2fsck -p exited with status 4 (errors left uncorrected)`,
+          ),
+          err.message,
+        );
         assert.ok(err.message.endsWith(`repair it by hand with 'e2fsck -f ${device}' while it is attached and not mounted`), err.message);
         return true;
       });
@@ -228,7 +252,10 @@ describe('filesystem commands and their checks', () => {
       mbr.writeUInt16LE(0xaa55, 510);
       fs.writeFileSync(image, mbr);
       assert.equal(await detectFilesystem(image), 'partition-table:dos');
-      await assert.rejects(formatFilesystem(image, 'ext4', []), (err) => isArborError(err, 'failed-precondition') && err.message.startsWith(`${image} already holds partition-table:dos`));
+      await assert.rejects(
+        formatFilesystem(image, 'ext4', []),
+        (err) => isArborError(err, 'failed-precondition') && err.message.startsWith(`${image} already holds partition-table:dos`),
+      );
       assert.equal(await detectFilesystem(image), 'partition-table:dos', 'untouched');
     } finally {
       temp.cleanup();
@@ -273,7 +300,11 @@ describe('filesystem commands and their checks', () => {
       );
       runner = blank();
       await growFilesystem('/dev/loop9', '/mnt/x', 'ext4', runner);
-      assert.deepEqual(runner.commands.filter((argv) => argv[0] !== 'findmnt'), [['resize2fs', '/dev/loop9']], 'unmounted ext4 grows offline');
+      assert.deepEqual(
+        runner.commands.filter((argv) => argv[0] !== 'findmnt'),
+        [['resize2fs', '/dev/loop9']],
+        'unmounted ext4 grows offline',
+      );
       let asked = false;
       runner = new RecordingRunner((argv) => {
         if (argv[0] === 'findmnt') return { status: 1 };
@@ -300,7 +331,10 @@ describe('filesystem commands and their checks', () => {
   it('checkFilesystem accepts e2fsck exit statuses 0 to 3 and refuses 4 and above; xfs runs nothing', async () => {
     for (const status of [0, 1, 2, 3]) await checkFilesystem('/dev/loop9', 'ext4', new RecordingRunner(() => ({ status })));
     for (const status of [4, 8, 12]) {
-      await assert.rejects(checkFilesystem('/dev/loop9', 'ext4', new RecordingRunner(() => ({ status, stdout: 'details' }))), (err) => isArborError(err, 'failed-precondition') && err.message.includes(`status ${status}`));
+      await assert.rejects(
+        checkFilesystem('/dev/loop9', 'ext4', new RecordingRunner(() => ({ status, stdout: 'details' }))),
+        (err) => isArborError(err, 'failed-precondition') && err.message.includes(`status ${status}`),
+      );
     }
     const runner = new RecordingRunner();
     await checkFilesystem('/dev/loop9', 'xfs', runner);
@@ -326,18 +360,32 @@ describe('filesystem commands and their checks', () => {
       ['xfs', ['-p', '/etc/protofile'], /'-p' is not accepted/],
     ];
     for (const [fsType, options, message] of refused) {
-      assert.throws(() => validateMkfsOptions(fsType, options), (err) => isArborError(err, 'invalid-argument') && message.test(err.message), `${fsType} ${options.join(' ')}`);
+      assert.throws(
+        () => validateMkfsOptions(fsType, options),
+        (err) => isArborError(err, 'invalid-argument') && message.test(err.message),
+        `${fsType} ${options.join(' ')}`,
+      );
     }
-    assert.throws(() => validateMkfsOptions('btrfs' as FilesystemType, []), (err) => isArborError(err, 'invalid-argument') && /'btrfs' is not supported; use one of ext4, xfs/.test(err.message));
+    assert.throws(
+      () => validateMkfsOptions('btrfs' as FilesystemType, []),
+      (err) => isArborError(err, 'invalid-argument') && /'btrfs' is not supported; use one of ext4, xfs/.test(err.message),
+    );
   });
 
   it('refuses mount flags that would inject options or change what mount does, and paths that are not absolute', async () => {
     validateMountFlags(['noatime', 'discard', 'commit=30', 'data=ordered']);
     for (const flag of ['noatime,exec', 'a b', '', 'bind', 'remount', 'X-mount.mkdir', '-o']) {
-      assert.throws(() => validateMountFlags([flag]), (err) => isArborError(err, 'invalid-argument'), `flag '${flag}'`);
+      assert.throws(
+        () => validateMountFlags([flag]),
+        (err) => isArborError(err, 'invalid-argument'),
+        `flag '${flag}'`,
+      );
     }
     const runner = new RecordingRunner();
-    await assert.rejects(mountFilesystem('/dev/loop9', '/tmp/x', 'ext4', ['ro,suid'], false, runner), (err) => isArborError(err, 'invalid-argument') && err.message.includes(`'ro,suid'`));
+    await assert.rejects(
+      mountFilesystem('/dev/loop9', '/tmp/x', 'ext4', ['ro,suid'], false, runner),
+      (err) => isArborError(err, 'invalid-argument') && err.message.includes(`'ro,suid'`),
+    );
     await assert.rejects(mountFilesystem('/dev/loop9', '/tmp/x', 'ext4', ['rw'], true, runner), (err) => isArborError(err, 'invalid-argument'));
     await assert.rejects(mountFilesystem('loop9', '/tmp/x', 'ext4', [], false, runner), (err) => isArborError(err, 'invalid-argument'));
     await assert.rejects(formatFilesystem('-F', 'ext4', [], runner), (err) => isArborError(err, 'invalid-argument'));

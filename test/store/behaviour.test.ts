@@ -34,7 +34,7 @@ describe('store behaviour', function () {
     dir.cleanup();
   });
 
-  it('a clone does not see writes made to its parent after the snapshot, nor the parent the clone\'s', async () => {
+  it("a clone does not see writes made to its parent after the snapshot, nor the parent the clone's", async () => {
     await store.createVolume('gold', { sizeBytes: 8 * MiB });
     const gold = await store.openVolume({ name: 'gold' });
     await gold.write(0, Buffer.alloc(MiB, 1));
@@ -138,7 +138,10 @@ describe('store behaviour', function () {
     await z.write(0, Buffer.alloc(MiB, 4));
     await z.writeZeroes(0, 65536, { noHole: true });
     await z.writeZeroes(65536, 65536);
-    assert.deepEqual((await z.blockStatus(0, 3 * 65536)).map((r) => r.kind), ['zero', 'hole', 'data']);
+    assert.deepEqual(
+      (await z.blockStatus(0, 3 * 65536)).map((r) => r.kind),
+      ['zero', 'hole', 'data'],
+    );
     assert.ok((await z.read(0, 2 * 65536)).every((b) => b === 0));
   });
 

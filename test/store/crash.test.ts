@@ -76,12 +76,17 @@ describe('crash safety: SIGKILL mid-workload, then reopen', function () {
         assert.deepEqual(await orphanBlobs(store), [], `${context}: gc leaves no orphan`);
         const marks = await committedMarks(store.ctx.catalog);
         const ids = await store.ctx.blobs.list();
-        assert.ok(ids.every((id) => serialOf(id) < marks[classOf(id)]), `${context}: every blob id is below its class's committed mark`);
+        assert.ok(
+          ids.every((id) => serialOf(id) < marks[classOf(id)]),
+          `${context}: every blob id is below its class's committed mark`,
+        );
       } finally {
         await store.close();
       }
     }
-    console.log(`      seed ${seed}: ${kills} kills, ${acknowledgedOps} operations acknowledged, ${volumes.size} volumes and ${snapshots.size} snapshots at the end`);
+    console.log(
+      `      seed ${seed}: ${kills} kills, ${acknowledgedOps} operations acknowledged, ${volumes.size} volumes and ${snapshots.size} snapshots at the end`,
+    );
   });
 });
 
@@ -256,7 +261,11 @@ async function readSectors(image: { readInto(o: number, t: Buffer, to: number, l
   return out;
 }
 
-async function checkStore(store: Store, expected: Expected, context: string): Promise<{ volumes: Map<string, Int32Array>; snapshots: Map<string, Int32Array> }> {
+async function checkStore(
+  store: Store,
+  expected: Expected,
+  context: string,
+): Promise<{ volumes: Map<string, Int32Array>; snapshots: Map<string, Int32Array> }> {
   const volumes = new Map<string, Int32Array>();
   const snapshots = new Map<string, Int32Array>();
   for (const record of await store.listVolumes()) {
@@ -279,7 +288,8 @@ async function checkStore(store: Store, expected: Expected, context: string): Pr
     if (!want) throw new Error(`${context}: snapshot ${record.name} exists but should not`);
     const got = await readSectors(await store.openSnapshot({ id: record.id }), `${context}: snapshot ${record.name}`);
     for (let s = 0; s < sectors; s++) {
-      if (got[s] !== want.sectors[s]) throw new Error(`${context}: snapshot ${record.name} sector ${s} holds op ${got[s]}, it was taken holding ${want.sectors[s]}`);
+      if (got[s] !== want.sectors[s])
+        throw new Error(`${context}: snapshot ${record.name} sector ${s} holds op ${got[s]}, it was taken holding ${want.sectors[s]}`);
     }
     snapshots.set(record.name, got);
   }

@@ -85,7 +85,8 @@ export async function connectWithin(node: ArborServer, exportName: string, withi
       return { client: await NbdClient.connect({ socketPath: node.nbdSocket, exportName }), waitedMs: Date.now() - started, lastError };
     } catch (err) {
       lastError = (err as Error).message;
-      if (Date.now() - started > withinMs) throw new Error(`no connection to ${exportName} on ${path.basename(path.dirname(node.dataDir))} within ${withinMs} ms: ${lastError}`);
+      if (Date.now() - started > withinMs)
+        throw new Error(`no connection to ${exportName} on ${path.basename(path.dirname(node.dataDir))} within ${withinMs} ms: ${lastError}`);
       await sleep(200);
     }
   }

@@ -124,7 +124,14 @@ export function spawnDaemon(name: string, command: string, args: string[], outFi
 function tail(file: string, lines: number): string {
   try {
     const text = fs.readFileSync(file, 'utf8');
-    return text.slice(-64 * 1024).trimEnd().split('\n').slice(-lines).join('\n') || '(empty)';
+    return (
+      text
+        .slice(-64 * 1024)
+        .trimEnd()
+        .split('\n')
+        .slice(-lines)
+        .join('\n') || '(empty)'
+    );
   } catch {
     return '(no such file)';
   }
@@ -363,7 +370,11 @@ class Member implements EtcdMember {
   async start(): Promise<void> {
     this.launch();
     // Before it is ready (has a quorum) etcd accepts connections but answers nothing.
-    await this.waitFor(`etcd member ${this.name} serving at ${this.clientUrl} after restart`, etcdHealthyWithinMs, async () => (await httpStatus(`${this.clientUrl}/health`)) !== undefined);
+    await this.waitFor(
+      `etcd member ${this.name} serving at ${this.clientUrl} after restart`,
+      etcdHealthyWithinMs,
+      async () => (await httpStatus(`${this.clientUrl}/health`)) !== undefined,
+    );
   }
 
   waitFor(what: string, timeoutMs: number, ready: () => Promise<boolean>, watched: EtcdMember[] = [this]): Promise<void> {

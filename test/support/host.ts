@@ -80,7 +80,11 @@ export function leftoversUnder(dir: string): Leftovers {
 export async function removeLeftoversUnder(dir: string): Promise<void> {
   const { mounts, loopDevices } = leftoversUnder(dir);
   // Deepest first, and the filesystems on loop devices before the FUSE mounts behind them.
-  for (const mountPoint of mounts.filter((m) => !m.endsWith('/fuse')).sort().reverse()) await run('umount', [mountPoint]);
+  for (const mountPoint of mounts
+    .filter((m) => !m.endsWith('/fuse'))
+    .sort()
+    .reverse())
+    await run('umount', [mountPoint]);
   for (const device of loopDevices) await run('losetup', ['-d', device]);
   for (const mountPoint of leftoversUnder(dir).mounts.sort().reverse()) await run('fusermount3', ['-u', mountPoint]);
   for (const line of leftoversUnder(dir).nbdfuse) {

@@ -41,7 +41,7 @@ export class Random {
     }
     const out = Buffer.allocUnsafe(length);
     let start = this.int(0, poolBytes - 1);
-    for (let done = 0; done < length; ) {
+    for (let done = 0; done < length;) {
       const n = Math.min(length - done, poolBytes - start);
       this.pool.copy(out, done, start, start + n);
       done += n;

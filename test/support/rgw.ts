@@ -99,7 +99,20 @@ async function bringUp(capacityBytes: number): Promise<Rgw> {
 
     const accessKeyId = crypto.randomBytes(10).toString('hex').toUpperCase();
     const secretAccessKey = crypto.randomBytes(20).toString('hex');
-    const user = await step('radosgw-admin', ['-c', conf, 'user', 'create', '--uid', 'arbor', '--display-name', 'Arbor tests', '--access-key', accessKeyId, '--secret-key', secretAccessKey]);
+    const user = await step('radosgw-admin', [
+      '-c',
+      conf,
+      'user',
+      'create',
+      '--uid',
+      'arbor',
+      '--display-name',
+      'Arbor tests',
+      '--access-key',
+      accessKeyId,
+      '--secret-key',
+      secretAccessKey,
+    ]);
     if (!user.includes(accessKeyId)) throw new Error(`radosgw-admin user create did not report the key:\n${user}`);
     lap('user');
 

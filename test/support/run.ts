@@ -7,7 +7,11 @@ export interface RunResult {
 }
 
 /** Runs a command to completion; never throws for a non-zero status. */
-export function run(command: string, args: string[], options: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<RunResult> {
+export function run(
+  command: string,
+  args: string[],
+  options: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {},
+): Promise<RunResult> {
   return new Promise((resolve) => {
     const child = spawn(command, args, { env: options.env ?? process.env });
     const out: Buffer[] = [];
@@ -26,7 +30,11 @@ export function run(command: string, args: string[], options: { input?: Buffer |
 }
 
 /** Runs a command and fails the test with its output when it fails. */
-export async function ok(command: string, args: string[], options: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<string> {
+export async function ok(
+  command: string,
+  args: string[],
+  options: { input?: Buffer | string; timeoutMs?: number; env?: NodeJS.ProcessEnv } = {},
+): Promise<string> {
   const result = await run(command, args, options);
   if (result.status !== 0) throw new Error(`${command} ${args.join(' ')} exited ${result.status}:\n${result.stderr}${result.stdout}`);
   return result.stdout;

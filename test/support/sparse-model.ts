@@ -16,7 +16,7 @@ export class SparseBytes {
   }
 
   write(offset: number, data: Buffer): void {
-    for (let done = 0; done < data.length; ) {
+    for (let done = 0; done < data.length;) {
       const at = offset + done;
       const index = Math.floor(at / pageSize);
       const inPage = at - index * pageSize;
@@ -29,7 +29,7 @@ export class SparseBytes {
   }
 
   zero(offset: number, length: number): void {
-    for (let done = 0; done < length; ) {
+    for (let done = 0; done < length;) {
       const at = offset + done;
       const index = Math.floor(at / pageSize);
       const inPage = at - index * pageSize;
@@ -45,7 +45,7 @@ export class SparseBytes {
 
   read(offset: number, length: number): Buffer {
     const out = Buffer.alloc(length);
-    for (let done = 0; done < length; ) {
+    for (let done = 0; done < length;) {
       const at = offset + done;
       const index = Math.floor(at / pageSize);
       const inPage = at - index * pageSize;

@@ -21,250 +21,251 @@ interface ModelVolume {
 
 /** The model run on a store that `open` opens (again, at every reopen) in a fresh directory. */
 export function modelSuite(title: string, operations: number, open: (dir: string) => Promise<Store>): void {
-describe(title, function () {
-  this.timeout(20 * 60 * 1000);
-  let dataDir: { dir: string; cleanup: () => void };
-  let store: Store;
+  describe(title, function () {
+    this.timeout(20 * 60 * 1000);
+    let dataDir: { dir: string; cleanup: () => void };
+    let store: Store;
 
-  before(async () => {
-    dataDir = memoryTempDir();
-    store = await open(dataDir.dir);
-  });
-
-  after(async () => {
-    await store?.close();
-    dataDir.cleanup();
-  });
-
-  it(`${operations} operations match the model byte for byte (seed ${seed})`, async () => {
-    const rng = new Random(seed);
-    const volumes = new Map<string, ModelVolume>();
-    const snapshots = new Map<string, { volume: string; bytes: SparseBytes }>();
-    const everNamed = { volumes: 0, snapshots: 0 };
-    const tally: Record<string, number> = {};
-    const timing: Record<string, number> = {};
-    let step = 0;
-
-    const anyVolume = (): string | undefined => (volumes.size ? rng.pick([...volumes.keys()]) : undefined);
-    const anySnapshot = (): string | undefined => (snapshots.size ? rng.pick([...snapshots.keys()]) : undefined);
-    const randomRange = (size: number, extentSize: number): { offset: number; length: number } => {
-      const shape = rng.int(0, 3);
-      let offset = shape === 0 ? rng.int(0, Math.floor(size / extentSize) - 1) * extentSize : shape === 1 ? rng.int(0, size / 512 - 1) * 512 : rng.int(0, size - 1);
-      if (size > 64 * 1024 * 1024 && rng.chance(0.5)) offset = rng.int(0, 8) * extentSize * 512 + rng.int(0, 1024) * 512;
-      offset = Math.min(offset, size - 1);
-      const maxLength = Math.min(size - offset, extentSize * rng.pick([1, 2, 3, 5]));
-      let length = shape === 0 ? Math.min(size - offset, extentSize * rng.int(1, 3)) : rng.int(1, maxLength);
-      if (rng.chance(0.05)) length = size - offset;
-      return { offset, length: Math.min(length, 8 * 1024 * 1024) };
-    };
-    const verify = async (name: string, kind: 'volume' | 'snapshot'): Promise<void> => {
-      if (kind === 'volume') await compareWithModel(`volume ${name}`, await store.openVolume({ name }), volumes.get(name)!.bytes, () => rng.next());
-      else await compareWithModel(`snapshot ${name}`, await store.openSnapshot({ name }), snapshots.get(name)!.bytes, () => rng.next());
-    };
-
-    try {
-      for (step = 0; step < operations; step++) {
-        const op = rng.weighted({
-          create: volumes.size < 3 ? 30 : volumes.size < 14 ? 4 : 0,
-          write: 30,
-          read: 12,
-          trim: 6,
-          zeroes: 6,
-          status: 4,
-          flush: 3,
-          snapshot: snapshots.size < 16 ? 4 : 1,
-          cloneSnapshot: volumes.size < 20 ? 2 : 0,
-          cloneVolume: volumes.size < 20 ? 2 : 0,
-          resize: 2,
-          deleteVolume: volumes.size > 6 ? 2 : 0.3,
-          deleteSnapshot: snapshots.size > 4 ? 2 : 0.3,
-          gc: 0.6,
-          reopen: 0.4,
-          verify: 1.5,
-          badInput: 1,
-        });
-        tally[op] = (tally[op] ?? 0) + 1;
-        const opStarted = Date.now();
-        if (trace) console.log(`step ${step}: ${op} begins`);
-        const note = (detail: string): void => {
-          if (trace) console.log(`step ${step}: ${op} ${detail}`);
-        };
-        switch (op) {
-          case 'create': {
-            const name = `v${everNamed.volumes++}`;
-            const extentSize = rng.pick([4096, 8192, 16384, 65536, 131072]);
-            const huge = rng.chance(0.08);
-            const size = huge ? rng.int(1, 4) * 1024 * 1024 * 1024 + rng.int(0, 64) * 512 : rng.int(1, 8192) * 512;
-            note(`${name} size ${size} extent ${extentSize}`);
-            const record = await store.createVolume(name, { sizeBytes: size, extentSizeBytes: extentSize });
-            const again = await store.createVolume(name, { sizeBytes: size, extentSizeBytes: extentSize });
-            assert.equal(again.id, record.id, 'creating the same volume twice returns the first');
-            volumes.set(name, { bytes: new SparseBytes(size), extentSize });
-            break;
-          }
-          case 'write': {
-            const name = anyVolume();
-            if (!name) break;
-            const v = volumes.get(name)!;
-            const { offset, length } = randomRange(v.bytes.size, v.extentSize);
-            const data = rng.chance(0.1) ? Buffer.alloc(length, rng.int(0, 255)) : rng.bytes(length);
-            note(`${name} ${offset}+${length}`);
-            await (await store.openVolume({ name })).write(offset, data, { fua: rng.chance(0.1) });
-            v.bytes.write(offset, data);
-            break;
-          }
-          case 'read': {
-            const name = anyVolume();
-            if (!name) break;
-            const v = volumes.get(name)!;
-            const { offset, length } = randomRange(v.bytes.size, v.extentSize);
-            const got = await (await store.openVolume({ name })).read(offset, length);
-            if (!got.equals(v.bytes.read(offset, length))) throw new Error(`read of volume ${name} at ${offset}+${length} differs from the model`);
-            break;
-          }
-          case 'trim':
-          case 'zeroes': {
-            const name = anyVolume();
-            if (!name) break;
-            const v = volumes.get(name)!;
-            const { offset, length } = randomRange(v.bytes.size, v.extentSize);
-            const volume = await store.openVolume({ name });
-            note(`${name} ${offset}+${length}`);
-            if (op === 'trim') await volume.trim(offset, length);
-            else await volume.writeZeroes(offset, length, { noHole: rng.chance(0.5), fua: rng.chance(0.1) });
-            v.bytes.zero(offset, length);
-            break;
-          }
-          case 'status': {
-            const name = anyVolume();
-            if (!name) break;
-            const v = volumes.get(name)!;
-            const { offset, length } = randomRange(v.bytes.size, v.extentSize);
-            const status = await (await store.openVolume({ name })).blockStatus(offset, length);
-            let at = offset;
-            for (const range of status) {
-              assert.equal(range.offset, at, 'block status ranges are contiguous');
-              at += range.length;
-              if (range.kind !== 'data' && range.length <= 64 * 1024 * 1024 && v.bytes.read(range.offset, range.length).some((b) => b !== 0)) {
-                throw new Error(`volume ${name}: ${range.kind} reported at ${range.offset}+${range.length} over data`);
-              }
-            }
-            assert.equal(at, offset + length, 'block status covers the range');
-            break;
-          }
-          case 'flush': {
-            const name = anyVolume();
-            if (name) await (await store.openVolume({ name })).flush();
-            break;
-          }
-          case 'snapshot': {
-            const name = anyVolume();
-            if (!name) break;
-            const snapName = `s${everNamed.snapshots++}`;
-            note(`${name}@${snapName}`);
-            const record = await store.createSnapshot({ name }, snapName);
-            assert.equal((await store.createSnapshot({ name }, snapName)).id, record.id, 'a snapshot is idempotent by name');
-            snapshots.set(snapName, { volume: name, bytes: volumes.get(name)!.bytes.clone() });
-            break;
-          }
-          case 'cloneSnapshot': {
-            const snap = anySnapshot();
-            if (!snap) break;
-            const name = `v${everNamed.volumes++}`;
-            note(`${snap} -> ${name}`);
-            const record = await store.cloneVolume(name, { snapshot: { name: snap } });
-            assert.equal((await store.cloneVolume(name, { snapshot: { name: snap } })).id, record.id, 'a clone is idempotent by name');
-            const extentSize = (await store.getSnapshot({ name: snap })).extentSizeBytes;
-            volumes.set(name, { bytes: snapshots.get(snap)!.bytes.clone(), extentSize });
-            break;
-          }
-          case 'cloneVolume': {
-            const source = anyVolume();
-            if (!source) break;
-            const name = `v${everNamed.volumes++}`;
-            note(`${source} -> ${name}`);
-            await store.cloneVolume(name, { volume: { name: source } });
-            volumes.set(name, { bytes: volumes.get(source)!.bytes.clone(), extentSize: volumes.get(source)!.extentSize });
-            break;
-          }
-          case 'resize': {
-            const name = anyVolume();
-            if (!name) break;
-            const v = volumes.get(name)!;
-            const grow = rng.chance(0.2) ? rng.int(1, 2048) * 1024 * 1024 : rng.int(0, 4096) * 512;
-            const size = v.bytes.size + grow;
-            note(`${name} ${v.bytes.size} -> ${size}`);
-            await store.resizeVolume({ name }, size);
-            v.bytes.size = size;
-            break;
-          }
-          case 'deleteVolume': {
-            const name = anyVolume();
-            if (!name) break;
-            note(name);
-            await store.deleteVolume({ name });
-            volumes.delete(name);
-            break;
-          }
-          case 'deleteSnapshot': {
-            const snap = anySnapshot();
-            if (!snap) break;
-            await store.deleteSnapshot({ name: snap });
-            snapshots.delete(snap);
-            break;
-          }
-          case 'gc': {
-            await store.collectGarbage();
-            assert.deepEqual(await orphanBlobs(store), [], 'after a pass no blob is unreachable');
-            break;
-          }
-          case 'reopen': {
-            await store.close();
-            store = await open(dataDir.dir);
-            break;
-          }
-          case 'verify': {
-            if (rng.chance(0.5) && snapshots.size) await verify(anySnapshot()!, 'snapshot');
-            else if (volumes.size) await verify(anyVolume()!, 'volume');
-            break;
-          }
-          case 'badInput': {
-            const name = anyVolume();
-            if (!name) break;
-            const v = volumes.get(name)!;
-            const volume = await store.openVolume({ name });
-            const which = rng.int(0, 3);
-            try {
-              if (which === 0) await volume.write(v.bytes.size - 10, Buffer.alloc(20, 1));
-              else if (which === 1) await store.resizeVolume({ name }, Math.max(512, v.bytes.size - 512));
-              else if (which === 2) await store.createVolume(name, { sizeBytes: v.bytes.size + 512 });
-              else await volume.trim(v.bytes.size, 1);
-              if (!(which === 1 && v.bytes.size === 512)) throw new Error(`bad input ${which} on ${name} was accepted`);
-            } catch (err) {
-              if (!isArborError(err)) throw err;
-              assert.ok(['out-of-range', 'already-exists', 'invalid-argument'].includes(err.code), err.message);
-            }
-            break;
-          }
-        }
-        timing[op] = (timing[op] ?? 0) + Date.now() - opStarted;
-      }
-      // Everything still matches, after a last reopen.
-      await store.close();
+    before(async () => {
+      dataDir = memoryTempDir();
       store = await open(dataDir.dir);
-      for (const name of volumes.keys()) await verify(name, 'volume');
-      for (const name of snapshots.keys()) await verify(name, 'snapshot');
-      // And once everything is deleted and collected, nothing is left.
-      for (const name of volumes.keys()) await store.deleteVolume({ name });
-      for (const name of snapshots.keys()) await store.deleteSnapshot({ name });
-      await store.collectGarbage();
-      assert.deepEqual(await store.ctx.blobs.list(), [], 'an empty store holds no blobs');
-    } catch (err) {
-      (err as Error).message = `seed ${seed}, step ${step}: ${(err as Error).message}\n  replay with ARBOR_MODEL_SEED=${seed}`;
-      throw err;
-    }
-    if (trace) console.log(`      milliseconds per kind: ${JSON.stringify(timing)}`);
-    console.log(`      seed ${seed}: ${JSON.stringify(tally)}; ${everNamed.volumes} volumes, ${everNamed.snapshots} snapshots`);
+    });
+
+    after(async () => {
+      await store?.close();
+      dataDir.cleanup();
+    });
+
+    it(`${operations} operations match the model byte for byte (seed ${seed})`, async () => {
+      const rng = new Random(seed);
+      const volumes = new Map<string, ModelVolume>();
+      const snapshots = new Map<string, { volume: string; bytes: SparseBytes }>();
+      const everNamed = { volumes: 0, snapshots: 0 };
+      const tally: Record<string, number> = {};
+      const timing: Record<string, number> = {};
+      let step = 0;
+
+      const anyVolume = (): string | undefined => (volumes.size ? rng.pick([...volumes.keys()]) : undefined);
+      const anySnapshot = (): string | undefined => (snapshots.size ? rng.pick([...snapshots.keys()]) : undefined);
+      const randomRange = (size: number, extentSize: number): { offset: number; length: number } => {
+        const shape = rng.int(0, 3);
+        let offset =
+          shape === 0 ? rng.int(0, Math.floor(size / extentSize) - 1) * extentSize : shape === 1 ? rng.int(0, size / 512 - 1) * 512 : rng.int(0, size - 1);
+        if (size > 64 * 1024 * 1024 && rng.chance(0.5)) offset = rng.int(0, 8) * extentSize * 512 + rng.int(0, 1024) * 512;
+        offset = Math.min(offset, size - 1);
+        const maxLength = Math.min(size - offset, extentSize * rng.pick([1, 2, 3, 5]));
+        let length = shape === 0 ? Math.min(size - offset, extentSize * rng.int(1, 3)) : rng.int(1, maxLength);
+        if (rng.chance(0.05)) length = size - offset;
+        return { offset, length: Math.min(length, 8 * 1024 * 1024) };
+      };
+      const verify = async (name: string, kind: 'volume' | 'snapshot'): Promise<void> => {
+        if (kind === 'volume') await compareWithModel(`volume ${name}`, await store.openVolume({ name }), volumes.get(name)!.bytes, () => rng.next());
+        else await compareWithModel(`snapshot ${name}`, await store.openSnapshot({ name }), snapshots.get(name)!.bytes, () => rng.next());
+      };
+
+      try {
+        for (step = 0; step < operations; step++) {
+          const op = rng.weighted({
+            create: volumes.size < 3 ? 30 : volumes.size < 14 ? 4 : 0,
+            write: 30,
+            read: 12,
+            trim: 6,
+            zeroes: 6,
+            status: 4,
+            flush: 3,
+            snapshot: snapshots.size < 16 ? 4 : 1,
+            cloneSnapshot: volumes.size < 20 ? 2 : 0,
+            cloneVolume: volumes.size < 20 ? 2 : 0,
+            resize: 2,
+            deleteVolume: volumes.size > 6 ? 2 : 0.3,
+            deleteSnapshot: snapshots.size > 4 ? 2 : 0.3,
+            gc: 0.6,
+            reopen: 0.4,
+            verify: 1.5,
+            badInput: 1,
+          });
+          tally[op] = (tally[op] ?? 0) + 1;
+          const opStarted = Date.now();
+          if (trace) console.log(`step ${step}: ${op} begins`);
+          const note = (detail: string): void => {
+            if (trace) console.log(`step ${step}: ${op} ${detail}`);
+          };
+          switch (op) {
+            case 'create': {
+              const name = `v${everNamed.volumes++}`;
+              const extentSize = rng.pick([4096, 8192, 16384, 65536, 131072]);
+              const huge = rng.chance(0.08);
+              const size = huge ? rng.int(1, 4) * 1024 * 1024 * 1024 + rng.int(0, 64) * 512 : rng.int(1, 8192) * 512;
+              note(`${name} size ${size} extent ${extentSize}`);
+              const record = await store.createVolume(name, { sizeBytes: size, extentSizeBytes: extentSize });
+              const again = await store.createVolume(name, { sizeBytes: size, extentSizeBytes: extentSize });
+              assert.equal(again.id, record.id, 'creating the same volume twice returns the first');
+              volumes.set(name, { bytes: new SparseBytes(size), extentSize });
+              break;
+            }
+            case 'write': {
+              const name = anyVolume();
+              if (!name) break;
+              const v = volumes.get(name)!;
+              const { offset, length } = randomRange(v.bytes.size, v.extentSize);
+              const data = rng.chance(0.1) ? Buffer.alloc(length, rng.int(0, 255)) : rng.bytes(length);
+              note(`${name} ${offset}+${length}`);
+              await (await store.openVolume({ name })).write(offset, data, { fua: rng.chance(0.1) });
+              v.bytes.write(offset, data);
+              break;
+            }
+            case 'read': {
+              const name = anyVolume();
+              if (!name) break;
+              const v = volumes.get(name)!;
+              const { offset, length } = randomRange(v.bytes.size, v.extentSize);
+              const got = await (await store.openVolume({ name })).read(offset, length);
+              if (!got.equals(v.bytes.read(offset, length))) throw new Error(`read of volume ${name} at ${offset}+${length} differs from the model`);
+              break;
+            }
+            case 'trim':
+            case 'zeroes': {
+              const name = anyVolume();
+              if (!name) break;
+              const v = volumes.get(name)!;
+              const { offset, length } = randomRange(v.bytes.size, v.extentSize);
+              const volume = await store.openVolume({ name });
+              note(`${name} ${offset}+${length}`);
+              if (op === 'trim') await volume.trim(offset, length);
+              else await volume.writeZeroes(offset, length, { noHole: rng.chance(0.5), fua: rng.chance(0.1) });
+              v.bytes.zero(offset, length);
+              break;
+            }
+            case 'status': {
+              const name = anyVolume();
+              if (!name) break;
+              const v = volumes.get(name)!;
+              const { offset, length } = randomRange(v.bytes.size, v.extentSize);
+              const status = await (await store.openVolume({ name })).blockStatus(offset, length);
+              let at = offset;
+              for (const range of status) {
+                assert.equal(range.offset, at, 'block status ranges are contiguous');
+                at += range.length;
+                if (range.kind !== 'data' && range.length <= 64 * 1024 * 1024 && v.bytes.read(range.offset, range.length).some((b) => b !== 0)) {
+                  throw new Error(`volume ${name}: ${range.kind} reported at ${range.offset}+${range.length} over data`);
+                }
+              }
+              assert.equal(at, offset + length, 'block status covers the range');
+              break;
+            }
+            case 'flush': {
+              const name = anyVolume();
+              if (name) await (await store.openVolume({ name })).flush();
+              break;
+            }
+            case 'snapshot': {
+              const name = anyVolume();
+              if (!name) break;
+              const snapName = `s${everNamed.snapshots++}`;
+              note(`${name}@${snapName}`);
+              const record = await store.createSnapshot({ name }, snapName);
+              assert.equal((await store.createSnapshot({ name }, snapName)).id, record.id, 'a snapshot is idempotent by name');
+              snapshots.set(snapName, { volume: name, bytes: volumes.get(name)!.bytes.clone() });
+              break;
+            }
+            case 'cloneSnapshot': {
+              const snap = anySnapshot();
+              if (!snap) break;
+              const name = `v${everNamed.volumes++}`;
+              note(`${snap} -> ${name}`);
+              const record = await store.cloneVolume(name, { snapshot: { name: snap } });
+              assert.equal((await store.cloneVolume(name, { snapshot: { name: snap } })).id, record.id, 'a clone is idempotent by name');
+              const extentSize = (await store.getSnapshot({ name: snap })).extentSizeBytes;
+              volumes.set(name, { bytes: snapshots.get(snap)!.bytes.clone(), extentSize });
+              break;
+            }
+            case 'cloneVolume': {
+              const source = anyVolume();
+              if (!source) break;
+              const name = `v${everNamed.volumes++}`;
+              note(`${source} -> ${name}`);
+              await store.cloneVolume(name, { volume: { name: source } });
+              volumes.set(name, { bytes: volumes.get(source)!.bytes.clone(), extentSize: volumes.get(source)!.extentSize });
+              break;
+            }
+            case 'resize': {
+              const name = anyVolume();
+              if (!name) break;
+              const v = volumes.get(name)!;
+              const grow = rng.chance(0.2) ? rng.int(1, 2048) * 1024 * 1024 : rng.int(0, 4096) * 512;
+              const size = v.bytes.size + grow;
+              note(`${name} ${v.bytes.size} -> ${size}`);
+              await store.resizeVolume({ name }, size);
+              v.bytes.size = size;
+              break;
+            }
+            case 'deleteVolume': {
+              const name = anyVolume();
+              if (!name) break;
+              note(name);
+              await store.deleteVolume({ name });
+              volumes.delete(name);
+              break;
+            }
+            case 'deleteSnapshot': {
+              const snap = anySnapshot();
+              if (!snap) break;
+              await store.deleteSnapshot({ name: snap });
+              snapshots.delete(snap);
+              break;
+            }
+            case 'gc': {
+              await store.collectGarbage();
+              assert.deepEqual(await orphanBlobs(store), [], 'after a pass no blob is unreachable');
+              break;
+            }
+            case 'reopen': {
+              await store.close();
+              store = await open(dataDir.dir);
+              break;
+            }
+            case 'verify': {
+              if (rng.chance(0.5) && snapshots.size) await verify(anySnapshot()!, 'snapshot');
+              else if (volumes.size) await verify(anyVolume()!, 'volume');
+              break;
+            }
+            case 'badInput': {
+              const name = anyVolume();
+              if (!name) break;
+              const v = volumes.get(name)!;
+              const volume = await store.openVolume({ name });
+              const which = rng.int(0, 3);
+              try {
+                if (which === 0) await volume.write(v.bytes.size - 10, Buffer.alloc(20, 1));
+                else if (which === 1) await store.resizeVolume({ name }, Math.max(512, v.bytes.size - 512));
+                else if (which === 2) await store.createVolume(name, { sizeBytes: v.bytes.size + 512 });
+                else await volume.trim(v.bytes.size, 1);
+                if (!(which === 1 && v.bytes.size === 512)) throw new Error(`bad input ${which} on ${name} was accepted`);
+              } catch (err) {
+                if (!isArborError(err)) throw err;
+                assert.ok(['out-of-range', 'already-exists', 'invalid-argument'].includes(err.code), err.message);
+              }
+              break;
+            }
+          }
+          timing[op] = (timing[op] ?? 0) + Date.now() - opStarted;
+        }
+        // Everything still matches, after a last reopen.
+        await store.close();
+        store = await open(dataDir.dir);
+        for (const name of volumes.keys()) await verify(name, 'volume');
+        for (const name of snapshots.keys()) await verify(name, 'snapshot');
+        // And once everything is deleted and collected, nothing is left.
+        for (const name of volumes.keys()) await store.deleteVolume({ name });
+        for (const name of snapshots.keys()) await store.deleteSnapshot({ name });
+        await store.collectGarbage();
+        assert.deepEqual(await store.ctx.blobs.list(), [], 'an empty store holds no blobs');
+      } catch (err) {
+        (err as Error).message = `seed ${seed}, step ${step}: ${(err as Error).message}\n  replay with ARBOR_MODEL_SEED=${seed}`;
+        throw err;
+      }
+      if (trace) console.log(`      milliseconds per kind: ${JSON.stringify(timing)}`);
+      console.log(`      seed ${seed}: ${JSON.stringify(tally)}; ${everNamed.volumes} volumes, ${everNamed.snapshots} snapshots`);
+    });
   });
-});
 }

@@ -28,7 +28,10 @@ describe('blob id allocation', () => {
     assert.ok(!seen.has(0));
     assert.ok(seen.has(blobId(4, 0)) && seen.has(blobId(0, 1)), 'serials start at 0, except class 0 where 0 means no blob');
     const marks = await committedMarks(catalog);
-    assert.ok([...seen].every((id) => serialOf(id) < marks[classOf(id)]), 'every id handed out is below its class\'s committed mark');
+    assert.ok(
+      [...seen].every((id) => serialOf(id) < marks[classOf(id)]),
+      "every id handed out is below its class's committed mark",
+    );
     await catalog.close();
   });
 

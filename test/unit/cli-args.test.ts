@@ -19,7 +19,10 @@ describe('CLI argument parsing', () => {
 
   it('says which option is unknown, which argument is missing or extra, and which option is required', () => {
     const expect = (argv: string[], pattern: RegExp) =>
-      assert.throws(() => parseCommandLine(argv, commands), (err) => err instanceof UsageError && pattern.test(err.message));
+      assert.throws(
+        () => parseCommandLine(argv, commands),
+        (err) => err instanceof UsageError && pattern.test(err.message),
+      );
     expect(['volume', 'create', 'a', '--size', '1G', '--frob'], /--frob/);
     expect(['volume', 'create', '--size', '1G'], /missing NAME/);
     expect(['volume', 'rm', 'a', 'b'], /unexpected argument 'b'/);

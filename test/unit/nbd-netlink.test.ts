@@ -16,12 +16,16 @@ describe('arbor-nbd-netlink: its command line', () => {
   for (const [what, args, message] of [
     ['no command', [], /no command/],
     ['an unknown command', ['attach'], /unknown command 'attach'/],
-    ['connect without a size', ['connect', '--block-size', '4096', '--server-flags', '1', '--fd', '1'], /connect needs --size, --block-size and --server-flags/],
+    [
+      'connect without a size',
+      ['connect', '--block-size', '4096', '--server-flags', '1', '--fd', '1'],
+      /connect needs --size, --block-size and --server-flags/,
+    ],
     ['connect without sockets', ['connect', '--size', '4096', '--block-size', '4096', '--server-flags', '1'], /at least one --fd/],
     ['a descriptor that is not a socket', ['connect', '--size', '4096', '--block-size', '4096', '--server-flags', '1', '--fd', '0'], /--fd 0 is not a socket/],
     ['a descriptor that is not open', ['disconnect', '--index', '0', '--fd', '57'], /--fd 57 is not open/],
     ['a negative index', ['disconnect', '--index', '-1'], /--index needs a whole number, not '-1'/],
-    ['an index past the kernel\'s range', ['disconnect', '--index', '4294967296'], /--index: '4294967296' is not a whole number up to 2147483647/],
+    ["an index past the kernel's range", ['disconnect', '--index', '4294967296'], /--index: '4294967296' is not a whole number up to 2147483647/],
     ['a size that is not a number', ['connect', '--size', '1GiB'], /--size: '1GiB' is not a whole number/],
     ['an empty identifier', ['reconfigure', '--index', '1', '--identifier', ''], /--identifier must be 1 to 256 bytes/],
     ['an option without its value', ['status', '--index'], /--index needs a value/],

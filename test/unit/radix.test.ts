@@ -71,15 +71,27 @@ describe('radix geometry', () => {
   it('extent sizes are powers of two from 4 KiB to 4 MiB', () => {
     for (const ok of [4096, 65536, 4 * 1024 * 1024]) validateExtentSize(ok, 'v');
     for (const bad of [0, 2048, 3 * 4096, 8 * 1024 * 1024, 65536.5]) {
-      assert.throws(() => validateExtentSize(bad, 'v'), (err) => isArborError(err, 'invalid-argument') && /power of two/.test(err.message));
+      assert.throws(
+        () => validateExtentSize(bad, 'v'),
+        (err) => isArborError(err, 'invalid-argument') && /power of two/.test(err.message),
+      );
     }
   });
 
   it('volume sizes are whole sectors up to 1 PiB', () => {
     validateVolumeSize(512, 'v');
     validateVolumeSize(2 ** 50, 'v');
-    assert.throws(() => validateVolumeSize(0, 'v'), (err) => isArborError(err, 'invalid-argument'));
-    assert.throws(() => validateVolumeSize(1000, 'v'), (err) => isArborError(err, 'invalid-argument') && /multiple of 512/.test(err.message));
-    assert.throws(() => validateVolumeSize(2 ** 50 + 512, 'v'), (err) => isArborError(err, 'out-of-range'));
+    assert.throws(
+      () => validateVolumeSize(0, 'v'),
+      (err) => isArborError(err, 'invalid-argument'),
+    );
+    assert.throws(
+      () => validateVolumeSize(1000, 'v'),
+      (err) => isArborError(err, 'invalid-argument') && /multiple of 512/.test(err.message),
+    );
+    assert.throws(
+      () => validateVolumeSize(2 ** 50 + 512, 'v'),
+      (err) => isArborError(err, 'out-of-range'),
+    );
   });
 });

@@ -14,7 +14,10 @@ describe('sizes and durations', () => {
 
   it('refuses what is not a whole number of bytes, naming the input', () => {
     for (const bad of ['', 'ten', '1.3', '5 parsecs', '-1G', '1e3']) {
-      assert.throws(() => parseSize(bad, '--size'), (err) => err instanceof UnitError && err.message.includes('--size'));
+      assert.throws(
+        () => parseSize(bad, '--size'),
+        (err) => err instanceof UnitError && err.message.includes('--size'),
+      );
     }
   });
 

@@ -140,7 +140,7 @@ class Port {
     const bytes = Buffer.from(JSON.stringify(message) + '\n');
     this.writing = this.writing
       .then(async () => {
-        for (let at = 0; at < bytes.length; ) at += (await write(this.fd, bytes, at, bytes.length - at)).bytesWritten;
+        for (let at = 0; at < bytes.length;) at += (await write(this.fd, bytes, at, bytes.length - at)).bytesWritten;
       })
       .catch((err) => console.error(`arbor-test-node agent: cannot answer the host: ${(err as Error).message}`));
   }

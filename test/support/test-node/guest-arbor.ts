@@ -37,7 +37,11 @@ export const guestMetricsAddress = '127.0.0.1:9820';
  * files under `dir` in the guest; the same `dir` again is a restart on the same data.
  * Resolves once it serves (and, for the node service, has re-attached its devices).
  */
-export async function startGuestArbor(node: TestNode, dir: string, options: { nodeId?: string; extraArgs?: string[]; command?: 'serve' | 'node' } = {}): Promise<GuestArbor> {
+export async function startGuestArbor(
+  node: TestNode,
+  dir: string,
+  options: { nodeId?: string; extraArgs?: string[]; command?: 'serve' | 'node' } = {},
+): Promise<GuestArbor> {
   const nodeId = options.nodeId ?? 'test-node';
   const paths = {
     dir,
@@ -64,7 +68,12 @@ export async function startGuestArbor(node: TestNode, dir: string, options: { no
     process,
     csi: node.csi(paths.csiSocket),
     cli: (...args) => node.ok(['node', guestCliPath, '--data-dir', paths.dataDir, ...args], { timeoutMs: guestStartTimeoutMs }),
-    metrics: () => node.ok(['node', '-e', `require('http').get('http://${guestMetricsAddress}/metrics', (r) => r.pipe(process.stdout)).on('error', (e) => { console.error(e.message); process.exit(1); })`]),
+    metrics: () =>
+      node.ok([
+        'node',
+        '-e',
+        `require('http').get('http://${guestMetricsAddress}/metrics', (r) => r.pipe(process.stdout)).on('error', (e) => { console.error(e.message); process.exit(1); })`,
+      ]),
     async stop() {
       await process.signal('SIGTERM');
       const status = await ended(60_000);

@@ -67,7 +67,9 @@ function shellQuote(value: string): string {
 
 function initScript(options: InitramfsOptions): string {
   const say = (text: string) => `echo "${consoleMarker} ${text}"`;
-  const keep = options.keepVisible.map((dir) => `mkdir -p /host${shellQuote(dir)} && mount --bind /orig${shellQuote(dir)} /host${shellQuote(dir)} || ${say(`cannot keep ${dir} visible`)}`);
+  const keep = options.keepVisible.map(
+    (dir) => `mkdir -p /host${shellQuote(dir)} && mount --bind /orig${shellQuote(dir)} /host${shellQuote(dir)} || ${say(`cannot keep ${dir} visible`)}`,
+  );
   return `#!/bin/sh
 export PATH=/bin
 mount -t proc proc /proc

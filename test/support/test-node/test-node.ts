@@ -123,13 +123,17 @@ export class TestNode {
   /** Runs a program in the guest to completion. */
   exec(argv: string[], options: { env?: Record<string, string>; cwd?: string; timeoutMs?: number; input?: Buffer | string } = {}): Promise<ExecResult> {
     const input = options.input === undefined ? undefined : Buffer.from(options.input).toString('base64');
-    return this.call({ op: 'exec', argv, env: options.env, cwd: options.cwd, timeoutMs: options.timeoutMs, input }, (options.timeoutMs ?? defaultCallTimeoutMs) + 10_000) as Promise<ExecResult>;
+    return this.call(
+      { op: 'exec', argv, env: options.env, cwd: options.cwd, timeoutMs: options.timeoutMs, input },
+      (options.timeoutMs ?? defaultCallTimeoutMs) + 10_000,
+    ) as Promise<ExecResult>;
   }
 
   /** Runs a program and returns its stdout; fails naming the command with its output when the status is not 0. */
   async ok(argv: string[], options: { env?: Record<string, string>; cwd?: string; timeoutMs?: number; input?: Buffer | string } = {}): Promise<string> {
     const result = await this.exec(argv, options);
-    if (result.status !== 0) throw new Error(`in the test node, ${argv.join(' ')} ended with ${result.status ?? result.signal}:\n${result.stderr}${result.stdout}`);
+    if (result.status !== 0)
+      throw new Error(`in the test node, ${argv.join(' ')} ended with ${result.status ?? result.signal}:\n${result.stderr}${result.stdout}`);
     return result.stdout;
   }
 
@@ -143,7 +147,8 @@ export class TestNode {
     const { pid } = (await this.call({ op: 'spawn', argv, env: options.env, cwd: options.cwd })) as { pid: number };
     const output = async () => ((await this.call({ op: 'output', pid })) as { output: string }).output;
     const wait = async (timeoutMs: number) => {
-      const result = (await this.call({ op: 'wait', pid, timeoutMs }, timeoutMs + 10_000)) as { status: number | null; signal: string | null } | { running: true };
+      const result = (await this.call({ op: 'wait', pid, timeoutMs }, timeoutMs + 10_000)) as
+        { status: number | null; signal: string | null } | { running: true };
       return 'running' in result ? undefined : result;
     };
     return {
@@ -168,17 +173,22 @@ export class TestNode {
   /** A CSI client for a plugin's socket in the guest: each service's methods as promises, as `csiClient` gives locally. */
   csi(socketPath: string): Record<CsiService, Record<string, Call>> {
     const service = (name: CsiService) =>
-      new Proxy({}, {
-        get: (_target, method: string) => async (request: object = {}) => {
-          try {
-            return (await this.call({ op: 'csi', socketPath, service: name, method, request })) as Record<string, unknown>;
-          } catch (err) {
-            const agentError = (err as { agentError?: AgentError }).agentError;
-            if (agentError?.code !== undefined) throw new GuestCsiError(agentError.code, agentError.details ?? agentError.message);
-            throw err;
-          }
+      new Proxy(
+        {},
+        {
+          get:
+            (_target, method: string) =>
+            async (request: object = {}) => {
+              try {
+                return (await this.call({ op: 'csi', socketPath, service: name, method, request })) as Record<string, unknown>;
+              } catch (err) {
+                const agentError = (err as { agentError?: AgentError }).agentError;
+                if (agentError?.code !== undefined) throw new GuestCsiError(agentError.code, agentError.details ?? agentError.message);
+                throw err;
+              }
+            },
         },
-      });
+      );
     return { identity: service('identity'), controller: service('controller'), group: service('group'), node: service('node') };
   }
 
