@@ -259,7 +259,7 @@ describe('CSI node: stage, publish, use, unpublish, unstage, for real', function
     const stats = await csi.node.NodeGetVolumeStats({ volume_id: v.id, volume_path: paths('fragile').staging });
     assert.equal((stats.volume_condition as { abnormal: boolean }).abnormal, true);
     // The userspace path cannot survive its server's restart: the condition says so, and what to do.
-    assert.match((stats.volume_condition as { message: string }).message, /nbdfuse cannot reconnect .* restage the volume .* modprobe nbd/);
+    assert.match((stats.volume_condition as { message: string }).message, /nbdfuse cannot reconnect.*restage the volume.*modprobe nbd/);
     await stage('fragile', v, cap);
     const healed = await csi.node.NodeGetVolumeStats({ volume_id: v.id, volume_path: paths('fragile').staging });
     assert.equal((healed.volume_condition as { abnormal: boolean }).abnormal, false);
