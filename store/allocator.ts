@@ -1,4 +1,5 @@
-import { Catalog, Lease, Op, absent, del, put, unchanged } from './catalog/catalog';
+import { Catalog, KvEntry, Lease, Op, absent, del, put, unchanged } from './catalog/catalog';
+import { count, decode, shape, string } from './decode';
 import { ArborError } from './errors';
 import { blobId, classOf, maxSerial, serialOf, sizeClassCount } from './blob-id';
 import { blobIdBatchSize } from './limits';
@@ -18,9 +19,13 @@ export function nextSerialKey(sizeClass: number): string {
 }
 
 /** The committed next serial of every size class, as the catalog holds them. */
+/** The next serial of a size class that no process has handed out (meta/next-blob-serial/<class>). */
+const decodeMark = (entry: KvEntry): number => decode(entry, 'a blob serial mark', count);
+const batchShape = shape<{ limit: number; lease: string }>({ limit: count, lease: string });
+
 export async function committedMarks(catalog: Catalog): Promise<number[]> {
   const marks = new Array<number>(sizeClassCount).fill(0);
-  for (const entry of await catalog.list(nextSerialKeyPrefix)) marks[Number(entry.key.slice(nextSerialKeyPrefix.length))] = JSON.parse(entry.value) as number;
+  for (const entry of await catalog.list(nextSerialKeyPrefix)) marks[Number(entry.key.slice(nextSerialKeyPrefix.length))] = decodeMark(entry);
   return marks;
 }
 
@@ -95,7 +100,7 @@ export class BlobIdAllocator {
   /** Every id inside a batch some process has recorded and not forgotten (the collector leaves them alone). */
   static async recordedBatches(catalog: Catalog, exceptLease?: string): Promise<(id: number) => boolean> {
     const ranges = (await catalog.list(batchKeyPrefix)).flatMap((entry) => {
-      const record = JSON.parse(entry.value) as { limit: number; lease: string };
+      const record = decode(entry, 'a recorded id batch', batchShape);
       // The collector's own batches are covered by its own watermark.
       if (record.lease === exceptLease) return [];
       const [sizeClass, start] = entry.key.slice(batchKeyPrefix.length).split('/').map(Number);
@@ -130,14 +135,14 @@ export class BlobIdAllocator {
       if (state.reserving) await state.reserving;
       if (state.next >= state.limit) continue;
       const current = await this.catalog.get(nextSerialKey(c));
-      if (!current || (JSON.parse(current.value) as number) !== state.limit) continue;
+      if (!current || decodeMark(current) !== state.limit) continue;
       if ((await this.catalog.txn([unchanged(current)], [put(nextSerialKey(c), state.next)])).succeeded) state.limit = state.next;
     }
   }
 
   private async committedNext(sizeClass: number): Promise<number> {
     const entry = await this.catalog.get(nextSerialKey(sizeClass));
-    return entry ? (JSON.parse(entry.value) as number) : 0;
+    return entry ? decodeMark(entry) : 0;
   }
 
   private reserve(sizeClass: number): Promise<void> {
@@ -150,7 +155,7 @@ export class BlobIdAllocator {
     const key = nextSerialKey(sizeClass);
     for (;;) {
       const current = await this.catalog.get(key);
-      const start = Math.max(current ? (JSON.parse(current.value) as number) : 0, blobId(sizeClass, 0) === 0 ? 1 : 0);
+      const start = Math.max(current ? decodeMark(current) : 0, blobId(sizeClass, 0) === 0 ? 1 : 0);
       const limit = start + blobIdBatchSize;
       if (limit > maxSerial) throw new ArborError('resource-exhausted', 'the store has used every blob id of this size it can address');
       const lease = this.recordBatches ? await this.recordBatches() : undefined;

@@ -1,3 +1,4 @@
+import { Log } from '../lib/logger';
 import { BlobIdAllocator } from './allocator';
 import { BlobStore } from './blobs/blobs';
 import { Catalog } from './catalog/catalog';
@@ -9,6 +10,8 @@ export interface StoreContext {
   blobs: BlobStore;
   nodes: NodeCache;
   ids: BlobIdAllocator;
+  /** For what fails in the background, where no caller hears of it. */
+  log: Log;
   /** Frees blobs nothing points at any more (held back while a collector pass runs). */
   free(ids: number[]): Promise<void>;
 }

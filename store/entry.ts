@@ -7,6 +7,8 @@
  *   id                 shared (reached through a snapshot or clone): never changed
  *   ZERO               allocated but known to read as zeros (write-zeroes without a hole)
  */
+import { assert } from './errors';
+
 export type Entry = number;
 
 export const EMPTY: Entry = 0;
@@ -14,9 +16,12 @@ export const WRITABLE = 1;
 export const ZERO = 2;
 
 const flagSpace = 256;
+const knownFlags = WRITABLE | ZERO;
 export const maxBlobId = 2 ** 45 - 1;
 
 export function makeEntry(blobId: number, flags: number): Entry {
+  assert(Number.isSafeInteger(blobId) && blobId >= 0 && blobId <= maxBlobId, `blob id ${blobId} is within 0..2^45-1`);
+  assert((flags & ~knownFlags) === 0, `entry flags 0x${flags.toString(16)} are WRITABLE and ZERO only`);
   return blobId * flagSpace + flags;
 }
 
@@ -47,3 +52,17 @@ export function asShared(entry: Entry): Entry {
 }
 
 export const zeroEntry: Entry = makeEntry(0, ZERO);
+
+/**
+ * What is wrong with an entry read from storage (a map node, a catalog root), or
+ * undefined when nothing is. Any entry points at a node or an extent, is a hole, or
+ * (in a leaf only: `leaf`) is ZERO with no blob and no other flag.
+ */
+export function entryProblem(entry: Entry, leaf: boolean): string | undefined {
+  if (!Number.isSafeInteger(entry) || entry < 0) return `${entry} is not an entry (a blob id below 2^45 and 8 flag bits)`;
+  const flags = flagsOf(entry);
+  if ((flags & ~knownFlags) !== 0) return `entry ${entry} has unknown flags 0x${flags.toString(16)}`;
+  if (isZero(entry) && (!leaf || entry !== zeroEntry))
+    return leaf ? `entry ${entry} is ZERO with a blob or another flag` : `entry ${entry} is ZERO above the leaves`;
+  return undefined;
+}

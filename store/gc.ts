@@ -1,6 +1,7 @@
 import { StoreContext } from './context';
 import { Entry, blobOf, hasBlob } from './entry';
-import { getEntry } from './map-node';
+import { assert } from './errors';
+import { checkNode, getEntry } from './map-node';
 import { entriesPerNode, nodeSizeBytes } from './limits';
 
 export interface GcRoot {
@@ -28,7 +29,13 @@ const deleteBatch = 1024;
  * and every blob reachable later is either reachable in the cut (marked) or
  * allocated after it (never swept).
  */
-export async function markAndSweep(ctx: StoreContext, roots: GcRoot[], allocatedAfter: (id: number) => boolean): Promise<GcReport> {
+export async function markAndSweep(
+  ctx: StoreContext,
+  roots: GcRoot[],
+  allocatedAfter: (id: number) => boolean,
+  /** Ids no committed tree can reach (handed out after the cut): marking one means the cut or the allocator is broken. */
+  aboveWatermark: (id: number) => boolean = allocatedAfter,
+): Promise<GcReport> {
   const started = Date.now();
   const marked = new Set<number>();
   const stack: Array<{ entry: Entry; level: number }> = roots.map((r) => ({ entry: r.root, level: r.depth - 1 }));
@@ -38,11 +45,13 @@ export async function markAndSweep(ctx: StoreContext, roots: GcRoot[], allocated
     if (!hasBlob(entry)) continue;
     const id = blobOf(entry);
     if (marked.has(id)) continue;
+    assert(!aboveWatermark(id), `the collector's cut reaches blob ${id}, which was handed out after it`);
     marked.add(id);
     if (level < 0) continue;
     let node = ctx.nodes.get(id);
     if (!node) {
       await ctx.blobs.read(id, 0, scratch, 0, nodeSizeBytes);
+      checkNode(scratch, id);
       node = scratch;
     }
     for (let slot = 0; slot < entriesPerNode; slot++) {

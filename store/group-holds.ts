@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { Log } from '../lib/logger';
 import { Catalog, Compare, KvEntry, absent, put } from './catalog/catalog';
+import { boolean, decode, shape, string } from './decode';
 import { groupHoldTimeoutMs } from './limits';
 import { VolumeRecord } from './records';
 
@@ -48,6 +49,8 @@ interface Outcome {
   at: string;
 }
 
+const outcomeShape = shape<Outcome>({ committed: boolean, at: string });
+
 /** The ops and compares that make the group's transaction decide the outcome. */
 export function outcomeInTransaction(token: string): { compare: Compare; op: ReturnType<typeof put> } {
   return { compare: absent(groupOutcomeKey(token)), op: put(groupOutcomeKey(token), { committed: true, at: new Date().toISOString() } satisfies Outcome) };
@@ -76,7 +79,7 @@ export function awaitOutcome(catalog: Catalog, token: string, member: GroupMembe
     stopWatch();
     clearInterval(poll);
     clearTimeout(timer);
-    const outcome = JSON.parse(entry.value) as Outcome;
+    const outcome = decode(entry, 'a group snapshot outcome', outcomeShape);
     if (outcome.committed) member.committed(entry.modRevision);
     member.release();
     log.info('group snapshot hold ended', { volume: member.volumeName, committed: outcome.committed });

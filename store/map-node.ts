@@ -1,4 +1,5 @@
-import { Entry, asShared } from './entry';
+import { ArborError } from './errors';
+import { Entry, asShared, entryProblem } from './entry';
 import { entriesPerNode, nodeSizeBytes } from './limits';
 
 /**
@@ -37,4 +38,19 @@ export function sharedCopy(node: MapNode): MapNode {
 export function isEmptyNode(node: MapNode): boolean {
   for (let at = 0; at < nodeSizeBytes; at += 4) if (node.readUInt32LE(at) !== 0) return false;
   return true;
+}
+
+/**
+ * Refuses a node read from the blob store that no code of ours could have written:
+ * an entry with unknown flags or past the id range, or a ZERO entry that is not the
+ * plain one (whether it sits in a leaf, the only place it may, the tree walk checks).
+ * Damage shows here, naming the blob, not as a wrong read far away.
+ */
+export function checkNode(node: MapNode, blobId: number): void {
+  for (let slot = 0; slot < entriesPerNode; slot++) {
+    const problem = entryProblem(getEntry(node, slot), true);
+    if (problem) {
+      throw new ArborError('internal', `map node ${blobId} is damaged: slot ${slot}: ${problem}; the blob store is damaged: restore it from a backup`);
+    }
+  }
 }

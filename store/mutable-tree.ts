@@ -5,6 +5,7 @@ import { assert } from './errors';
 import { EMPTY, Entry, WRITABLE, asShared, blobOf, hasBlob, isWritable, makeEntry, zeroEntry } from './entry';
 import { capacityExtents, slotAt, slotsOverlapping } from './geometry';
 import { MapNode, emptyNode, getEntry, setEntry, sharedCopy } from './map-node';
+import { AfterCommit } from './deferred-frees';
 import { NodeCache } from './node-cache';
 import { NodeSource, TreeShape } from './tree';
 import { entriesPerNode, nodeSizeBytes } from './limits';
@@ -35,11 +36,11 @@ interface DirtyNode {
  * The caller serializes every call (the volume's exclusive lock).
  */
 export class MutableTree implements NodeSource {
-  readonly dirty = new Map<number, DirtyNode>();
+  private readonly dirty = new Map<number, DirtyNode>();
   /** Data extents written since their last sync. */
-  readonly unsyncedData = new Set<number>();
+  private readonly unsyncedData = new Set<number>();
   /** Owned blobs no longer in the live tree: freed once a commit stops the committed tree using them. */
-  readonly freeAfterCommit: number[] = [];
+  readonly frees = new AfterCommit();
   private readonly extentClass: number;
 
   constructor(
@@ -96,7 +97,7 @@ export class MutableTree implements NodeSource {
     }
     // A shared extent, a hole, or (where synced blobs are immutable) this head's own
     // extent already synced: the write goes to a new blob; an own one is freed after the commit.
-    if (isWritable(entry) && hasBlob(entry)) this.freeAfterCommit.push(blobOf(entry));
+    if (isWritable(entry) && hasBlob(entry)) this.frees.add(blobOf(entry));
     const id = await this.ids.allocate(this.extentClass);
     if (!hasBlob(entry) || length === this.extentSizeBytes) {
       // Over a hole the new blob is sparse: what is not written reads as zeros.
@@ -220,7 +221,7 @@ export class MutableTree implements NodeSource {
   private async drop(entry: Entry, level: number): Promise<void> {
     if (!hasBlob(entry) || !isWritable(entry)) return;
     const id = blobOf(entry);
-    this.freeAfterCommit.push(id);
+    this.frees.add(id);
     this.unsyncedData.delete(id);
     if (level < 0) return;
     const node = await this.node(id);
@@ -257,6 +258,46 @@ export class MutableTree implements NodeSource {
     this.sizeBytes = sizeBytes;
   }
 
+  /** Map nodes changed since the last write-back (pinned in memory until then). */
+  get dirtyNodeCount(): number {
+    return this.dirty.size;
+  }
+
+  /** Whether a commit is needed: nodes changed, blobs wait to be freed, or the root differs from the committed one. */
+  needsCommit(committedRoot: Entry): boolean {
+    return this.dirty.size > 0 || this.frees.pending || this.root !== committedRoot;
+  }
+
+  get hasUnsyncedData(): boolean {
+    return this.unsyncedData.size > 0;
+  }
+
+  /** These extents were synced (a FUA write that changed only data in place). */
+  markSynced(ids: number[]): void {
+    for (const id of ids) this.unsyncedData.delete(id);
+  }
+
+  /**
+   * Writes the dirty nodes back and takes what a commit of this tree needs: its
+   * shape, the blobs to make durable first, the blobs to free once it committed.
+   */
+  async capture(): Promise<{ shape: { root: Entry; depth: number; sizeBytes: number }; sync: number[]; free: number[] }> {
+    const written = await this.writeBack();
+    const sync = [...this.unsyncedData, ...written];
+    this.unsyncedData.clear();
+    return { shape: { root: this.root, depth: this.depth, sizeBytes: this.sizeBytes }, sync, free: this.frees.takeForCapture() };
+  }
+
+  /**
+   * Forgets every change not committed (the head was deleted or lost): returns the
+   * blobs it was holding back from the free list, which are the caller's to free or not.
+   */
+  discardChanges(): number[] {
+    this.dirty.clear();
+    this.unsyncedData.clear();
+    return this.frees.forget();
+  }
+
   /** After a snapshot or clone commits, everything the head reaches is shared. */
   shareRoot(): void {
     assert(this.dirty.size === 0, 'a tree is shared only when it has no dirty nodes');
@@ -268,7 +309,7 @@ export class MutableTree implements NodeSource {
    * is fresh, so that the committed tree is never changed in place. Returns the ids
    * written; the new root is in `root`.
    */
-  async writeBack(): Promise<number[]> {
+  private async writeBack(): Promise<number[]> {
     const written: number[] = [];
     if (this.dirty.size > 0) this.root = await this.writeNode(this.root, this.depth - 1, written);
     assert(this.dirty.size === 0, `every dirty node is reachable from the root (${this.dirty.size} left)`);
@@ -292,7 +333,7 @@ export class MutableTree implements NodeSource {
     let newId = id;
     if (!dirty.fresh) {
       newId = await this.ids.allocate(nodeClass);
-      this.freeAfterCommit.push(id);
+      this.frees.add(id);
     }
     await this.blobs.write(newId, 0, dirty.node, 0, nodeSizeBytes);
     written.push(newId);

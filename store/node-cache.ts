@@ -1,5 +1,5 @@
 import { BlobStore } from './blobs/blobs';
-import { MapNode } from './map-node';
+import { MapNode, checkNode } from './map-node';
 import { nodeCacheMaxNodes, nodeSizeBytes } from './limits';
 
 /**
@@ -29,6 +29,7 @@ export class NodeCache {
     if (cached) return cached;
     const node = Buffer.allocUnsafe(nodeSizeBytes);
     await this.blobs.read(id, 0, node, 0, nodeSizeBytes);
+    checkNode(node, id);
     // Another load of the same node may have finished while this one waited.
     return this.get(id) ?? this.set(id, node);
   }

@@ -1,6 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { Log } from '../lib/logger';
 import { Catalog, KvEntry, WatchEvent, put, unchanged } from './catalog/catalog';
+import { Check, boolean, count, decode, invalid, mapOf, optional, shape, string } from './decode';
 import { ArborError, ErrorCode, isArborError } from './errors';
 import { ownerRequestTimeoutMs, ownerCheckIntervalMs } from './limits';
 import { OwnerRecord, Ownership, ownerKey } from './ownership';
@@ -19,6 +20,25 @@ interface Reply {
   result?: unknown;
   error?: { code: ErrorCode; message: string };
 }
+
+const replyShape = shape<Reply>({ ok: boolean, result: (value) => value, error: optional(shape({ code: string as Check<ErrorCode>, message: string })) });
+
+/** What each request must carry beyond its op, volume and asker. */
+const opFields: Record<OwnerOp['op'], Check<unknown>> = {
+  createSnapshot: shape({ name: string }),
+  cloneVolume: shape({ name: string, labels: optional(mapOf(string)) }),
+  resizeVolume: shape({ sizeBytes: count }),
+  deleteVolume: shape({}),
+  volumeUsage: shape({}),
+  holdForGroup: shape({ token: string }),
+};
+
+const requestShape: Check<OwnerOp & { from: string }> = (value, path) => {
+  const { op } = shape<{ op: string; volumeId: string; from: string }>({ op: string, volumeId: string, from: string })(value, path);
+  const fields = Object.hasOwn(opFields, op) ? opFields[op as OwnerOp['op']] : invalid('op', `one of ${Object.keys(opFields).join(', ')}`, op);
+  fields(value, path);
+  return value as OwnerOp & { from: string };
+};
 
 const requestsOf = (nodeId: string) => `requests/${nodeId}/`;
 const replyKey = (requestId: string) => `replies/${requestId}`;
@@ -78,7 +98,7 @@ export class OwnerRequests {
         fn();
       };
       const onReply = (value: string) => {
-        const reply = JSON.parse(value) as Reply;
+        const reply = decode({ key: replyKey(id), value }, 'a reply of a volume owner', replyShape);
         finish(() => (reply.ok ? resolve(reply.result) : reject(new ArborError(reply.error!.code, reply.error!.message))));
       };
       const stopWatch = this.catalog.watch(replyKey(id), (events) => {
@@ -117,7 +137,7 @@ export class OwnerRequests {
     try {
       // Claiming deletes the request: it runs once, however many times it is seen.
       if (!(await this.catalog.txn([unchanged(entry)], [{ type: 'delete', key: entry.key }])).succeeded) return;
-      const op = JSON.parse(entry.value) as OwnerOp & { from: string };
+      const op = decode(entry, 'a request to a volume owner', requestShape);
       let reply: Reply;
       try {
         reply = { ok: true, result: (await handler(op)) ?? null };

@@ -1,5 +1,6 @@
 import { Log } from '../lib/logger';
-import { Catalog, Compare, Lease, absent, del, put } from './catalog/catalog';
+import { Catalog, Compare, KvEntry, Lease, absent, del, put } from './catalog/catalog';
+import { decode, shape, string } from './decode';
 import { ArborError } from './errors';
 
 /** Who serves a volume's writes: one process at a time, while its lease lives. */
@@ -10,6 +11,9 @@ export interface OwnerRecord {
 }
 
 export const ownerKey = (volumeId: string) => `owners/${volumeId}`;
+
+export const decodeOwner = (entry: KvEntry): OwnerRecord =>
+  decode(entry, 'an owner record', shape<OwnerRecord>({ nodeId: string, lease: string, acquiredAt: string }));
 
 /** The volume is owned by another live process; `owner` says which. */
 export class OwnedElsewhere extends ArborError {
@@ -72,7 +76,7 @@ export class Ownership {
       if (result.succeeded) return { key, modRevision: result.revision };
       const current = await this.catalog.get(key);
       if (!current) continue; // released in between
-      const owner = JSON.parse(current.value) as OwnerRecord;
+      const owner = decodeOwner(current);
       if (owner.lease === lease.id) {
         // Ours, yet no volume here holds it (the store opens a volume once): left by a
         // release that failed, or by an acquire that landed while its answer was lost
@@ -114,7 +118,7 @@ export class Ownership {
 
   async ownerOf(volumeId: string): Promise<OwnerRecord | undefined> {
     const entry = await this.catalog.get(ownerKey(volumeId));
-    return entry && (JSON.parse(entry.value) as OwnerRecord);
+    return entry && decodeOwner(entry);
   }
 
   async close(): Promise<void> {

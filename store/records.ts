@@ -1,6 +1,9 @@
 import { randomBytes } from 'node:crypto';
+import { KvEntry } from './catalog/catalog';
+import { Check, arrayOf, boolean, count, damaged, decode, invalid, mapOf, optional, shape, string } from './decode';
 import { ArborError } from './errors';
-import { Entry } from './entry';
+import { EMPTY, Entry, asShared, entryProblem } from './entry';
+import { depthFor, extentCountFor } from './geometry';
 import { maxNameLength } from './limits';
 
 /** One step of a volume's ancestry: the volume it was cloned from, and through which snapshot. */
@@ -53,6 +56,57 @@ export interface Publications {
   nodes: Record<string, { readOnly: boolean; multiNode: boolean; publishedAt: string }>;
 }
 
+/** What a node plugin recorded about itself (`registerNode`). */
+export interface NodeRecord {
+  nodeId: string;
+  topology: Record<string, string>;
+  registeredAt?: string;
+}
+
+// ---- decoding what the catalog holds (see decode.ts) ----
+
+/** A root entry: it points at the top node (or is a hole), never ZERO. */
+const rootEntry: Check<Entry> = (value, path) => {
+  const checked = count(value, path);
+  const problem = entryProblem(checked, false);
+  return problem ? invalid(path, `a map entry (${problem})`, value) : checked;
+};
+
+const lineageStep = shape<LineageStep>({ volumeId: string, volumeName: string, snapshotId: optional(string), snapshotName: optional(string) });
+
+const treeFields = {
+  id: string,
+  name: string,
+  sizeBytes: count,
+  extentSizeBytes: count,
+  depth: count,
+  root: rootEntry,
+  createdAt: string,
+  lineage: arrayOf(lineageStep),
+};
+
+const volumeShape = shape<VolumeRecord>({ ...treeFields, labels: optional(mapOf(string)) });
+const snapshotShape = shape<SnapshotRecord>({ ...treeFields, volumeId: string, volumeName: string, groupId: optional(string) });
+const groupShape = shape<GroupSnapshotRecord>({ id: string, name: string, volumeIds: arrayOf(string), snapshotIds: arrayOf(string), createdAt: string });
+const publicationsShape = shape<Publications>({ nodes: mapOf(shape({ readOnly: boolean, multiNode: boolean, publishedAt: string })) });
+const nodeShape = shape<NodeRecord>({ nodeId: string, topology: mapOf(string), registeredAt: optional(string) });
+
+/** A record whose id is not the one its key names was written somewhere else. */
+function named<T extends { id: string }>(entry: KvEntry, what: string, check: Check<T>, prefix: string): T {
+  const record = decode(entry, what, check);
+  if (entry.key !== `${prefix}${record.id}`) throw damaged(entry, what, `it is the record of ${prefix}${record.id}`);
+  return record;
+}
+
+export const decodeVolume = (entry: KvEntry): VolumeRecord => named(entry, 'a volume record', volumeShape, keys.volumes);
+export const decodeSnapshot = (entry: KvEntry): SnapshotRecord => named(entry, 'a snapshot record', snapshotShape, keys.snapshots);
+export const decodeGroup = (entry: KvEntry): GroupSnapshotRecord => named(entry, 'a group snapshot record', groupShape, keys.groups);
+export const decodePublications = (entry: KvEntry): Publications => decode(entry, 'the publications of a volume', publicationsShape);
+export const decodeNode = (entry: KvEntry): NodeRecord => decode(entry, 'a node record', nodeShape);
+/** What a name key holds: the id of the volume, snapshot or group of that name. */
+export const decodeId = (entry: KvEntry): string => decode(entry, 'an id', string);
+export const decodeFormat = (entry: KvEntry): number => decode(entry, 'the store format', count);
+
 export const keys = {
   volume: (id: string) => `volumes/${id}`,
   volumeName: (name: string) => `volume-names/${name}`,
@@ -96,4 +150,71 @@ export function validateName(name: string, what: 'volume' | 'snapshot' | 'group 
       `${what} name ${JSON.stringify(name)} is not valid: use 1 to ${maxNameLength} letters, digits, '.', '_' or '-', starting with a letter or digit`,
     );
   }
+}
+
+// ---- building records ----
+
+/** A new, empty volume. */
+export function newVolumeRecord(name: string, sizeBytes: number, extentSizeBytes: number, labels?: Record<string, string>): VolumeRecord {
+  return {
+    id: newVolumeId(),
+    name,
+    sizeBytes,
+    extentSizeBytes,
+    depth: depthFor(extentCountFor(sizeBytes, extentSizeBytes)),
+    root: EMPTY,
+    createdAt: new Date().toISOString(),
+    lineage: [],
+    ...(labels ? { labels } : {}),
+  };
+}
+
+/** A new volume sharing every block of a snapshot. */
+export function cloneOfSnapshot(snapshot: SnapshotRecord, name: string, labels?: Record<string, string>): VolumeRecord {
+  return {
+    id: newVolumeId(),
+    name,
+    sizeBytes: snapshot.sizeBytes,
+    extentSizeBytes: snapshot.extentSizeBytes,
+    depth: snapshot.depth,
+    root: asShared(snapshot.root),
+    createdAt: new Date().toISOString(),
+    lineage: [{ volumeId: snapshot.volumeId, volumeName: snapshot.volumeName, snapshotId: snapshot.id, snapshotName: snapshot.name }, ...snapshot.lineage],
+    ...(labels ? { labels } : {}),
+  };
+}
+
+/** A snapshot of `source` as it is now: its root, read-only. */
+export function snapshotRecordOf(source: VolumeRecord, name: string): SnapshotRecord {
+  return {
+    id: newSnapshotId(),
+    name,
+    volumeId: source.id,
+    volumeName: source.name,
+    sizeBytes: source.sizeBytes,
+    extentSizeBytes: source.extentSizeBytes,
+    depth: source.depth,
+    root: asShared(source.root),
+    createdAt: new Date().toISOString(),
+    lineage: source.lineage,
+  };
+}
+
+/** A new volume sharing every block of `source` as it is now. */
+export function cloneRecordOf(source: VolumeRecord, name: string, labels?: Record<string, string>): VolumeRecord {
+  return {
+    id: newVolumeId(),
+    name,
+    sizeBytes: source.sizeBytes,
+    extentSizeBytes: source.extentSizeBytes,
+    depth: source.depth,
+    root: asShared(source.root),
+    createdAt: new Date().toISOString(),
+    lineage: [{ volumeId: source.id, volumeName: source.name }, ...source.lineage],
+    ...(labels ? { labels } : {}),
+  };
+}
+
+export function describeStep(step: LineageStep): string {
+  return step.snapshotName ? `snapshot ${step.volumeName}@${step.snapshotName}` : `volume ${step.volumeName}`;
 }

@@ -1,4 +1,5 @@
 import { BlobStore } from './blobs/blobs';
+import { ArborError } from './errors';
 import { EMPTY, Entry, blobOf, hasBlob, isWritable, isZero } from './entry';
 import { slotAt, slotsOverlapping } from './geometry';
 import { MapNode, getEntry } from './map-node';
@@ -61,6 +62,11 @@ async function walk(source: NodeSource, id: number, level: number, base: number,
     const slotBase = base + slot * span;
     const from = Math.max(first, slotBase);
     const to = Math.min(last, slotBase + span - 1);
+    if (level > 0 && isZero(entry))
+      throw new ArborError(
+        'internal',
+        `map node ${id} is damaged: slot ${slot} holds ZERO above the leaves (level ${level}); the blob store is damaged: restore it from a backup`,
+      );
     if (level === 0 || !hasBlob(entry)) {
       const previous = out[out.length - 1];
       if (previous && previous.entry === entry && !hasBlob(entry) && previous.first + previous.count === from) previous.count += to - from + 1;

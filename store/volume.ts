@@ -2,13 +2,13 @@ import { storeCommits } from '../lib/metrics';
 import { Compare, KvEntry, Op, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { ArborError, assert } from './errors';
-import { EMPTY, Entry, asShared, zeroEntry } from './entry';
+import { EMPTY, Entry, asShared, hasBlob, zeroEntry } from './entry';
 import { maxDirtyNodesPerVolume } from './limits';
 import { MutableTree } from './mutable-tree';
-import { VolumeRecord, keys } from './records';
+import { decodeOwner } from './ownership';
+import { VolumeRecord, decodeVolume, keys } from './records';
 import { RwLock } from './rw-lock';
 import { RangeStatus, lookupExtent, readTree, treeStatus } from './tree';
-import { hasBlob } from './entry';
 
 export interface WriteOptions {
   /** Force unit access: durable before the call returns. */
@@ -80,7 +80,7 @@ export class Volume {
     readonly guard?: Compare,
   ) {
     this.committed = committed;
-    this.record = JSON.parse(committed.value) as VolumeRecord;
+    this.record = decodeVolume(committed);
     const r = this.record;
     this.tree = new MutableTree(r.root, r.depth, r.sizeBytes, r.extentSizeBytes, ctx.blobs, ctx.nodes, ctx.ids);
   }
@@ -116,7 +116,7 @@ export class Volume {
   }
 
   get dirtyNodeCount(): number {
-    return this.tree.dirty.size;
+    return this.tree.dirtyNodeCount;
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -195,7 +195,7 @@ export class Volume {
    */
   async commitWith(extra: { compares?: KvEntry[]; absent?: string[]; ops: Op[]; share?: boolean }): Promise<boolean> {
     return this.serialCommit(async () => {
-      assert(this.tree.dirty.size === 0, 'commitWith runs on a committed tree');
+      assert(this.tree.dirtyNodeCount === 0, 'commitWith runs on a committed tree');
       if (extra.share) this.tree.shareRoot();
       const done = await this.commitRecord({ root: this.tree.root, depth: this.tree.depth, sizeBytes: this.tree.sizeBytes }, ++this.captures, extra);
       if (!done && extra.share) this.tree.root = this.record.root;
@@ -241,7 +241,7 @@ export class Volume {
   private readonly unconfirmed = new Map<string, number>();
 
   private adopt(committed: KvEntry, sequence: number): void {
-    this.record = JSON.parse(committed.value) as VolumeRecord;
+    this.record = decodeVolume(committed);
     this.committed = committed;
     this.committedCapture = Math.max(this.committedCapture, sequence);
     this.unconfirmed.clear();
@@ -253,7 +253,7 @@ export class Volume {
    * do once that transaction committed.
    */
   prepareShare(): { compares: Compare[]; next: VolumeRecord; committed: (revision: number) => void } {
-    assert(this.tree.dirty.size === 0, 'prepareShare runs on a committed tree');
+    assert(this.tree.dirtyNodeCount === 0, 'prepareShare runs on a committed tree');
     const next: VolumeRecord = { ...this.record, root: asShared(this.tree.root) };
     return {
       compares: this.guards(),
@@ -298,10 +298,8 @@ export class Volume {
       }
       this.state = 'deleted';
       const owned = await this.tree.ownedBlobs();
-      await this.ctx.free([...owned, ...this.tree.freeAfterCommit.splice(0)]);
+      await this.ctx.free([...owned, ...this.tree.discardChanges()]);
       for (const id of owned) this.ctx.nodes.delete(id);
-      this.tree.dirty.clear();
-      this.tree.unsyncedData.clear();
       this.changedAt = undefined;
     });
   }
@@ -333,8 +331,9 @@ export class Volume {
   /** Background commit: cheap when there is nothing to do, never throws. */
   async commitInBackground(): Promise<void> {
     if (this.flushing || this.changedAt === undefined || this.state !== 'open') return;
+    // No caller waits for this commit: its failure is logged here (the next flush retries, and reports it).
     this.flushing = this.flush()
-      .catch(() => {})
+      .catch((err) => this.ctx.log.warn('a background commit failed; the next one retries it', { volume: this.name, error: (err as Error).message }))
       .finally(() => (this.flushing = undefined));
     await this.flushing;
   }
@@ -395,13 +394,13 @@ export class Volume {
 
   /** FUA: when only data changed in place, syncing those extents is enough; otherwise commit. */
   private async makeDurable(touched: number[]): Promise<void> {
-    if (this.tree.dirty.size > 0 || this.tree.freeAfterCommit.length > 0 || this.tree.root !== this.record.root) {
+    if (this.tree.needsCommit(this.record.root)) {
       await this.flushLocked();
       return;
     }
     await this.ctx.blobs.sync(touched);
-    for (const id of touched) this.tree.unsyncedData.delete(id);
-    if (this.tree.unsyncedData.size === 0) this.changedAt = undefined;
+    this.tree.markSynced(touched);
+    if (!this.tree.hasUnsyncedData) this.changedAt = undefined;
   }
 
   /** A flush with the lock held from start to end: the record matches the live tree when it returns. */
@@ -419,16 +418,9 @@ export class Volume {
     // A flush on a volume this process lost must fail: its writes never became durable.
     if (this.state === 'lost') throw this.lostError();
     if (this.state !== 'open') return undefined;
-    const written = await this.tree.writeBack();
+    const taken = await this.tree.capture();
     this.capturesInFlight++;
-    const captured: Capture = {
-      sequence: ++this.captures,
-      at: Date.now(),
-      shape: { root: this.tree.root, depth: this.tree.depth, sizeBytes: this.tree.sizeBytes },
-      sync: [...this.tree.unsyncedData, ...written],
-      free: this.tree.freeAfterCommit.splice(0),
-    };
-    this.tree.unsyncedData.clear();
+    const captured: Capture = { sequence: ++this.captures, at: Date.now(), ...taken };
     this.changedAt = undefined;
     return captured;
   }
@@ -455,14 +447,14 @@ export class Volume {
    */
   settledSince(time: number): boolean {
     if (this.state !== 'open') return true;
-    return this.settledThrough > time || (this.changedAt === undefined && this.capturesInFlight === 0 && this.tree.dirty.size === 0);
+    return this.settledThrough > time || (this.changedAt === undefined && this.capturesInFlight === 0 && this.tree.dirtyNodeCount === 0);
   }
 
   private async completeCommitTimed(captured: Capture): Promise<void> {
     // What an earlier commit that failed (etcd or S3 unreachable) left to do rides along:
     // its blobs are in the live tree, and its frees are still safe after a later commit.
     const sync = [...captured.sync, ...this.pendingSync.splice(0)];
-    const free = [...captured.free, ...this.pendingFree.splice(0)];
+    const free = this.tree.frees.takeForCommit(captured.free);
     const r = this.record;
     const { shape } = captured;
     const changed = shape.root !== r.root || shape.depth !== r.depth || shape.sizeBytes !== r.sizeBytes;
@@ -476,7 +468,7 @@ export class Volume {
     } catch (err) {
       if (this.state === 'open') {
         this.pendingSync.push(...sync);
-        this.pendingFree.push(...free);
+        this.tree.frees.retryLater(free);
         this.changedAt ??= Date.now();
       }
       throw err;
@@ -484,15 +476,14 @@ export class Volume {
     assert(captured.free.length === 0 || changed, 'freed blobs follow a commit');
     if (!changed) {
       // Nothing was committed: the committed tree may still use what earlier captures dropped.
-      this.pendingFree.push(...free);
+      this.tree.frees.retryLater(free);
       return;
     }
     await this.ctx.free(free);
   }
 
-  /** Blobs of captures whose commit failed: synced and freed with the next commit. */
+  /** Blobs of captures whose commit failed: synced with the next commit (their frees wait in the tree's AfterCommit). */
   private readonly pendingSync: number[] = [];
-  private readonly pendingFree: number[] = [];
 
   /** Commits happen one at a time, in the order they were asked for. */
   private serialCommit<T>(fn: () => Promise<T>): Promise<T> {
@@ -506,7 +497,7 @@ export class Volume {
 
   private noteChange(): void {
     this.changedAt ??= Date.now();
-    if (this.tree.dirty.size > maxDirtyNodesPerVolume) this.onBusy(this);
+    if (this.tree.dirtyNodeCount > maxDirtyNodesPerVolume) this.onBusy(this);
   }
 
   private checkRange(offset: number, length: number, what: string): void {
@@ -532,7 +523,7 @@ export class Volume {
     if (!this.guard) return;
     const owner = await this.ctx.catalog.get(this.guard.key);
     if (owner?.modRevision === this.guard.modRevision) return;
-    this.markLost(owner ? `node ${(JSON.parse(owner.value) as { nodeId: string }).nodeId} owns it now` : 'its owner lease ended');
+    this.markLost(owner ? `node ${decodeOwner(owner).nodeId} owns it now` : 'its owner lease ended');
     throw this.lostError();
   }
 
@@ -545,9 +536,8 @@ export class Volume {
     if (this.state !== 'open') return;
     this.state = 'lost';
     this.lostReason = reason;
-    this.tree.dirty.clear();
-    this.tree.unsyncedData.clear();
-    this.tree.freeAfterCommit.splice(0);
+    // Not ours to free: another process owns the volume and its tree now.
+    this.tree.discardChanges();
     this.changedAt = undefined;
   }
 
