@@ -16,7 +16,9 @@ class ShapeError extends Error {}
 /** Refuses the value at `path`: it is not `expected`. For checks of their own (see `Check`). */
 export function invalid(path: string, expected: string, value: unknown): never {
   const shown = JSON.stringify(value);
-  throw new ShapeError(`${path} is ${shown === undefined ? 'missing' : shown.length > 80 ? `${shown.slice(0, 77)}...` : shown}, not ${expected}`);
+  throw new ShapeError(
+    `${path === '' ? 'it' : path} is ${shown === undefined ? 'missing' : shown.length > 80 ? `${shown.slice(0, 77)}...` : shown}, not ${expected}`,
+  );
 }
 
 export const string: Check<string> = (value, path) => (typeof value === 'string' ? value : invalid(path, 'a string', value));

@@ -62,11 +62,7 @@ async function walk(source: NodeSource, id: number, level: number, base: number,
     const slotBase = base + slot * span;
     const from = Math.max(first, slotBase);
     const to = Math.min(last, slotBase + span - 1);
-    if (level > 0 && isZero(entry))
-      throw new ArborError(
-        'internal',
-        `map node ${id} is damaged: slot ${slot} holds ZERO above the leaves (level ${level}); the blob store is damaged: restore it from a backup`,
-      );
+    if (level > 0 && isZero(entry)) throw zeroAboveLeaves(id, slot, level);
     if (level === 0 || !hasBlob(entry)) {
       const previous = out[out.length - 1];
       if (previous && previous.entry === entry && !hasBlob(entry) && previous.first + previous.count === from) previous.count += to - from + 1;
@@ -82,10 +78,20 @@ export async function lookupExtent(source: NodeSource, root: Entry, depth: numbe
   let entry = root;
   for (let level = depth - 1; level >= 0; level--) {
     if (!hasBlob(entry)) return EMPTY;
-    const node = await nodeOf(source, blobOf(entry));
-    entry = getEntry(node, slotAt(extent, level));
+    const id = blobOf(entry);
+    const slot = slotAt(extent, level);
+    entry = getEntry(await nodeOf(source, id), slot);
+    if (level > 0 && isZero(entry)) throw zeroAboveLeaves(id, slot, level);
   }
   return entry;
+}
+
+/** ZERO (allocated zeros) is a leaf's word for one extent: above the leaves no code of ours writes it. */
+function zeroAboveLeaves(id: number, slot: number, level: number): ArborError {
+  return new ArborError(
+    'internal',
+    `map node ${id} is damaged: slot ${slot} holds ZERO above the leaves (level ${level}); the blob store is damaged: restore it from a backup`,
+  );
 }
 
 /** Reads `length` bytes at `offset` of the tree into `target`. */
