@@ -1,3 +1,4 @@
+import { Lru } from '../lib/lru';
 import { BlobStore } from './blobs/blobs';
 import { MapNode, checkNode } from './map-node';
 import { nodeCacheMaxNodes, nodeSizeBytes } from './limits';
@@ -8,40 +9,45 @@ import { nodeCacheMaxNodes, nodeSizeBytes } from './limits';
  * Dirty nodes never live here: each volume pins its own until they are written.
  */
 export class NodeCache {
-  private readonly nodes = new Map<number, MapNode>();
+  private readonly nodes: Lru<number, MapNode>;
+  /** Reads in flight: concurrent misses of one node share one read. */
+  private readonly loading = new Map<number, Promise<MapNode>>();
 
   constructor(
     private readonly blobs: BlobStore,
-    private readonly maxNodes = nodeCacheMaxNodes,
-  ) {}
-
-  get(id: number): MapNode | undefined {
-    const node = this.nodes.get(id);
-    if (node !== undefined) {
-      this.nodes.delete(id);
-      this.nodes.set(id, node);
-    }
-    return node;
+    maxNodes = nodeCacheMaxNodes,
+  ) {
+    this.nodes = new Lru({ capacity: maxNodes });
   }
 
-  async load(id: number): Promise<MapNode> {
-    const cached = this.get(id);
-    if (cached) return cached;
-    const node = Buffer.allocUnsafe(nodeSizeBytes);
-    await this.blobs.read(id, 0, node, 0, nodeSizeBytes);
-    checkNode(node, id);
-    // Another load of the same node may have finished while this one waited.
-    return this.get(id) ?? this.set(id, node);
+  get(id: number): MapNode | undefined {
+    return this.nodes.get(id);
+  }
+
+  load(id: number): Promise<MapNode> {
+    const cached = this.nodes.get(id);
+    if (cached) return Promise.resolve(cached);
+    let loading = this.loading.get(id);
+    if (!loading) {
+      loading = this.read(id).finally(() => this.loading.delete(id));
+      this.loading.set(id, loading);
+    }
+    return loading;
   }
 
   set(id: number, node: MapNode): MapNode {
-    this.nodes.delete(id);
-    this.nodes.set(id, node);
-    if (this.nodes.size > this.maxNodes) this.nodes.delete(this.nodes.keys().next().value as number);
-    return node;
+    return this.nodes.set(id, node);
   }
 
   delete(id: number): void {
     this.nodes.delete(id);
+  }
+
+  private async read(id: number): Promise<MapNode> {
+    const node = Buffer.allocUnsafe(nodeSizeBytes);
+    await this.blobs.read(id, 0, node, 0, nodeSizeBytes);
+    checkNode(node, id);
+    // A node written back meanwhile (set) is the newer copy of the same bytes: keep it.
+    return this.nodes.get(id) ?? this.nodes.set(id, node);
   }
 }

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { tryLock } from 'fs-native-extensions';
+import { Lru } from '../../lib/lru';
 import { Log } from '../../lib/logger';
 import { ArborError, assert } from '../errors';
 import { cacheTouchIntervalMs, maxOpenCacheFiles } from '../limits';
@@ -51,13 +52,12 @@ export type CacheState = 'staged' | 'sealed' | 'clean';
  */
 export class BlobCache {
   private readonly staged = new Map<number, StagedEntry>();
-  /** Least recently used first. */
-  private readonly clean = new Map<number, CleanEntry>();
-  /** Open descriptors by blob id, least recently used first. */
-  private readonly fds = new Map<number, number>();
+  /** Copies of objects, evicted (file removed) least recently used first while the cache is over its bound. */
+  private readonly clean = new Lru<number, CleanEntry>({ capacity: Infinity, weigh: (entry) => entry.bytes, evicted: (id) => this.removeClean(id) });
+  /** Open descriptors by blob id. */
+  private readonly fds = new Lru<number, number>({ capacity: maxOpenCacheFiles, evicted: (_id, fd) => fs.closeSync(fd) });
   private readonly cleanDirs = new Set<string>();
   private stagedBytes = 0;
-  private cleanBytes = 0;
   private tmpSerial = 0;
   private evictions = 0;
   private warnedPinned = false;
@@ -114,8 +114,6 @@ export class BlobCache {
       this.forgetClean(id);
       return false;
     }
-    this.clean.delete(id);
-    this.clean.set(id, clean);
     this.readFile(id, clean.bytes, offset, target, targetOffset, length);
     const now = Date.now();
     if (now - clean.touchedMs >= cacheTouchIntervalMs) {
@@ -208,7 +206,7 @@ export class BlobCache {
       stagedBlobs: this.staged.size,
       stagedBytes: this.stagedBytes,
       cleanBlobs: this.clean.size,
-      cleanBytes: this.cleanBytes,
+      cleanBytes: this.clean.totalWeight,
       evictions: this.evictions,
     };
   }
@@ -217,7 +215,6 @@ export class BlobCache {
   close(): void {
     if (this.lockFd === undefined) return;
     for (const id of [...this.staged.keys()]) this.drop(id);
-    for (const fd of this.fds.values()) fs.closeSync(fd);
     this.fds.clear();
     // Closing the descriptor releases the lock. The file stays: removing it would let a
     // newcomer lock a fresh file while a third process waits on the old one.
@@ -265,33 +262,29 @@ export class BlobCache {
     found.sort((a, b) => a.mtimeMs - b.mtimeMs);
     for (const entry of found) {
       this.clean.set(entry.id, { bytes: entry.bytes, touchedMs: entry.mtimeMs });
-      this.cleanBytes += entry.bytes;
     }
     this.makeRoom();
-    this.log.debug('blob cache opened', { dir: this.dir, cleanBlobs: this.clean.size, cleanBytes: this.cleanBytes });
+    this.log.debug('blob cache opened', { dir: this.dir, cleanBlobs: this.clean.size, cleanBytes: this.clean.totalWeight });
   }
 
   private addClean(id: number, bytes: number): void {
     this.clean.set(id, { bytes, touchedMs: Date.now() });
-    this.cleanBytes += bytes;
     this.makeRoom();
   }
 
   private forgetClean(id: number): void {
-    const entry = this.clean.get(id);
-    if (!entry) return;
+    if (this.clean.delete(id) !== undefined) this.removeClean(id);
+  }
+
+  /** The clean entry left the map (forgotten or evicted): its file goes too. */
+  private removeClean(id: number): void {
     this.closeFd(id);
-    this.clean.delete(id);
-    this.cleanBytes -= entry.bytes;
     fs.rmSync(this.cleanPath(id, false), { force: true });
   }
 
   /** Evicts clean entries, least recently used first, until the cache fits its bound. */
   private makeRoom(): void {
-    while (this.stagedBytes + this.cleanBytes > this.capacityBytes && this.clean.size > 0) {
-      this.forgetClean(this.clean.keys().next().value as number);
-      this.evictions++;
-    }
+    this.evictions += this.clean.trim(() => this.stagedBytes + this.clean.totalWeight > this.capacityBytes);
     if (this.stagedBytes > this.capacityBytes && !this.warnedPinned) {
       // Staged blobs cannot be evicted before they are uploaded: go on above the bound.
       this.warnedPinned = true;
@@ -321,28 +314,16 @@ export class BlobCache {
   /** The blob's descriptor: a new staged file when `create`, else its staged or clean file. */
   private fd(id: number, create: boolean): number {
     const cached = this.fds.get(id);
-    if (cached !== undefined) {
-      this.fds.delete(id);
-      this.fds.set(id, cached);
-      return cached;
-    }
+    if (cached !== undefined) return cached;
     const staged = create || this.staged.has(id);
     const flags = staged ? fs.constants.O_RDWR | (create ? fs.constants.O_CREAT | fs.constants.O_TRUNC : 0) : fs.constants.O_RDONLY;
     const fd = fs.openSync(staged ? this.stagedPath(id) : this.cleanPath(id, false), flags, 0o600);
-    this.fds.set(id, fd);
-    if (this.fds.size > maxOpenCacheFiles) {
-      const [oldest, oldestFd] = this.fds.entries().next().value as [number, number];
-      this.fds.delete(oldest);
-      fs.closeSync(oldestFd);
-    }
-    return fd;
+    return this.fds.set(id, fd);
   }
 
   private closeFd(id: number): void {
-    const fd = this.fds.get(id);
-    if (fd === undefined) return;
-    this.fds.delete(id);
-    fs.closeSync(fd);
+    const fd = this.fds.delete(id);
+    if (fd !== undefined) fs.closeSync(fd);
   }
 
   private stagedPath(id: number): string {

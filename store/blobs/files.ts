@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { runBounded } from '../../lib/bounded';
+import { Lru } from '../../lib/lru';
 import { ArborError } from '../errors';
 import { maxOpenSegmentFiles, syncConcurrency } from '../limits';
 import { blobId, bytesOfClass, classOf, serialOf } from '../blob-id';
@@ -44,8 +45,8 @@ export class FileBlobStore implements BlobStore {
   /** Ids synced this session, when blobs are immutable once synced (checked on every write). */
   private readonly sealed?: Set<number>;
   private readonly segments = new Map<number, Segment>();
-  /** Open descriptors by segment, least recently used first. */
-  private readonly fds = new Map<number, number>();
+  /** Open descriptors by segment. */
+  private readonly fds = new Lru<number, number>({ capacity: maxOpenSegmentFiles, evicted: (_segment, fd) => fs.closeSync(fd) });
   private directoryChanged = false;
   private closed = false;
 
@@ -176,7 +177,6 @@ export class FileBlobStore implements BlobStore {
     if (this.closed) return;
     for (const segment of this.segments.values()) this.saveFreed(segment);
     this.closed = true;
-    for (const fd of this.fds.values()) fs.closeSync(fd);
     this.fds.clear();
   }
 
@@ -190,9 +190,8 @@ export class FileBlobStore implements BlobStore {
       this.saveFreed(segment);
       return;
     }
-    const fd = this.fds.get(segment.key);
+    const fd = this.fds.delete(segment.key);
     if (fd !== undefined) fs.closeSync(fd);
-    this.fds.delete(segment.key);
     this.segments.delete(segment.key);
     fs.rmSync(this.dataPath(segment), { force: true });
     fs.rmSync(this.freedPath(segment), { force: true });
@@ -241,22 +240,12 @@ export class FileBlobStore implements BlobStore {
   private fd(segment: Segment): number {
     if (this.closed) throw new ArborError('unavailable', 'the blob store is closed');
     const cached = this.fds.get(segment.key);
-    if (cached !== undefined) {
-      this.fds.delete(segment.key);
-      this.fds.set(segment.key, cached);
-      return cached;
-    }
+    if (cached !== undefined) return cached;
     const file = this.dataPath(segment);
     const existed = fs.existsSync(file);
     const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
     if (!existed) this.directoryChanged = true;
-    this.fds.set(segment.key, fd);
-    if (this.fds.size > maxOpenSegmentFiles) {
-      const [oldest, oldestFd] = this.fds.entries().next().value as [number, number];
-      this.fds.delete(oldest);
-      fs.closeSync(oldestFd);
-    }
-    return fd;
+    return this.fds.set(segment.key, fd);
   }
 
   private dataPath(segment: Segment): string {
