@@ -1,8 +1,6 @@
-import type { CreateVolumeGroupSnapshotRequest__Output } from '../csi/generated/csi/v1/CreateVolumeGroupSnapshotRequest';
-import type { DeleteVolumeGroupSnapshotRequest__Output } from '../csi/generated/csi/v1/DeleteVolumeGroupSnapshotRequest';
-import type { GetVolumeGroupSnapshotRequest__Output } from '../csi/generated/csi/v1/GetVolumeGroupSnapshotRequest';
+import type { GroupControllerHandlers } from '../csi/generated/csi/v1/GroupController';
 import { failedPrecondition, invalid, notFound } from '../csi/errors';
-import { Unary } from '../csi/server';
+import { UnaryHandlers } from '../csi/server';
 import { StoreApi } from '../store/api';
 import { GroupSnapshotRecord, SnapshotRecord } from '../store/records';
 import { groupMessage } from './messages';
@@ -12,7 +10,7 @@ import { groupMessage } from './messages';
  * catalog transaction (Olive's consistent branching), so the group is
  * crash-consistent across its volumes.
  */
-export function groupControllerService(store: StoreApi): Record<string, Unary> {
+export function groupControllerService(store: StoreApi): UnaryHandlers<GroupControllerHandlers> {
   const members = async (group: GroupSnapshotRecord): Promise<SnapshotRecord[]> =>
     (await Promise.all(group.snapshotIds.map((id) => store.findSnapshot({ id })))).filter((s): s is SnapshotRecord => !!s);
 
@@ -29,7 +27,7 @@ export function groupControllerService(store: StoreApi): Record<string, Unary> {
       return { capabilities: [{ rpc: { type: 'CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT' } }] };
     },
 
-    async CreateVolumeGroupSnapshot(request: CreateVolumeGroupSnapshotRequest__Output) {
+    async CreateVolumeGroupSnapshot(request) {
       if (!request.name) throw invalid('name is required');
       if (!request.source_volume_ids?.length) throw invalid('source_volume_ids is required');
       for (const key of Object.keys(request.parameters)) {
@@ -43,7 +41,7 @@ export function groupControllerService(store: StoreApi): Record<string, Unary> {
       return { group_snapshot: groupMessage(group, await members(group)) };
     },
 
-    async GetVolumeGroupSnapshot(request: GetVolumeGroupSnapshotRequest__Output) {
+    async GetVolumeGroupSnapshot(request) {
       if (!request.group_snapshot_id) throw invalid('group_snapshot_id is required');
       const group = await store.findGroupSnapshot({ id: request.group_snapshot_id });
       if (!group) throw notFound(`group snapshot ${request.group_snapshot_id} does not exist`);
@@ -51,7 +49,7 @@ export function groupControllerService(store: StoreApi): Record<string, Unary> {
       return { group_snapshot: groupMessage(group, await members(group)) };
     },
 
-    async DeleteVolumeGroupSnapshot(request: DeleteVolumeGroupSnapshotRequest__Output) {
+    async DeleteVolumeGroupSnapshot(request) {
       if (!request.group_snapshot_id) throw invalid('group_snapshot_id is required');
       const group = await store.findGroupSnapshot({ id: request.group_snapshot_id });
       if (!group) return {};

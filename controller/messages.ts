@@ -1,3 +1,6 @@
+import type { Snapshot } from '../csi/generated/csi/v1/Snapshot';
+import type { Volume } from '../csi/generated/csi/v1/Volume';
+import type { VolumeGroupSnapshot } from '../csi/generated/csi/v1/VolumeGroupSnapshot';
 import { GroupSnapshotRecord, SnapshotRecord, VolumeRecord } from '../store/records';
 
 /** Store records as CSI messages. */
@@ -15,7 +18,7 @@ export function volumeContext(volume: VolumeRecord): Record<string, string> {
   return context;
 }
 
-export function volumeMessage(volume: VolumeRecord, topology?: Record<string, string>): object {
+export function volumeMessage(volume: VolumeRecord, topology?: Record<string, string>): Volume {
   const source = volume.lineage[0];
   return {
     capacity_bytes: String(volume.sizeBytes),
@@ -26,7 +29,7 @@ export function volumeMessage(volume: VolumeRecord, topology?: Record<string, st
   };
 }
 
-export function snapshotMessage(snapshot: SnapshotRecord): object {
+export function snapshotMessage(snapshot: SnapshotRecord): Snapshot {
   return {
     size_bytes: String(snapshot.sizeBytes),
     snapshot_id: snapshot.id,
@@ -37,7 +40,7 @@ export function snapshotMessage(snapshot: SnapshotRecord): object {
   };
 }
 
-export function groupMessage(group: GroupSnapshotRecord, snapshots: SnapshotRecord[]): object {
+export function groupMessage(group: GroupSnapshotRecord, snapshots: SnapshotRecord[]): VolumeGroupSnapshot {
   return {
     group_snapshot_id: group.id,
     snapshots: snapshots.map(snapshotMessage),

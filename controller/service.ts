@@ -1,18 +1,7 @@
-import type { ControllerExpandVolumeRequest__Output } from '../csi/generated/csi/v1/ControllerExpandVolumeRequest';
-import type { ControllerGetVolumeRequest__Output } from '../csi/generated/csi/v1/ControllerGetVolumeRequest';
-import type { ControllerPublishVolumeRequest__Output } from '../csi/generated/csi/v1/ControllerPublishVolumeRequest';
-import type { ControllerUnpublishVolumeRequest__Output } from '../csi/generated/csi/v1/ControllerUnpublishVolumeRequest';
-import type { CreateSnapshotRequest__Output } from '../csi/generated/csi/v1/CreateSnapshotRequest';
+import type { ControllerHandlers } from '../csi/generated/csi/v1/Controller';
 import type { CreateVolumeRequest__Output } from '../csi/generated/csi/v1/CreateVolumeRequest';
-import type { DeleteSnapshotRequest__Output } from '../csi/generated/csi/v1/DeleteSnapshotRequest';
-import type { DeleteVolumeRequest__Output } from '../csi/generated/csi/v1/DeleteVolumeRequest';
-import type { GetCapacityRequest__Output } from '../csi/generated/csi/v1/GetCapacityRequest';
-import type { GetSnapshotRequest__Output } from '../csi/generated/csi/v1/GetSnapshotRequest';
-import type { ListSnapshotsRequest__Output } from '../csi/generated/csi/v1/ListSnapshotsRequest';
-import type { ListVolumesRequest__Output } from '../csi/generated/csi/v1/ListVolumesRequest';
-import type { ValidateVolumeCapabilitiesRequest__Output } from '../csi/generated/csi/v1/ValidateVolumeCapabilitiesRequest';
 import { alreadyExists, invalid, notFound, outOfRange, CsiError } from '../csi/errors';
-import { Unary } from '../csi/server';
+import { UnaryHandlers } from '../csi/server';
 import { StoreApi } from '../store/api';
 import { isArborError } from '../store/errors';
 import { maxVolumeSizeBytes, minExtentSizeBytes } from '../store/limits';
@@ -45,7 +34,7 @@ const capabilities = [
   'SINGLE_NODE_MULTI_WRITER',
   // GetSnapshot (alpha in v1.12) is implemented, but not advertised: the sanity
   // suites of csi-test built against v1.12 do not know the capability yet.
-];
+] as const;
 
 function required(value: string | undefined, field: string): string {
   if (!value) throw invalid(`${field} is required`);
@@ -69,7 +58,7 @@ function checkSnapshotParameters(parameters: Record<string, string>): void {
  * ownership, consistency); this layer checks requests, maps sizes and capabilities,
  * and shapes responses.
  */
-export function controllerService(options: ControllerOptions): Record<string, Unary> {
+export function controllerService(options: ControllerOptions): UnaryHandlers<ControllerHandlers> {
   const { store, topology } = options;
 
   const findVolume = (id: string) => store.findVolume({ id });
@@ -88,7 +77,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return { capabilities: capabilities.map((type) => ({ rpc: { type } })) };
     },
 
-    async CreateVolume(request: CreateVolumeRequest__Output) {
+    async CreateVolume(request) {
       const name = required(request.name, 'name');
       const caps = capabilitiesOf(request.volume_capabilities, 'volume_capabilities');
       const parameters = parseParameters(request.parameters);
@@ -140,7 +129,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return { volume: volumeMessage(volume, topology) };
     },
 
-    async DeleteVolume(request: DeleteVolumeRequest__Output) {
+    async DeleteVolume(request) {
       const id = required(request.volume_id, 'volume_id');
       try {
         await store.deleteVolume({ id });
@@ -150,7 +139,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return {};
     },
 
-    async ControllerPublishVolume(request: ControllerPublishVolumeRequest__Output) {
+    async ControllerPublishVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const nodeId = required(request.node_id, 'node_id');
       const capability = parseCapability(request.volume_capability, 'volume_capability');
@@ -161,13 +150,13 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return { publish_context: { export: volume.name, readOnly: String(readOnly) } };
     },
 
-    async ControllerUnpublishVolume(request: ControllerUnpublishVolumeRequest__Output) {
+    async ControllerUnpublishVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       await store.unpublishVolume(volumeId, request.node_id || undefined);
       return {};
     },
 
-    async ValidateVolumeCapabilities(request: ValidateVolumeCapabilitiesRequest__Output) {
+    async ValidateVolumeCapabilities(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       if (!request.volume_capabilities?.length) throw invalid('volume_capabilities is required');
       const volume = await mustFindVolume(volumeId);
@@ -194,7 +183,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       };
     },
 
-    async ListVolumes(request: ListVolumesRequest__Output) {
+    async ListVolumes(request) {
       const { entries, nextToken } = page(await store.listVolumes(), request.max_entries, request.starting_token, 'volume');
       return {
         entries: await Promise.all(entries.map(async (volume) => ({ volume: volumeMessage(volume, topology), status: await status(volume) }))),
@@ -202,7 +191,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       };
     },
 
-    async GetCapacity(request: GetCapacityRequest__Output) {
+    async GetCapacity(request) {
       if (request.volume_capabilities?.length) request.volume_capabilities.forEach((c, i) => parseCapability(c, `volume_capabilities[${i}]`));
       parseParameters(request.parameters);
       const here = !topology || !request.accessible_topology || Object.entries(request.accessible_topology.segments).every(([k, v]) => topology[k] === v);
@@ -214,12 +203,12 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       };
     },
 
-    async ControllerGetVolume(request: ControllerGetVolumeRequest__Output) {
+    async ControllerGetVolume(request) {
       const volume = await mustFindVolume(required(request.volume_id, 'volume_id'));
       return { volume: volumeMessage(volume, topology), status: await status(volume) };
     },
 
-    async ControllerExpandVolume(request: ControllerExpandVolumeRequest__Output) {
+    async ControllerExpandVolume(request) {
       const volume = await mustFindVolume(required(request.volume_id, 'volume_id'));
       if (!request.capacity_range) throw invalid('capacity_range is required');
       const capability = request.volume_capability ? parseCapability(request.volume_capability) : undefined;
@@ -234,7 +223,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return { capacity_bytes: String(grown.sizeBytes), node_expansion_required: capability?.access !== 'block' };
     },
 
-    async CreateSnapshot(request: CreateSnapshotRequest__Output) {
+    async CreateSnapshot(request) {
       const volumeId = required(request.source_volume_id, 'source_volume_id');
       const name = required(request.name, 'name');
       checkSnapshotParameters(request.parameters);
@@ -243,7 +232,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return { snapshot: snapshotMessage(await store.createSnapshot({ id: volumeId }, name)) };
     },
 
-    async DeleteSnapshot(request: DeleteSnapshotRequest__Output) {
+    async DeleteSnapshot(request) {
       const id = required(request.snapshot_id, 'snapshot_id');
       try {
         await store.deleteSnapshot({ id });
@@ -253,7 +242,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return {};
     },
 
-    async ListSnapshots(request: ListSnapshotsRequest__Output) {
+    async ListSnapshots(request) {
       let snapshots = await store.listSnapshots();
       if (request.snapshot_id) snapshots = snapshots.filter((s) => s.id === request.snapshot_id);
       if (request.source_volume_id) snapshots = snapshots.filter((s) => s.volumeId === request.source_volume_id);
@@ -261,7 +250,7 @@ export function controllerService(options: ControllerOptions): Record<string, Un
       return { entries: entries.map((s) => ({ snapshot: snapshotMessage(s) })), next_token: nextToken };
     },
 
-    async GetSnapshot(request: GetSnapshotRequest__Output) {
+    async GetSnapshot(request) {
       const id = required(request.snapshot_id, 'snapshot_id');
       const snapshot = await store.findSnapshot({ id });
       if (!snapshot) throw notFound(`snapshot ${id} does not exist`);

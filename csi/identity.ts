@@ -1,5 +1,7 @@
 import { packageVersion } from '../lib/version';
-import { Unary } from './server';
+import type { IdentityHandlers } from './generated/csi/v1/Identity';
+import type { PluginCapability } from './generated/csi/v1/PluginCapability';
+import { UnaryHandlers } from './server';
 import { driverName } from './proto';
 
 export interface IdentityOptions {
@@ -10,13 +12,13 @@ export interface IdentityOptions {
 }
 
 /** The CSI Identity service: who we are, what we offer, whether we are ready. */
-export function identityService(options: IdentityOptions): Record<string, Unary> {
+export function identityService(options: IdentityOptions): UnaryHandlers<IdentityHandlers> {
   return {
     async GetPluginInfo() {
       return { name: driverName, vendor_version: packageVersion(), manifest: {} };
     },
     async GetPluginCapabilities() {
-      const capabilities: object[] = [{ volume_expansion: { type: 'ONLINE' } }];
+      const capabilities: PluginCapability[] = [{ volume_expansion: { type: 'ONLINE' } }];
       if (options.controller) {
         capabilities.push(
           { service: { type: 'CONTROLLER_SERVICE' } },

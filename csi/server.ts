@@ -5,21 +5,35 @@ import { Log } from '../lib/logger';
 import { csiRequests, csiRequestSeconds } from '../lib/metrics';
 import { ArborError } from '../store/errors';
 import { toGrpcError } from './errors';
+import type { ControllerHandlers } from './generated/csi/v1/Controller';
+import type { GroupControllerHandlers } from './generated/csi/v1/GroupController';
+import type { IdentityHandlers } from './generated/csi/v1/Identity';
+import type { NodeHandlers } from './generated/csi/v1/Node';
 import { csiProto } from './proto';
 
 /**
- * A CSI method: the decoded request in, the response out, errors thrown. Each
- * implementation types its own request (from csi/generated); `never` lets any of
- * them be registered here.
+ * One CSI service's methods as promises, typed from the handler types
+ * `npm run generate` writes for csi.proto: each takes its request as decoded (the
+ * `__Output` type, defaults filled in) and returns what its response message
+ * accepts. A name that is not an RPC of the service does not compile; an RPC left
+ * out answers UNIMPLEMENTED.
  */
-export type Unary = (request: never) => Promise<object>;
+export type UnaryHandlers<H> = {
+  // The generated types extend grpc's UntypedServiceImplementation: its index signature is not an RPC.
+  [M in keyof H as string extends M ? never : M]?: H[M] extends grpc.handleUnaryCall<infer Request, infer Response>
+    ? (request: Request) => Promise<Response>
+    : never;
+};
 
 export interface CsiServices {
-  Identity: Record<string, Unary>;
-  Controller?: Record<string, Unary>;
-  GroupController?: Record<string, Unary>;
-  Node?: Record<string, Unary>;
+  Identity: UnaryHandlers<IdentityHandlers>;
+  Controller?: UnaryHandlers<ControllerHandlers>;
+  GroupController?: UnaryHandlers<GroupControllerHandlers>;
+  Node?: UnaryHandlers<NodeHandlers>;
 }
+
+/** Any service's method, as the server sees it: grpc decodes each request with that method's own definition. */
+type Unary = (request: object) => Promise<object>;
 
 /** "unix:///run/csi/csi.sock", "unix:/run/csi/csi.sock" or a bare path → the socket path. */
 export function socketPathOf(endpoint: string): string {
@@ -39,12 +53,13 @@ export async function startCsiServer(endpoint: string, services: CsiServices, lo
   fs.rmSync(socketPath, { force: true });
   const server = new grpc.Server({ 'grpc.max_receive_message_length': 4 * 1024 * 1024 });
   const proto = csiProto().csi.v1;
-  for (const [name, implementation] of Object.entries(services) as Array<[keyof CsiServices, Record<string, Unary> | undefined]>) {
+  for (const [name, implementation] of Object.entries(services) as Array<[keyof CsiServices, Record<string, Unary | undefined> | undefined]>) {
     if (!implementation) continue;
     const definition = proto[name].service;
     const handlers: grpc.UntypedServiceImplementation = {};
     for (const [method, handler] of Object.entries(implementation)) {
       if (!(method in definition)) throw new Error(`${name}.${method} is not in csi.proto`);
+      if (!handler) continue;
       handlers[method] = wrap(`${name}.${method}`, handler, log);
     }
     server.addService(definition, handlers);
@@ -68,7 +83,7 @@ function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<ob
   return (call, callback) => {
     const started = Date.now();
     const timer = csiRequestSeconds.startTimer({ method });
-    (handler as (request: object) => Promise<object>)(call.request).then(
+    handler(call.request).then(
       (response) => {
         timer();
         csiRequests.inc({ method, code: 'OK' });

@@ -1,15 +1,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
-import type { NodeExpandVolumeRequest__Output } from '../csi/generated/csi/v1/NodeExpandVolumeRequest';
-import type { NodeGetVolumeStatsRequest__Output } from '../csi/generated/csi/v1/NodeGetVolumeStatsRequest';
-import type { NodePublishVolumeRequest__Output } from '../csi/generated/csi/v1/NodePublishVolumeRequest';
+import type { NodeHandlers } from '../csi/generated/csi/v1/Node';
 import type { NodeStageVolumeRequest__Output } from '../csi/generated/csi/v1/NodeStageVolumeRequest';
-import type { NodeUnpublishVolumeRequest__Output } from '../csi/generated/csi/v1/NodeUnpublishVolumeRequest';
-import type { NodeUnstageVolumeRequest__Output } from '../csi/generated/csi/v1/NodeUnstageVolumeRequest';
 import { parseCapability } from '../csi/capabilities';
 import { aborted, alreadyExists, CsiError, failedPrecondition, invalid, notFound } from '../csi/errors';
-import { Unary } from '../csi/server';
+import { UnaryHandlers } from '../csi/server';
 import { runBounded } from '../lib/bounded';
 import { Log } from '../lib/logger';
 import { StoreApi } from '../store/api';
@@ -33,7 +29,7 @@ export interface NodeOptions {
   log: Log;
 }
 
-const capabilities = ['STAGE_UNSTAGE_VOLUME', 'GET_VOLUME_STATS', 'EXPAND_VOLUME', 'VOLUME_CONDITION', 'SINGLE_NODE_MULTI_WRITER'];
+const capabilities = ['STAGE_UNSTAGE_VOLUME', 'GET_VOLUME_STATS', 'EXPAND_VOLUME', 'VOLUME_CONDITION', 'SINGLE_NODE_MULTI_WRITER'] as const;
 
 /** How often the plugin marks itself alive in its state directory: how precisely the next process knows how long devices waited. */
 export const aliveIntervalMs = 1_000;
@@ -55,7 +51,7 @@ const reattachRetryMs = 120_000;
 
 /** The Node service's calls, and what the process around it does at its start and stop. */
 export interface NodeService {
-  handlers: Record<string, Unary>;
+  handlers: UnaryHandlers<NodeHandlers>;
   /** Gives the kernel devices an earlier process of this node attached fresh connections; Probe is ready once it has run. */
   start(): Promise<void>;
   ready(): boolean;
@@ -110,7 +106,7 @@ export function nodeService(options: NodeOptions): NodeService {
     return revived;
   };
 
-  const handlers: Record<string, Unary> = {
+  const handlers: UnaryHandlers<NodeHandlers> = {
     async NodeGetCapabilities() {
       return { capabilities: capabilities.map((type) => ({ rpc: { type } })) };
     },
@@ -123,7 +119,7 @@ export function nodeService(options: NodeOptions): NodeService {
       };
     },
 
-    async NodeStageVolume(request: NodeStageVolumeRequest__Output) {
+    async NodeStageVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const stagingPath = required(request.staging_target_path, 'staging_target_path');
       const capability = parseCapability(request.volume_capability, 'volume_capability');
@@ -179,7 +175,7 @@ export function nodeService(options: NodeOptions): NodeService {
       });
     },
 
-    async NodeUnstageVolume(request: NodeUnstageVolumeRequest__Output) {
+    async NodeUnstageVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const stagingPath = required(request.staging_target_path, 'staging_target_path');
       return exclusive(volumeId, async () => {
@@ -196,7 +192,7 @@ export function nodeService(options: NodeOptions): NodeService {
       });
     },
 
-    async NodePublishVolume(request: NodePublishVolumeRequest__Output) {
+    async NodePublishVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const stagingPath = required(request.staging_target_path, 'staging_target_path');
       const targetPath = required(request.target_path, 'target_path');
@@ -230,7 +226,7 @@ export function nodeService(options: NodeOptions): NodeService {
       });
     },
 
-    async NodeUnpublishVolume(request: NodeUnpublishVolumeRequest__Output) {
+    async NodeUnpublishVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const targetPath = required(request.target_path, 'target_path');
       return exclusive(volumeId, async () => {
@@ -246,7 +242,7 @@ export function nodeService(options: NodeOptions): NodeService {
       });
     },
 
-    async NodeGetVolumeStats(request: NodeGetVolumeStatsRequest__Output) {
+    async NodeGetVolumeStats(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const volumePath = required(request.volume_path, 'volume_path');
       const state = staged.get(volumeId);
@@ -268,7 +264,7 @@ export function nodeService(options: NodeOptions): NodeService {
       };
     },
 
-    async NodeExpandVolume(request: NodeExpandVolumeRequest__Output) {
+    async NodeExpandVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const volumePath = required(request.volume_path, 'volume_path');
       return exclusive(volumeId, async () => {
