@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
-import { chartDir, helm, helmTemplate, parseDocuments, repoRoot, valuesArgs } from '../support/helm';
+import { chartDir, helm, helmTemplate, parseDocuments, repoRoot, valuesArgs, yaml } from '../support/helm';
 import { objectProblems } from './models';
 import { ciValues, dataNode, defaults, distributed, embedded, kubevirt, namespace, render } from './rendered';
 
@@ -189,6 +190,12 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
         /one default StorageClass/,
       ],
       ['two node ports that collide', { ...node, 'node.metricsPort': 9809 }, /node\.healthPort, node\.registrarHealthPort and node\.metricsPort must differ/],
+      ['an NBD port the node plugin listens on already', { ...node, 'node.nbdPort': 9821 }, /node\.nbdPort=9821 is also one of node\.healthPort/],
+      ['an NBD port below 1024', { ...node, 'node.nbdPort': 809 }, /\/node\/nbdPort/],
+      ["an admin port that is the data node's NBD port", { ...node, 'store.embedded.adminPort': 10809 }, /store\.embedded\.adminPort=10809 is also one of/],
+      ['generated certificates valid for no time', { ...node, 'tls.generated.validityDays': 0 }, /\/tls\/generated\/validityDays/],
+      ['a TLS Secret name that cannot be a Secret', { ...node, 'tls.secretName': 'Arbor_TLS' }, /\/tls\/secretName/],
+      ['a misspelled TLS key', { ...node, 'tls.secret': 'arbor-tls' }, /\/tls.*additional properties 'secret' not allowed/],
     ];
     for (const [what, set, message] of cases) {
       it(`refuses ${what}`, () => {
@@ -197,6 +204,28 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
         assert.match(result.stderr, message);
       });
     }
+
+    it('refuses the defaults of the chart before NBD between nodes (what `helm upgrade --reuse-values` renders with), saying how to upgrade', () => {
+      // --reuse-values replaces the new chart's values.yaml with the old release's: the keys this chart added are missing.
+      const copy = fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-chart-'));
+      try {
+        fs.cpSync(chartDir, copy, { recursive: true });
+        const values = yaml().load(fs.readFileSync(path.join(copy, 'values.yaml'), 'utf8')) as {
+          tls?: unknown;
+          node: { nbdPort?: number };
+          store: { embedded: { adminPort?: number } };
+        };
+        delete values.tls;
+        delete values.node.nbdPort;
+        delete values.store.embedded.adminPort;
+        fs.writeFileSync(path.join(copy, 'values.yaml'), JSON.stringify(values));
+        const result = helm(['template', 'arbor', copy, '--namespace', namespace, '--set', `store.embedded.nodeName=${dataNode}`]);
+        assert.notEqual(result.status, 0, 'rendered anyway');
+        assert.match(result.stderr, /validate\.yaml.*the values lack tls, node\.nbdPort or store\.embedded\.adminPort.*--reset-then-reuse-values/s);
+      } finally {
+        fs.rmSync(copy, { recursive: true, force: true });
+      }
+    });
   });
 
   describe('NOTES.txt', () => {
@@ -229,6 +258,30 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
         [],
       );
       assert.match(heredoc[1], /storageClassName: arbor-fs/);
+    });
+
+    it('names the relaying node plugins, the Service they reach the data node through, and the certificates', () => {
+      const result = helm(['install', 'arbor', chartDir, '--dry-run=client', '--namespace', namespace, ...valuesArgs({ valuesFiles: [ciValues.embedded] })]);
+      assert.equal(result.status, 0, result.stderr);
+      const notes = result.stdout.slice(result.stdout.indexOf('NOTES:'));
+      for (const text of [
+        'DaemonSet arbor-node (the data node) and arbor-node-relay (every other node)',
+        'Service arbor-data',
+        'Secret arbor-nbd-tls',
+        '3650 days',
+      ]) {
+        assert.ok(notes.includes(text), `NOTES do not mention ${text}`);
+      }
+      const given = helm([
+        'install',
+        'arbor',
+        chartDir,
+        '--dry-run=client',
+        '--namespace',
+        namespace,
+        ...valuesArgs({ valuesFiles: [ciValues.embedded], set: { 'tls.secretName': 'mine' } }),
+      ]);
+      assert.match(given.stdout, /Secret mine \(yours\)/);
     });
 
     it('describes the distributed store when that is the mode', () => {

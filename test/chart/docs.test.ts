@@ -47,6 +47,48 @@ function fencedBlocks(file: string, language: string): string[] {
 type Spec = Record<string, unknown>;
 const spec = (o: K8sObject) => o.spec as Spec;
 
+/** Every claim spec (PVC specs, DataVolume storage and pvc specs, wherever they are nested) that names access modes. */
+function claimSpecs(value: unknown, found: Spec[] = []): Spec[] {
+  if (Array.isArray(value)) for (const item of value) claimSpecs(item, found);
+  else if (typeof value === 'object' && value !== null) {
+    if (Array.isArray((value as Spec).accessModes)) found.push(value as Spec);
+    for (const item of Object.values(value)) claimSpecs(item, found);
+  }
+  return found;
+}
+
+/** Access modes Arbor refuses in a claim spec: ReadWriteMany is for Block volumes only. */
+function accessModeProblems(claim: Spec): string[] {
+  const modes = claim.accessModes as string[];
+  const problems = modes.filter((m) => !['ReadWriteOnce', 'ReadWriteOncePod', 'ReadOnlyMany', 'ReadWriteMany'].includes(m)).map((m) => `unknown mode ${m}`);
+  if (modes.includes('ReadWriteMany') && claim.volumeMode !== 'Block')
+    problems.push(`ReadWriteMany with volumeMode ${String(claim.volumeMode ?? 'Filesystem')}`);
+  return problems;
+}
+
+type VirtualMachineSpec = {
+  dataVolumeTemplates: { metadata: { name: string }; spec: { sourceRef: { name: string }; storage?: Spec; pvc?: Spec } }[];
+  template: {
+    spec: { evictionStrategy?: string; domain: { devices: { disks: { name: string }[] } }; volumes: { name: string; dataVolume?: { name: string } }[] };
+  };
+};
+
+/**
+ * Why a VM that asks to move on eviction could not: KubeVirt live-migrates only VMs
+ * whose disks are ReadWriteMany, and Arbor serves ReadWriteMany as Block only.
+ */
+function liveMigrationProblems(vm: K8sObject): string[] {
+  const vmSpec = spec(vm) as VirtualMachineSpec;
+  if (!['LiveMigrate', 'LiveMigrateIfPossible'].includes(vmSpec.template.spec.evictionStrategy ?? '')) return [];
+  return vmSpec.dataVolumeTemplates.flatMap((t) => {
+    const claim = t.spec.storage ?? t.spec.pvc ?? {};
+    const modes = (claim.accessModes as string[] | undefined) ?? [];
+    return modes.includes('ReadWriteMany') && claim.volumeMode === 'Block'
+      ? []
+      : [`${vm.metadata.name} asks for ${vmSpec.template.spec.evictionStrategy}, but disk ${t.metadata.name} is not ReadWriteMany Block`];
+  });
+}
+
 describe('the docs and their examples', function () {
   this.timeout(120_000);
 
@@ -118,11 +160,12 @@ describe('the docs and their examples', function () {
         assert.ok(groupClasses.has(name), `volumeGroupSnapshotClassName ${name}`);
     });
 
-    it('ask only for access modes Arbor serves, and use Block volumes as devices', () => {
+    // ReadWriteMany was refused everywhere before Block volumes could live-migrate.
+    it('ask only for access modes Arbor serves (ReadWriteMany for Block only), and use Block volumes as devices', () => {
       const objects = exampleObjects();
-      for (const [, modes] of JSON.stringify(objects).matchAll(/"accessModes":\[([^\]]*)\]/g)) {
-        for (const mode of JSON.parse(`[${modes}]`) as string[]) assert.ok(['ReadWriteOnce', 'ReadWriteOncePod', 'ReadOnlyMany'].includes(mode), mode);
-      }
+      const claims = claimSpecs(objects);
+      assert.ok(claims.length > 0);
+      for (const claim of claims) assert.deepEqual(accessModeProblems(claim), [], JSON.stringify(claim));
       const blockClaims = new Set(objects.filter((o) => o.kind === 'PersistentVolumeClaim' && spec(o).volumeMode === 'Block').map((o) => o.metadata.name));
       for (const pod of objects.filter((o) => o.kind === 'Pod')) {
         const podSpec = spec(pod) as {
@@ -183,7 +226,8 @@ describe('the docs and their examples', function () {
               templates.some((t) => t.metadata.name === v.dataVolume!.name),
               `volume ${v.name} uses DataVolume ${v.dataVolume.name}`,
             );
-        assert.notEqual((vmSpec.template.spec as Spec).evictionStrategy, 'LiveMigrate', 'Arbor disks cannot live-migrate');
+        // Before live migration, no VM could ask for LiveMigrate at all.
+        assert.deepEqual(liveMigrationProblems(vm), []);
       }
       const vmNames = new Set(vms.map((v) => v.metadata.name));
       const snapshots = objects.filter((o) => o.kind === 'VirtualMachineSnapshot');
@@ -253,11 +297,64 @@ describe('the docs and their examples', function () {
       }
     });
 
-    it('kubevirt.md says plainly that there is no ReadWriteMany and so no live migration', () => {
+    it('install.md covers the TLS between nodes, the embedded trade-off and the NBD port', () => {
+      const text = read('docs/install.md');
+      for (const needle of [
+        /## 4c\. TLS between nodes/,
+        /tls\.secretName/,
+        /tls\.generated\.validityDays/,
+        /cert-manager/,
+        /server auth/,
+        /client auth/,
+        /no restart/i,
+        /expires/,
+        /trade-off/i,
+        /distributed mode/,
+        /node\.nbdPort/,
+        /firewall/,
+        /ReadWriteMany/,
+        /INVALID_ARGUMENT/,
+      ]) {
+        assert.match(text, needle);
+      }
+      const certificates = fencedBlocks('docs/install.md', 'yaml')
+        .flatMap((block) => parseDocuments(block) as K8sObject[])
+        .filter((o) => o.kind === 'Certificate' && !spec(o).isCA);
+      assert.ok(certificates.length > 0, 'no cert-manager Certificate for the nodes');
+      for (const c of certificates) {
+        const usages = spec(c).usages as string[];
+        assert.ok(usages.includes('server auth') && usages.includes('client auth'), `Certificate ${c.metadata.name} is not for both server and client auth`);
+      }
+    });
+
+    // kubevirt.md used to say that VMs on Arbor disks cannot live-migrate (no ReadWriteMany).
+    it('kubevirt.md explains live migration: the disks it needs, the eviction strategy, what happens to the disk, and why KubeVirt may refuse', () => {
       const text = read('docs/kubevirt.md');
-      assert.match(text, /no `ReadWriteMany`, so VMs on Arbor disks cannot live-migrate/);
+      const prose = text.replace(/^```[\s\S]*?^```/gm, '');
+      assert.doesNotMatch(prose, /cannot live-migrate|no `ReadWriteMany`/);
+      for (const needle of [
+        /^## \d+\. Live migration/m,
+        /`ReadWriteMany` \+\s+`Block` first/,
+        /evictionStrategy: LiveMigrate/,
+        /"evictionStrategy":"LiveMigrate"/,
+        /relays/,
+        /flushes/,
+        /LiveMigratable/,
+        /DisksNotLiveMigratable/,
+        /INVALID_ARGUMENT/,
+        /Filesystem/,
+      ]) {
+        assert.match(text, needle);
+      }
       for (const kind of ['DataVolume', 'DataImportCron', 'dataVolumeTemplates', 'VirtualMachineSnapshot', 'VirtualMachineRestore'])
         assert.ok(text.includes(kind), kind);
+      const vms = fencedBlocks('docs/kubevirt.md', 'yaml')
+        .flatMap((block) => parseDocuments(block) as K8sObject[])
+        .filter((o) => o.kind === 'VirtualMachine');
+      const mobile = vms.filter((vm) => (spec(vm) as VirtualMachineSpec).template.spec.evictionStrategy === 'LiveMigrate');
+      assert.ok(mobile.length > 0, 'no VM that moves when its node is drained');
+      for (const vm of vms) assert.deepEqual(liveMigrationProblems(vm), []);
+      for (const claim of claimSpecs(vms)) assert.deepEqual(accessModeProblems(claim), []);
     });
   });
 });

@@ -7,7 +7,7 @@
  * the original that did not survive is reported (a field the model does not know);
  * then every value is checked against the model's declared type (a string where an
  * integer belongs, a map where a list belongs). Custom resources (snapshots, CDI,
- * KubeVirt, the Prometheus Operator) have no model there: each has a shape below,
+ * KubeVirt, the Prometheus Operator, cert-manager) have no model there: each has a shape below,
  * written from its API reference, holding the fields we use and the ones it requires;
  * built-in types embedded in them (label selectors, PVC specs, object metadata) are
  * checked through the models again.
@@ -255,6 +255,35 @@ const vmTarget = obj({ apiGroup: { enum: ['kubevirt.io'] }, kind: { enum: ['Virt
 const deletionPolicy: Shape = { enum: ['Delete', 'Retain'] };
 const snapshotClassFields = { driver: 'string', deletionPolicy, parameters: stringMap } as const;
 
+/** cert-manager's Issuer and ClusterIssuer: the two kinds of issuer the docs use (a self-signed one, a CA). */
+const issuerSpec = obj({ selfSigned: obj({}), ca: obj({ secretName: 'string' }, ['secretName']) }, [], ['selfSigned', 'ca']);
+/** cert-manager's KeyUsage values (cert-manager.io/v1). */
+const certificateUsages = [
+  'signing',
+  'digital signature',
+  'content commitment',
+  'key encipherment',
+  'key agreement',
+  'data encipherment',
+  'cert sign',
+  'crl sign',
+  'encipher only',
+  'decipher only',
+  'any',
+  'server auth',
+  'client auth',
+  'code signing',
+  'email protection',
+  's/mime',
+  'ipsec end system',
+  'ipsec tunnel',
+  'ipsec user',
+  'timestamping',
+  'ocsp signing',
+  'microsoft sgc',
+  'netscape sgc',
+] as const;
+
 /** apiVersion/kind → the shape of everything but apiVersion, kind and metadata. */
 export const customKinds: Record<string, Record<string, Shape>> = {
   'snapshot.storage.k8s.io/v1/VolumeSnapshotClass': { ...snapshotClassFields },
@@ -332,6 +361,34 @@ export const customKinds: Record<string, Record<string, Shape>> = {
   'snapshot.kubevirt.io/v1beta1/VirtualMachineRestore': {
     spec: obj({ target: vmTarget, virtualMachineSnapshotName: 'string' }, ['target', 'virtualMachineSnapshotName']),
   },
+  'kubevirt.io/v1/VirtualMachineInstanceMigration': {
+    spec: obj({ vmiName: 'string' }, ['vmiName']),
+  },
+  'cert-manager.io/v1/Issuer': { spec: issuerSpec },
+  'cert-manager.io/v1/ClusterIssuer': { spec: issuerSpec },
+  'cert-manager.io/v1/Certificate': {
+    spec: obj(
+      {
+        secretName: 'string',
+        issuerRef: obj({ name: 'string', kind: { enum: ['Issuer', 'ClusterIssuer'] }, group: 'string' }, ['name']),
+        commonName: 'string',
+        dnsNames: list('string'),
+        ipAddresses: list('string'),
+        isCA: 'boolean',
+        duration: 'string',
+        renewBefore: 'string',
+        usages: list({ enum: certificateUsages }),
+        privateKey: obj({
+          algorithm: { enum: ['RSA', 'ECDSA', 'Ed25519'] },
+          size: 'integer',
+          encoding: { enum: ['PKCS1', 'PKCS8'] },
+          rotationPolicy: { enum: ['Never', 'Always'] },
+        }),
+        secretTemplate: obj({ labels: stringMap, annotations: stringMap }),
+      },
+      ['secretName', 'issuerRef'],
+    ),
+  },
   'monitoring.coreos.com/v1/ServiceMonitor': {
     spec: obj(
       {
@@ -393,7 +450,7 @@ function shapeProblems(value: unknown, shape: Shape, at: string, problems: strin
   }
 }
 
-/** Whether a cluster with Kubernetes, the snapshot CRDs, CDI, KubeVirt and the Prometheus Operator knows this kind. */
+/** Whether a cluster with Kubernetes, the snapshot CRDs, CDI, KubeVirt, the Prometheus Operator and cert-manager knows this kind. */
 export function knownKind(object: { apiVersion?: unknown; kind?: unknown }): boolean {
   const key = `${object.apiVersion}/${object.kind}`;
   return key in builtinKinds || key in customKinds;

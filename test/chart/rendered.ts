@@ -51,6 +51,7 @@ export interface VolumeMount {
   mountPath: string;
   readOnly?: boolean;
   mountPropagation?: string;
+  subPath?: string;
 }
 export interface EnvVar {
   name: string;
@@ -63,7 +64,7 @@ export interface Container {
   command?: string[];
   args?: string[];
   env?: EnvVar[];
-  ports?: { name: string; containerPort: number }[];
+  ports?: { name: string; containerPort: number; protocol?: string }[];
   volumeMounts?: VolumeMount[];
   livenessProbe?: { httpGet?: { path: string; port: string | number } };
   securityContext?: {
@@ -108,7 +109,12 @@ export interface Workload extends K8sObject {
 }
 
 export const controller = (objects: K8sObject[]) => one(objects, 'Deployment') as Workload;
-export const nodePlugin = (objects: K8sObject[]) => one(objects, 'DaemonSet') as Workload;
+/** The node plugin that holds the store (embedded: on the data node) or, distributed, the one on every node. */
+export const nodePlugin = (objects: K8sObject[]) => one(objects, 'DaemonSet', 'arbor-node') as Workload;
+/** Embedded mode: the node plugin on every node but the data node, relaying every volume to it. */
+export const relayPlugin = (objects: K8sObject[]) => one(objects, 'DaemonSet', 'arbor-node-relay') as Workload;
+/** Every node plugin DaemonSet. */
+export const nodePlugins = (objects: K8sObject[]) => all(objects, 'DaemonSet') as Workload[];
 
 export function container(pod: PodSpec, name: string): Container {
   const found = pod.containers.find((c) => c.name === name);

@@ -81,20 +81,27 @@ The directory is an emptyDir in the controller and the kubelet's plugin director
 
 {{- define "arbor.embedded" -}}{{ if eq .Values.store.mode "embedded" }}true{{ end }}{{- end }}
 
-{{/* The StorageClass binding mode: volumes of the embedded store live on one node. */}}
+{{/*
+The StorageClass binding mode. Volumes are pinned to no node (every node's plugin
+attaches every volume), so they bind at once: Immediate. But a StorageClass's
+volumeBindingMode cannot change once created, so an upgrade keeps what the class in
+the cluster already has (WaitForFirstConsumer, from charts before 0.2.0) rather than
+fail; `lookup` finds nothing under `helm template`, which then renders Immediate.
+Call with (dict "ctx" $ "class" .Values.storageClasses.block).
+*/}}
 {{- define "arbor.bindingMode" -}}
 {{- if .class.volumeBindingMode -}}
 {{ .class.volumeBindingMode }}
-{{- else if eq .ctx.Values.store.mode "embedded" -}}
-WaitForFirstConsumer
 {{- else -}}
-Immediate
+{{ dig "volumeBindingMode" "Immediate" (lookup "storage.k8s.io/v1" "StorageClass" "" .class.name) }}
 {{- end -}}
 {{- end }}
 
 {{/*
 Pins a pod to the node that holds the embedded store, by the node's name (the
-kubernetes.io/hostname label is not always the node's name).
+kubernetes.io/hostname label is not always the node's name); with operator NotIn,
+keeps it off that node (the relaying node plugins).
+Call with (dict "ctx" $ "operator" "In").
 */}}
 {{- define "arbor.embeddedAffinity" -}}
 nodeAffinity:
@@ -102,10 +109,50 @@ nodeAffinity:
     nodeSelectorTerms:
       - matchFields:
           - key: metadata.name
-            operator: In
+            operator: {{ .operator }}
             values:
-              - {{ .Values.store.embedded.nodeName | quote }}
+              - {{ .ctx.Values.store.embedded.nodeName | quote }}
 {{- end }}
+
+{{/*
+NBD between nodes. Every node plugin has one certificate and key (server and client
+auth; peers are authenticated by the chain to the cluster CA, not by name) and the
+CA, from one Secret: tls.secretName, or the one the chart generates. The Secret is
+mounted as a directory, never with subPath, so the kubelet's updates reach the files
+and Arbor picks a renewed certificate up with no restart.
+*/}}
+{{- define "arbor.nbdTlsSecretName" -}}
+{{- .Values.tls.secretName | default (printf "%s-nbd-tls" (include "arbor.fullname" .)) -}}
+{{- end }}
+{{- define "arbor.nbdTlsDir" -}}/etc/arbor/nbd-tls{{- end }}
+
+{{- define "arbor.nbdTlsArgs" -}}
+- --tls-cert={{ include "arbor.nbdTlsDir" . }}/tls.crt
+- --tls-key={{ include "arbor.nbdTlsDir" . }}/tls.key
+- --tls-ca={{ include "arbor.nbdTlsDir" . }}/ca.crt
+{{- end }}
+
+{{- define "arbor.nbdTlsVolumeMount" -}}
+- name: nbd-tls
+  mountPath: {{ include "arbor.nbdTlsDir" . }}
+  readOnly: true
+{{- end }}
+
+{{- define "arbor.nbdTlsVolume" -}}
+- name: nbd-tls
+  secret:
+    secretName: {{ include "arbor.nbdTlsSecretName" . }}
+    defaultMode: 256  # 0400
+    items:
+      - { key: tls.crt, path: tls.crt }
+      - { key: tls.key, path: tls.key }
+      - { key: ca.crt, path: ca.crt }
+{{- end }}
+
+{{/* Embedded mode: the Service through which every other node reaches the data node. */}}
+{{- define "arbor.dataServiceName" -}}{{ include "arbor.fullname" . }}-data{{- end }}
+{{- define "arbor.dataServiceHost" -}}{{ include "arbor.dataServiceName" . }}.{{ .Release.Namespace }}.svc{{- end }}
+{{- define "arbor.relayName" -}}{{ include "arbor.fullname" . }}-node-relay{{- end }}
 
 {{/* --store and --blobs (and the etcd TLS files) for every Arbor process in distributed mode. */}}
 {{- define "arbor.distributedArgs" -}}
