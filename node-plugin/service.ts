@@ -25,8 +25,24 @@ export interface NodeOptions {
   maxVolumesPerNode: number;
   /** Chosen on first use, so a host that cannot attach fails staging with a clear reason, not startup. */
   attacher: () => Attacher;
-  store: StoreApi;
+  volumes: NodeVolumes;
   log: Log;
+}
+
+/** What the Node service asks about volumes: of the store where this node holds it, of the serving node where it relays. */
+export interface NodeVolumes {
+  /** A volume's export name, when the publish context names none; undefined when this node cannot tell. */
+  exportNameOf(volumeId: string): Promise<string | undefined>;
+  /** A volume's size now, as its server sees it (it may have grown since it was attached); undefined when it does not exist. */
+  sizeOf(volumeId: string, exportName: string): Promise<number | undefined>;
+}
+
+/** The store answers for itself. */
+export function storeVolumes(store: Pick<StoreApi, 'findVolume'>): NodeVolumes {
+  return {
+    exportNameOf: async (id) => (await store.findVolume({ id }))?.name,
+    sizeOf: async (id) => (await store.findVolume({ id }))?.sizeBytes,
+  };
 }
 
 const capabilities = ['STAGE_UNSTAGE_VOLUME', 'GET_VOLUME_STATS', 'EXPAND_VOLUME', 'VOLUME_CONDITION', 'SINGLE_NODE_MULTI_WRITER'] as const;
@@ -92,9 +108,9 @@ export function nodeService(options: NodeOptions): NodeService {
   const exportNameFor = async (request: NodeStageVolumeRequest__Output): Promise<string> => {
     const name = request.publish_context.export || request.volume_context.name;
     if (name) return name;
-    const volume = await options.store.findVolume({ id: request.volume_id });
-    if (!volume) throw notFound(`volume ${request.volume_id} does not exist`);
-    return volume.name;
+    const found = await options.volumes.exportNameOf(request.volume_id);
+    if (!found) throw notFound(`volume ${request.volume_id} does not exist, or this node cannot tell: its publish context names no export`);
+    return found;
   };
 
   /** A kernel device whose connections died gets fresh ones in place; undefined where that cannot be (userspace, or the device is gone). */
@@ -283,16 +299,14 @@ export function nodeService(options: NodeOptions): NodeService {
               `volume ${volumeId}: the ${state.attachment.kind} device ${state.attachment.device} is ${deviceBytes} bytes and cannot grow while in use; it grows to ${wanted} bytes the next time the volume is staged (the kernel NBD path grows it at once: load the nbd module)`,
             );
           }
-          const volume = await options.store.findVolume({ id: volumeId });
-          if (!volume) throw notFound(`volume ${volumeId} does not exist`);
-          if (volume.sizeBytes < wanted)
-            throw failedPrecondition(
-              `volume ${volumeId} is ${volume.sizeBytes} bytes, less than the ${wanted} asked for: expand it through the controller first`,
-            );
-          const resized = await resize.call(getAttacher(), state.attachment, volume.sizeBytes);
+          const sizeBytes = await options.volumes.sizeOf(volumeId, state.exportName);
+          if (sizeBytes === undefined) throw notFound(`volume ${volumeId} does not exist`);
+          if (sizeBytes < wanted)
+            throw failedPrecondition(`volume ${volumeId} is ${sizeBytes} bytes, less than the ${wanted} asked for: expand it through the controller first`);
+          const resized = await resize.call(getAttacher(), state.attachment, sizeBytes);
           staged.save({ ...state, attachment: resized });
-          options.log.info('volume device grown in place', { volume: volumeId, device: resized.device, sizeBytes: volume.sizeBytes });
-          deviceBytes = volume.sizeBytes;
+          options.log.info('volume device grown in place', { volume: volumeId, device: resized.device, sizeBytes });
+          deviceBytes = sizeBytes;
         }
         if (state.access === 'mount') await host.growFilesystem(state.attachment.device, state.stagingPath, (state.fsType ?? 'ext4') as 'ext4' | 'xfs');
         return { capacity_bytes: String(deviceBytes) };

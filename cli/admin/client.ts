@@ -1,5 +1,7 @@
 import net from 'node:net';
 import readline from 'node:readline';
+import tls from 'node:tls';
+import { TlsIdentity } from '../../node-plugin/nbd/tls-identity';
 import { ArborError, ErrorCode } from '../../store/errors';
 import { AdminMethod, StoreApi, adminMethods } from './methods';
 import { ServerInfo } from './server';
@@ -30,6 +32,18 @@ export class AdminClient {
       socket.destroy();
       return undefined;
     }
+    return new AdminClient(socket);
+  }
+
+  /** Connects to another node's admin API over TCP with mutual TLS (the calls it offers other nodes only). */
+  static async connectTls(host: string, port: number, identity: TlsIdentity): Promise<AdminClient> {
+    const socket = tls.connect({ host, port, ...identity.clientOptions() });
+    await new Promise<void>((resolve, reject) => {
+      socket.once('secureConnect', resolve);
+      socket.once('error', (err) =>
+        reject(new ArborError('unavailable', `cannot reach the admin API of ${host}:${port} over TLS (${err.message}); check that node and the certificates`)),
+      );
+    });
     return new AdminClient(socket);
   }
 

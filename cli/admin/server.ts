@@ -1,8 +1,10 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import readline from 'node:readline';
+import tls from 'node:tls';
 import { Log } from '../../lib/logger';
-import { isArborError } from '../../store/errors';
+import { peerRefusal, TlsIdentity } from '../../node-plugin/nbd/tls-identity';
+import { ArborError, isArborError } from '../../store/errors';
 import { Store } from '../../store/store';
 import { dispatch } from './methods';
 
@@ -24,6 +26,7 @@ const maxRequestBytes = 64 * 1024;
  */
 export class AdminServer {
   private readonly server: net.Server;
+  private readonly remote: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
 
   private constructor(
@@ -50,14 +53,42 @@ export class AdminServer {
     return admin;
   }
 
-  /** Stops listening and hangs up on clients still connected (they reconnect to the next server). */
-  close(): Promise<void> {
-    const closed = new Promise<void>((resolve) => this.server.close(() => resolve()));
-    for (const socket of this.sockets) socket.destroy();
-    return closed;
+  /**
+   * Also answers other nodes over TCP with mutual TLS (their certificates signed by
+   * the cluster CA), but only the calls in `methods`: what a node plugin without the
+   * data asks of the data node (to register itself, to look a volume up), never a
+   * change to a volume. Returns the port.
+   */
+  async listenTls(host: string, port: number, identity: TlsIdentity, methods: readonly string[]): Promise<number> {
+    if (!identity.mutual) throw new Error('the admin API over TCP needs mutual TLS (a CA)');
+    const allowed = new Set(methods);
+    const server = net.createServer((raw) => {
+      raw.on('error', () => {});
+      const secure = new tls.TLSSocket(raw, { isServer: true, secureContext: identity.serverContext(), requestCert: true, rejectUnauthorized: true });
+      secure.on('error', (err) => this.log.debug('admin TLS connection failed', { remote: raw.remoteAddress, error: err.message }));
+      secure.once('secure', () => {
+        const refusal = peerRefusal(secure);
+        if (refusal === undefined) return this.serve(secure, allowed);
+        this.log.warn('admin API: a node was refused', { remote: raw.remoteAddress, reason: refusal });
+        secure.destroy();
+      });
+    });
+    this.remote.push(server);
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host, port }, () => resolve());
+    });
+    return (server.address() as net.AddressInfo).port;
   }
 
-  private serve(socket: net.Socket): void {
+  /** Stops listening and hangs up on clients still connected (they reconnect to the next server). */
+  close(): Promise<void> {
+    const closed = Promise.all([this.server, ...this.remote].map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
+    for (const socket of this.sockets) socket.destroy();
+    return closed.then(() => undefined);
+  }
+
+  private serve(socket: net.Socket, allowed?: Set<string>): void {
     this.sockets.add(socket);
     socket.once('close', () => this.sockets.delete(socket));
     socket.on('error', () => {});
@@ -69,16 +100,19 @@ export class AdminServer {
     });
     lines.on('line', (line) => {
       received = 0;
-      void this.answer(socket, line);
+      void this.answer(socket, line, allowed);
     });
   }
 
-  private async answer(socket: net.Socket, line: string): Promise<void> {
+  private async answer(socket: net.Socket, line: string, allowed: Set<string> | undefined): Promise<void> {
     let id: unknown = null;
     try {
       if (line.length > maxRequestBytes) throw Object.assign(new Error('request too large'), { code: 'invalid-argument' });
       const request = JSON.parse(line) as { id?: unknown; method?: unknown; args?: unknown };
       id = request.id ?? null;
+      if (allowed && !allowed.has(String(request.method))) {
+        throw new ArborError('failed-precondition', `${String(request.method)} is not offered to other nodes; run it on the data node`);
+      }
       const result = request.method === 'serverInfo' ? this.info : await dispatch(this.store, request.method, request.args ?? []);
       socket.write(JSON.stringify({ id, result: result ?? null }) + '\n');
     } catch (err) {

@@ -10,9 +10,12 @@ import { controllerService } from '../../controller/service';
 import { chooseAttacher, realHostProbe } from '../../node-plugin/attach';
 import { defaultDeadConnectionTimeoutSeconds } from '../../node-plugin/attach/kernel';
 import { hostCommands } from '../../node-plugin/host/commands';
-import { NbdServer, TlsFiles } from '../../node-plugin/nbd/server';
-import { NodeService, nodeService } from '../../node-plugin/service';
+import { NbdServer } from '../../node-plugin/nbd/server';
+import { TlsFiles, TlsIdentity } from '../../node-plugin/nbd/tls-identity';
+import { NodeService, nodeService, storeVolumes } from '../../node-plugin/service';
 import { StoreExports } from '../../node-plugin/store-exports';
+import { defaultRelayConnections } from '../../node-plugin/relay/relay-export';
+import { RelayExports } from '../../node-plugin/relay/relay-exports';
 import { observeOnScrape, serveMetrics } from '../../lib/metrics';
 import { parseDuration, UnitError } from '../../lib/units';
 import { StoreApi } from '../../store/api';
@@ -30,10 +33,46 @@ const defaultMaxVolumes = 256;
 const storeOwnerOptions: Record<string, OptionSpec> = {
   'gc-interval': { type: 'string', value: 'DURATION', description: `how often the collector runs, e.g. 30s or 1h (default ${defaultGcInterval})` },
   'nbd-socket': { type: 'string', value: 'PATH', description: 'serve every volume (NAME) and snapshot (NAME@SNAP) over NBD on this unix socket (mode 0600)' },
-  'nbd-listen': { type: 'string', value: 'HOST:PORT', description: 'also serve NBD over TCP; anything but loopback requires --tls-cert and --tls-key' },
-  'tls-cert': { type: 'string', value: 'FILE', description: 'PEM certificate for NBD over TCP (clients must use STARTTLS)' },
-  'tls-key': { type: 'string', value: 'FILE', description: 'PEM private key for --tls-cert' },
+  'nbd-listen': {
+    type: 'string',
+    value: 'HOST:PORT',
+    description: 'also serve NBD over TCP; anything but loopback requires --tls-cert, --tls-key and --tls-ca',
+  },
+  'admin-listen': {
+    type: 'string',
+    value: 'HOST:PORT',
+    description: 'answer node plugins without the data (`arbor node --relay-to`) over TCP with mutual TLS: registering, looking volumes up',
+  },
+  ...tlsFileOptions(),
 };
+
+/** What a node plugin without the data may ask of the data node's admin API. */
+const relayNodeAdminMethods = ['registerNode', 'findVolume', 'healthy'] as const;
+
+const relayOptions: Record<string, OptionSpec> = {
+  'relay-to': {
+    type: 'string',
+    value: 'HOST:PORT',
+    description: "hold no data: serve every volume by relaying NBD to the data node's --nbd-listen at HOST:PORT (mutual TLS; needs --relay-admin and --tls-*)",
+  },
+  'relay-admin': { type: 'string', value: 'HOST:PORT', description: "the data node's --admin-listen, where this node registers and looks volumes up" },
+};
+
+function tlsFileOptions(): Record<string, OptionSpec> {
+  return {
+    'tls-cert': {
+      type: 'string',
+      value: 'FILE',
+      description: "this node's PEM certificate for NBD over TCP (clients must use STARTTLS), also its client certificate to other nodes",
+    },
+    'tls-key': { type: 'string', value: 'FILE', description: 'PEM private key for --tls-cert' },
+    'tls-ca': {
+      type: 'string',
+      value: 'FILE',
+      description: 'the cluster CA (PEM): NBD over TCP then requires client certificates it signed (mutual TLS); files are read again when they change',
+    },
+  };
+}
 
 const defaultDeadConnectionTimeout = `${defaultDeadConnectionTimeoutSeconds}s`;
 
@@ -91,24 +130,22 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     throw err;
   }
   const tcp = values['nbd-listen'] === undefined ? undefined : parseListen(String(values['nbd-listen']));
-  const tlsFiles = tlsOptions(values['tls-cert'], values['tls-key']);
-  if (tcp && !isLoopback(tcp.host) && !tlsFiles) {
-    throw new UsageError(`--nbd-listen ${tcp.host}:${tcp.port} is not loopback: NBD over the network needs TLS; give --tls-cert and --tls-key`);
+  const tlsFiles = tlsOptions(values);
+  if (tcp && !isLoopback(tcp.host) && !tlsFiles?.caFile) {
+    throw new UsageError(
+      `--nbd-listen ${tcp.host}:${tcp.port} is not loopback: NBD over the network needs mutual TLS; give --tls-cert, --tls-key and --tls-ca (the cluster CA)`,
+    );
   }
+  const adminListen = values['admin-listen'] === undefined ? undefined : parseListen(String(values['admin-listen']), '--admin-listen', '0.0.0.0:10810');
+  if (adminListen && !tlsFiles?.caFile)
+    throw new UsageError('--admin-listen answers other nodes only over mutual TLS: give --tls-cert, --tls-key and --tls-ca');
+  if (adminListen && isDistributed(ctx.location))
+    throw new UsageError('--admin-listen is for an embedded data node; with etcd and S3 every node joins the store itself');
+  const tlsIdentity = tlsFiles && new TlsIdentity(tlsFiles, ctx.log);
   const nbdSocket = values['nbd-socket'] === undefined ? undefined : path.resolve(String(values['nbd-socket']));
   const endpoint = values['csi-endpoint'] === undefined ? undefined : String(values['csi-endpoint']);
   if (endpoint && roles.node && !nbdSocket) throw new UsageError('the CSI node service attaches volumes over NBD: give --nbd-socket too');
-  let deadConnectionTimeoutSeconds: number;
-  try {
-    deadConnectionTimeoutSeconds = Math.ceil(
-      parseDuration(String(values['dead-connection-timeout'] ?? defaultDeadConnectionTimeout), '--dead-connection-timeout') / 1000,
-    );
-  } catch (err) {
-    if (err instanceof UnitError) throw new UsageError(err.message);
-    throw err;
-  }
-  const maxVolumes = Number(values['max-volumes'] ?? defaultMaxVolumes);
-  if (!Number.isInteger(maxVolumes) || maxVolumes < 1) throw new UsageError(`--max-volumes ${values['max-volumes']} is not a positive whole number`);
+  const { deadConnectionTimeoutSeconds, maxVolumes } = nodeSettings(values);
 
   const distributed = isDistributed(ctx.location);
   const store = await openStore(ctx.location, { log: ctx.log, nodeId });
@@ -121,11 +158,15 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     const nbd = new NbdServer(new StoreExports(store), ctx.log);
     stops.push(() => nbd.close());
     if (nbdSocket) await nbd.listenUnix(nbdSocket);
-    if (tcp) await nbd.listenTcp(tcp.host, tcp.port, tlsFiles);
+    if (tcp) await nbd.listenTcp(tcp.host, tcp.port, tlsIdentity);
     if (!distributed) {
       // The CLI reaches an embedded store through the process that holds it; with etcd and S3 it joins the store itself.
       const admin = await AdminServer.listen(adminSocketPath(ctx.dataDir), store, { pid: process.pid, nbdSocket }, ctx.log);
       stops.push(() => admin.close());
+      if (adminListen) {
+        const port = await admin.listenTls(adminListen.host, adminListen.port, tlsIdentity!, relayNodeAdminMethods);
+        ctx.log.info('admin API listening for other nodes', { host: adminListen.host, port, methods: relayNodeAdminMethods });
+      }
     }
     const topology = { [nodeTopologyKey]: nodeId };
     if (endpoint) {
@@ -138,7 +179,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
             topology,
             maxVolumesPerNode: maxVolumes,
             attacher: () => chooseAttacher(realHostProbe, hostCommands, { localServer, deadConnectionTimeoutSeconds, log: ctx.log }),
-            store,
+            volumes: storeVolumes(store),
             log: ctx.log,
           })
         : undefined;
@@ -179,6 +220,152 @@ function csiServices(store: StoreApi, roles: Roles, topology: Record<string, str
     GroupController: roles.controller ? groupControllerService(store) : undefined,
     Node: node?.handlers,
   };
+}
+
+/** The node plugin's settings, checked before anything starts. */
+function nodeSettings(values: Record<string, string | boolean | undefined>): { deadConnectionTimeoutSeconds: number; maxVolumes: number } {
+  let deadConnectionTimeoutSeconds: number;
+  try {
+    deadConnectionTimeoutSeconds = Math.ceil(
+      parseDuration(String(values['dead-connection-timeout'] ?? defaultDeadConnectionTimeout), '--dead-connection-timeout') / 1000,
+    );
+  } catch (err) {
+    if (err instanceof UnitError) throw new UsageError(err.message);
+    throw err;
+  }
+  const maxVolumes = Number(values['max-volumes'] ?? defaultMaxVolumes);
+  if (!Number.isInteger(maxVolumes) || maxVolumes < 1) throw new UsageError(`--max-volumes ${values['max-volumes']} is not a positive whole number`);
+  return { deadConnectionTimeoutSeconds, maxVolumes };
+}
+
+/**
+ * A node plugin without the data (embedded mode, every node but the data node): it
+ * serves every volume to this host's kernel by relaying NBD to the data node over
+ * mutual TLS, and registers and looks volumes up through the data node's admin API.
+ */
+async function runRelayNode(ctx: CliContext, values: Record<string, string | boolean | undefined>, nodeId: string): Promise<void> {
+  const target = parseListen(String(values['relay-to']), '--relay-to', 'arbor-data.arbor.svc:10809');
+  if (values['relay-admin'] === undefined) throw new UsageError("--relay-to needs --relay-admin: the data node's --admin-listen address");
+  const admin = parseListen(String(values['relay-admin']), '--relay-admin', 'arbor-data.arbor.svc:10810');
+  const tlsFiles = tlsOptions(values);
+  if (!tlsFiles?.caFile) throw new UsageError('--relay-to reaches the data node over mutual TLS: give --tls-cert, --tls-key and --tls-ca');
+  for (const option of ['nbd-listen', 'admin-listen', 'store', 'blobs'])
+    if (values[option] !== undefined) throw new UsageError(`--relay-to holds no data and serves no other node: --${option} does not go with it`);
+  const { deadConnectionTimeoutSeconds, maxVolumes } = nodeSettings(values);
+  const nbdSocket = path.resolve(String(values['nbd-socket'] ?? ''));
+  if (values['nbd-socket'] === undefined) throw new UsageError('the CSI node service attaches volumes over NBD: give --nbd-socket too');
+  const identity = new TlsIdentity(tlsFiles, ctx.log);
+  const dataNode = new DataNodeAdmin(admin.host, admin.port, identity);
+  const relays = new RelayExports(
+    { host: target.host, port: target.port, identity },
+    { connections: defaultRelayConnections, retryMs: deadConnectionTimeoutSeconds * 1000, log: ctx.log },
+  );
+  const stops: Array<() => Promise<void>> = [async () => dataNode.close()];
+  const stopAll = async () => {
+    for (const stop of stops.reverse()) await stop().catch((err) => ctx.log.error('stopping failed', { error: (err as Error).message }));
+  };
+  try {
+    const nbd = new NbdServer(relays, ctx.log);
+    stops.push(() => nbd.close());
+    await nbd.listenUnix(nbdSocket);
+    const topology = { [nodeTopologyKey]: nodeId };
+    const localServer = { socketPath: nbdSocket, connectLocal: (onread: net.OnReadOpts) => nbd.connectLocal(onread) };
+    const node = nodeService({
+      nodeId,
+      nbdSocket,
+      stateDir: nodeStateDir(ctx, values),
+      topology,
+      maxVolumesPerNode: maxVolumes,
+      attacher: () => chooseAttacher(realHostProbe, hostCommands, { localServer, deadConnectionTimeoutSeconds, log: ctx.log }),
+      volumes: {
+        exportNameOf: async (id) => (await dataNode.call((api) => api.findVolume({ id })))?.name,
+        sizeOf: (_id, exportName) => relays.sizeOf(exportName),
+      },
+      log: ctx.log,
+    });
+    stops.push(() => node.handOver());
+    // The controller publishes only to nodes it knows: until the data node answers, this node is not ready.
+    let registered = false;
+    const register = async () => {
+      await dataNode.call((api) => api.registerNode(nodeId, { topology }));
+      registered = true;
+      ctx.log.info('registered with the data node', { nodeId, admin: `${admin.host}:${admin.port}` });
+    };
+    const registering = retryInBackground(register, ctx, 'registering with the data node');
+    stops.push(async () => registering.stop());
+    const csi = await startCsiServer(
+      String(values['csi-endpoint']),
+      { Identity: identityService({ controller: false, ready: async () => registered && node.ready() }), Node: node.handlers },
+      ctx.log,
+    );
+    stops.push(() => csi.stop());
+    await node.start();
+    const stopMetrics = await startMetrics(ctx, values['metrics-listen']);
+    if (stopMetrics) stops.push(stopMetrics);
+    ctx.log.info('arbor relay node serving', {
+      pid: process.pid,
+      nodeId,
+      nbdSocket,
+      relayTo: `${target.host}:${target.port}`,
+      csiEndpoint: values['csi-endpoint'],
+    });
+    const signal = await untilSignal();
+    ctx.log.info('stopping', { signal, nbdConnections: nbd.connectionCount });
+  } catch (err) {
+    await stopAll();
+    throw err;
+  }
+  await stopAll();
+  ctx.log.info('stopped');
+}
+
+/** Tries `attempt` every second until it succeeds or the process stops, logging each failure. */
+function retryInBackground(attempt: () => Promise<void>, ctx: CliContext, what: string): { stop(): void } {
+  let stopped = false;
+  let timer: NodeJS.Timeout | undefined;
+  const run = async () => {
+    try {
+      await attempt();
+    } catch (err) {
+      ctx.log.warn(`${what} failed; trying again in 1 s`, { error: (err as Error).message });
+      if (!stopped) timer = setTimeout(() => void run(), 1_000);
+    }
+  };
+  void run();
+  return {
+    stop: () => {
+      stopped = true;
+      clearTimeout(timer);
+    },
+  };
+}
+
+/** The data node's admin API over mutual TLS, connected on first use and again after it restarted. */
+class DataNodeAdmin {
+  private client?: Promise<AdminClient>;
+
+  constructor(
+    private readonly host: string,
+    private readonly port: number,
+    private readonly identity: TlsIdentity,
+  ) {}
+
+  async call<T>(request: (api: StoreApi) => Promise<T>): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      this.client ??= AdminClient.connectTls(this.host, this.port, this.identity);
+      const current = this.client;
+      try {
+        return await request((await current).api);
+      } catch (err) {
+        if (!(err instanceof ArborError && err.code === 'unavailable') || attempt > 0) throw err;
+        if (this.client === current) this.client = undefined;
+      }
+    }
+  }
+
+  close(): void {
+    void this.client?.then((c) => c.close()).catch(() => {});
+  }
 }
 
 function nodeStateDir(ctx: CliContext, values: Record<string, string | boolean | undefined>): string {
@@ -250,10 +437,13 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       'node-id': { type: 'string', value: 'ID', required: true, description: "this node's id for CSI" },
       'csi-endpoint': csiEndpoint(true),
       ...nodeOptions,
+      ...relayOptions,
     },
-    summary: 'Run the CSI Identity and Node services, holding the embedded store and serving its volumes over NBD.',
+    summary:
+      'Run the CSI Identity and Node services, holding the embedded store and serving its volumes over NBD; with --relay-to, holding no data and relaying every volume to the data node.',
     async run(ctx, { values }) {
-      await runStoreOwner(ctx, values, { controller: false, node: true }, String(values['node-id']));
+      if (values['relay-to'] !== undefined) await runRelayNode(ctx, values, String(values['node-id']));
+      else await runStoreOwner(ctx, values, { controller: false, node: true }, String(values['node-id']));
     },
   },
   {
@@ -302,10 +492,11 @@ function parseListen(text: string, option = '--nbd-listen', example = '127.0.0.1
   return { host: match[1].replace(/^\[|\]$/g, ''), port };
 }
 
-function tlsOptions(cert: string | boolean | undefined, key: string | boolean | undefined): TlsFiles | undefined {
-  if (cert === undefined && key === undefined) return undefined;
-  if (cert === undefined || key === undefined) throw new UsageError('--tls-cert and --tls-key go together');
-  return { certFile: String(cert), keyFile: String(key) };
+function tlsOptions(values: Record<string, string | boolean | undefined>): TlsFiles | undefined {
+  const [cert, key, ca] = [values['tls-cert'], values['tls-key'], values['tls-ca']];
+  if (cert === undefined && key === undefined && ca === undefined) return undefined;
+  if (cert === undefined || key === undefined) throw new UsageError('--tls-cert and --tls-key go together (and --tls-ca needs both)');
+  return { certFile: path.resolve(String(cert)), keyFile: path.resolve(String(key)), caFile: ca === undefined ? undefined : path.resolve(String(ca)) };
 }
 
 function isLoopback(host: string): boolean {

@@ -94,22 +94,47 @@ export class NbdClient {
   ) {}
 
   static async connect(options: NbdClientOptions): Promise<NbdClient> {
+    const client = await NbdClient.open(options);
+    try {
+      await client.handshake(options);
+    } catch (err) {
+      client.socket.destroy();
+      throw err;
+    }
+    void client.readReplies();
+    return client;
+  }
+
+  /** The exports a server lists (NBD_OPT_LIST), then NBD_OPT_ABORT. `exportName` is not used. */
+  static async list(options: Omit<NbdClientOptions, 'exportName'>): Promise<Array<{ name: string; description: string }>> {
+    const client = await NbdClient.open(options);
+    try {
+      await client.greet(options);
+      const exports = (await client.option(OPT.LIST, Buffer.alloc(0)))
+        .filter((reply) => reply.type === REP.SERVER)
+        .map(({ data }) => ({ name: data.toString('utf8', 4, 4 + data.readUInt32BE(0)), description: data.toString('utf8', 4 + data.readUInt32BE(0)) }));
+      await client.option(OPT.ABORT, Buffer.alloc(0)).catch(() => []);
+      return exports;
+    } finally {
+      client.socket.destroy();
+    }
+  }
+
+  private static async open(options: Omit<NbdClientOptions, 'exportName'>): Promise<NbdClient> {
     const socket = options.socketPath ? net.connect(options.socketPath) : net.connect(options.port!, options.host ?? '127.0.0.1');
     await new Promise<void>((resolve, reject) => {
       socket.once('connect', resolve);
       socket.once('error', reject);
     });
-    const input = new ByteQueue();
-    const client = new NbdClient(socket, input);
+    socket.setNoDelay(true);
+    const client = new NbdClient(socket, new ByteQueue());
     client.listen(socket);
-    try {
-      await client.handshake(options);
-    } catch (err) {
-      socket.destroy();
-      throw err;
-    }
-    void client.readReplies();
     return client;
+  }
+
+  /** Whether the connection has failed or closed: every request from now on fails. */
+  get failed(): boolean {
+    return this.failure !== undefined;
   }
 
   /**
@@ -217,22 +242,7 @@ export class NbdClient {
   }
 
   private async handshake(options: NbdClientOptions): Promise<void> {
-    const greeting = await this.input.read(18);
-    if (greeting.readBigUInt64BE(0) !== NBDMAGIC || greeting.readBigUInt64BE(8) !== IHAVEOPT) throw new Error('not an NBD newstyle server');
-    this.socket.write(u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES));
-    if (options.tls) {
-      await this.option(OPT.STARTTLS, Buffer.alloc(0));
-      this.socket.removeAllListeners('data');
-      this.socket.removeAllListeners('close');
-      this.socket.removeAllListeners('error');
-      const secure = tls.connect({ ...options.tls, socket: this.socket });
-      await new Promise<void>((resolve, reject) => {
-        secure.once('secureConnect', resolve);
-        secure.once('error', reject);
-      });
-      this.socket = secure;
-      this.listen(secure);
-    }
+    await this.greet(options);
     if (options.extendedHeaders) {
       await this.option(OPT.EXTENDED_HEADERS, Buffer.alloc(0));
       this.extended = true;
@@ -256,6 +266,26 @@ export class NbdClient {
       } else if (info === INFO.BLOCK_SIZE) {
         this.blockSizes = { minimum: data.readUInt32BE(2), preferred: data.readUInt32BE(6), maximum: data.readUInt32BE(10) };
       }
+    }
+  }
+
+  /** The greeting, and the upgrade to TLS where asked for. */
+  private async greet(options: Omit<NbdClientOptions, 'exportName'>): Promise<void> {
+    const greeting = await this.input.read(18);
+    if (greeting.readBigUInt64BE(0) !== NBDMAGIC || greeting.readBigUInt64BE(8) !== IHAVEOPT) throw new Error('not an NBD newstyle server');
+    this.socket.write(u32(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES));
+    if (options.tls) {
+      await this.option(OPT.STARTTLS, Buffer.alloc(0));
+      this.socket.removeAllListeners('data');
+      this.socket.removeAllListeners('close');
+      this.socket.removeAllListeners('error');
+      const secure = tls.connect({ ...options.tls, socket: this.socket });
+      await new Promise<void>((resolve, reject) => {
+        secure.once('secureConnect', resolve);
+        secure.once('error', reject);
+      });
+      this.socket = secure;
+      this.listen(secure);
     }
   }
 

@@ -5,13 +5,14 @@ import { ByteQueue } from './byte-queue';
 import { ExportProvider } from './export';
 import { negotiate, ProtocolError } from './handshake';
 import { handshakeTimeoutMs, socketReadBytes } from './limits';
+import { peerRefusal, TlsIdentity } from './tls-identity';
 import { ReplySink, Transmission } from './transmission';
 
 export interface ConnectionOptions {
   exports: ExportProvider;
   log: Log;
   /** Present on TCP listeners with TLS; `required` is FORCEDTLS. */
-  tls?: { context: tls.SecureContext; required: boolean };
+  tls?: { identity: TlsIdentity; required: boolean };
   /** Made by this process for the kernel's NBD driver (NbdServer.connectLocal): stopped without refusals at shutdown. */
   local?: boolean;
 }
@@ -176,7 +177,14 @@ export class Connection implements ReplySink {
   private async startTls(): Promise<void> {
     const raw = this.socket;
     raw.removeAllListeners('data');
-    const secure = new tls.TLSSocket(raw, { isServer: true, secureContext: this.options.tls!.context });
+    const { identity } = this.options.tls!;
+    // Mutual TLS: the client's certificate must chain to the cluster CA, or the handshake fails.
+    const secure = new tls.TLSSocket(raw, {
+      isServer: true,
+      secureContext: identity.serverContext(),
+      requestCert: identity.mutual,
+      rejectUnauthorized: identity.mutual,
+    });
     this.socket = secure;
     this.watch(secure);
     secure.on('data', (data: Buffer) => this.onBytes(data, 0, data.length));
@@ -185,6 +193,11 @@ export class Connection implements ReplySink {
       secure.once('error', reject);
       secure.once('close', () => reject(new Error('closed during the TLS handshake')));
     });
+    const refusal = identity.mutual ? peerRefusal(secure) : undefined;
+    if (refusal) {
+      secure.destroy();
+      throw new Error(refusal);
+    }
   }
 
   private watch(socket: net.Socket): void {

@@ -2,25 +2,21 @@ import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
-import tls from 'node:tls';
 import { Log } from '../../lib/logger';
 import { nbdConnections } from '../../lib/metrics';
 import { ArborError } from '../../store/errors';
 import { Connection } from './connection';
 import { ExportProvider } from './export';
 import { maxConnections } from './limits';
-
-export interface TlsFiles {
-  certFile: string;
-  keyFile: string;
-}
+import { TlsIdentity } from './tls-identity';
 
 /** How long a client gets to send DISC after its last request finished at shutdown. */
 const shutdownGraceMs = 2000;
 
 /**
  * The NBD server: a unix socket for the local host (mode 0600) and optional TCP
- * listeners (with TLS unless on loopback, which the caller enforces).
+ * listeners (with TLS unless on loopback, which the caller enforces; mutual TLS when
+ * the identity has a CA).
  */
 export class NbdServer {
   private readonly listeners: net.Server[] = [];
@@ -46,12 +42,11 @@ export class NbdServer {
   }
 
   /** Listens on TCP; returns the port (useful with port 0). */
-  async listenTcp(host: string, port: number, tlsFiles?: TlsFiles): Promise<number> {
-    const context = tlsFiles ? tls.createSecureContext({ cert: fs.readFileSync(tlsFiles.certFile), key: fs.readFileSync(tlsFiles.keyFile) }) : undefined;
-    const server = this.server(context ? { tls: { context, required: true } } : {});
+  async listenTcp(host: string, port: number, identity?: TlsIdentity): Promise<number> {
+    const server = this.server(identity ? { tls: { identity, required: true } } : {});
     await listen(server, { host, port });
     const bound = (server.address() as net.AddressInfo).port;
-    this.log.info('NBD server listening', { host, port: bound, tls: !!context });
+    this.log.info('NBD server listening', { host, port: bound, tls: identity ? (identity.mutual ? 'mutual' : 'server') : 'none' });
     return bound;
   }
 
@@ -121,7 +116,7 @@ export class NbdServer {
 }
 
 interface ConnectionKind {
-  tls?: { context: tls.SecureContext; required: boolean };
+  tls?: { identity: TlsIdentity; required: boolean };
   local?: boolean;
 }
 

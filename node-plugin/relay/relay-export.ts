@@ -1,0 +1,247 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import { Log } from '../../lib/logger';
+import { ArborError, ErrorCode } from '../../store/errors';
+import { RangeStatus } from '../../store/tree';
+import { NbdClient, NbdError, NbdOptionError } from '../nbd/client';
+import { NbdExport } from '../nbd/export';
+import { CMD_FLAG, NBD_EINVAL, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN, REP, TFLAG } from '../nbd/protocol';
+import { TlsIdentity } from '../nbd/tls-identity';
+
+/** Another node's NBD server, reached over TCP with mutual TLS. */
+export interface RelayTarget {
+  host: string;
+  port: number;
+  identity: TlsIdentity;
+}
+
+export interface RelayOptions {
+  /** Connections to the serving node per export: its requests are spread over them. */
+  connections: number;
+  /**
+   * How long a request waits for the serving node to come back (a restart, a network
+   * break) before it fails; until then it is sent again on a fresh connection.
+   */
+  retryMs: number;
+  log: Log;
+}
+
+export const defaultRelayConnections = 2;
+/** Between attempts to reach a serving node that went away: from this, doubling up to the maximum. */
+const reconnectFirstDelayMs = 50;
+const reconnectMaxDelayMs = 2_000;
+
+/**
+ * An export served by another node, relayed: every request this node's NBD server
+ * receives for it is sent on to the serving node, and its reply sent back. The
+ * kernel's NBD client cannot speak TLS, so the kernel attaches to this node's unix
+ * socket and this relay carries the requests over TCP with mutual TLS.
+ *
+ * The serving node going away is a reconnect, not an error: a request whose
+ * connection broke, or that the serving node refused because it is stopping
+ * (ESHUTDOWN), is sent again on a fresh connection, for up to `retryMs`. Sending a
+ * request again is what the kernel itself does after a timeout: reads, writes, trims
+ * and zeroes of a range are idempotent, and overlapping requests in flight have no
+ * order in NBD anyway. What the serving node acknowledged and lost in a crash before
+ * a flush is lost, as NBD allows.
+ *
+ * One relay is shared by every local connection to the export (`open` counts them),
+ * and its connections to the serving node are shared by all of them. A FLUSH sent on
+ * one of them covers the writes completed on all (the serving node offers
+ * CAN_MULTI_CONN), so the relay offers the same.
+ */
+export class RelayExport implements NbdExport {
+  private readonly clients: Array<Promise<NbdClient> | undefined>;
+  private next = 0;
+  private users = 0;
+  private closed = false;
+  private size: number;
+  private readonly flags: number;
+  private readonly blockBytes: number;
+
+  private constructor(
+    readonly name: string,
+    private readonly target: RelayTarget,
+    private readonly options: RelayOptions,
+    first: NbdClient,
+    private readonly onIdle: () => void,
+  ) {
+    this.clients = new Array<Promise<NbdClient> | undefined>(Math.max(1, options.connections)).fill(undefined);
+    this.clients[0] = Promise.resolve(first);
+    this.size = first.sizeBytes;
+    this.flags = first.transmissionFlags;
+    this.blockBytes = first.blockSizes.preferred;
+  }
+
+  /** Connects to the export on the serving node; undefined when it has no such export. `onIdle`: the last user closed it. */
+  static async open(name: string, target: RelayTarget, options: RelayOptions, onIdle: () => void): Promise<RelayExport | undefined> {
+    let first: NbdClient;
+    try {
+      first = await connectTo(target, name);
+    } catch (err) {
+      if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) return undefined;
+      throw unreachable(name, target, err);
+    }
+    return new RelayExport(name, target, options, first, onIdle);
+  }
+
+  get description(): string {
+    return `volume ${this.name}, relayed to ${this.where}`;
+  }
+
+  get sizeBytes(): number {
+    return this.size;
+  }
+
+  get readOnly(): boolean {
+    return (this.flags & TFLAG.READ_ONLY) !== 0;
+  }
+
+  get preferredBlockBytes(): number {
+    return this.blockBytes;
+  }
+
+  /** One more local connection uses the relay. */
+  retain(): this {
+    this.users++;
+    return this;
+  }
+
+  async close(): Promise<void> {
+    if (--this.users > 0) return;
+    this.closed = true;
+    this.onIdle();
+    await Promise.all(this.clients.map(async (pending) => (await pending?.catch(() => undefined))?.disconnect()));
+  }
+
+  /** Asks the serving node for the export's size now (it grew while attached): a fresh handshake. */
+  async refreshSize(): Promise<number> {
+    const probe = await this.call('size', () => connectTo(this.target, this.name));
+    await probe.disconnect();
+    this.size = Math.max(this.size, probe.sizeBytes);
+    return this.size;
+  }
+
+  async readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
+    const data = await this.call('read', (c) => c.read(offset, length));
+    data.copy(target, targetOffset);
+  }
+
+  write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    return this.call('write', (c) => c.write(offset, data, fua ? CMD_FLAG.FUA : 0));
+  }
+
+  flush(): Promise<void> {
+    return this.call('flush', (c) => c.flush());
+  }
+
+  trim(offset: number, length: number): Promise<void> {
+    return this.call('trim', (c) => c.trim(offset, length));
+  }
+
+  zero(offset: number, length: number, options: { noHole: boolean; fua: boolean; fast: boolean }): Promise<void> {
+    if (options.fast && !(this.flags & TFLAG.SEND_FAST_ZERO)) {
+      return Promise.reject(new ArborError('unsupported', `volume ${this.name}: ${this.where} does not zero fast`));
+    }
+    const flags = (options.noHole ? CMD_FLAG.NO_HOLE : 0) | (options.fua ? CMD_FLAG.FUA : 0) | (options.fast ? CMD_FLAG.FAST_ZERO : 0);
+    return this.call('write-zeroes', (c) => c.zero(offset, length, flags));
+  }
+
+  async blockStatus(offset: number, length: number): Promise<RangeStatus[]> {
+    // The serving node may describe less than was asked (a bounded reply): ask for the rest.
+    const ranges: RangeStatus[] = [];
+    for (let at = offset; at < offset + length;) {
+      const part = await this.call('block-status', (c) => c.blockStatus(at, offset + length - at));
+      if (part.length === 0) throw new ArborError('internal', `volume ${this.name}: ${this.where} described none of ${at}+${offset + length - at}`);
+      for (const range of part) {
+        const end = Math.min(range.offset + range.length, offset + length);
+        if (end > at) ranges.push({ ...range, offset: at, length: end - at });
+        at = Math.max(at, end);
+      }
+    }
+    return ranges;
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.call('cache', (c) => c.cache(offset, length));
+  }
+
+  private get where(): string {
+    return `its serving node ${this.target.host}:${this.target.port}`;
+  }
+
+  /** Runs a request on one of the connections, sending it again on a fresh one while the serving node is away. */
+  private async call<T>(what: string, request: (client: NbdClient) => Promise<T>): Promise<T> {
+    const deadline = Date.now() + this.options.retryMs;
+    for (let delay = reconnectFirstDelayMs; ; delay = Math.min(delay * 2, reconnectMaxDelayMs)) {
+      if (this.closed) throw new ArborError('unavailable', `volume ${this.name}: the relay to ${this.where} is closed`);
+      const slot = this.next++ % this.clients.length;
+      let client: NbdClient | undefined;
+      try {
+        client = await this.connection(slot);
+        return await request(client);
+      } catch (err) {
+        if (err instanceof NbdError && err.errno !== NBD_ESHUTDOWN) throw errorFromServer(err, this.name, what);
+        if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) {
+          throw new ArborError('not-found', `volume ${this.name}: ${this.where} no longer serves it (deleted?)`);
+        }
+        // The connection broke, or the serving node is stopping: a fresh connection, and the request again.
+        if (client) this.forget(slot, client);
+        else this.clients[slot] = undefined;
+        if (Date.now() + delay > deadline) {
+          throw new ArborError(
+            'unavailable',
+            `volume ${this.name}: ${what} failed, ${this.where} has not answered for ${this.options.retryMs} ms: ${(err as Error).message}`,
+          );
+        }
+        this.options.log.warn('relay: the serving node is away; sending the request again', {
+          volume: this.name,
+          server: `${this.target.host}:${this.target.port}`,
+          request: what,
+          error: (err as Error).message,
+          retryInMs: delay,
+        });
+        await sleep(delay);
+      }
+    }
+  }
+
+  private connection(slot: number): Promise<NbdClient> {
+    const current = this.clients[slot];
+    if (current) return current;
+    const connecting = connectTo(this.target, this.name).then((client) => {
+      this.size = Math.max(this.size, client.sizeBytes);
+      return client;
+    });
+    this.clients[slot] = connecting;
+    return connecting;
+  }
+
+  private forget(slot: number, client: NbdClient): void {
+    client.destroy();
+    void this.clients[slot]?.then((current) => {
+      if (current === client) this.clients[slot] = undefined;
+    });
+  }
+}
+
+function connectTo(target: RelayTarget, exportName: string): Promise<NbdClient> {
+  return NbdClient.connect({ host: target.host, port: target.port, exportName, tls: target.identity.clientOptions() });
+}
+
+function unreachable(name: string, target: RelayTarget, err: unknown): ArborError {
+  return new ArborError(
+    'unavailable',
+    `volume ${name}: cannot reach its serving node ${target.host}:${target.port} over NBD with TLS (${(err as Error).message}); check that node's plugin, the network between the nodes and the TLS certificates`,
+  );
+}
+
+/** The serving node's refusal, as the error this node's server answers with: the same errno reaches the client. */
+function errorFromServer(err: NbdError, name: string, what: string): ArborError {
+  const codes: Record<number, ErrorCode> = {
+    [NBD_EPERM]: 'read-only',
+    [NBD_EINVAL]: 'invalid-argument',
+    [NBD_ENOTSUP]: 'unsupported',
+    [NBD_ENOSPC]: 'out-of-range',
+  };
+  return new ArborError(codes[err.errno] ?? 'internal', `volume ${name}: ${what} refused by its serving node: ${err.message}`);
+}
