@@ -60,6 +60,8 @@ export interface Publications {
 export interface NodeRecord {
   nodeId: string;
   topology: Record<string, string>;
+  /** HOST:PORT where other nodes reach this node's NBD server (TCP, mutual TLS): where they relay a volume it owns. */
+  nbdAddress?: string;
   registeredAt?: string;
 }
 
@@ -89,7 +91,7 @@ const volumeShape = shape<VolumeRecord>({ ...treeFields, labels: optional(mapOf(
 const snapshotShape = shape<SnapshotRecord>({ ...treeFields, volumeId: string, volumeName: string, groupId: optional(string) });
 const groupShape = shape<GroupSnapshotRecord>({ id: string, name: string, volumeIds: arrayOf(string), snapshotIds: arrayOf(string), createdAt: string });
 const publicationsShape = shape<Publications>({ nodes: mapOf(shape({ readOnly: boolean, multiNode: boolean, publishedAt: string })) });
-const nodeShape = shape<NodeRecord>({ nodeId: string, topology: mapOf(string), registeredAt: optional(string) });
+const nodeShape = shape<NodeRecord>({ nodeId: string, topology: mapOf(string), nbdAddress: optional(string), registeredAt: optional(string) });
 
 /** A record whose id is not the one its key names was written somewhere else. */
 function named<T extends { id: string }>(entry: KvEntry, what: string, check: Check<T>, prefix: string): T {

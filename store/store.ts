@@ -501,7 +501,7 @@ export class Store {
 
   // ---- nodes and publications (publications.ts) ----
 
-  registerNode(nodeId: string, info: { topology: Record<string, string> }): Promise<void> {
+  registerNode(nodeId: string, info: { topology: Record<string, string>; nbdAddress?: string }): Promise<void> {
     return this.registry.registerNode(nodeId, info);
   }
 

@@ -58,7 +58,14 @@ export const adminMethods = {
   unpublishVolume: [str, optional(str)],
   availableBytes: [],
   healthy: [],
-  registerNode: [str, (v) => isObject(v) && stringMap((v as Record<string, unknown>).topology)],
+  registerNode: [
+    str,
+    (v) =>
+      isObject(v) &&
+      Object.keys(v).every((key) => key === 'topology' || key === 'nbdAddress') &&
+      stringMap((v as Record<string, unknown>).topology) &&
+      optional(str)((v as Record<string, unknown>).nbdAddress),
+  ],
   findNode: [str],
 } satisfies Record<StoreMethod, Check[]>;
 

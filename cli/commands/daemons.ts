@@ -16,6 +16,7 @@ import { NodeService, nodeService, storeVolumes } from '../../node-plugin/servic
 import { StoreExports } from '../../node-plugin/store-exports';
 import { defaultRelayConnections } from '../../node-plugin/relay/relay-export';
 import { RelayExports } from '../../node-plugin/relay/relay-exports';
+import { RoutedExports, RoutedExportsOptions } from '../../node-plugin/relay/routed-exports';
 import { observeOnScrape, serveMetrics } from '../../lib/metrics';
 import { parseDuration, UnitError } from '../../lib/units';
 import { StoreApi } from '../../store/api';
@@ -37,6 +38,12 @@ const storeOwnerOptions: Record<string, OptionSpec> = {
     type: 'string',
     value: 'HOST:PORT',
     description: 'also serve NBD over TCP; anything but loopback requires --tls-cert, --tls-key and --tls-ca',
+  },
+  'nbd-advertise': {
+    type: 'string',
+    value: 'HOST:PORT',
+    description:
+      "with etcd and S3: where other nodes reach this node's --nbd-listen; they relay to it the volumes it owns, and it relays to them theirs, so every node can attach every volume",
   },
   'admin-listen': {
     type: 'string',
@@ -141,6 +148,11 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     throw new UsageError('--admin-listen answers other nodes only over mutual TLS: give --tls-cert, --tls-key and --tls-ca');
   if (adminListen && isDistributed(ctx.location))
     throw new UsageError('--admin-listen is for an embedded data node; with etcd and S3 every node joins the store itself');
+  const advertise = values['nbd-advertise'] === undefined ? undefined : parseListen(String(values['nbd-advertise']), '--nbd-advertise', '10.0.0.5:10809');
+  if (advertise && !isDistributed(ctx.location)) throw new UsageError('--nbd-advertise is for etcd and S3; in embedded mode other nodes use --relay-to');
+  if (advertise && (!tcp || !tlsFiles?.caFile)) {
+    throw new UsageError('--nbd-advertise needs --nbd-listen and mutual TLS (--tls-cert, --tls-key, --tls-ca): other nodes relay to it');
+  }
   const tlsIdentity = tlsFiles && new TlsIdentity(tlsFiles, ctx.log);
   const nbdSocket = values['nbd-socket'] === undefined ? undefined : path.resolve(String(values['nbd-socket']));
   const endpoint = values['csi-endpoint'] === undefined ? undefined : String(values['csi-endpoint']);
@@ -155,7 +167,11 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   };
   try {
     store.collectPeriodically(gcIntervalMs);
-    const nbd = new NbdServer(new StoreExports(store), ctx.log);
+    const storeExports = new StoreExports(store);
+    const nbd = new NbdServer(
+      advertise ? new RoutedExports(store, storeExports, routeOptions(store, tlsIdentity!, deadConnectionTimeoutSeconds, ctx)) : storeExports,
+      ctx.log,
+    );
     stops.push(() => nbd.close());
     if (nbdSocket) await nbd.listenUnix(nbdSocket);
     if (tcp) await nbd.listenTcp(tcp.host, tcp.port, tlsIdentity);
@@ -185,7 +201,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
         : undefined;
       // Before the NBD server stops: the kernel's devices are to wait for the next process.
       if (node) stops.push(() => node.handOver());
-      await store.registerNode(nodeId, { topology });
+      await store.registerNode(nodeId, { topology, ...(advertise && { nbdAddress: `${formatHost(advertise.host)}:${advertise.port}` }) });
       const csi = await startCsiServer(endpoint, csiServices(store, roles, topology, node), ctx.log);
       stops.push(() => csi.stop());
       // Probe answers ready only once the devices an earlier process attached have their connections again.
@@ -220,6 +236,25 @@ function csiServices(store: StoreApi, roles: Roles, topology: Record<string, str
     GroupController: roles.controller ? groupControllerService(store) : undefined,
     Node: node?.handlers,
   };
+}
+
+/** Where another node is reached: what it registered with --nbd-advertise. */
+function routeOptions(store: StoreApi, identity: TlsIdentity, deadConnectionTimeoutSeconds: number, ctx: CliContext): RoutedExportsOptions {
+  return {
+    async targetOf(nodeId) {
+      const address = (await store.findNode(nodeId))?.nbdAddress;
+      if (!address) return undefined;
+      const { host, port } = parseListen(address, `node ${nodeId}'s NBD address`);
+      return { host, port, identity };
+    },
+    connections: defaultRelayConnections,
+    retryMs: deadConnectionTimeoutSeconds * 1000,
+    log: ctx.log,
+  };
+}
+
+function formatHost(host: string): string {
+  return host.includes(':') ? `[${host}]` : host;
 }
 
 /** The node plugin's settings, checked before anything starts. */
@@ -486,7 +521,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
 ];
 
 function parseListen(text: string, option = '--nbd-listen', example = '127.0.0.1:10809'): { host: string; port: number } {
-  const match = /^(\[[^\]]+\]|[^:]+):(\d+)$/.exec(text);
+  const match = /^(\[[^\]]+\]|.+):(\d+)$/.exec(text);
   const port = match ? Number(match[2]) : NaN;
   if (!match || port > 65535) throw new UsageError(`${option} ${JSON.stringify(text)} is not HOST:PORT (e.g. ${example})`);
   return { host: match[1].replace(/^\[|\]$/g, ''), port };

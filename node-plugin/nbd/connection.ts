@@ -4,7 +4,7 @@ import { Log } from '../../lib/logger';
 import { ByteQueue } from './byte-queue';
 import { ExportProvider } from './export';
 import { negotiate, ProtocolError } from './handshake';
-import { handshakeTimeoutMs, socketReadBytes } from './limits';
+import { handOffGraceMs, handshakeTimeoutMs, socketReadBytes } from './limits';
 import { peerRefusal, TlsIdentity } from './tls-identity';
 import { ReplySink, Transmission } from './transmission';
 
@@ -36,6 +36,8 @@ export class Connection implements ReplySink {
   private readonly closed: Promise<void>;
   private markClosed!: () => void;
   exportName?: string;
+  /** Another node, over TCP; a unix socket is this host. */
+  private readonly remote: boolean;
 
   constructor(
     raw: net.Socket,
@@ -43,6 +45,7 @@ export class Connection implements ReplySink {
     readonly id: number,
   ) {
     this.closed = new Promise((resolve) => (this.markClosed = resolve));
+    this.remote = raw.remoteAddress !== undefined;
     if (raw.remoteAddress === undefined && !options.tls) {
       // A unix socket: take its handle over with a caller-owned read buffer. The
       // listener accepted it paused, so no byte has been read into another buffer.
@@ -78,18 +81,7 @@ export class Connection implements ReplySink {
       this.destroy('the server is shutting down');
       return;
     }
-    if (this.transmission && this.options.local) {
-      await this.transmission.stopTakingRequests();
-      // The replies are in the kernel's socket once written ('finish'): then close, not waiting for an end we no longer read.
-      const finished = new Promise((resolve) => this.socket.once('finish', resolve));
-      this.end();
-      const timer = setTimeout(() => this.destroy(`the replies were not written within ${graceMs} ms`), graceMs);
-      await Promise.race([finished, this.closed]);
-      clearTimeout(timer);
-      this.socket.destroy();
-      await this.closed;
-      return;
-    }
+    if (this.transmission && this.options.local) return this.handOff(graceMs);
     if (this.transmission) {
       await this.transmission.shutdown();
       // Give the client a moment to send DISC itself before we hang up.
@@ -97,6 +89,27 @@ export class Connection implements ReplySink {
       await this.closed;
       clearTimeout(timer);
     }
+  }
+
+  /**
+   * Stops reading requests without refusing any (no ESHUTDOWN, which would fail the
+   * I/O), answers what was read, and closes: the client sends the rest again, to the
+   * next process (the kernel) or to wherever the volume is served now (a relay).
+   */
+  async handOff(graceMs: number): Promise<void> {
+    if (!this.transmission) {
+      this.destroy('handed off during the handshake');
+      return;
+    }
+    await this.transmission.stopTakingRequests();
+    // The replies are in the client's socket once written ('finish'): then close, not waiting for an end we no longer read.
+    const finished = new Promise((resolve) => this.socket.once('finish', resolve));
+    this.end();
+    const timer = setTimeout(() => this.destroy(`the replies were not written within ${graceMs} ms`), graceMs);
+    await Promise.race([finished, this.closed]);
+    clearTimeout(timer);
+    this.socket.destroy();
+    await this.closed;
   }
 
   // ---- ReplySink ----
@@ -144,7 +157,12 @@ export class Connection implements ReplySink {
           write: (data) => this.socket.write(data),
           startTls: this.options.tls ? () => this.startTls() : undefined,
         },
-        { exports: this.options.exports, tlsRequired: this.options.tls?.required ?? false, log: this.options.log },
+        {
+          exports: this.options.exports,
+          tlsRequired: this.options.tls?.required ?? false,
+          log: this.options.log,
+          client: { remote: this.remote, handOff: () => void this.handOff(handOffGraceMs) },
+        },
       );
       if (!negotiated) {
         this.socket.end();

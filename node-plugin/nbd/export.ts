@@ -29,8 +29,21 @@ export interface ExportSummary {
   description: string;
 }
 
+/** Who opens an export: a client on this host (a unix socket) or another node (TCP). */
+export interface ExportClient {
+  remote: boolean;
+  /**
+   * Ends the connection without refusing anything: the requests it has read are
+   * answered, the rest is never read, and the client (a relay) sends them again
+   * wherever the volume is served next.
+   */
+  handOff(): void;
+}
+
 /** Resolves export names; the empty name has no default export. */
 export interface ExportProvider {
-  open(name: string): Promise<NbdExport | undefined>;
+  open(name: string, client?: ExportClient): Promise<NbdExport | undefined>;
+  /** Whether `open` would find the export, where that is cheaper than opening it (which may attach a volume). */
+  exists?(name: string): Promise<boolean>;
   list(): Promise<ExportSummary[]>;
 }

@@ -1,6 +1,6 @@
 import { Log } from '../../lib/logger';
 import { isArborError } from '../../store/errors';
-import { ExportProvider, NbdExport } from './export';
+import { ExportClient, ExportProvider, NbdExport } from './export';
 import { maxOptionBytes, maxOptionsPerHandshake, maxPayloadBytes, minimumBlockBytes } from './limits';
 import {
   BASE_ALLOCATION,
@@ -32,6 +32,8 @@ export interface HandshakeIo {
 
 export interface HandshakeOptions {
   exports: ExportProvider;
+  /** Who is on the other end, for the exports to decide how to serve it. */
+  client?: ExportClient;
   /** FORCEDTLS: every option but STARTTLS (and ABORT) is refused until TLS is up. */
   tlsRequired: boolean;
   log: Log;
@@ -109,7 +111,7 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
     switch (option) {
       case OPT.EXPORT_NAME: {
         const name = data.toString('utf8');
-        const exp = await options.exports.open(name);
+        const exp = await options.exports.open(name, options.client);
         if (!exp) throw new ProtocolError(`EXPORT_NAME for unknown export ${JSON.stringify(name)}`);
         const out = Buffer.alloc(noZeroes ? 10 : 134);
         out.writeBigUInt64BE(BigInt(exp.sizeBytes), 0);
@@ -181,9 +183,7 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
           refuse(REP.ERR_INVALID, 'malformed meta context request');
           break;
         }
-        const probed = await openOrRefuse(options.exports, request.exportName, refuse);
-        if (!probed) break;
-        await probed.close?.();
+        if (!(await existsOrRefuse(options, request.exportName, refuse))) break;
         // base:allocation is the one context; a query selects it when it names it or
         // (listing only) asks for everything or the whole base: namespace.
         const selects = request.queries.some((q) => q === BASE_ALLOCATION || (!set && q === 'base:')) || (!set && request.queries.length === 0);
@@ -208,7 +208,7 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
           refuse(REP.ERR_INVALID, 'malformed NBD_OPT_INFO/GO request');
           break;
         }
-        const exp = await openOrRefuse(options.exports, request.exportName, refuse);
+        const exp = await openOrRefuse(options, request.exportName, refuse);
         if (!exp) break;
         const info = Buffer.alloc(12);
         info.writeUInt16BE(INFO.EXPORT, 0);
@@ -243,10 +243,22 @@ export async function negotiate(io: HandshakeIo, options: HandshakeOptions): Pro
  * ERR_UNKNOWN when there is no such export, ERR_POLICY when it exists but cannot be
  * served here now (another node owns the volume).
  */
-async function openOrRefuse(exports: ExportProvider, name: string, refuse: (type: number, message: string) => void): Promise<NbdExport | undefined> {
+/** Whether the export exists, without opening it where the provider can tell (opening may attach a volume). */
+async function existsOrRefuse(options: HandshakeOptions, name: string, refuse: (type: number, message: string) => void): Promise<boolean> {
+  if (!options.exports.exists) {
+    const probed = await openOrRefuse(options, name, refuse);
+    await probed?.close?.();
+    return probed !== undefined;
+  }
+  if (await options.exports.exists(name)) return true;
+  refuse(REP.ERR_UNKNOWN, `no export named ${JSON.stringify(name)}; volumes are served as NAME, snapshots as NAME@SNAP`);
+  return false;
+}
+
+async function openOrRefuse(options: HandshakeOptions, name: string, refuse: (type: number, message: string) => void): Promise<NbdExport | undefined> {
   let exp: NbdExport | undefined;
   try {
-    exp = await exports.open(name);
+    exp = await options.exports.open(name, options.client);
   } catch (err) {
     if (!isArborError(err)) throw err;
     refuse(REP.ERR_POLICY, `${name}: ${err.message}`);

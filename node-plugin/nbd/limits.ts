@@ -21,3 +21,5 @@ export const maxConnections = 1024;
 export const maxStatusDescriptors = 1024;
 /** Size of the buffer a unix-socket connection reads into (reused for every read). */
 export const socketReadBytes = 256 * 1024;
+/** A connection handed off (its volume is served elsewhere now) gets this long to write the replies it owes. */
+export const handOffGraceMs = 5_000;
