@@ -274,34 +274,22 @@ describe('the objects the chart renders', function () {
   });
 
   describe('the command lines', () => {
-    /**
-     * Flags for NBD between nodes (every node attaches every volume) whose `arbor` side
-     * is built alongside the chart's. While arbor does not know one yet, command lines
-     * are parsed without it, and the test that lists them is pending.
-     */
-    const arrivingFlags = ['tls-ca', 'relay-to', 'relay-admin', 'admin-listen', 'nbd-advertise'];
-    function notYetInArbor(): string[] {
-      const nodeCommand = commands.find((c) => c.path[0] === 'node');
-      return arrivingFlags.filter((f) => !(f in globalOptions) && !(nodeCommand && f in nodeCommand.options));
-    }
+    /** Flags for NBD between nodes (every node attaches every volume). */
+    const nodeToNodeFlags = ['tls-ca', 'relay-to', 'relay-admin', 'admin-listen', 'nbd-advertise'];
 
     /** Parses a container's args with arbor's own parser and command table. */
     function parse(c: Container) {
-      const pending = notYetInArbor();
-      const argv = (c.args ?? [])
-        .filter((a) => !pending.some((f) => a.startsWith(`--${f}=`)))
-        .map((a) => a.replace('$(NODE_NAME)', dataNode).replace('$(HOST_IP)', '192.0.2.10'));
+      const argv = (c.args ?? []).map((a) => a.replace('$(NODE_NAME)', dataNode).replace('$(HOST_IP)', '192.0.2.10'));
       return parseCommandLine(argv, commands);
     }
 
-    it('passes only flags for NBD between nodes that `arbor node` takes', function () {
-      const pending = notYetInArbor();
-      // arbor's side of these flags is written in the same change (cli/commands/daemons.ts).
-      if (pending.length > 0) this.skip();
+    it('passes every flag for NBD between nodes, and arbor node knows each', () => {
+      const nodeCommand = commands.find((c) => c.path[0] === 'node')!;
+      for (const f of nodeToNodeFlags) assert.ok(f in globalOptions || f in nodeCommand.options, `arbor node has no --${f}`);
       const passed = new Set(
         [...nodePlugins(embedded()), ...nodePlugins(distributed())].flatMap((w) => [...flags(container(w.spec.template.spec, 'arbor')).keys()]),
       );
-      for (const f of arrivingFlags) assert.ok(passed.has(f), `the chart passes no --${f}`);
+      for (const f of nodeToNodeFlags) assert.ok(passed.has(f), `the chart passes no --${f}`);
     });
 
     it('passes only flags `arbor node` and `arbor controller` accept (embedded)', () => {
