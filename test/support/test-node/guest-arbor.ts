@@ -40,8 +40,9 @@ export const guestMetricsAddress = '127.0.0.1:9820';
 export async function startGuestArbor(
   node: TestNode,
   dir: string,
-  options: { nodeId?: string; extraArgs?: string[]; command?: 'serve' | 'node' } = {},
+  options: { nodeId?: string; extraArgs?: string[]; command?: 'serve' | 'node'; metricsAddress?: string } = {},
 ): Promise<GuestArbor> {
+  const metricsAddress = options.metricsAddress ?? guestMetricsAddress;
   const nodeId = options.nodeId ?? 'test-node';
   const paths = {
     dir,
@@ -55,12 +56,14 @@ export async function startGuestArbor(
     [
       'node', guestCliPath, '--data-dir', paths.dataDir, options.command ?? 'serve',
       '--nbd-socket', paths.nbdSocket, '--csi-endpoint', `unix://${paths.csiSocket}`,
-      '--node-id', nodeId, '--state-dir', paths.stateDir, '--metrics-listen', guestMetricsAddress,
+      '--node-id', nodeId, '--state-dir', paths.stateDir, '--metrics-listen', metricsAddress,
       ...(options.extraArgs ?? []),
     ], // prettier-ignore
     { env: { ARBOR_LOG_LEVEL: 'info' } },
   );
-  await process.waitForOutput('"message":"arbor serving"', guestStartTimeoutMs);
+  // A node without the data (--relay-to) says so.
+  const relay = (options.extraArgs ?? []).includes('--relay-to');
+  await process.waitForOutput(relay ? '"message":"arbor relay node serving"' : '"message":"arbor serving"', guestStartTimeoutMs);
   const ended = async (timeoutMs: number) => (await process.wait(timeoutMs))?.status ?? null;
   return {
     ...paths,
@@ -72,7 +75,7 @@ export async function startGuestArbor(
       node.ok([
         'node',
         '-e',
-        `require('http').get('http://${guestMetricsAddress}/metrics', (r) => r.pipe(process.stdout)).on('error', (e) => { console.error(e.message); process.exit(1); })`,
+        `require('http').get('http://${metricsAddress}/metrics', (r) => r.pipe(process.stdout)).on('error', (e) => { console.error(e.message); process.exit(1); })`,
       ]),
     async stop() {
       await process.signal('SIGTERM');
