@@ -41,9 +41,9 @@ function required(value: string | undefined, field: string): string {
   return value;
 }
 
-function capabilitiesOf(list: CreateVolumeRequest__Output['volume_capabilities'], field: string): Capability[] {
-  if (!list || list.length === 0) throw invalid(`${field} is required`);
-  return list.map((c, i) => parseCapability(c, `${field}[${i}]`));
+function capabilitiesOf(list: CreateVolumeRequest__Output['volume_capabilities'], field: string, volume: string): Capability[] {
+  if (!list || list.length === 0) throw invalid(`volume ${volume}: ${field} is required`);
+  return list.map((c, i) => parseCapability(c, `${field}[${i}]`, volume));
 }
 
 /** Parameters a VolumeSnapshotClass may carry: only the sidecar's own metadata. */
@@ -68,7 +68,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
     return volume;
   };
   const status = async (volume: VolumeRecord) => ({
-    published_node_ids: Object.keys((await store.publications(volume.id)).nodes),
+    published_node_ids: Object.keys((await store.publications(volume.id)).nodes).sort(),
     volume_condition: { abnormal: false, message: 'volume is healthy' },
   });
 
@@ -79,7 +79,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
 
     async CreateVolume(request) {
       const name = required(request.name, 'name');
-      const caps = capabilitiesOf(request.volume_capabilities, 'volume_capabilities');
+      const caps = capabilitiesOf(request.volume_capabilities, 'volume_capabilities', name);
       const parameters = parseParameters(request.parameters);
       checkTopology(request, topology);
       const source = request.volume_content_source;
@@ -142,11 +142,13 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
     async ControllerPublishVolume(request) {
       const volumeId = required(request.volume_id, 'volume_id');
       const nodeId = required(request.node_id, 'node_id');
-      const capability = parseCapability(request.volume_capability, 'volume_capability');
+      const capability = parseCapability(request.volume_capability, 'volume_capability', volumeId);
       const volume = await mustFindVolume(volumeId);
+      // Any node whose plugin registered: with relays every node reaches every volume, so no topology is checked here.
       if (!(await store.findNode(nodeId))) throw notFound(`node ${nodeId} is not known: no Arbor node plugin registered with that id`);
       const readOnly = request.readonly || capability.readOnly;
-      await store.publishVolume(volumeId, nodeId, { readOnly, multiNode: capability.multiNode });
+      // The store refuses a publication that shares the volume another way than those on other nodes (FAILED_PRECONDITION).
+      await store.publishVolume(volumeId, nodeId, { readOnly, multiNode: capability.multiNode, multiNodeWriter: capability.multiNodeWriter });
       return { publish_context: { export: volume.name, readOnly: String(readOnly) } };
     },
 
@@ -161,7 +163,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       if (!request.volume_capabilities?.length) throw invalid('volume_capabilities is required');
       const volume = await mustFindVolume(volumeId);
       try {
-        const caps = request.volume_capabilities.map((c, i) => parseCapability(c, `volume_capabilities[${i}]`));
+        const caps = request.volume_capabilities.map((c, i) => parseCapability(c, `volume_capabilities[${i}]`, volume.name));
         parseParameters(request.parameters);
         const fsType = volume.labels?.fsType;
         const clash = caps.find((c) => c.fsType && fsType && c.fsType !== fsType);
@@ -211,7 +213,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
     async ControllerExpandVolume(request) {
       const volume = await mustFindVolume(required(request.volume_id, 'volume_id'));
       if (!request.capacity_range) throw invalid('capacity_range is required');
-      const capability = request.volume_capability ? parseCapability(request.volume_capability) : undefined;
+      const capability = request.volume_capability ? parseCapability(request.volume_capability, 'volume_capability', volume.name) : undefined;
       const wanted = wireCount(request.capacity_range.required_bytes, 'capacity_range.required_bytes');
       const limit = wireCount(request.capacity_range.limit_bytes, 'capacity_range.limit_bytes');
       const target = Math.ceil(wanted / volume.extentSizeBytes) * volume.extentSizeBytes;

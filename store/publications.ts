@@ -6,7 +6,27 @@
 import { absent, del, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { ArborError } from './errors';
-import { NodeRecord, Publications, VolumeRecord, decodeNode, decodePublications, keys } from './records';
+import { NodeRecord, Publication, Publications, VolumeRecord, decodeNode, decodePublications, keys } from './records';
+
+export interface PublishOptions {
+  readOnly: boolean;
+  /** Published to several nodes at once. */
+  multiNode: boolean;
+  /** Read-write on several nodes at once (a Block volume, e.g. while a VM live-migrates); needs multiNode. Absent: false. */
+  multiNodeWriter?: boolean;
+}
+
+/** How the nodes a volume is published to share it; every publication of a volume shares it the same way. */
+type Sharing = 'one node' | 'readers' | 'writers';
+
+function sharingOf(publication: Publication): Sharing {
+  if (!publication.multiNode) return 'one node';
+  return publication.multiNodeWriter ? 'writers' : 'readers';
+}
+
+function describe(sharing: Sharing): string {
+  return sharing === 'one node' ? 'for one node only' : `for ${sharing} on many nodes`;
+}
 
 export class PublicationRegistry {
   constructor(
@@ -32,35 +52,56 @@ export class PublicationRegistry {
   }
 
   /**
-   * Records that a volume is published to a node. A volume published for one node
-   * at a time cannot be published to a second; publishing again to the same node
-   * with the same read-only setting is a no-op, with another it is a conflict.
+   * Records that a volume is published to a node. Nodes share a volume only in the
+   * same way: a volume published for one node at a time cannot be published to a
+   * second; one published for readers on many nodes takes no writer (they were
+   * promised nothing changes), and one published for writers on many nodes (a Block
+   * volume during a live migration) takes no publication that is not for writers.
+   * Publishing again to the same node the same way is a no-op, another way a conflict.
    */
-  async publish(volumeId: string, nodeId: string, options: { readOnly: boolean; multiNode: boolean }): Promise<void> {
+  async publish(volumeId: string, nodeId: string, options: PublishOptions): Promise<void> {
     const { catalog } = this.ctx;
     const volume = await this.getVolume(volumeId);
+    // The admin socket checks readOnly and multiNode only: what it passes on is checked here.
+    if (options.multiNodeWriter !== undefined && typeof options.multiNodeWriter !== 'boolean') {
+      throw new ArborError('invalid-argument', `volume ${volume.name}: multiNodeWriter must be true or false`);
+    }
+    if (options.multiNodeWriter && !options.multiNode) {
+      throw new ArborError('invalid-argument', `volume ${volume.name}: a publication for writers on many nodes is a multi-node one (multiNode: true)`);
+    }
+    const wanted: Publication = {
+      readOnly: options.readOnly,
+      multiNode: options.multiNode,
+      multiNodeWriter: options.multiNodeWriter ?? false,
+      publishedAt: new Date().toISOString(),
+    };
     for (;;) {
       const entry = await catalog.get(keys.publications(volumeId));
       const current: Publications = entry ? decodePublications(entry) : { nodes: {} };
       const mine = current.nodes[nodeId];
       if (mine) {
-        if (mine.readOnly === options.readOnly && mine.multiNode === options.multiNode) return;
+        if (mine.readOnly === wanted.readOnly && sharingOf(mine) === sharingOf(wanted)) return;
         throw new ArborError(
           'already-exists',
-          `volume ${volume.name} is already published to node ${nodeId} ${mine.readOnly ? 'read-only' : 'read-write'}; unpublish it to change that`,
+          `volume ${volume.name} is already published to node ${nodeId} ${mine.readOnly ? 'read-only' : 'read-write'} ${describe(sharingOf(mine))}; unpublish it there to change that`,
         );
       }
-      const others = Object.entries(current.nodes);
-      const exclusive = others.find(([, p]) => !p.multiNode) ?? (options.multiNode ? undefined : others[0]);
-      if (exclusive) {
-        throw new ArborError('failed-precondition', `volume ${volume.name} is published to node ${exclusive[0]} for one node only; unpublish it there first`);
+      const clash = Object.entries(current.nodes).find(([, p]) => sharingOf(wanted) === 'one node' || sharingOf(p) !== sharingOf(wanted));
+      if (clash) {
+        const [otherNode, other] = clash;
+        throw new ArborError(
+          'failed-precondition',
+          sharingOf(other) === 'one node'
+            ? `volume ${volume.name} is published to node ${otherNode} for one node only; unpublish it there first`
+            : `volume ${volume.name} is published to node ${otherNode} ${describe(sharingOf(other))}, so it cannot be published to node ${nodeId} ${describe(sharingOf(wanted))}; unpublish it from node ${otherNode} first`,
+        );
       }
-      current.nodes[nodeId] = { readOnly: options.readOnly, multiNode: options.multiNode, publishedAt: new Date().toISOString() };
+      current.nodes[nodeId] = wanted;
+      // The volume's own key is compared too: a volume deleted meanwhile gets no publication.
+      const volumeEntry = await catalog.get(keys.volume(volumeId));
+      if (!volumeEntry) throw new ArborError('not-found', `volume ${volume.name} (${volumeId}) was deleted; there is nothing to publish`);
       const result = await catalog.txn(
-        [
-          entry ? unchanged(entry) : absent(keys.publications(volumeId)),
-          { key: keys.volume(volumeId), modRevision: (await catalog.get(keys.volume(volumeId)))?.modRevision ?? 0 },
-        ],
+        [entry ? unchanged(entry) : absent(keys.publications(volumeId)), unchanged(volumeEntry)],
         [put(keys.publications(volumeId), current)],
       );
       if (result.succeeded) return;

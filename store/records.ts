@@ -51,9 +51,19 @@ export interface GroupSnapshotRecord {
   createdAt: string;
 }
 
+/** How a volume is published to one node. */
+export interface Publication {
+  readOnly: boolean;
+  /** Published to several nodes at once. */
+  multiNode: boolean;
+  /** Read-write on several nodes at once (a multi-node Block volume); absent in records written before it existed: false. */
+  multiNodeWriter?: boolean;
+  publishedAt: string;
+}
+
 /** Where a volume is published (attached) and how; held in one key per volume so changes compare-and-swap. */
 export interface Publications {
-  nodes: Record<string, { readOnly: boolean; multiNode: boolean; publishedAt: string }>;
+  nodes: Record<string, Publication>;
 }
 
 /** What a node plugin recorded about itself (`registerNode`). */
@@ -90,7 +100,8 @@ const treeFields = {
 const volumeShape = shape<VolumeRecord>({ ...treeFields, labels: optional(mapOf(string)) });
 const snapshotShape = shape<SnapshotRecord>({ ...treeFields, volumeId: string, volumeName: string, groupId: optional(string) });
 const groupShape = shape<GroupSnapshotRecord>({ id: string, name: string, volumeIds: arrayOf(string), snapshotIds: arrayOf(string), createdAt: string });
-const publicationsShape = shape<Publications>({ nodes: mapOf(shape({ readOnly: boolean, multiNode: boolean, publishedAt: string })) });
+const publicationShape = shape<Publication>({ readOnly: boolean, multiNode: boolean, multiNodeWriter: optional(boolean), publishedAt: string });
+const publicationsShape = shape<Publications>({ nodes: mapOf(publicationShape) });
 const nodeShape = shape<NodeRecord>({ nodeId: string, topology: mapOf(string), nbdAddress: optional(string), registeredAt: optional(string) });
 
 /** A record whose id is not the one its key names was written somewhere else. */

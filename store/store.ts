@@ -16,7 +16,7 @@ import { NodeCache } from './node-cache';
 import { OpenVolumes, VolumeHandle } from './open-volumes';
 import { OwnerOp, OwnerRequests } from './owner-requests';
 import { OwnedElsewhere, Ownership, ownerKey } from './ownership';
-import { PublicationRegistry } from './publications';
+import { PublicationRegistry, PublishOptions } from './publications';
 import {
   GroupSnapshotRecord,
   LineageStep,
@@ -513,7 +513,7 @@ export class Store {
     return this.registry.publications(volumeId);
   }
 
-  publishVolume(volumeId: string, nodeId: string, options: { readOnly: boolean; multiNode: boolean }): Promise<void> {
+  publishVolume(volumeId: string, nodeId: string, options: PublishOptions): Promise<void> {
     return this.registry.publish(volumeId, nodeId, options);
   }
 
