@@ -14,7 +14,7 @@ import { NbdServer } from '../../node-plugin/nbd/server';
 import { TlsFiles, TlsIdentity } from '../../node-plugin/nbd/tls-identity';
 import { NodeService, nodeService, storeVolumes } from '../../node-plugin/service';
 import { StoreExports } from '../../node-plugin/store-exports';
-import { defaultRelayConnections } from '../../node-plugin/relay/relay-export';
+import { defaultRelayConnections, defaultRelayRequestTimeoutMs } from '../../node-plugin/relay/relay-export';
 import { RelayExports } from '../../node-plugin/relay/relay-exports';
 import { RoutedExports, RoutedExportsOptions } from '../../node-plugin/relay/routed-exports';
 import { observeOnScrape, serveMetrics } from '../../lib/metrics';
@@ -22,6 +22,7 @@ import { parseDuration, UnitError } from '../../lib/units';
 import { StoreApi } from '../../store/api';
 import { isDistributed, openStore } from '../../store/open';
 import { ArborError } from '../../store/errors';
+import { defaultOwnerLeaseTtlMs } from '../../store/limits';
 import { AdminClient } from '../admin/client';
 import { AdminServer } from '../admin/server';
 import { CommandSpec, OptionSpec, UsageError } from '../args';
@@ -249,6 +250,8 @@ function routeOptions(store: StoreApi, identity: TlsIdentity, deadConnectionTime
     },
     connections: defaultRelayConnections,
     retryMs: deadConnectionTimeoutSeconds * 1000,
+    // Past its lease an owner that stopped answering has lost the volume: then the request is routed again, to whoever has it now.
+    requestTimeoutMs: Math.max(2 * (ctx.location.leaseTtlMs ?? defaultOwnerLeaseTtlMs), 5_000),
     log: ctx.log,
   };
 }
@@ -293,7 +296,7 @@ async function runRelayNode(ctx: CliContext, values: Record<string, string | boo
   const dataNode = new DataNodeAdmin(admin.host, admin.port, identity);
   const relays = new RelayExports(
     { host: target.host, port: target.port, identity },
-    { connections: defaultRelayConnections, retryMs: deadConnectionTimeoutSeconds * 1000, log: ctx.log },
+    { connections: defaultRelayConnections, retryMs: deadConnectionTimeoutSeconds * 1000, requestTimeoutMs: defaultRelayRequestTimeoutMs, log: ctx.log },
   );
   const stops: Array<() => Promise<void>> = [async () => dataNode.close()];
   const stopAll = async () => {

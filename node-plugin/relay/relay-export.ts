@@ -22,10 +22,18 @@ export interface RelayOptions {
    * break) before it fails; until then it is sent again on a fresh connection.
    */
   retryMs: number;
+  /**
+   * A request the serving node has not answered in this long is sent again on a fresh
+   * connection: a node that died without closing its connections (a power cut, a
+   * partition) or that is paused must not hold requests for ever.
+   */
+  requestTimeoutMs?: number;
   log: Log;
 }
 
 export const defaultRelayConnections = 2;
+/** See RelayOptions.requestTimeoutMs: the data node (embedded mode) answers well within this unless it is gone. */
+export const defaultRelayRequestTimeoutMs = 30_000;
 /** Between attempts to reach a serving node that went away: from this, doubling up to the maximum. */
 const reconnectFirstDelayMs = 50;
 const reconnectMaxDelayMs = 2_000;
@@ -178,7 +186,7 @@ export class RelayExport implements NbdExport {
       let client: NbdClient | undefined;
       try {
         client = await this.connection(slot);
-        return await request(client);
+        return await this.answered(client, request(client), what);
       } catch (err) {
         if (err instanceof NbdError && err.errno !== NBD_ESHUTDOWN) throw errorFromServer(err, this.name, what);
         if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) {
@@ -203,6 +211,21 @@ export class RelayExport implements NbdExport {
         await sleep(delay);
       }
     }
+  }
+
+  /** The request's answer, or (past the request timeout) the connection dropped and an error that sends the request again. */
+  private answered<T>(client: NbdClient, answer: Promise<T>, what: string): Promise<T> {
+    const limit = this.options.requestTimeoutMs;
+    if (limit === undefined) return answer;
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_resolve, reject) => {
+      timer = setTimeout(() => {
+        // Every request on this connection fails with it and is sent again on a fresh one.
+        client.destroy();
+        reject(new Error(`${what}: no answer from ${this.where} within ${limit} ms`));
+      }, limit);
+    });
+    return Promise.race([answer, late]).finally(() => clearTimeout(timer));
   }
 
   private connection(slot: number): Promise<NbdClient> {

@@ -7,6 +7,7 @@ import { RangeStatus } from '../../store/tree';
 import { ExportClient, ExportProvider, ExportSummary, NbdExport } from '../nbd/export';
 import { StoreExports } from '../store-exports';
 import { RelayExport, RelayTarget } from './relay-export';
+import { maxUnflushedBytes, UnflushedWrites } from './unflushed-writes';
 
 export interface RoutedExportsOptions {
   /** Where a node's NBD server is reached (what it advertised); undefined when it advertised nothing. */
@@ -15,6 +16,8 @@ export interface RoutedExportsOptions {
   connections: number;
   /** How long a request waits for the volume to be served again (a handover, an owner's restart or death) before it fails. */
   retryMs: number;
+  /** A relayed request not answered in this long is routed again (an owner paused or cut off loses its lease meanwhile). */
+  requestTimeoutMs: number;
   log: Log;
 }
 
@@ -121,6 +124,7 @@ export class RoutedExports implements ExportProvider {
 class RoutedVolume implements NbdExport {
   private users = 0;
   private closed = false;
+  private readonly unflushed = new UnflushedWrites();
   private current?: NbdExport;
   private resolving?: Promise<NbdExport>;
   /** What the last backend said, kept while a new one is found. */
@@ -139,7 +143,7 @@ class RoutedVolume implements NbdExport {
 
   /** Resolves once the volume is served somewhere. */
   async ready(): Promise<void> {
-    await this.call('open', async () => undefined, Math.min(this.options.retryMs, openDeadlineMs));
+    await this.call('open', async () => undefined, undefined, Math.min(this.options.retryMs, openDeadlineMs));
   }
 
   /** This node owns the volume and serves it from its store. */
@@ -176,20 +180,43 @@ class RoutedVolume implements NbdExport {
     return this.call('read', (b) => b.readInto(offset, target, targetOffset, length));
   }
 
-  write(offset: number, data: Buffer, fua: boolean): Promise<void> {
-    return this.call('write', (b) => b.write(offset, data, fua));
+  async write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    await this.call(
+      'write',
+      (b) => b.write(offset, data, fua),
+      () => fua || this.unflushed.wrote(offset, data),
+    );
+    await this.boundUnflushed();
   }
 
-  flush(): Promise<void> {
-    return this.call('flush', (b) => b.flush());
+  async flush(): Promise<void> {
+    let mark = 0;
+    await this.call(
+      'flush',
+      (b) => ((mark = this.unflushed.mark), b.flush()),
+      () => this.unflushed.flushed(mark),
+    );
   }
 
   trim(offset: number, length: number): Promise<void> {
-    return this.call('trim', (b) => b.trim(offset, length));
+    return this.call(
+      'trim',
+      (b) => b.trim(offset, length),
+      () => this.unflushed.trimmed(offset, length),
+    );
   }
 
   zero(offset: number, length: number, options: { noHole: boolean; fua: boolean; fast: boolean }): Promise<void> {
-    return this.call('write-zeroes', (b) => b.zero(offset, length, options));
+    return this.call(
+      'write-zeroes',
+      (b) => b.zero(offset, length, options),
+      () => options.fua || this.unflushed.zeroed(offset, length, options.noHole),
+    );
+  }
+
+  /** Many unflushed writes held for replay: a flush makes them durable before more are acknowledged. */
+  private async boundUnflushed(): Promise<void> {
+    if (this.unflushed.bytes > maxUnflushedBytes) await this.flush();
   }
 
   blockStatus(offset: number, length: number): Promise<RangeStatus[]> {
@@ -200,15 +227,23 @@ class RoutedVolume implements NbdExport {
     return this.call('cache', (b) => b.cache(offset, length));
   }
 
-  /** Runs a request where the volume is served, finding that again while it moves. */
-  private async call<T>(what: string, request: (backend: NbdExport) => Promise<T>, retryMs = this.options.retryMs): Promise<T> {
+  /**
+   * Runs a request where the volume is served, finding that again while it moves.
+   * `done` runs when the request succeeded on the backend that serves the volume now
+   * (an answer from a backend replaced meanwhile does not count: the request is sent
+   * again, so that every acknowledged change is on the current backend or kept).
+   */
+  private async call<T>(what: string, request: (backend: NbdExport) => Promise<T>, done?: () => unknown, retryMs = this.options.retryMs): Promise<T> {
     const deadline = Date.now() + retryMs;
     for (let delay = rerouteFirstDelayMs; ; delay = Math.min(delay * 2, rerouteMaxDelayMs)) {
       if (this.closed) throw new ArborError('unavailable', `volume ${this.name}: closed`);
       let backend: NbdExport | undefined;
       try {
         backend = await this.backend();
-        return await request(backend);
+        const result = await request(backend);
+        if (this.current !== backend) throw new ArborError('unavailable', `volume ${this.name}: answered by a backend that was replaced meanwhile`);
+        done?.();
+        return result;
       } catch (err) {
         // Moving (a handover, an owner that stopped or died, a lease that ended) is waited for; anything else is the answer.
         if (!isArborError(err, 'unavailable') && !isArborError(err, 'busy')) throw err;
@@ -243,7 +278,12 @@ class RoutedVolume implements NbdExport {
           `volume ${this.name} is served by node ${err.owner.nodeId}, which advertises no NBD address (--nbd-advertise) to relay to`,
         );
       }
-      const relay = await RelayExport.open(this.name, target, { connections: this.options.connections, retryMs: 0, log: this.options.log }, () => {});
+      const relay = await RelayExport.open(
+        this.name,
+        target,
+        { connections: this.options.connections, retryMs: 0, requestTimeoutMs: this.options.requestTimeoutMs, log: this.options.log },
+        () => {},
+      );
       if (!relay) throw new ArborError('unavailable', `volume ${this.name}: node ${err.owner.nodeId} does not serve it`);
       backend = relay.retain();
       this.last.local = false;
@@ -251,6 +291,17 @@ class RoutedVolume implements NbdExport {
     if (this.closed) {
       await backend.close?.();
       throw new ArborError('unavailable', `volume ${this.name}: closed`);
+    }
+    if (this.unflushed.count > 0) {
+      // What the last backend acknowledged and may have lost goes to this one first; no other request is sent meanwhile.
+      const replayed = { changes: this.unflushed.count, bytes: this.unflushed.bytes };
+      try {
+        await this.unflushed.replay(backend);
+      } catch (err) {
+        await backend.close?.();
+        throw err;
+      }
+      this.options.log.info('volume moved: the changes acknowledged since the last flush were sent again', { volume: this.name, ...replayed });
     }
     Object.assign(this.last, {
       sizeBytes: Math.max(this.last.sizeBytes, backend.sizeBytes),
