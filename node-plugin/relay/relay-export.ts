@@ -1,4 +1,3 @@
-import { setTimeout as sleep } from 'node:timers/promises';
 import { Log } from '../../lib/logger';
 import { ArborError, ErrorCode } from '../../store/errors';
 import { RangeStatus } from '../../store/tree';
@@ -18,11 +17,6 @@ export interface RelayOptions {
   /** Connections to the serving node per export: its requests are spread over them. */
   connections: number;
   /**
-   * How long a request waits for the serving node to come back (a restart, a network
-   * break) before it fails; until then it is sent again on a fresh connection.
-   */
-  retryMs: number;
-  /**
    * A request the serving node has not answered in this long is sent again on a fresh
    * connection: a node that died without closing its connections (a power cut, a
    * partition) or that is paused must not hold requests for ever.
@@ -34,9 +28,6 @@ export interface RelayOptions {
 export const defaultRelayConnections = 2;
 /** See RelayOptions.requestTimeoutMs: the data node (embedded mode) answers well within this unless it is gone. */
 export const defaultRelayRequestTimeoutMs = 30_000;
-/** Between attempts to reach a serving node that went away: from this, doubling up to the maximum. */
-const reconnectFirstDelayMs = 50;
-const reconnectMaxDelayMs = 2_000;
 
 /**
  * An export served by another node, relayed: every request this node's NBD server
@@ -44,13 +35,13 @@ const reconnectMaxDelayMs = 2_000;
  * kernel's NBD client cannot speak TLS, so the kernel attaches to this node's unix
  * socket and this relay carries the requests over TCP with mutual TLS.
  *
- * The serving node going away is a reconnect, not an error: a request whose
- * connection broke, or that the serving node refused because it is stopping
- * (ESHUTDOWN), is sent again on a fresh connection, for up to `retryMs`. Sending a
- * request again is what the kernel itself does after a timeout: reads, writes, trims
- * and zeroes of a range are idempotent, and overlapping requests in flight have no
- * order in NBD anyway. What the serving node acknowledged and lost in a crash before
- * a flush is lost, as NBD allows.
+ * A request whose connection broke, that the serving node refused because it is
+ * stopping (ESHUTDOWN), or that it did not answer in time fails with `unavailable`
+ * and drops its connection: the route above it (`RoutedVolume`) sends it again, on
+ * a fresh connection or to wherever the volume is served now, so the serving node
+ * going away is a reconnect, not an error. Sending a request again is what the
+ * kernel itself does after a timeout: reads, writes, trims and zeroes of a range are
+ * idempotent, and overlapping requests in flight have no order in NBD anyway.
  *
  * One relay is shared by every local connection to the export (`open` counts them),
  * and its connections to the serving node are shared by all of them. A FLUSH sent on
@@ -179,37 +170,21 @@ export class RelayExport implements NbdExport {
 
   /** Runs a request on one of the connections, sending it again on a fresh one while the serving node is away. */
   private async call<T>(what: string, request: (client: NbdClient) => Promise<T>): Promise<T> {
-    const deadline = Date.now() + this.options.retryMs;
-    for (let delay = reconnectFirstDelayMs; ; delay = Math.min(delay * 2, reconnectMaxDelayMs)) {
-      if (this.closed) throw new ArborError('unavailable', `volume ${this.name}: the relay to ${this.where} is closed`);
-      const slot = this.next++ % this.clients.length;
-      let client: NbdClient | undefined;
-      try {
-        client = await this.connection(slot);
-        return await this.answered(client, request(client), what);
-      } catch (err) {
-        if (err instanceof NbdError && err.errno !== NBD_ESHUTDOWN) throw errorFromServer(err, this.name, what);
-        if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) {
-          throw new ArborError('not-found', `volume ${this.name}: ${this.where} no longer serves it (deleted?)`);
-        }
-        // The connection broke, or the serving node is stopping: a fresh connection, and the request again.
-        if (client) this.forget(slot, client);
-        else this.clients[slot] = undefined;
-        if (Date.now() + delay > deadline) {
-          throw new ArborError(
-            'unavailable',
-            `volume ${this.name}: ${what} failed, ${this.where} has not answered for ${this.options.retryMs} ms: ${(err as Error).message}`,
-          );
-        }
-        this.options.log.warn('relay: the serving node is away; sending the request again', {
-          volume: this.name,
-          server: `${this.target.host}:${this.target.port}`,
-          request: what,
-          error: (err as Error).message,
-          retryInMs: delay,
-        });
-        await sleep(delay);
+    if (this.closed) throw new ArborError('unavailable', `volume ${this.name}: the relay to ${this.where} is closed`);
+    const slot = this.next++ % this.clients.length;
+    let client: NbdClient | undefined;
+    try {
+      client = await this.connection(slot);
+      return await this.answered(client, request(client), what);
+    } catch (err) {
+      if (err instanceof NbdError && err.errno !== NBD_ESHUTDOWN) throw errorFromServer(err, this.name, what);
+      if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) {
+        throw new ArborError('not-found', `volume ${this.name}: ${this.where} no longer serves it (deleted?)`);
       }
+      // The connection broke, or the serving node is stopping: the route sends the request again, on a fresh connection or elsewhere.
+      if (client) this.forget(slot, client);
+      else this.clients[slot] = undefined;
+      throw new ArborError('unavailable', `volume ${this.name}: ${what} got no answer from ${this.where}: ${(err as Error).message}`);
     }
   }
 

@@ -1,36 +1,58 @@
-import { ArborError } from '../../store/errors';
+import { Log } from '../../lib/logger';
+import { ArborError, isArborError } from '../../store/errors';
 import { NbdClient } from '../nbd/client';
 import { ExportProvider, ExportSummary, NbdExport } from '../nbd/export';
-import { RelayExport, RelayOptions, RelayTarget } from './relay-export';
+import { RelayExport, RelayTarget } from './relay-export';
+import { RoutedVolume } from './routed-volume';
+
+export interface RelayExportsOptions {
+  /** Connections to the data node per export. */
+  connections: number;
+  /** How long a request waits for the data node to come back (a restart) before it fails. */
+  retryMs: number;
+  /** A request not answered in this long is sent again on a fresh connection (a data node gone without closing it). */
+  requestTimeoutMs: number;
+  log: Log;
+}
 
 /**
- * Every export of another node, relayed: what a node without the data serves (in
- * embedded mode, every node but the data node). One relay per export, shared by every
- * local connection to it; it goes when the last one closes.
+ * Every export of the data node, relayed: what a node without the data serves (in
+ * embedded mode, every node but the data node). One route per export, shared by
+ * every local connection to it; it goes when the last one closes. The route keeps
+ * what the data node acknowledged and never flushed, and sends it again first when
+ * it reconnects, so a data node that crashed loses nothing its relays acknowledged.
  */
 export class RelayExports implements ExportProvider {
-  private readonly open_ = new Map<string, Promise<RelayExport | undefined>>();
+  private readonly routes = new Map<string, RoutedVolume>();
 
   constructor(
     private readonly target: RelayTarget,
-    private readonly options: RelayOptions,
+    private readonly options: RelayExportsOptions,
   ) {}
 
   async open(name: string): Promise<NbdExport | undefined> {
-    for (;;) {
-      let opening = this.open_.get(name);
-      if (!opening) {
-        opening = RelayExport.open(name, this.target, this.options, () => this.forget(name, opening!));
-        this.open_.set(name, opening);
-        void opening.then(
-          (relay) => relay ?? this.forget(name, opening!),
-          () => this.forget(name, opening!),
-        );
-      }
-      const relay = await opening;
-      // A relay whose last user closed it while this open waited is gone: open another.
-      if (relay === undefined || this.open_.get(name) === opening) return relay?.retain();
+    let route = this.routes.get(name);
+    if (!route) {
+      const created = new RoutedVolume(
+        name,
+        () => this.connect(name),
+        this.options,
+        () => {
+          if (this.routes.get(name) === created) this.routes.delete(name);
+        },
+      );
+      this.routes.set(name, created);
+      route = created;
     }
+    route.retain();
+    try {
+      await route.ready();
+    } catch (err) {
+      await route.close();
+      if (isArborError(err, 'not-found')) return undefined;
+      throw err;
+    }
+    return route;
   }
 
   async list(): Promise<ExportSummary[]> {
@@ -41,18 +63,25 @@ export class RelayExports implements ExportProvider {
     }
   }
 
-  /** The export's size on the serving node now; the open relay, if any, learns it too (so writes past the old end are accepted). */
+  /** The export's size on the data node now; the open route, if any, learns it too (so writes past the old end are accepted). */
   async sizeOf(name: string): Promise<number | undefined> {
-    const relay = (await this.open(name)) as RelayExport | undefined;
-    if (!relay) return undefined;
+    const route = (await this.open(name)) as RoutedVolume | undefined;
+    if (!route) return undefined;
     try {
-      return await relay.refreshSize();
+      return await route.refreshSize();
     } finally {
-      await relay.close();
+      await route.close();
     }
   }
 
-  private forget(name: string, opening: Promise<RelayExport | undefined>): void {
-    if (this.open_.get(name) === opening) this.open_.delete(name);
+  private async connect(name: string): Promise<{ backend: NbdExport; local: boolean }> {
+    const relay = await RelayExport.open(
+      name,
+      this.target,
+      { connections: this.options.connections, requestTimeoutMs: this.options.requestTimeoutMs, log: this.options.log },
+      () => {},
+    );
+    if (!relay) throw new ArborError('not-found', `the data node ${this.target.host}:${this.target.port} has no export ${name}`);
+    return { backend: relay.retain(), local: false };
   }
 }

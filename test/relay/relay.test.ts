@@ -200,7 +200,7 @@ describe('relay: a node without the data serves every volume over mutual TLS', f
     assert.ok(refused, 'a certificate from another CA gets nothing');
   });
 
-  it('the data node restarting is a reconnect: writes through the relay go on, nothing acknowledged is lost', async () => {
+  it('the data node restarting (SIGTERM, then SIGKILL) is a reconnect: writes through the relay go on, nothing acknowledged is lost', async () => {
     const relay = await viaRelay();
     const model = new Map<number, Buffer>();
     let stop = false;
@@ -228,11 +228,16 @@ describe('relay: a node without the data serves every volume over mutual TLS', f
     dataNode = await startDataNode();
     await waitWrites(50);
     assert.ok(writes > before, 'writes went on after the restart');
+    // A crash: the data node dies with writes it acknowledged and never flushed; the relay sends them again.
+    await dataNode.kill();
+    dataNode = await startDataNode();
+    await waitWrites(50);
+    assert.match(relayNode.log(), /the changes acknowledged since the last flush were sent again/);
     stop = true;
     await writer;
     for (const [block, data] of model) assert.deepEqual(await relay.read(block * 4096, 4096), data, `block ${block}`);
     await relay.disconnect();
-    assert.match(relayNode.log(), /the serving node is away; sending the request again/);
+    assert.match(relayNode.log(), /the volume's server went away; routing its requests again/);
   });
 
   it('certificates rotate with no restart: new connections use the files as they are now', async () => {
