@@ -162,11 +162,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
 
   const distributed = isDistributed(ctx.location);
   const store = await openStore(ctx.location, { log: ctx.log, nodeId });
-  const stops: Array<() => Promise<void>> = [() => store.close()];
-  const stopAll = async () => {
-    for (const stop of stops.reverse()) await stop().catch((err) => ctx.log.error('stopping failed', { error: (err as Error).message }));
-  };
-  try {
+  await serveUntilSignal(ctx, [() => store.close()], 'stopped: every volume committed and the store closed', async (stops) => {
     store.collectPeriodically(gcIntervalMs);
     const storeExports = new StoreExports(store);
     const nbd = new NbdServer(
@@ -220,14 +216,8 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
       nodeId,
       roles,
     });
-    const signal = await untilSignal();
-    ctx.log.info('stopping', { signal, nbdConnections: nbd.connectionCount });
-  } catch (err) {
-    await stopAll();
-    throw err;
-  }
-  await stopAll();
-  ctx.log.info('stopped: every volume committed and the store closed');
+    return () => nbd.connectionCount;
+  });
 }
 
 function csiServices(store: StoreApi, roles: Roles, topology: Record<string, string>, node: NodeService | undefined): CsiServices {
@@ -298,11 +288,7 @@ async function runRelayNode(ctx: CliContext, values: Record<string, string | boo
     { host: target.host, port: target.port, identity },
     { connections: defaultRelayConnections, retryMs: deadConnectionTimeoutSeconds * 1000, requestTimeoutMs: defaultRelayRequestTimeoutMs, log: ctx.log },
   );
-  const stops: Array<() => Promise<void>> = [async () => dataNode.close()];
-  const stopAll = async () => {
-    for (const stop of stops.reverse()) await stop().catch((err) => ctx.log.error('stopping failed', { error: (err as Error).message }));
-  };
-  try {
+  await serveUntilSignal(ctx, [async () => dataNode.close()], 'stopped', async (stops) => {
     const nbd = new NbdServer(relays, ctx.log);
     stops.push(() => nbd.close());
     await nbd.listenUnix(nbdSocket);
@@ -347,14 +333,31 @@ async function runRelayNode(ctx: CliContext, values: Record<string, string | boo
       relayTo: `${target.host}:${target.port}`,
       csiEndpoint: values['csi-endpoint'],
     });
+    return () => nbd.connectionCount;
+  });
+}
+
+type Stop = () => Promise<void>;
+
+/**
+ * Starts a daemon (`start` pushes onto `stops` what undoes each step), serves until
+ * SIGTERM or SIGINT, then runs the stops in reverse order; a failed start runs them
+ * too. `start` returns how many NBD connections are open, for the log.
+ */
+async function serveUntilSignal(ctx: CliContext, stops: Stop[], stoppedMessage: string, start: (stops: Stop[]) => Promise<() => number>): Promise<void> {
+  const stopAll = async () => {
+    for (const stop of stops.reverse()) await stop().catch((err) => ctx.log.error('stopping failed', { error: (err as Error).message }));
+  };
+  try {
+    const connections = await start(stops);
     const signal = await untilSignal();
-    ctx.log.info('stopping', { signal, nbdConnections: nbd.connectionCount });
+    ctx.log.info('stopping', { signal, nbdConnections: connections() });
   } catch (err) {
     await stopAll();
     throw err;
   }
   await stopAll();
-  ctx.log.info('stopped');
+  ctx.log.info(stoppedMessage);
 }
 
 /** Tries `attempt` every second until it succeeds or the process stops, logging each failure. */

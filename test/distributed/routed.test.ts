@@ -1,25 +1,17 @@
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { NbdClient } from '../../node-plugin/nbd/client';
 import { ArborServer, cliPath, startServer } from '../support/arbor-server';
 import { issue, makeCa, NodeCertificate } from '../support/certs';
 import { distributedForSuite } from '../support/distributed';
 import { ok } from '../support/run';
+import { freePorts } from '../support/etcd';
 import { tempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
 const leaseTtl = '2s';
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 /** A writer that never stops on its own: stamped 4 KiB blocks, a flush every 8, a model of what it wrote (and when) and what was flushed. */
 function startWriter(client: NbdClient, blocks: number) {
@@ -92,7 +84,7 @@ describe('distributed: every node attaches every volume, ownership follows its u
   const startNode = async (name: string): Promise<ArborServer> => {
     const nodeDir = path.join(dir.dir, name);
     fs.mkdirSync(nodeDir, { recursive: true });
-    ports[name] ??= await freePort();
+    ports[name] ??= (await freePorts(1))[0];
     nodes[name] = await startServer(
       nodeDir,
       [

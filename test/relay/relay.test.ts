@@ -1,7 +1,6 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { AdminClient } from '../../cli/admin/client';
 import { csiClient, CsiClient, expectCode, status } from '../../csi/client';
@@ -12,18 +11,11 @@ import { ArborError } from '../../store/errors';
 import { ArborServer, startServer } from '../support/arbor-server';
 import { issue, makeCa, NodeCertificate } from '../support/certs';
 import { ok, run } from '../support/run';
+import { freePorts } from '../support/etcd';
 import { tempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
 const block = (mode = 'SINGLE_NODE_WRITER') => ({ access_mode: { mode }, block: {} });
-
-async function freePort(): Promise<number> {
-  const server = net.createServer();
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const port = (server.address() as net.AddressInfo).port;
-  await new Promise((resolve) => server.close(resolve));
-  return port;
-}
 
 const tlsArgs = (cert: NodeCertificate) => ['--tls-cert', cert.certFile, '--tls-key', cert.keyFile, '--tls-ca', cert.caFile];
 const clientTls = (cert: NodeCertificate) => new TlsIdentity(cert).clientOptions();
@@ -64,7 +56,7 @@ describe('relay: a node without the data serves every volume over mutual TLS', f
     const ca = await makeCa(certs, 'cluster');
     node = await issue(certs, ca, 'node');
     rogue = await issue(certs, await makeCa(certs, 'rogue'), 'rogue');
-    [nbdPort, adminPort] = [await freePort(), await freePort()];
+    [nbdPort, adminPort] = await freePorts(2);
     fs.mkdirSync(path.join(dir.dir, 'relay'), { recursive: true });
     dataNode = await startDataNode();
     relayNode = await startServer(
