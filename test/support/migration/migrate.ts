@@ -137,6 +137,8 @@ export function longestStall(writes: readonly GuestWrite[], fromMs: number, toMs
 export interface RunMigrationOptions {
   /** The volume: both VMs open it through QEMU's NBD client (the server must allow two clients). */
   disk: NbdExport;
+  /** The target's way to the same volume, when it is not `disk` (another node's socket); default `disk`. */
+  targetDisk?: NbdExport;
   /** Blocks the guest cycles through; the export must hold blocks × 4 KiB. */
   blocks?: number;
   memoryMiB?: number;
@@ -145,6 +147,12 @@ export interface RunMigrationOptions {
   /** Completed writes wanted after the migration: on the target, or on the source when it was cancelled. */
   writesAfterMigration?: number;
   migrate?: MigrateOptions;
+  /**
+   * Called once the guest completed `writesAfterMigration` writes after the migration,
+   * with both VMs and the one the guest now runs in: what a test does to the running
+   * guest's storage (restart a server) before both are stopped and the volume read.
+   */
+  afterMigration?: (vms: { source: MigrationVm; target: MigrationVm; running: MigrationVm }) => Promise<void>;
   /** Reads block `index` of the volume, called once both VMs are stopped; then the result holds `volume`. */
   readBlock?: (index: number) => Promise<Buffer>;
   /** Progress lines. */
@@ -186,7 +194,8 @@ export interface MigrationRun {
 }
 
 /**
- * Boots a source on `disk`, starts a target on the same export, lets the guest write,
+ * Boots a source on `disk`, starts a target on `targetDisk` (the same volume, maybe
+ * through another server; default the same export), lets the guest write,
  * migrates (or cancels the migration), waits for the guest to write on, stops both,
  * and reports. Throws when a VM fails or the guest stops writing; returns data
  * problems in `problems` for the caller to judge.
@@ -200,11 +209,12 @@ export async function runMigration(options: RunMigrationOptions): Promise<Migrat
   const vms: MigrationVm[] = [];
   try {
     const guest = prepareGuest({ dir: dir.dir, blocks });
-    const common = { guest, disk: options.disk, dir: dir.dir, memoryMiB: options.memoryMiB };
+    const common = { guest, dir: dir.dir, memoryMiB: options.memoryMiB };
     const startedAt = performance.now();
-    const source = await MigrationVm.start({ ...common, name: 'source' });
+    const source = await MigrationVm.start({ ...common, disk: options.disk, name: 'source' });
     vms.push(source);
-    const target = await MigrationVm.start({ ...common, name: 'target', incomingSocket: `${dir.dir}/incoming.sock` });
+    const targetDisk = options.targetDisk ?? options.disk;
+    const target = await MigrationVm.start({ ...common, disk: targetDisk, name: 'target', incomingSocket: `${dir.dir}/incoming.sock` });
     vms.push(target);
     await source.waitForWrites(1, bootTimeoutMs);
     const bootMs = source.console.writes[0].atMs - startedAt;
@@ -237,6 +247,7 @@ export async function runMigration(options: RunMigrationOptions): Promise<Migrat
       await Promise.race([target.exited, sleep(quitTimeoutMs)]);
       await target.kill();
     }
+    await options.afterMigration?.({ source, target, running: outcome.status === 'completed' ? target : source });
     // Stopped before the volume is read: SIGKILL, so a write in flight lands or not, as in a crash.
     for (const vm of vms) await vm.kill();
 

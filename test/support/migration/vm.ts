@@ -2,7 +2,8 @@
  * One QEMU of a migration: the guest (guest.ts) on an NBD export through QEMU's own
  * NBD client, its serial console on QEMU's stdout (read here, with arrival times),
  * QMP on a unix socket. A source boots; a target starts with `-incoming` and waits.
- * Source and target command lines differ only in that, as a migration requires.
+ * Source and target command lines differ only in that, as a migration requires, and
+ * in the disk's socket when each VM reaches the volume through its own node's server.
  *
  * QEMU is signalled by PID while it is this process's unreaped child, and never
  * outlives the test process: it is killed in an exit hook, and where util-linux's
