@@ -14,7 +14,7 @@ export interface RouteOptions {
 
 /** Between attempts to find where a volume is served: from this, doubling up to the maximum. */
 const rerouteFirstDelayMs = 20;
-const rerouteMaxDelayMs = 1_000;
+const rerouteMaxDelayMs = 250;
 /** How long opening a volume for a client of this host may wait for it to be served somewhere (within the client's handshake). */
 const openDeadlineMs = 20_000;
 
