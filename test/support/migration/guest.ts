@@ -7,13 +7,11 @@
  * Nothing else: no 9p share (QEMU will not migrate a VM with one), no network, no
  * Node.js, so the guest boots in seconds under TCG and has little RAM to migrate.
  */
-import { execFileSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { KernelFiles } from '../test-node/initramfs';
-import { findKernel } from '../test-node/test-node';
-import { NewcArchive } from './cpio';
+import { KernelFiles, moduleLoadOrder, NewcArchive } from '../test-node/initramfs';
+import { findKernel, findStaticBusybox } from '../test-node/test-node';
 import { assertRun, blockBytes, guestMarker } from './stamp';
 
 /** virtio_blk and the virtio PCI transport are modules in Debian's kernel; their dependencies come first. */
@@ -50,7 +48,7 @@ export function buildGuestInitramfs(kernel: KernelFiles, busybox: string): Buffe
   archive.file('bin/busybox', fs.readFileSync(busybox), 0o755);
   for (const applet of applets) archive.symlink(`bin/${applet}`, 'busybox');
   const order: string[] = [];
-  for (const file of moduleLoadOrder(kernel)) {
+  for (const file of moduleLoadOrder(kernel, guestModules)) {
     const name = path.basename(file);
     archive.file(`modules/${name}`, fs.readFileSync(file), 0o644);
     order.push(name);
@@ -58,19 +56,6 @@ export function buildGuestInitramfs(kernel: KernelFiles, busybox: string): Buffe
   archive.file('modules/order', Buffer.from(order.join('\n') + '\n'), 0o644);
   archive.file('init', Buffer.from(initScript), 0o755);
   return archive.finish();
-}
-
-/** What `modprobe --show-depends` would insmod, dependencies first, each once; nothing for a module built in. */
-function moduleLoadOrder(kernel: KernelFiles): string[] {
-  const files: string[] = [];
-  for (const module of guestModules) {
-    const plan = execFileSync('modprobe', ['-S', kernel.version, '--show-depends', module], { encoding: 'utf8' });
-    for (const line of plan.split('\n')) {
-      const match = /^insmod (\S+)/.exec(line);
-      if (match && !files.includes(match[1])) files.push(match[1]);
-    }
-  }
-  return files;
 }
 
 // The writer: one dd per block, so each write is its own O_DIRECT open, write and
@@ -113,18 +98,3 @@ while :; do
   fi
 done
 `;
-
-/** /bin/busybox when it is statically linked (busybox-static): the initramfs has no libraries. */
-function findStaticBusybox(): string {
-  // test-node.ts has the same check, not exported.
-  const busybox = '/bin/busybox';
-  const missing = 'the migration guest needs Debian busybox-static (apt-get install -y --no-install-recommends busybox-static)';
-  if (!fs.existsSync(busybox)) throw new Error(`${busybox} is not installed: ${missing}`);
-  const elf = fs.readFileSync(busybox);
-  const headersAt = Number(elf.readBigUInt64LE(0x20));
-  const entrySize = elf.readUInt16LE(0x36);
-  for (let i = 0; i < elf.readUInt16LE(0x38); i++) {
-    if (elf.readUInt32LE(headersAt + i * entrySize) === 3) throw new Error(`${busybox} is dynamically linked: ${missing}`);
-  }
-  return busybox;
-}

@@ -48,10 +48,10 @@ export function buildInitramfs(options: InitramfsOptions): Buffer {
   return archive.finish();
 }
 
-/** Every module file to insmod, dependencies first, each once: what `modprobe --show-depends` prints. */
-function moduleLoadOrder(kernel: KernelFiles): string[] {
+/** Every module file to insmod, dependencies first, each once: what `modprobe --show-depends` prints (nothing for one built in). */
+export function moduleLoadOrder(kernel: KernelFiles, modules: readonly string[] = guestModules): string[] {
   const files: string[] = [];
-  for (const module of guestModules) {
+  for (const module of modules) {
     const plan = execFileSync('modprobe', ['-S', kernel.version, '--show-depends', module], { encoding: 'utf8' });
     for (const line of plan.split('\n')) {
       const match = /^insmod (\S+)/.exec(line);
@@ -100,7 +100,7 @@ poweroff -f
 }
 
 /** The "new" (SVR4, no CRC) cpio format the kernel unpacks: a 110-byte ASCII header per entry, 4-byte aligned. */
-class NewcArchive {
+export class NewcArchive {
   private readonly parts: Buffer[] = [];
   private inode = 1;
 

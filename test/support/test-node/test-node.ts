@@ -288,7 +288,7 @@ export function findKernel(): KernelFiles {
 }
 
 /** /bin/busybox when it is statically linked (busybox-static); Debian's plain busybox needs libraries the initramfs lacks. */
-function findStaticBusybox(): string {
+export function findStaticBusybox(): string {
   const busybox = '/bin/busybox';
   if (!fs.existsSync(busybox)) throw new Error(missingPackages(`${busybox} is not installed`));
   if (hasInterpreter(fs.readFileSync(busybox))) throw new Error(missingPackages(`${busybox} is dynamically linked (Debian's busybox); install busybox-static`));
