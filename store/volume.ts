@@ -473,9 +473,11 @@ export class Volume {
       }
       throw err;
     }
-    assert(captured.free.length === 0 || changed, 'freed blobs follow a commit');
     if (!changed) {
-      // Nothing was committed: the committed tree may still use what earlier captures dropped.
+      // Nothing was committed: the committed tree may still use what earlier captures
+      // dropped. (This capture's own frees, if any, are blobs taken and dropped since
+      // the last commit, as when a volume written and then trimmed whole is back at its
+      // committed shape: never in a committed tree, but they wait all the same.)
       this.tree.frees.retryLater(free);
       return;
     }

@@ -115,6 +115,17 @@ describe('store behaviour', function () {
     assert.deepEqual(await store.ctx.blobs.list(), []);
   });
 
+  it('a volume written and trimmed whole before any commit is back at its committed shape: the flush commits nothing, and what it took is freed later', async () => {
+    await store.createVolume('w', { sizeBytes: 3 * 131072, extentSizeBytes: 131072 });
+    const w = await store.openVolume({ name: 'w' });
+    await w.write(2 * 131072 + 100, Buffer.alloc(600, 7));
+    await w.trim(0, 3 * 131072);
+    await w.flush();
+    assert.deepEqual(await w.blockStatus(0, 3 * 131072), [{ offset: 0, length: 3 * 131072, kind: 'hole' }]);
+    await store.collectGarbage();
+    assert.deepEqual(await store.ctx.blobs.list(), [], 'the extent and the node it took are gone');
+  });
+
   it('trimming whole extents frees them; trimming part of one zeroes those bytes', async () => {
     await store.createVolume('t', { sizeBytes: MiB, extentSizeBytes: 65536 });
     const t = await store.openVolume({ name: 't' });
