@@ -66,8 +66,9 @@ describe('live migration of a VM from the data node to a node that relays to it 
     assert.ok(run.writesOnTarget >= 30, `the guest wrote on in the target (${run.writesOnTarget} writes)`);
     assert.ok(run.firstTargetSeq > run.lastSourceSeq, `the target's first write ${run.firstTargetSeq} follows the source's last ${run.lastSourceSeq}`);
     const { source, target } = run.diskOperations;
-    // The target's flushes went to its own export, the relay node's socket: that is the way its writes took.
-    assert.ok(source.flushes >= run.lastSourceSeq && target.flushes >= 30, `each write was flushed to the export: ${JSON.stringify(run.diskOperations)}`);
+    // The target's flushes went to its own export, the relay node's socket: that is the way its writes took. (Of its
+    // first 30 reported writes, the one in flight at the switch may have left from the source.)
+    assert.ok(source.flushes >= run.lastSourceSeq - 1 && target.flushes >= 29, `each write was flushed to the export: ${JSON.stringify(run.diskOperations)}`);
     assert.equal(run.volume!.exact + run.volume!.newer, blocks, `every block was written and checked: ${JSON.stringify(run.volume)}`);
   }
 
