@@ -27,10 +27,12 @@ describe('live migration between two nodes on etcd + S3: ownership follows the V
   let dir: { dir: string; cleanup: () => void };
   let certificate: NodeCertificate;
   const nodes: Record<string, ArborServer> = {};
+  const ports: Record<string, number> = {};
   let volumes = 0;
 
   const storeArgs = () => servers.args(servers.location('migration', dir.dir));
   const startNode = async (name: string, port: number): Promise<ArborServer> => {
+    ports[name] = port;
     const nodeDir = path.join(dir.dir, name);
     fs.mkdirSync(nodeDir, { recursive: true });
     nodes[name] = await startServer(
@@ -113,6 +115,41 @@ describe('live migration between two nodes on etcd + S3: ownership follows the V
       'B relayed to A during the migration, then served the volume itself',
     );
     assert.match(nodes['node-a'].log(), /handing a volume over/);
+  });
+
+  it("node A's plugin SIGKILLed during the migration: the source's disk waits for it, the migration completes, nothing the guest completed is lost", async () => {
+    const name = await freshVolume();
+    const portA = ports['node-a'];
+    let restartedInMs = 0;
+    const run = await runMigrationBetweenServers({
+      exportName: name,
+      sourceSocket: nodes['node-a'].nbdSocket,
+      targetSocket: nodes['node-b'].nbdSocket,
+      verifySocket: nodes['node-b'].nbdSocket,
+      blocks,
+      // As a kernel nbd device waits for a restarted plugin (its dead-connection timeout).
+      reconnectDelaySeconds: 120,
+      migrate: {
+        // Slow enough that the plugin dies while the guest's memory is still being copied.
+        maxBandwidthBytesPerSecond: 8 * 1024 * 1024,
+        whileMigrating: async () => {
+          await new Promise((resolve) => setTimeout(resolve, 500));
+          await nodes['node-a'].kill();
+          const started = Date.now();
+          await startNode('node-a', portA);
+          restartedInMs = Date.now() - started;
+        },
+      },
+      afterMigration: async ({ source, running }) => {
+        await source.quit();
+        await running.waitForWrites(running.console.writes.length + 30, writesTimeoutMs);
+      },
+    });
+    console.log(`      ${describeRun('migration with node A killed', run)}; node A back in ${restartedInMs} ms`);
+    assert.equal(run.status, 'completed');
+    assert.deepEqual(run.problems, []);
+    assert.ok(run.firstTargetSeq > run.lastSourceSeq);
+    assert.equal(run.volume!.exact + run.volume!.newer, blocks, `every block was written and checked: ${JSON.stringify(run.volume)}`);
   });
 
   it('a cancelled migration leaves the source writing on node A, which still owns the volume; nothing is lost', async () => {

@@ -17,17 +17,19 @@ export interface MigrationBetweenServersOptions extends Omit<RunMigrationOptions
   targetSocket: string;
   /** Where the volume is read once both VMs are stopped; connected only then, so the server may have restarted. */
   verifySocket: string;
+  /** Both VMs' disks wait this long for their server to come back (vm.ts, NbdExport). */
+  reconnectDelaySeconds?: number;
 }
 
 /** `runMigration` with each VM on its own server's socket, the volume read back through Arbor's NBD client. */
 export async function runMigrationBetweenServers(options: MigrationBetweenServersOptions): Promise<MigrationRun> {
-  const { exportName, sourceSocket, targetSocket, verifySocket, ...rest } = options;
+  const { exportName, sourceSocket, targetSocket, verifySocket, reconnectDelaySeconds, ...rest } = options;
   const volume = nbdVolume({ socketPath: verifySocket, exportName });
   try {
     return await runMigration({
       ...rest,
-      disk: { socketPath: sourceSocket, exportName },
-      targetDisk: { socketPath: targetSocket, exportName },
+      disk: { socketPath: sourceSocket, exportName, reconnectDelaySeconds },
+      targetDisk: { socketPath: targetSocket, exportName, reconnectDelaySeconds },
       readBlock: volume.readBlock,
     });
   } finally {

@@ -23,6 +23,8 @@ export interface MigrateOptions {
   downtimeLimitMs?: number;
   /** migrate_cancel this long after `migrate`, if it has not ended by then. */
   cancelAfterMs?: number;
+  /** Runs once `migrate` was sent, beside the polling (what a test does to the storage during the migration); awaited before the outcome. */
+  whileMigrating?: () => Promise<void>;
   timeoutMs?: number;
 }
 
@@ -57,6 +59,9 @@ export async function migrate(source: MigrationVm, target: MigrationVm, options:
   const startedAtMs = performance.now();
   const deadline = startedAtMs + (options.timeoutMs ?? migrationTimeoutMs);
   await source.qmp.execute('migrate', { uri: target.incomingUri });
+  const meanwhile = options.whileMigrating?.();
+  // Awaited below; a failure meanwhile must not go unhandled while the loop polls.
+  meanwhile?.catch(() => undefined);
   let cancelledAtMs: number | undefined;
   let qemuAtCancel: MigrationInfo | undefined;
   for (;;) {
@@ -64,6 +69,7 @@ export async function migrate(source: MigrationVm, target: MigrationVm, options:
     const now = performance.now();
     if (finalStatuses.includes(qemu.status)) {
       const status = qemu.status as MigrationOutcome['status'];
+      await meanwhile;
       return {
         status,
         startedAtMs,

@@ -23,6 +23,12 @@ import { guestMarker } from './stamp';
 export interface NbdExport {
   socketPath: string;
   exportName: string;
+  /**
+   * QEMU's reconnect-delay: when the server goes away, requests wait this long for it
+   * to come back (what a kernel nbd device's dead-connection timeout does for a VM on
+   * a real node); unset, they fail at once.
+   */
+  reconnectDelaySeconds?: number;
 }
 
 export interface VmOptions {
@@ -102,7 +108,7 @@ export class MigrationVm {
       '-qmp', `unix:${qmpSocket},server=on,wait=off`,
       '-kernel', options.guest.kernel.vmlinuz, '-initrd', options.guest.initrd, '-append', options.guest.append,
       // QEMU's own NBD client; the guest's writeback cache is on, so its fsync reaches the export as NBD_CMD_FLUSH.
-      '-blockdev', `driver=nbd,node-name=disk0,server.type=unix,server.path=${options.disk.socketPath},export=${options.disk.exportName},cache.direct=on`,
+      '-blockdev', `driver=nbd,node-name=disk0,server.type=unix,server.path=${options.disk.socketPath},export=${options.disk.exportName},cache.direct=on${options.disk.reconnectDelaySeconds === undefined ? '' : `,reconnect-delay=${options.disk.reconnectDelaySeconds}`}`,
       '-device', 'virtio-blk-pci,drive=disk0,id=vda',
     ]; // prettier-ignore
     if (options.incomingSocket) qemuArgs.push('-incoming', `unix:${options.incomingSocket}`);
