@@ -37,6 +37,7 @@ import {
   validateName,
 } from './records';
 import { SnapshotReader } from './snapshot-reader';
+import { allocatedRanges, ByteRange, changedRanges } from './diff';
 import { NodeSource, countExtents } from './tree';
 import { Volume } from './volume';
 
@@ -479,6 +480,23 @@ export class Store {
 
   async openSnapshot(ref: Ref): Promise<SnapshotReader> {
     return new SnapshotReader(await this.getSnapshot(ref), this.nodeSource(), this.ctx.blobs);
+  }
+
+  /** The byte ranges whose contents differ between two snapshots (diff.ts): the cost follows the map nodes that differ. */
+  async diffSnapshots(from: Ref, to: Ref): Promise<ByteRange[]> {
+    const [a, b] = [await this.getSnapshot(from), await this.getSnapshot(to)];
+    if (a.extentSizeBytes !== b.extentSizeBytes) {
+      throw new ArborError(
+        'invalid-argument',
+        `snapshots ${a.volumeName}@${a.name} and ${b.volumeName}@${b.name} have extent sizes ${a.extentSizeBytes} and ${b.extentSizeBytes}: they are not of one lineage`,
+      );
+    }
+    return changedRanges(this.nodeSource(), this.ctx.blobs, a, b);
+  }
+
+  /** The byte ranges a snapshot maps (data or allocated zeros). */
+  async snapshotAllocated(ref: Ref): Promise<ByteRange[]> {
+    return allocatedRanges(this.nodeSource(), await this.getSnapshot(ref));
   }
 
   // ---- group snapshots (group-snapshots.ts) ----
