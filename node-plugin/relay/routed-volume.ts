@@ -78,6 +78,13 @@ export class RoutedVolume implements NbdExport {
 
   async close(): Promise<void> {
     if (--this.users > 0) return;
+    // The changes kept for a replay go with the route: make them durable first.
+    if (this.unflushed.count > 0) {
+      await this.flush().catch((err) =>
+        this.options.log.warn('a closing route could not flush what it was keeping', { volume: this.name, error: (err as Error).message }),
+      );
+    }
+    if (this.users > 0) return; // opened again meanwhile
     this.closed = true;
     this.onIdle(this);
     const backend = this.current ?? (await this.resolving?.catch(() => undefined));
@@ -99,6 +106,8 @@ export class RoutedVolume implements NbdExport {
   }
 
   async flush(): Promise<void> {
+    // A client's last FLUSH may come after its connection closed the route, which flushed then.
+    if (this.closed && this.unflushed.count === 0) return;
     let mark = 0;
     await this.call(
       'flush',
