@@ -132,11 +132,6 @@ export class NbdClient {
     return client;
   }
 
-  /** Whether the connection has failed or closed: every request from now on fails. */
-  get failed(): boolean {
-    return this.failure !== undefined;
-  }
-
   /**
    * Negotiates an export for the kernel's NBD driver, which never handshakes itself:
    * simple replies, no meta context, as the kernel speaks. Returns the socket at the

@@ -43,15 +43,14 @@ export const defaultRelayRequestTimeoutMs = 30_000;
  * kernel itself does after a timeout: reads, writes, trims and zeroes of a range are
  * idempotent, and overlapping requests in flight have no order in NBD anyway.
  *
- * One relay is shared by every local connection to the export (`open` counts them),
- * and its connections to the serving node are shared by all of them. A FLUSH sent on
+ * One relay serves one route (`RoutedVolume`), which every local connection to the
+ * export shares; its connections to the serving node are shared by all of them. A FLUSH sent on
  * one of them covers the writes completed on all (the serving node offers
  * CAN_MULTI_CONN), so the relay offers the same.
  */
 export class RelayExport implements NbdExport {
   private readonly clients: Array<Promise<NbdClient> | undefined>;
   private next = 0;
-  private users = 0;
   private closed = false;
   private size: number;
   private readonly flags: number;
@@ -62,7 +61,6 @@ export class RelayExport implements NbdExport {
     private readonly target: RelayTarget,
     private readonly options: RelayOptions,
     first: NbdClient,
-    private readonly onIdle: () => void,
   ) {
     this.clients = new Array<Promise<NbdClient> | undefined>(Math.max(1, options.connections)).fill(undefined);
     this.clients[0] = Promise.resolve(first);
@@ -71,8 +69,8 @@ export class RelayExport implements NbdExport {
     this.blockBytes = first.blockSizes.preferred;
   }
 
-  /** Connects to the export on the serving node; undefined when it has no such export. `onIdle`: the last user closed it. */
-  static async open(name: string, target: RelayTarget, options: RelayOptions, onIdle: () => void): Promise<RelayExport | undefined> {
+  /** Connects to the export on the serving node; undefined when it has no such export. */
+  static async open(name: string, target: RelayTarget, options: RelayOptions): Promise<RelayExport | undefined> {
     let first: NbdClient;
     try {
       first = await connectTo(target, name);
@@ -80,7 +78,7 @@ export class RelayExport implements NbdExport {
       if (err instanceof NbdOptionError && err.replyType === REP.ERR_UNKNOWN) return undefined;
       throw unreachable(name, target, err);
     }
-    return new RelayExport(name, target, options, first, onIdle);
+    return new RelayExport(name, target, options, first);
   }
 
   get description(): string {
@@ -99,16 +97,8 @@ export class RelayExport implements NbdExport {
     return this.blockBytes;
   }
 
-  /** One more local connection uses the relay. */
-  retain(): this {
-    this.users++;
-    return this;
-  }
-
   async close(): Promise<void> {
-    if (--this.users > 0) return;
     this.closed = true;
-    this.onIdle();
     await Promise.all(this.clients.map(async (pending) => (await pending?.catch(() => undefined))?.disconnect()));
   }
 

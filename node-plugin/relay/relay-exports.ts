@@ -75,13 +75,12 @@ export class RelayExports implements ExportProvider {
   }
 
   private async connect(name: string): Promise<{ backend: NbdExport; local: boolean }> {
-    const relay = await RelayExport.open(
-      name,
-      this.target,
-      { connections: this.options.connections, requestTimeoutMs: this.options.requestTimeoutMs, log: this.options.log },
-      () => {},
-    );
+    const relay = await RelayExport.open(name, this.target, {
+      connections: this.options.connections,
+      requestTimeoutMs: this.options.requestTimeoutMs,
+      log: this.options.log,
+    });
     if (!relay) throw new ArborError('not-found', `the data node ${this.target.host}:${this.target.port} has no export ${name}`);
-    return { backend: relay.retain(), local: false };
+    return { backend: relay, local: false };
   }
 }

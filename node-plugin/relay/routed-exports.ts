@@ -112,14 +112,13 @@ export class RoutedExports implements ExportProvider {
           `volume ${name} is served by node ${err.owner.nodeId}, which advertises no NBD address (--nbd-advertise) to relay to`,
         );
       }
-      const relay = await RelayExport.open(
-        name,
-        target,
-        { connections: this.options.connections, requestTimeoutMs: this.options.requestTimeoutMs, log: this.options.log },
-        () => {},
-      );
+      const relay = await RelayExport.open(name, target, {
+        connections: this.options.connections,
+        requestTimeoutMs: this.options.requestTimeoutMs,
+        log: this.options.log,
+      });
       if (!relay) throw new ArborError('unavailable', `volume ${name}: node ${err.owner.nodeId} does not serve it`);
-      return { backend: relay.retain(), local: false };
+      return { backend: relay, local: false };
     }
   }
 
