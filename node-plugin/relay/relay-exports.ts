@@ -3,7 +3,7 @@ import { ArborError, isArborError } from '../../store/errors';
 import { NbdClient } from '../nbd/client';
 import { ExportProvider, ExportSummary, NbdExport } from '../nbd/export';
 import { RelayExport, RelayTarget } from './relay-export';
-import { RoutedVolume } from './routed-volume';
+import { openRoute, RoutedVolume } from './routed-volume';
 
 export interface RelayExportsOptions {
   /** Connections to the data node per export. */
@@ -31,28 +31,22 @@ export class RelayExports implements ExportProvider {
   ) {}
 
   async open(name: string): Promise<NbdExport | undefined> {
-    let route = this.routes.get(name);
-    if (!route) {
-      const created = new RoutedVolume(
-        name,
-        () => this.connect(name),
-        this.options,
-        () => {
-          if (this.routes.get(name) === created) this.routes.delete(name);
-        },
-      );
-      this.routes.set(name, created);
-      route = created;
-    }
-    route.retain();
     try {
-      await route.ready();
+      return await openRoute(this.routes, name, () => {
+        const created: RoutedVolume = new RoutedVolume(
+          name,
+          () => this.connect(name),
+          this.options,
+          () => {
+            if (this.routes.get(name) === created) this.routes.delete(name);
+          },
+        );
+        return created;
+      });
     } catch (err) {
-      await route.close();
       if (isArborError(err, 'not-found')) return undefined;
       throw err;
     }
-    return route;
   }
 
   async list(): Promise<ExportSummary[]> {

@@ -4,7 +4,7 @@ import { Store } from '../../store/store';
 import { ExportClient, ExportProvider, ExportSummary, NbdExport } from '../nbd/export';
 import { StoreExports } from '../store-exports';
 import { RelayExport, RelayTarget } from './relay-export';
-import { RouteOptions, RoutedVolume } from './routed-volume';
+import { openRoute, RouteOptions, RoutedVolume } from './routed-volume';
 
 export interface RoutedExportsOptions extends RouteOptions {
   /** Where a node's NBD server is reached (what it advertised); undefined when it advertised nothing. */
@@ -46,24 +46,17 @@ export class RoutedExports implements ExportProvider {
     if (name.includes('@')) return this.local.open(name);
     if (!(await this.store.findVolume({ name }))) return undefined;
     if (client?.remote) return this.openForRelay(name, client);
-    let route = this.routes.get(name);
-    if (!route) {
-      route = new RoutedVolume(
-        name,
-        () => this.find(name),
-        this.options,
-        (idle) => this.routeIdle(name, idle),
-      );
-      this.routes.set(name, route);
-    }
-    route.retain();
-    try {
-      await route.ready();
-    } catch (err) {
-      await route.close();
-      throw err;
-    }
-    return route;
+    return openRoute(
+      this.routes,
+      name,
+      () =>
+        new RoutedVolume(
+          name,
+          () => this.find(name),
+          this.options,
+          (idle) => this.routeIdle(name, idle),
+        ),
+    );
   }
 
   async exists(name: string): Promise<boolean> {

@@ -220,3 +220,24 @@ export class RoutedVolume implements NbdExport {
     void backend.close?.()?.catch(() => undefined);
   }
 }
+
+/**
+ * The route every client on this host shares for `name`: the one in `routes`, or a
+ * new one from `create`. The caller's use is counted, and the route is served
+ * somewhere once this resolves (a failure undoes the count).
+ */
+export async function openRoute(routes: Map<string, RoutedVolume>, name: string, create: () => RoutedVolume): Promise<RoutedVolume> {
+  let route = routes.get(name);
+  if (!route) {
+    route = create();
+    routes.set(name, route);
+  }
+  route.retain();
+  try {
+    await route.ready();
+  } catch (err) {
+    await route.close();
+    throw err;
+  }
+  return route;
+}
