@@ -67,7 +67,11 @@ export interface ParseResult<C> {
 export function parseCommandLine<C>(argv: string[], commands: CommandSpec<C>[]): ParseResult<C> {
   const takesValue = new Set<string>();
   for (const command of [{ options: globalOptions }, ...commands]) {
-    for (const [name, spec] of Object.entries(command.options)) if (spec.type === 'string') takesValue.add(`--${name}`);
+    for (const [name, spec] of Object.entries(command.options)) {
+      if (spec.type !== 'string') continue;
+      takesValue.add(`--${name}`);
+      if (spec.short) takesValue.add(`-${spec.short}`);
+    }
   }
   const words: string[] = [];
   for (let i = 0; i < argv.length; i++) {

@@ -12,7 +12,7 @@ import { AdminClient } from './admin/client';
 import { StoreApi } from './admin/methods';
 
 /** A volume (NAME) or snapshot (NAME@SNAP) opened for import or export. */
-export type Image = Omit<NbdExport, 'cache' | 'zero' | 'description'> & { close(): Promise<void> };
+export type Image = Omit<NbdExport, 'cache' | 'description'> & { close(): Promise<void> };
 
 /**
  * How a command reaches the store: opened here when no server holds the data
@@ -74,6 +74,13 @@ function rethrow(err: unknown, exportName: string): never {
   throw new ArborError('not-found', `the server cannot serve ${exportName}: ${(err as Error).message}`);
 }
 
+/** NBD requests carry 32-bit lengths: a larger trim or zero goes as several. */
+const largestRangeRequest = 1024 * 1024 * 1024;
+
+async function inPieces(offset: number, length: number, fn: (offset: number, length: number) => Promise<void>): Promise<void> {
+  for (let done = 0; done < length; done += largestRangeRequest) await fn(offset + done, Math.min(largestRangeRequest, length - done));
+}
+
 /** An export of the running server, reached over its NBD socket. */
 function remoteImage(client: NbdClient, name: string): Image {
   const maxRequest = Math.min(client.blockSizes.maximum, 4 * 1024 * 1024);
@@ -107,7 +114,11 @@ function remoteImage(client: NbdClient, name: string): Image {
       }
     },
     flush: () => call(() => client.flush()),
-    trim: (offset, length) => call(() => client.trim(offset, length)),
+    trim: (offset, length) => inPieces(offset, length, (at, n) => call(() => client.trim(at, n))),
+    zero: (offset, length, options) =>
+      inPieces(offset, length, (at, n) =>
+        call(() => client.zero(at, n, (options.noHole ? CMD_FLAG.NO_HOLE : 0) | (options.fua ? CMD_FLAG.FUA : 0) | (options.fast ? CMD_FLAG.FAST_ZERO : 0))),
+      ),
     async blockStatus(offset, length) {
       // The server may describe less than asked: ask again for the rest.
       const out: RangeStatus[] = [];

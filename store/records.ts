@@ -40,6 +40,8 @@ export interface SnapshotRecord extends TreeRecord {
   volumeName: string;
   /** The group snapshot it was taken in, if any: it is deleted with its group. */
   groupId?: string;
+  /** Set on a received snapshot: the id it had in the store it was taken in (receive.ts). */
+  origin?: string;
 }
 
 /** Snapshots of several volumes taken at one instant, in one catalog transaction. */
@@ -98,7 +100,7 @@ const treeFields = {
 };
 
 const volumeShape = shape<VolumeRecord>({ ...treeFields, labels: optional(mapOf(string)) });
-const snapshotShape = shape<SnapshotRecord>({ ...treeFields, volumeId: string, volumeName: string, groupId: optional(string) });
+const snapshotShape = shape<SnapshotRecord>({ ...treeFields, volumeId: string, volumeName: string, groupId: optional(string), origin: optional(string) });
 const groupShape = shape<GroupSnapshotRecord>({ id: string, name: string, volumeIds: arrayOf(string), snapshotIds: arrayOf(string), createdAt: string });
 const publicationShape = shape<Publication>({ readOnly: boolean, multiNode: boolean, multiNodeWriter: optional(boolean), publishedAt: string });
 const publicationsShape = shape<Publications>({ nodes: mapOf(publicationShape) });

@@ -36,6 +36,7 @@ import {
   snapshotRecordOf,
   validateName,
 } from './records';
+import { ReceivePlan, ReceiveStaging, Receives, isHiddenVolume } from './receive';
 import { SnapshotReader } from './snapshot-reader';
 import { allocatedRanges, ByteRange, changedRanges } from './diff';
 import { NodeSource, countExtents } from './tree';
@@ -74,6 +75,7 @@ export class Store {
   private readonly collector: Collector;
   private readonly groups: GroupSnapshots;
   private readonly registry: PublicationRegistry;
+  private readonly receives: Receives;
   /** Requests to and from other processes that own volumes (where volumes have owners). */
   private readonly requests?: OwnerRequests;
   private timers: NodeJS.Timeout[] = [];
@@ -105,6 +107,20 @@ export class Store {
       getVolume: (ref) => this.getVolume(ref),
     });
     this.registry = new PublicationRegistry(this.ctx, (id) => this.getVolume({ id }));
+    this.receives = new Receives({
+      catalog,
+      log,
+      busy: (id) => this.volumes.busy(id),
+      owned: ownership !== undefined,
+      listVolumes: () => this.allVolumes(),
+      listSnapshots: (ref) => this.listSnapshots(ref),
+      findSnapshot: (ref) => this.findSnapshot(ref),
+      publishedTo: async (id) => Object.keys((await this.publications(id)).nodes),
+      resizeVolume: (ref, sizeBytes) => this.resizeVolume(ref, sizeBytes),
+      deleteVolume: (ref) => this.deleteVolume(ref),
+      withVolume: (ref, fn) => this.withVolume(ref, fn),
+      forget: (volume) => this.volumes.forget(volume),
+    });
     this.timers.push(setInterval(() => void this.commitIdleVolumes(), backgroundTickMs).unref());
     ownership?.onLost((reason) => this.loseEveryVolume(reason));
   }
@@ -319,7 +335,12 @@ export class Store {
     return entry && decodeVolume(entry);
   }
 
+  /** Every volume users made (not the hidden staging volumes of receives in progress). */
   async listVolumes(): Promise<VolumeRecord[]> {
+    return (await this.allVolumes()).filter((v) => !isHiddenVolume(v));
+  }
+
+  private async allVolumes(): Promise<VolumeRecord[]> {
     return (await this.ctx.catalog.list(keys.volumes)).map(decodeVolume).sort(byName);
   }
 
@@ -497,6 +518,25 @@ export class Store {
   /** The byte ranges a snapshot maps (data or allocated zeros). */
   async snapshotAllocated(ref: Ref): Promise<ByteRange[]> {
     return allocatedRanges(this.nodeSource(), await this.getSnapshot(ref));
+  }
+
+  // ---- receiving snapshots from other stores (receive.ts) ----
+
+  /** Checks a received stream can apply and makes the hidden volume its data is written to. */
+  beginReceive(plan: ReceivePlan): Promise<ReceiveStaging> {
+    this.checkOpen();
+    return this.receives.begin(plan);
+  }
+
+  /** Makes the received snapshot appear, once the whole stream was written to `staging` and checked. */
+  finishReceive(staging: ReceiveStaging, plan: ReceivePlan): Promise<SnapshotRecord> {
+    this.checkOpen();
+    return this.receives.finish(staging, plan);
+  }
+
+  /** Discards what a failed receive wrote. */
+  abortReceive(staging: ReceiveStaging): Promise<void> {
+    return this.receives.abort(staging);
   }
 
   // ---- group snapshots (group-snapshots.ts) ----

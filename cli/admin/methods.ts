@@ -28,6 +28,21 @@ const cloneSource: Check = (v) =>
   isObject(v) && Object.keys(v).length === 1 && (ref((v as Record<string, unknown>).volume) || ref((v as Record<string, unknown>).snapshot));
 const cloneOptions: Check = (v) => isObject(v) && optional(stringMap)((v as Record<string, unknown>).labels);
 const publishOptions: Check = (v) => isObject(v) && bool((v as Record<string, unknown>).readOnly) && bool((v as Record<string, unknown>).multiNode);
+const staging: Check = (v) => isObject(v) && Object.keys(v).length === 2 && str((v as Record<string, unknown>).id) && str((v as Record<string, unknown>).name);
+const receivePlan: Check = (v) => {
+  if (!isObject(v)) return false;
+  const p = v as Record<string, unknown>;
+  const base = p.base as Record<string, unknown> | undefined;
+  return (
+    str(p.volume) &&
+    str(p.snapshot) &&
+    str(p.origin) &&
+    num(p.sizeBytes) &&
+    num(p.extentSizeBytes) &&
+    optional(bool)(p.force) &&
+    (base === undefined || (isObject(base) && str(base.name) && str(base.origin)))
+  );
+};
 const refs: Check = (v) => Array.isArray(v) && v.every(ref);
 
 function isObject(v: unknown): v is object {
@@ -48,6 +63,11 @@ export const adminMethods = {
   getSnapshot: [ref],
   findSnapshot: [ref],
   deleteSnapshot: [ref],
+  diffSnapshots: [ref, ref],
+  snapshotAllocated: [ref],
+  beginReceive: [receivePlan],
+  finishReceive: [staging, receivePlan],
+  abortReceive: [staging],
   collectGarbage: [],
   createGroupSnapshot: [str, refs],
   findGroupSnapshot: [ref],
