@@ -2,6 +2,8 @@ import * as grpc from '@grpc/grpc-js';
 import { csiProto } from './proto';
 
 type Call = (request?: object) => Promise<Record<string, unknown>>;
+/** A server-streaming call (SnapshotMetadata): the response stream, to read or cancel. */
+type StreamingCall = (request?: object) => grpc.ClientReadableStream<Record<string, unknown>>;
 
 /** A CSI client over a plugin's gRPC socket, each service's methods as promises (for `arbor csi call`, tests and benchmarks). */
 export interface CsiClient {
@@ -9,6 +11,7 @@ export interface CsiClient {
   controller: Record<string, Call>;
   group: Record<string, Call>;
   node: Record<string, Call>;
+  metadata: Record<string, StreamingCall>;
   close(): void;
 }
 
@@ -35,13 +38,40 @@ export function csiClient(socketPath: string): CsiClient {
       },
     );
   };
+  const wrapStreaming = (Service: grpc.ServiceClientConstructor): Record<string, StreamingCall> => {
+    const client = new Service(address, grpc.credentials.createInsecure());
+    clients.push(client);
+    return new Proxy(
+      {},
+      {
+        get:
+          (_t, method: string) =>
+          (request: object = {}) => {
+            const fn = (client as unknown as Record<string, (r: object) => grpc.ClientReadableStream<Record<string, unknown>>>)[method];
+            if (typeof fn !== 'function') throw new Error(`no method ${method}`);
+            return fn.call(client, request);
+          },
+      },
+    );
+  };
   return {
     identity: wrap(proto.Identity as unknown as grpc.ServiceClientConstructor),
     controller: wrap(proto.Controller as unknown as grpc.ServiceClientConstructor),
     group: wrap(proto.GroupController as unknown as grpc.ServiceClientConstructor),
     node: wrap(proto.Node as unknown as grpc.ServiceClientConstructor),
+    metadata: wrapStreaming(proto.SnapshotMetadata as unknown as grpc.ServiceClientConstructor),
     close: () => clients.forEach((c) => c.close()),
   };
+}
+
+/** Every message of a server-streaming call, once it ended; its error (a grpc.ServiceError) if it failed. */
+export function readAll<T = Record<string, unknown>>(stream: grpc.ClientReadableStream<Record<string, unknown>>): Promise<T[]> {
+  return new Promise((resolve, reject) => {
+    const messages: T[] = [];
+    stream.on('data', (message: T) => messages.push(message));
+    stream.on('error', reject);
+    stream.on('end', () => resolve(messages));
+  });
 }
 
 /** Asserts the call fails with this gRPC status; returns the error's message. */

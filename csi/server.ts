@@ -9,6 +9,7 @@ import type { ControllerHandlers } from './generated/csi/v1/Controller';
 import type { GroupControllerHandlers } from './generated/csi/v1/GroupController';
 import type { IdentityHandlers } from './generated/csi/v1/Identity';
 import type { NodeHandlers } from './generated/csi/v1/Node';
+import type { SnapshotMetadataHandlers } from './generated/csi/v1/SnapshotMetadata';
 import { csiProto } from './proto';
 
 /**
@@ -25,15 +26,42 @@ export type UnaryHandlers<H> = {
     : never;
 };
 
+/** The sending side of a server-streaming call, as its handler sees it. */
+export interface ResponseStream<Response> {
+  /**
+   * Sends one message. While the client's flow-control window is full this waits,
+   * so a slow reader holds the handler back instead of the server queueing messages
+   * without bound. Resolves false once the client has gone (cancelled, deadline
+   * passed, connection lost): the handler should stop working and return.
+   */
+  send(message: Response): Promise<boolean>;
+  /** Whether the client has gone. */
+  readonly cancelled: boolean;
+}
+
+/**
+ * A service's server-streaming methods (SnapshotMetadata), typed from the generated
+ * handler types like `UnaryHandlers`: each takes its decoded request and the stream
+ * to send its responses on, and resolves when it sent the last one. Throwing ends
+ * the stream with the error's gRPC status (csi/errors.ts).
+ */
+export type StreamingHandlers<H> = {
+  [M in keyof H as string extends M ? never : M]?: H[M] extends grpc.handleServerStreamingCall<infer Request, infer Response>
+    ? (request: Request, stream: ResponseStream<Response>) => Promise<void>
+    : never;
+};
+
 export interface CsiServices {
   Identity: UnaryHandlers<IdentityHandlers>;
   Controller?: UnaryHandlers<ControllerHandlers>;
   GroupController?: UnaryHandlers<GroupControllerHandlers>;
   Node?: UnaryHandlers<NodeHandlers>;
+  SnapshotMetadata?: StreamingHandlers<SnapshotMetadataHandlers>;
 }
 
 /** Any service's method, as the server sees it: grpc decodes each request with that method's own definition. */
 type Unary = (request: object) => Promise<object>;
+type Streaming = (request: object, stream: ResponseStream<object>) => Promise<void>;
 
 /** "unix:///run/csi/csi.sock", "unix:/run/csi/csi.sock" or a bare path → the socket path. */
 export function socketPathOf(endpoint: string): string {
@@ -53,14 +81,16 @@ export async function startCsiServer(endpoint: string, services: CsiServices, lo
   fs.rmSync(socketPath, { force: true });
   const server = new grpc.Server({ 'grpc.max_receive_message_length': 4 * 1024 * 1024 });
   const proto = csiProto().csi.v1;
-  for (const [name, implementation] of Object.entries(services) as Array<[keyof CsiServices, Record<string, Unary | undefined> | undefined]>) {
+  for (const [name, implementation] of Object.entries(services) as Array<[keyof CsiServices, Record<string, Unary | Streaming | undefined> | undefined]>) {
     if (!implementation) continue;
-    const definition = proto[name].service;
+    const definition: grpc.ServiceDefinition = proto[name].service;
     const handlers: grpc.UntypedServiceImplementation = {};
     for (const [method, handler] of Object.entries(implementation)) {
       if (!(method in definition)) throw new Error(`${name}.${method} is not in csi.proto`);
       if (!handler) continue;
-      handlers[method] = wrap(`${name}.${method}`, handler, log);
+      const { requestStream, responseStream } = definition[method];
+      if (requestStream) throw new Error(`${name}.${method} streams requests: the CSI server serves none`);
+      handlers[method] = responseStream ? wrapStreaming(`${name}.${method}`, handler as Streaming, log) : wrap(`${name}.${method}`, handler as Unary, log);
     }
     server.addService(definition, handlers);
   }
@@ -103,6 +133,76 @@ function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<ob
           request: redact(call.request),
         });
         callback(status);
+      },
+    );
+  };
+}
+
+/**
+ * A server-streaming method: logged and counted like a unary call (with the number
+ * of messages sent), its error sent as the stream's status, and a client that goes
+ * away mid-stream logged as such, never answered.
+ */
+function wrapStreaming(method: string, handler: Streaming, log: Log): grpc.handleServerStreamingCall<object, object> {
+  return (call) => {
+    const started = Date.now();
+    const timer = csiRequestSeconds.startTimer({ method });
+    let messages = 0;
+    // Whoever waits for the client to drain its window: woken when the client goes too (no drain follows a cancel).
+    const waiting = new Set<() => void>();
+    const gone = () => call.cancelled || call.destroyed;
+    call.once('cancelled', () => {
+      for (const wake of waiting) wake();
+      waiting.clear();
+    });
+    const stream: ResponseStream<object> = {
+      get cancelled() {
+        return gone();
+      },
+      async send(message) {
+        if (gone()) return false;
+        messages++;
+        if (call.write(message)) return true;
+        await new Promise<void>((resolve) => {
+          const wake = () => {
+            call.off('drain', wake);
+            waiting.delete(wake);
+            resolve();
+          };
+          waiting.add(wake);
+          call.on('drain', wake);
+        });
+        return !gone();
+      },
+    };
+    const cancelled = () => {
+      csiRequests.inc({ method, code: 'CANCELLED' });
+      log.info('CSI call cancelled by the client', { method, ms: Date.now() - started, messages, request: redact(call.request) });
+    };
+    handler(call.request, stream).then(
+      () => {
+        timer();
+        if (gone()) return cancelled();
+        csiRequests.inc({ method, code: 'OK' });
+        log.debug('CSI call', { method, ms: Date.now() - started, messages, request: redact(call.request) });
+        call.end();
+      },
+      (err: unknown) => {
+        timer();
+        if (gone()) return cancelled();
+        const status = toGrpcError(err);
+        csiRequests.inc({ method, code: grpc.status[status.code] });
+        const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
+        log[level]('CSI call failed', {
+          method,
+          ms: Date.now() - started,
+          messages,
+          code: grpc.status[status.code],
+          error: status.details,
+          request: redact(call.request),
+        });
+        // grpc-js sends an 'error' event's status as the stream's trailers, after what was written.
+        call.emit('error', status);
       },
     );
   };
