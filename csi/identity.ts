@@ -7,6 +7,8 @@ import { driverName } from './proto';
 export interface IdentityOptions {
   /** Whether this process serves the Controller (and GroupController) services. */
   controller: boolean;
+  /** Whether this process serves the SnapshotMetadata service (only where it holds the store: controller/snapshot-metadata.ts). */
+  snapshotMetadata?: boolean;
   /** Ready when the store is open and answers. */
   ready: () => Promise<boolean>;
 }
@@ -26,6 +28,7 @@ export function identityService(options: IdentityOptions): UnaryHandlers<Identit
           { service: { type: 'GROUP_CONTROLLER_SERVICE' } },
         );
       }
+      if (options.snapshotMetadata) capabilities.push({ service: { type: 'SNAPSHOT_METADATA_SERVICE' } });
       return { capabilities };
     },
     async Probe() {

@@ -7,6 +7,7 @@ import { nodeTopologyKey } from '../../csi/proto';
 import { CsiServices, startCsiServer } from '../../csi/server';
 import { groupControllerService } from '../../controller/group';
 import { controllerService } from '../../controller/service';
+import { snapshotMetadataService, SnapshotMetadataStore } from '../../controller/snapshot-metadata';
 import { chooseAttacher, realHostProbe } from '../../node-plugin/attach';
 import { defaultDeadConnectionTimeoutSeconds } from '../../node-plugin/attach/kernel';
 import { hostCommands } from '../../node-plugin/host/commands';
@@ -220,11 +221,16 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   });
 }
 
-function csiServices(store: StoreApi, roles: Roles, topology: Record<string, string>, node: NodeService | undefined): CsiServices {
+function csiServices(store: StoreApi & SnapshotMetadataStore, roles: Roles, topology: Record<string, string>, node: NodeService | undefined): CsiServices {
   return {
-    Identity: identityService({ controller: roles.controller, ready: async () => (node ? node.ready() : true) && (await store.healthy()) }),
+    Identity: identityService({
+      controller: roles.controller,
+      snapshotMetadata: roles.controller,
+      ready: async () => (node ? node.ready() : true) && (await store.healthy()),
+    }),
     Controller: roles.controller ? controllerService({ store, topology }) : undefined,
     GroupController: roles.controller ? groupControllerService(store) : undefined,
+    SnapshotMetadata: roles.controller ? snapshotMetadataService(store) : undefined,
     Node: node?.handlers,
   };
 }
@@ -505,12 +511,15 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
         : undefined;
       const { store, disconnect } = joined ? { store: joined as StoreApi, disconnect: () => {} } : remoteStore(ctx.dataDir);
       const topology = values['node-id'] ? { [nodeTopologyKey]: String(values['node-id']) } : undefined;
+      // The diff walks run where the store is open: not through the embedded store's admin socket, which does not offer them.
+      const metadata = joined && snapshotMetadataService(joined);
       const csi = await startCsiServer(
         String(values['csi-endpoint']),
         {
-          Identity: identityService({ controller: true, ready: () => store.healthy() }),
+          Identity: identityService({ controller: true, snapshotMetadata: metadata !== undefined, ready: () => store.healthy() }),
           Controller: controllerService({ store, topology }),
           GroupController: groupControllerService(store),
+          SnapshotMetadata: metadata,
         },
         ctx.log,
       );

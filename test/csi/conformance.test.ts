@@ -52,10 +52,10 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       assert.equal(info.vendor_version, packageVersion());
     });
 
-    it('GetPluginCapabilities: controller, topology, group controller, online expansion', async () => {
+    it('GetPluginCapabilities: controller, topology, group controller, snapshot metadata, online expansion', async () => {
       const caps = (await csi.identity.GetPluginCapabilities()).capabilities as Array<{ service?: { type: string }; volume_expansion?: { type: string } }>;
       const services = caps.filter((c) => c.service).map((c) => c.service!.type);
-      assert.deepEqual(services.sort(), ['CONTROLLER_SERVICE', 'GROUP_CONTROLLER_SERVICE', 'VOLUME_ACCESSIBILITY_CONSTRAINTS']);
+      assert.deepEqual(services.sort(), ['CONTROLLER_SERVICE', 'GROUP_CONTROLLER_SERVICE', 'SNAPSHOT_METADATA_SERVICE', 'VOLUME_ACCESSIBILITY_CONSTRAINTS']);
       assert.ok(caps.some((c) => c.volume_expansion?.type === 'ONLINE'));
     });
 
