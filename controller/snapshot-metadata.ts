@@ -4,9 +4,9 @@ import type { GetMetadataAllocatedResponse } from '../csi/generated/csi/v1/GetMe
 import type { GetMetadataDeltaResponse } from '../csi/generated/csi/v1/GetMetadataDeltaResponse';
 import type { SnapshotMetadataHandlers } from '../csi/generated/csi/v1/SnapshotMetadata';
 import { ResponseStream, StreamingHandlers } from '../csi/server';
+import type { StoreApi } from '../store/api';
 import type { ByteRange } from '../store/diff';
 import type { SnapshotRecord } from '../store/records';
-import type { Store } from '../store/store';
 
 /**
  * The CSI SnapshotMetadata service (alpha in CSI v1.12): which byte ranges a
@@ -29,8 +29,8 @@ import type { Store } from '../store/store';
  *   share no volume in their ancestry are refused (INVALID_ARGUMENT).
  */
 
-/** The store calls this service makes: the diff walks only exist in a process that holds the store. */
-export type SnapshotMetadataStore = Pick<Store, 'findSnapshot' | 'snapshotAllocated' | 'diffSnapshots'>;
+/** The store calls this service makes: in this process, or through the admin socket of the process that holds the store. */
+export type SnapshotMetadataStore = Pick<StoreApi, 'findSnapshot' | 'snapshotAllocated' | 'diffSnapshots'>;
 
 /** Tuples per response message when the client leaves max_results at 0: about 20 bytes each on the wire. */
 export const defaultTuplesPerMessage = 1024;

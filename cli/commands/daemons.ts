@@ -7,7 +7,7 @@ import { nodeTopologyKey } from '../../csi/proto';
 import { CsiServices, startCsiServer } from '../../csi/server';
 import { groupControllerService } from '../../controller/group';
 import { controllerService } from '../../controller/service';
-import { snapshotMetadataService, SnapshotMetadataStore } from '../../controller/snapshot-metadata';
+import { snapshotMetadataService } from '../../controller/snapshot-metadata';
 import { chooseAttacher, realHostProbe } from '../../node-plugin/attach';
 import { defaultDeadConnectionTimeoutSeconds } from '../../node-plugin/attach/kernel';
 import { hostCommands } from '../../node-plugin/host/commands';
@@ -221,7 +221,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   });
 }
 
-function csiServices(store: StoreApi & SnapshotMetadataStore, roles: Roles, topology: Record<string, string>, node: NodeService | undefined): CsiServices {
+function csiServices(store: StoreApi, roles: Roles, topology: Record<string, string>, node: NodeService | undefined): CsiServices {
   return {
     Identity: identityService({
       controller: roles.controller,
@@ -511,15 +511,13 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
         : undefined;
       const { store, disconnect } = joined ? { store: joined as StoreApi, disconnect: () => {} } : remoteStore(ctx.dataDir);
       const topology = values['node-id'] ? { [nodeTopologyKey]: String(values['node-id']) } : undefined;
-      // The diff walks run where the store is open: not through the embedded store's admin socket, which does not offer them.
-      const metadata = joined && snapshotMetadataService(joined);
       const csi = await startCsiServer(
         String(values['csi-endpoint']),
         {
-          Identity: identityService({ controller: true, snapshotMetadata: metadata !== undefined, ready: () => store.healthy() }),
+          Identity: identityService({ controller: true, snapshotMetadata: true, ready: () => store.healthy() }),
           Controller: controllerService({ store, topology }),
           GroupController: groupControllerService(store),
-          SnapshotMetadata: metadata,
+          SnapshotMetadata: snapshotMetadataService(store),
         },
         ctx.log,
       );

@@ -2,7 +2,8 @@ import assert from 'node:assert/strict';
 import { ChildProcess, spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { csiClient } from '../../csi/client';
+import { csiClient, expectCode, readAll, status } from '../../csi/client';
+import { NbdClient } from '../../node-plugin/nbd/client';
 import { ArborServer, cliPath, startServer } from '../support/arbor-server';
 import { run } from '../support/run';
 import { tempDir } from '../support/tmp';
@@ -48,6 +49,7 @@ describe('arbor node and arbor controller as separate processes; arbor csi call'
   it("the node offers no controller; the controller creates on the node's store; the node stages it", async () => {
     const caps = JSON.parse((await call(nodeSocket(), 'Identity.GetPluginCapabilities')).stdout).capabilities as Array<{ service?: { type: string } }>;
     assert.ok(!caps.some((c) => c.service?.type === 'CONTROLLER_SERVICE'), 'arbor node offers no controller service');
+    assert.ok(!caps.some((c) => c.service?.type === 'SNAPSHOT_METADATA_SERVICE'), 'nor the snapshot metadata service');
     const created = await call(controllerSocket(), 'Controller.CreateVolume', {
       name: 'split',
       volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, mount: {} }],
@@ -79,6 +81,51 @@ describe('arbor node and arbor controller as separate processes; arbor csi call'
     csi.close();
     const listed = JSON.parse((await call(controllerSocket(), 'Controller.ListVolumes', {})).stdout);
     assert.equal(listed.entries.length, 1);
+  });
+
+  it("arbor controller serves SnapshotMetadata through the node's admin socket", async () => {
+    const controllerCaps = JSON.parse((await call(controllerSocket(), 'Identity.GetPluginCapabilities')).stdout).capabilities as Array<{
+      service?: { type: string };
+    }>;
+    assert.ok(controllerCaps.some((c) => c.service?.type === 'SNAPSHOT_METADATA_SERVICE'));
+    const csi = csiClient(controllerSocket());
+    try {
+      const block = { access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} };
+      const { volume } = (await csi.controller.CreateVolume({
+        name: 'tracked',
+        volume_capabilities: [block],
+        capacity_range: { required_bytes: String(4 * MiB) },
+        parameters: { extentSize: '64KiB' },
+      })) as { volume: { volume_id: string } };
+      const nbd = await NbdClient.connect({ socketPath: node.nbdSocket, exportName: 'tracked' });
+      await nbd.write(MiB, Buffer.alloc(128 * 1024, 1));
+      const before = ((await csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'tracked-1' })).snapshot as { snapshot_id: string })
+        .snapshot_id;
+      await nbd.write(3 * MiB, Buffer.alloc(4096, 2));
+      await nbd.disconnect();
+      const after = ((await csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'tracked-2' })).snapshot as { snapshot_id: string })
+        .snapshot_id;
+      const tuples = (messages: Array<{ block_metadata: Array<{ byte_offset: string; size_bytes: string }> }>) =>
+        messages.flatMap((m) => m.block_metadata.map((t) => [Number(t.byte_offset), Number(t.size_bytes)]));
+      const allocated = await readAll<{ block_metadata: Array<{ byte_offset: string; size_bytes: string }> }>(
+        csi.metadata.GetMetadataAllocated({ snapshot_id: after, starting_offset: '0' }),
+      );
+      assert.deepEqual(tuples(allocated), [
+        [MiB, 128 * 1024],
+        [3 * MiB, 64 * 1024],
+      ]);
+      const delta = await readAll<{ block_metadata: Array<{ byte_offset: string; size_bytes: string }> }>(
+        csi.metadata.GetMetadataDelta({ base_snapshot_id: before, target_snapshot_id: after, starting_offset: '0' }),
+      );
+      assert.deepEqual(tuples(delta), [[3 * MiB, 64 * 1024]]);
+      await expectCode(
+        readAll(csi.metadata.GetMetadataAllocated({ snapshot_id: 'snap-0123456789abcdef', starting_offset: '0' })),
+        status.NOT_FOUND,
+        'the store’s not-found crosses the admin socket',
+      );
+    } finally {
+      csi.close();
+    }
   });
 
   it('arbor csi call reports CSI errors and bad requests clearly', async () => {
