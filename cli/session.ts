@@ -4,6 +4,7 @@ import { NbdClient, NbdError } from '../node-plugin/nbd/client';
 import { CMD_FLAG, NBD_EINVAL, NBD_ENOSPC, NBD_EPERM } from '../node-plugin/nbd/protocol';
 import { NbdExport } from '../node-plugin/nbd/export';
 import { StoreExports } from '../node-plugin/store-exports';
+import { Store } from '../store/store';
 import { isDistributed, openStore, StoreLocation } from '../store/open';
 import os from 'node:os';
 import { ArborError } from '../store/errors';
@@ -23,6 +24,12 @@ export interface Session {
   api: StoreApi;
   /** Set when talking to a running server. */
   serverPid?: number;
+  /** The running server's NBD socket, if it serves one. */
+  nbdSocket?: string;
+  /** The running server's admin client, for the calls that are the server's own. */
+  admin?: AdminClient;
+  /** The store, when it is open in this process. */
+  store?: Store;
   openImage(exportName: string): Promise<Image>;
   close(): Promise<void>;
 }
@@ -40,6 +47,8 @@ export async function openSession(location: StoreLocation, log: Log): Promise<Se
     return {
       api: admin.api,
       serverPid: info.pid,
+      nbdSocket: info.nbdSocket,
+      admin,
       async openImage(exportName) {
         if (!info.nbdSocket) {
           throw new ArborError(
@@ -55,9 +64,14 @@ export async function openSession(location: StoreLocation, log: Log): Promise<Se
     };
   }
   const store = await openStore(location, { log, nodeId: `cli-${os.hostname()}-${process.pid}`, ephemeralCache: true });
-  const exports = new StoreExports(store);
+  return localSession(store, new StoreExports(store), () => store.close());
+}
+
+/** A session on a store open in this process (the CLI's own, or a server's for work it does itself). */
+export function localSession(store: Store, exports: StoreExports, close: () => Promise<void>): Session {
   return {
     api: store,
+    store,
     async openImage(exportName) {
       const exp = await exports.open(exportName);
       if (!exp) throw new ArborError('not-found', `${exportName.includes('@') ? 'snapshot' : 'volume'} ${exportName} does not exist`);
@@ -65,7 +79,7 @@ export async function openSession(location: StoreLocation, log: Log): Promise<Se
       const release = exp.close?.bind(exp);
       return Object.assign(exp, { close: release ?? (async () => {}) });
     },
-    close: () => store.close(),
+    close,
   };
 }
 

@@ -5,6 +5,13 @@ import { SnapshotReader } from '../store/snapshot-reader';
 import { RangeStatus } from '../store/tree';
 import { Volume } from '../store/volume';
 import { ExportProvider, ExportSummary, NbdExport } from './nbd/export';
+import { VolumeGate, VolumeGates } from './volume-gate';
+
+/** A volume moved to another store: where its requests go now, shared by every connection. */
+export interface MovedVolume {
+  /** Another use of the shared route to the volume's new home (closed by the connection). */
+  open(): NbdExport;
+}
 
 /**
  * The store's volumes and snapshots as NBD exports: a volume by its name
@@ -13,14 +20,24 @@ import { ExportProvider, ExportSummary, NbdExport } from './nbd/export';
  * completed on all of them (CAN_MULTI_CONN).
  */
 export class StoreExports implements ExportProvider {
+  /** Where a move (cli/move.ts) stops a volume's writes and then sends its requests. */
+  readonly gates = new VolumeGates();
+  private readonly moved = new Map<string, MovedVolume>();
+
   constructor(private readonly store: Store) {}
+
+  /** Clients that connect to `name` from now on reach the volume where it moved. */
+  markMoved(name: string, to: MovedVolume): void {
+    this.moved.set(name, to);
+  }
 
   async open(name: string): Promise<NbdExport | undefined> {
     const at = name.indexOf('@');
     if (at < 0) {
       const record = await this.store.findVolume({ name });
+      if (!record) return this.moved.get(name)?.open();
       // Each connection holds the volume; the last to close lets it go (where volumes have owners).
-      return record && new VolumeExport(await this.store.acquireVolume({ id: record.id }));
+      return new VolumeExport(await this.store.acquireVolume({ id: record.id }), this.gates.for(record.id));
     }
     const snapshot = await this.store.findSnapshot({ name: name.slice(at + 1) });
     if (!snapshot || snapshot.volumeName !== name.slice(0, at)) return undefined;
@@ -41,12 +58,22 @@ class VolumeExport implements NbdExport {
   readonly readOnly = false;
   private readonly volume: Volume;
 
-  constructor(private readonly handle: VolumeHandle) {
+  constructor(
+    private readonly handle: VolumeHandle,
+    private readonly gate: VolumeGate,
+  ) {
     this.volume = handle.volume;
+    gate.users++;
   }
 
   close(): Promise<void> {
+    this.gate.users--;
     return this.handle.release();
+  }
+
+  // Reads go to the volume until it has moved (while a move holds its writes it does not change).
+  private get reader(): { readInto: NbdExport['readInto']; blockStatus: NbdExport['blockStatus'] } {
+    return this.gate.movedTo ?? this.volume;
   }
 
   get name(): string {
@@ -66,32 +93,44 @@ class VolumeExport implements NbdExport {
   }
 
   readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    return this.volume.readInto(offset, target, targetOffset, length);
+    return this.reader.readInto(offset, target, targetOffset, length);
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
-    return this.volume.write(offset, data, { fua });
+    return this.gate.change(
+      () => this.volume.write(offset, data, { fua }),
+      (moved) => moved.write(offset, data, fua),
+    );
   }
 
   flush(): Promise<void> {
-    return this.volume.flush();
+    return this.gate.change(
+      () => this.volume.flush(),
+      (moved) => moved.flush(),
+    );
   }
 
   trim(offset: number, length: number): Promise<void> {
-    return this.volume.trim(offset, length);
+    return this.gate.change(
+      () => this.volume.trim(offset, length),
+      (moved) => moved.trim(offset, length),
+    );
   }
 
   zero(offset: number, length: number, options: { noHole: boolean; fua: boolean; fast: boolean }): Promise<void> {
-    return this.volume.writeZeroes(offset, length, options);
+    return this.gate.change(
+      () => this.volume.writeZeroes(offset, length, options),
+      (moved) => moved.zero(offset, length, options),
+    );
   }
 
   blockStatus(offset: number, length: number): Promise<RangeStatus[]> {
-    return this.volume.blockStatus(offset, length);
+    return this.reader.blockStatus(offset, length);
   }
 
   async cache(offset: number, length: number): Promise<void> {
     // Walking the map loads its nodes; data stays where the page cache has it.
-    await this.volume.blockStatus(offset, length);
+    await this.reader.blockStatus(offset, length);
   }
 }
 

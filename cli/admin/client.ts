@@ -5,6 +5,8 @@ import { TlsIdentity } from '../../node-plugin/nbd/tls-identity';
 import { ArborError, ErrorCode } from '../../store/errors';
 import { AdminMethod, StoreApi, adminMethods } from './methods';
 import { ServerInfo } from './server';
+import type { MoveReport } from '../move';
+import type { MoveRequest } from '../move-request';
 
 /** Talks to a running `arbor serve` over its admin socket; offers the same calls as the store. */
 export class AdminClient {
@@ -49,6 +51,11 @@ export class AdminClient {
 
   serverInfo(): Promise<ServerInfo> {
     return this.call('serverInfo', []) as Promise<ServerInfo>;
+  }
+
+  /** Asks the server to move a volume it holds to another store (a long call: the move's rounds run in the server). */
+  moveVolume(request: MoveRequest): Promise<MoveReport> {
+    return this.call('moveVolume', [request]) as Promise<MoveReport>;
   }
 
   close(): void {

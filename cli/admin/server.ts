@@ -28,6 +28,8 @@ export class AdminServer {
   private readonly server: net.Server;
   private readonly remote: net.Server[] = [];
   private readonly sockets = new Set<net.Socket>();
+  /** Calls the server answers itself, beside the store's (see handle). */
+  private readonly handlers = new Map<string, (args: unknown[]) => Promise<unknown>>();
 
   private constructor(
     private readonly store: Store,
@@ -81,6 +83,11 @@ export class AdminServer {
     return (server.address() as net.AddressInfo).port;
   }
 
+  /** Answers `method` with `fn` (work of the server's own, such as moving a volume it serves); local socket only. */
+  handle(method: string, fn: (args: unknown[]) => Promise<unknown>): void {
+    this.handlers.set(method, fn);
+  }
+
   /** Stops listening and hangs up on clients still connected (they reconnect to the next server). */
   close(): Promise<void> {
     const closed = Promise.all([this.server, ...this.remote].map((server) => new Promise<void>((resolve) => server.close(() => resolve()))));
@@ -113,7 +120,13 @@ export class AdminServer {
       if (allowed && !allowed.has(String(request.method))) {
         throw new ArborError('failed-precondition', `${String(request.method)} is not offered to other nodes; run it on the data node`);
       }
-      const result = request.method === 'serverInfo' ? this.info : await dispatch(this.store, request.method, request.args ?? []);
+      const handler = typeof request.method === 'string' ? this.handlers.get(request.method) : undefined;
+      const result =
+        request.method === 'serverInfo'
+          ? this.info
+          : handler
+            ? await handler(Array.isArray(request.args) ? request.args : [])
+            : await dispatch(this.store, request.method, request.args ?? []);
       socket.write(JSON.stringify({ id, result: result ?? null }) + '\n');
     } catch (err) {
       const code = isArborError(err) ? err.code : err instanceof SyntaxError ? 'invalid-argument' : 'internal';

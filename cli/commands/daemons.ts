@@ -15,6 +15,7 @@ import { NbdServer } from '../../node-plugin/nbd/server';
 import { TlsFiles, TlsIdentity } from '../../node-plugin/nbd/tls-identity';
 import { NodeService, nodeService, storeVolumes } from '../../node-plugin/service';
 import { StoreExports } from '../../node-plugin/store-exports';
+import { moveFromHere, parseMoveRequest } from '../move-request';
 import { defaultRelayConnections, defaultRelayRequestTimeoutMs } from '../../node-plugin/relay/relay-export';
 import { RelayExports } from '../../node-plugin/relay/relay-exports';
 import { RoutedExports, RoutedExportsOptions } from '../../node-plugin/relay/routed-exports';
@@ -176,6 +177,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     if (!distributed) {
       // The CLI reaches an embedded store through the process that holds it; with etcd and S3 it joins the store itself.
       const admin = await AdminServer.listen(adminSocketPath(ctx.dataDir), store, { pid: process.pid, nbdSocket }, ctx.log);
+      admin.handle('moveVolume', ([request]) => moveFromHere(store, storeExports, parseMoveRequest(request), ctx.log));
       stops.push(() => admin.close());
       if (adminListen) {
         const port = await admin.listenTls(adminListen.host, adminListen.port, tlsIdentity!, relayNodeAdminMethods);

@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { Progress } from '../../lib/progress';
-import { formatSize, parseSize, UnitError } from '../../lib/units';
+import path from 'node:path';
+import { formatSize, parseDuration, parseSize, UnitError } from '../../lib/units';
 import { ArborError } from '../../store/errors';
 import { LineageStep, VolumeRecord } from '../../store/records';
 import { CommandSpec, UsageError } from '../args';
@@ -8,6 +9,10 @@ import { CliContext } from '../context';
 import { json, table } from '../output';
 import { parseRef, snapshotOf } from '../refs';
 import { exportToFile, exportToStream, importImage } from '../transfer';
+import { MoveReport, defaultMoveOptions, moveVolume } from '../move';
+import { MoveRequest, moveOptions } from '../move-request';
+import { openSession } from '../session';
+import { StoreLocation } from '../../store/open';
 
 function size(text: string | boolean | undefined, option: string): number | undefined {
   if (text === undefined) return undefined;
@@ -192,6 +197,50 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     },
   },
   {
+    path: ['volume', 'move'],
+    positionals: ['NAME'],
+    options: {
+      to: { type: 'string', value: 'DIR', description: "the destination's data directory (its cache directory with --to-store)" },
+      'to-store': {
+        type: 'string',
+        value: 'etcd://HOST:PORT[,...]/PREFIX',
+        description: 'a distributed destination: its catalog (with --to-blobs; etcd TLS as --etcd-ca etc.)',
+      },
+      'to-blobs': { type: 'string', value: 's3://BUCKET/PREFIX?endpoint=URL', description: 'a distributed destination: its blobs' },
+      'final-round': {
+        type: 'string',
+        value: 'SIZE',
+        description: `pre-copy until a round changes at most this much (default ${formatSize(defaultMoveOptions.finalRoundBytes)})`,
+      },
+      'max-rounds': { type: 'string', value: 'N', description: `pre-copy rounds at most (default ${defaultMoveOptions.maxRounds})` },
+      'max-pause': {
+        type: 'string',
+        value: 'DURATION',
+        description: `longest the last round may hold writes; longer, the move is cancelled (default ${defaultMoveOptions.maxPauseMs / 1000}s)`,
+      },
+    },
+    summary:
+      'Move a volume to another store while it is in use: a full copy, then rounds of what changed, then writes held for one short last round while the connections of the server holding it switch to the destination.',
+    async run(ctx, { positionals: [name], values }) {
+      const request = moveRequest(ctx.location, name, values);
+      const report = await ctx.withSession(async (session) => {
+        if (session.admin) return session.admin.moveVolume(request);
+        // Nothing serves the volume: no connection to switch, this process moves it.
+        const destination = await openSession(request.destination, ctx.log);
+        try {
+          return await moveVolume({ session }, { session: destination, nbdSocket: destination.nbdSocket }, name, {
+            ...moveOptions(request, ctx.log),
+            onRound: (r) =>
+              ctx.stderr.write(`round ${r.round} (${r.kind}): ${formatSize(r.changedBytes)} changed, ${formatSize(r.streamBytes)} sent in ${r.ms} ms\n`),
+          });
+        } finally {
+          await destination.close();
+        }
+      });
+      ctx.stdout.write(describeMove(report));
+    },
+  },
+  {
     path: ['volume', 'rm'],
     positionals: ['NAME'],
     options: {},
@@ -202,3 +251,53 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     },
   },
 ];
+
+function moveRequest(source: StoreLocation, volume: string, values: Record<string, string | boolean | undefined>): MoveRequest {
+  if (values.to === undefined) throw new UsageError('--to DIR is required: the destination data directory (with --to-store, its cache directory)');
+  const distributed = values['to-store'] !== undefined || values['to-blobs'] !== undefined;
+  if (distributed && (values['to-store'] === undefined || values['to-blobs'] === undefined)) {
+    throw new UsageError('a distributed destination needs both --to-store and --to-blobs');
+  }
+  const dataDir = path.resolve(String(values.to));
+  const destination: StoreLocation = distributed
+    ? {
+        dataDir,
+        storeUrl: String(values['to-store']),
+        blobsUrl: String(values['to-blobs']),
+        etcdTls: source.etcdTls,
+        cacheDir: path.join(dataDir, 'blob-cache'),
+      }
+    : { dataDir };
+  const sameStore = distributed ? destination.storeUrl === source.storeUrl : source.storeUrl === undefined && dataDir === path.resolve(source.dataDir);
+  if (sameStore) throw new UsageError('the destination is the store the volume is in');
+  const rounds = values['max-rounds'] === undefined ? undefined : Number(values['max-rounds']);
+  if (rounds !== undefined && (!Number.isSafeInteger(rounds) || rounds < 0))
+    throw new UsageError(`--max-rounds ${String(values['max-rounds'])} is not a count`);
+  return {
+    volume,
+    destination,
+    finalRoundBytes: size(values['final-round'], 'final-round'),
+    maxRounds: rounds,
+    maxPauseMs: values['max-pause'] === undefined ? undefined : duration(String(values['max-pause']), '--max-pause'),
+  };
+}
+
+function duration(text: string, option: string): number {
+  try {
+    return parseDuration(text, option);
+  } catch (err) {
+    if (err instanceof UnitError) throw new UsageError(err.message);
+    throw err;
+  }
+}
+
+function describeMove(report: MoveReport): string {
+  const lines = report.rounds.map(
+    (r) => `  round ${r.round} (${r.kind}): ${formatSize(r.changedBytes)} changed, ${formatSize(r.streamBytes)} sent in ${r.ms} ms`,
+  );
+  const pause =
+    report.pauseMs === undefined
+      ? 'no connection used it: nothing was paused'
+      : `writes paused ${report.pauseMs} ms; ${report.switchedConnections} connections switched to the destination`;
+  return `moved volume ${report.volume} (${formatSize(report.sizeBytes)}) in ${report.ms} ms, ${report.rounds.length} rounds; ${pause}\n${lines.join('\n')}\n`;
+}

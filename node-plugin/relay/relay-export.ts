@@ -6,11 +6,16 @@ import { NbdExport } from '../nbd/export';
 import { CMD_FLAG, NBD_EINVAL, NBD_ENOSPC, NBD_ENOTSUP, NBD_EPERM, NBD_ESHUTDOWN, REP, TFLAG } from '../nbd/protocol';
 import { TlsIdentity } from '../nbd/tls-identity';
 
-/** Another node's NBD server, reached over TCP with mutual TLS. */
-export interface RelayTarget {
+/** Another node's NBD server, reached over TCP with mutual TLS; or (a volume moved to another store on this host) a server's unix socket. */
+export type RelayTarget = TcpRelayTarget | { socketPath: string };
+export interface TcpRelayTarget {
   host: string;
   port: number;
   identity: TlsIdentity;
+}
+
+function describeTarget(target: RelayTarget): string {
+  return 'socketPath' in target ? target.socketPath : `${target.host}:${target.port}`;
 }
 
 export interface RelayOptions {
@@ -155,7 +160,7 @@ export class RelayExport implements NbdExport {
   }
 
   private get where(): string {
-    return `its serving node ${this.target.host}:${this.target.port}`;
+    return `its serving node ${describeTarget(this.target)}`;
   }
 
   /** Runs a request on one of the connections, sending it again on a fresh one while the serving node is away. */
@@ -213,13 +218,16 @@ export class RelayExport implements NbdExport {
 }
 
 function connectTo(target: RelayTarget, exportName: string): Promise<NbdClient> {
+  if ('socketPath' in target) return NbdClient.connect({ socketPath: target.socketPath, exportName });
   return NbdClient.connect({ host: target.host, port: target.port, exportName, tls: target.identity.clientOptions() });
 }
 
 function unreachable(name: string, target: RelayTarget, err: unknown): ArborError {
   return new ArborError(
     'unavailable',
-    `volume ${name}: cannot reach its serving node ${target.host}:${target.port} over NBD with TLS (${(err as Error).message}); check that node's plugin, the network between the nodes and the TLS certificates`,
+    'socketPath' in target
+      ? `volume ${name}: cannot reach the NBD server at ${target.socketPath} (${(err as Error).message}); check that the server there runs`
+      : `volume ${name}: cannot reach its serving node ${target.host}:${target.port} over NBD with TLS (${(err as Error).message}); check that node's plugin, the network between the nodes and the TLS certificates`,
   );
 }
 

@@ -2,7 +2,7 @@ import { Log } from '../../lib/logger';
 import { ArborError, isArborError } from '../../store/errors';
 import { NbdClient } from '../nbd/client';
 import { ExportProvider, ExportSummary, NbdExport } from '../nbd/export';
-import { RelayExport, RelayTarget } from './relay-export';
+import { RelayExport, TcpRelayTarget } from './relay-export';
 import { openRoute, RoutedVolume } from './routed-volume';
 
 export interface RelayExportsOptions {
@@ -26,7 +26,7 @@ export class RelayExports implements ExportProvider {
   private readonly routes = new Map<string, RoutedVolume>();
 
   constructor(
-    private readonly target: RelayTarget,
+    private readonly target: TcpRelayTarget,
     private readonly options: RelayExportsOptions,
   ) {}
 
