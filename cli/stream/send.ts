@@ -1,4 +1,5 @@
 import { Progress } from '../../lib/progress';
+import { ArborError } from '../../store/errors';
 import { snapshotOrigin } from '../../store/receive';
 import { SnapshotRecord } from '../../store/records';
 import { Session } from '../session';
@@ -29,6 +30,13 @@ export async function sendSnapshot(
   output: NodeJS.WritableStream,
   progress: (covered: number) => Progress,
 ): Promise<SendSummary> {
+  if (base && base.sizeBytes > snapshot.sizeBytes) {
+    // The diff spans the larger size, past this snapshot's end; and a receiver only grows volumes.
+    throw new ArborError(
+      'failed-precondition',
+      `snapshot ${snapshot.volumeName}@${snapshot.name} (${snapshot.sizeBytes} bytes) is smaller than its base ${base.volumeName}@${base.name} (${base.sizeBytes} bytes): volumes only grow; send from a base no larger, or send it in full`,
+    );
+  }
   const ranges = base ? await session.api.diffSnapshots({ id: base.id }, { id: snapshot.id }) : await session.api.snapshotAllocated({ id: snapshot.id });
   const coveredBytes = ranges.reduce((sum, r) => sum + r.length, 0);
   const bar = progress(coveredBytes);
