@@ -15,6 +15,7 @@ const clusterScoped = new Set([
   'VolumeSnapshotClass',
   'VolumeGroupSnapshotClass',
   'StorageProfile',
+  'SnapshotMetadataService',
 ]);
 
 /**

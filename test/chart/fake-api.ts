@@ -40,6 +40,7 @@ const resources: Record<string, [string, string, boolean][]> = {
   'groupsnapshot.storage.k8s.io/v1': [['volumegroupsnapshotclasses', 'VolumeGroupSnapshotClass', false]],
   'cdi.kubevirt.io/v1beta1': [['storageprofiles', 'StorageProfile', false]],
   'monitoring.coreos.com/v1': [['servicemonitors', 'ServiceMonitor', true]],
+  'cbt.storage.k8s.io/v1beta1': [['snapshotmetadataservices', 'SnapshotMetadataService', false]],
 };
 
 /** The URL path of an object: /api/v1/namespaces/NS/secrets/NAME, /apis/GROUP/VERSION/storageclasses/NAME. */

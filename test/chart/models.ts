@@ -312,6 +312,13 @@ export const customKinds: Record<string, Record<string, Shape>> = {
       ['source'],
     ),
   },
+  // external-snapshot-metadata's CRD (client/config/crd): every field required and, by its CEL rules, not empty.
+  'cbt.storage.k8s.io/v1beta1/SnapshotMetadataService': {
+    spec: obj({ address: 'string', caCert: 'string', audience: 'string' }, ['address', 'caCert', 'audience']),
+  },
+  'cbt.storage.k8s.io/v1alpha1/SnapshotMetadataService': {
+    spec: obj({ address: 'string', caCert: 'string', audience: 'string' }, ['address', 'caCert', 'audience']),
+  },
   'cdi.kubevirt.io/v1beta1/StorageProfile': {
     spec: obj({
       claimPropertySets: list(
@@ -450,7 +457,7 @@ function shapeProblems(value: unknown, shape: Shape, at: string, problems: strin
   }
 }
 
-/** Whether a cluster with Kubernetes, the snapshot CRDs, CDI, KubeVirt, the Prometheus Operator and cert-manager knows this kind. */
+/** Whether a cluster with Kubernetes, the snapshot CRDs, external-snapshot-metadata's CRD, CDI, KubeVirt, the Prometheus Operator and cert-manager knows this kind. */
 export function knownKind(object: { apiVersion?: unknown; kind?: unknown }): boolean {
   const key = `${object.apiVersion}/${object.kind}`;
   return key in builtinKinds || key in customKinds;

@@ -268,7 +268,9 @@ describe('the objects the chart renders', function () {
       assert.equal(ctrl.spec.replicas, 3);
       assert.equal(ctrl.spec.strategy?.type, 'RollingUpdate');
       assert.equal(ctrl.spec.template.spec.securityContext?.runAsNonRoot, true);
-      for (const c of ctrl.spec.template.spec.containers.filter((c) => c.name.startsWith('csi-'))) assert.ok(flags(c).has('leader-election'), c.name);
+      // Every replica serves snapshot metadata (read-only, nothing to elect); the others act on the cluster and elect a leader.
+      const electing = ctrl.spec.template.spec.containers.filter((c) => c.name.startsWith('csi-') && c.name !== 'csi-snapshot-metadata');
+      for (const c of electing) assert.ok(flags(c).has('leader-election'), c.name);
       for (const sc of all(objects, 'StorageClass')) assert.equal(sc.volumeBindingMode, 'Immediate', sc.metadata.name);
     });
   });
@@ -404,7 +406,7 @@ describe('the objects the chart renders', function () {
 
     it('serves metrics on the named port the scrape annotations and the ServiceMonitor point at', () => {
       const objects = distributed();
-      const services = all(objects, 'Service');
+      const services = all(objects, 'Service').filter((s) => s.metadata.labels?.['arbor.dev/metrics'] === 'true');
       assert.equal(services.length, 2);
       const monitor = one(objects, 'ServiceMonitor');
       const monitorSpec = monitor.spec as {
@@ -491,6 +493,13 @@ describe('the objects the chart renders', function () {
           'groupsnapshot.storage.k8s.io/volumegroupsnapshotcontents': verbs('get', 'list', 'watch', 'update', 'patch'),
           'groupsnapshot.storage.k8s.io/volumegroupsnapshotcontents/status': verbs('update', 'patch'),
         },
+        'snapshot-metadata': {
+          'cbt.storage.k8s.io/snapshotmetadataservices': verbs('get', 'list', 'watch'),
+          'authentication.k8s.io/tokenreviews': verbs('create'),
+          'authorization.k8s.io/subjectaccessreviews': verbs('create'),
+          'snapshot.storage.k8s.io/volumesnapshots': verbs('get', 'list'),
+          'snapshot.storage.k8s.io/volumesnapshotcontents': verbs('get', 'list'),
+        },
         resizer: {
           '/persistentvolumes': verbs('get', 'list', 'watch', 'patch'),
           '/persistentvolumeclaims': verbs('get', 'list', 'watch'),
@@ -517,6 +526,7 @@ describe('the objects the chart renders', function () {
           if (role.kind === 'ClusterRole') assert.ok(!rule.resources.includes('leases'), 'leases are namespaced');
         }
       }
+      assert.ok(!all(embedded(), 'ClusterRole').some((r) => r.metadata.name.endsWith('-snapshot-metadata')), 'snapshot metadata rights only with the sidecar');
       const embeddedSnapshotter = grants(one(embedded(), 'ClusterRole', `${controllerName}-snapshotter`));
       assert.ok(!Object.keys(embeddedSnapshotter).some((k) => k.startsWith('groupsnapshot')), 'group snapshot rights only with group snapshots');
     });

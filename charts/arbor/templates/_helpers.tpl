@@ -149,6 +149,16 @@ and Arbor picks a renewed certificate up with no restart.
       - { key: ca.crt, path: ca.crt }
 {{- end }}
 
+{{/*
+Changed-block tracking: the external-snapshot-metadata sidecar's Service (the address
+backup tools dial, so the name its certificate must hold) and its TLS files, mounted
+as a directory (no subPath) so a renewed Secret reaches them.
+*/}}
+{{- define "arbor.snapshotMetadataName" -}}{{ include "arbor.fullname" . }}-snapshot-metadata{{- end }}
+{{- define "arbor.snapshotMetadataHost" -}}{{ include "arbor.snapshotMetadataName" . }}.{{ .Release.Namespace }}.svc{{- end }}
+{{- define "arbor.snapshotMetadataTlsDir" -}}/etc/arbor/snapshot-metadata-tls{{- end }}
+{{- define "arbor.snapshotMetadataAudience" -}}{{ .Values.snapshotMetadata.audience | default (include "arbor.driverName" .) }}{{- end }}
+
 {{/* Embedded mode: the Service through which every other node reaches the data node. */}}
 {{- define "arbor.dataServiceName" -}}{{ include "arbor.fullname" . }}-data{{- end }}
 {{- define "arbor.dataServiceHost" -}}{{ include "arbor.dataServiceName" . }}.{{ .Release.Namespace }}.svc{{- end }}
