@@ -4,7 +4,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { helm, K8sObject, parseDocuments, repoRoot, valuesArgs, yaml } from '../support/helm';
 import { objectProblems } from './models';
-import { all, defaults, namespace, render } from './rendered';
+import { all, defaults, namespace, one, render } from './rendered';
 
 const examplesDir = path.join(repoRoot, 'docs/examples');
 const guides = ['docs/install.md', 'docs/kubevirt.md'];
@@ -319,12 +319,48 @@ describe('the docs and their examples', function () {
       }
       const certificates = fencedBlocks('docs/install.md', 'yaml')
         .flatMap((block) => parseDocuments(block) as K8sObject[])
-        .filter((o) => o.kind === 'Certificate' && !spec(o).isCA);
+        .filter((o) => o.kind === 'Certificate' && !spec(o).isCA && (spec(o).dnsNames as string[] | undefined)?.includes('arbor-node'));
       assert.ok(certificates.length > 0, 'no cert-manager Certificate for the nodes');
       for (const c of certificates) {
         const usages = spec(c).usages as string[];
         assert.ok(usages.includes('server auth') && usages.includes('client auth'), `Certificate ${c.metadata.name} is not for both server and client auth`);
       }
+    });
+
+    it('install.md covers changed-block tracking: the CRD, a certificate for the Service the chart makes, the values, the backup tools’ RBAC', () => {
+      const text = read('docs/install.md');
+      for (const needle of [
+        /## 8b\. Changed-block tracking/,
+        /cbt\.storage\.k8s\.io_snapshotmetadataservices\.yaml/,
+        /snapshotMetadata\.enabled=true/,
+        /snapshotMetadata\.tls\.secretName/,
+        /snapshotMetadata\.tls\.caCert/,
+        /client-cluster-role\.yaml/,
+        /VARIABLE_LENGTH/,
+        /INVALID_ARGUMENT/,
+        /OUT_OF_RANGE/,
+      ]) {
+        assert.match(text, needle);
+      }
+      const certificate = fencedBlocks('docs/install.md', 'yaml')
+        .flatMap((block) => parseDocuments(block) as K8sObject[])
+        .find((o) => o.kind === 'Certificate' && spec(o).secretName === 'arbor-snapshot-metadata-tls');
+      assert.ok(certificate, 'no Certificate for the snapshot metadata sidecar');
+      // The address the chart announces (release arbor in arbor-system, as the guide installs it) is a name the certificate holds.
+      const announced = one(
+        render({
+          set: {
+            'store.embedded.nodeName': 'worker-1',
+            'snapshotMetadata.enabled': true,
+            'snapshotMetadata.tls.secretName': 'arbor-snapshot-metadata-tls',
+            'snapshotMetadata.tls.caCert': '-----BEGIN CERTIFICATE-----',
+          },
+        }),
+        'SnapshotMetadataService',
+      );
+      const host = (announced.spec as { address: string }).address.replace(/:\d+$/, '');
+      assert.ok((spec(certificate).dnsNames as string[]).includes(host), `the Certificate does not hold ${host}`);
+      assert.ok((spec(certificate).usages as string[]).includes('server auth'));
     });
 
     // kubevirt.md used to say that VMs on Arbor disks cannot live-migrate (no ReadWriteMany).
