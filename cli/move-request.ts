@@ -27,7 +27,7 @@ export function parseMoveRequest(value: unknown): MoveRequest {
   if (typeof d !== 'object' || d === null || typeof d.dataDir !== 'string') bad('no destination data directory');
   for (const key of ['storeUrl', 'blobsUrl', 'cacheDir'] as const) if (d![key] !== undefined && typeof d![key] !== 'string') bad(`destination ${key}`);
   for (const key of ['finalRoundBytes', 'maxRounds', 'maxPauseMs'] as const) {
-    if (r[key] !== undefined && (typeof r[key] !== 'number' || !Number.isSafeInteger(r[key]) || (r[key]) < 0)) bad(key);
+    if (r[key] !== undefined && (typeof r[key] !== 'number' || !Number.isSafeInteger(r[key]) || r[key] < 0)) bad(key);
   }
   return value as MoveRequest;
 }

@@ -43,6 +43,8 @@ export interface RoundReport {
   /** Bytes the round's stream covered (what changed). */
   changedBytes: number;
   streamBytes: number;
+  /** Taking the round's snapshot: it commits the volume, which holds its writes meanwhile. */
+  snapshotMs: number;
   ms: number;
 }
 
@@ -180,6 +182,7 @@ class Move {
     const started = Date.now();
     const src = this.source.session.api;
     const snapshot = await src.createSnapshot({ id: this.volume.id }, `move-${this.tag}-${this.rounds.length + 1}`);
+    const snapshotMs = Date.now() - started;
     const base = kind === 'full' ? undefined : this.base;
     let sent: { changedBytes: number; streamBytes: number };
     try {
@@ -192,13 +195,14 @@ class Move {
     const previous = this.base;
     this.base = snapshot;
     if (previous) await this.forgetSnapshot(previous.name);
-    const report = { round: this.rounds.length + 1, kind, changedBytes, streamBytes, ms: Date.now() - started };
+    const report = { round: this.rounds.length + 1, kind, changedBytes, streamBytes, snapshotMs, ms: Date.now() - started };
     this.rounds.push(report);
     this.options.log.info('volume move round', { volume: this.volume.name, ...report });
     this.options.onRound?.(report);
   }
 
   private transfer(snapshot: SnapshotRecord, base: SnapshotRecord | undefined): Promise<{ changedBytes: number; streamBytes: number }> {
+    if (this.expired) return Promise.reject(this.expired);
     const pipe = new PassThrough({ highWaterMark: 8 * 1024 * 1024 });
     this.cancel = (reason) => pipe.destroy(reason);
     const quiet = (): Progress => new Progress(discard, '');
@@ -216,24 +220,33 @@ class Move {
       pipe.destroy(err);
       throw err;
     });
-    return Promise.all([sending, receiving]).then(([sent]) => ({ changedBytes: sent.coveredBytes, streamBytes: sent.streamBytes }));
+    return Promise.all([sending, receiving])
+      .then(([sent]) => ({ changedBytes: sent.coveredBytes, streamBytes: sent.streamBytes }))
+      .catch((err: Error) => {
+        // Cancelled past the deadline: say so, not what the broken pipe made of it.
+        throw this.expired ?? err;
+      })
+      .finally(() => (this.cancel = undefined));
   }
 
+  /** Stops the transfer in progress (the last round ran out of time). */
   private cancel?: (reason: Error) => void;
+  private expired?: ArborError;
 
-  /** Runs the last round; past the longest pause allowed, cancels it (the volume then stays where it is). */
+  /**
+   * Runs the last round; past the longest pause allowed, cancels it (the volume then
+   * stays where it was). A round that completes, however late, is kept: its pause
+   * has been paid, and switching is then the shortest way out of it.
+   */
   private async withDeadline(fn: () => Promise<void>): Promise<void> {
     const limit = this.options.maxPauseMs;
-    const timer = setTimeout(
-      () =>
-        this.cancel?.(
-          new ArborError(
-            'aborted',
-            `the last round of moving ${this.volume.name} took longer than the longest pause allowed (${limit} ms): cancelled, the volume stays on the source; move it when it is written less, or allow a longer pause`,
-          ),
-        ),
-      limit,
-    );
+    const timer = setTimeout(() => {
+      this.expired = new ArborError(
+        'aborted',
+        `the last round of moving ${this.volume.name} took longer than the longest pause allowed (${limit} ms): cancelled, the volume stays on the source; move it when it is written less, or allow a longer pause`,
+      );
+      this.cancel?.(this.expired);
+    }, limit);
     try {
       await fn();
     } finally {
@@ -254,8 +267,9 @@ class Move {
       { retryMs: 30_000, log },
       () => {},
     );
-    // The gate's own use: the route stays for as long as this server runs.
+    // The gate's own use: the route stays for as long as this server runs, and goes with its store.
     route.retain();
+    this.source.session.store?.onClosed(() => void route.close());
     await route.ready();
     return route;
   }

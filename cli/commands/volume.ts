@@ -9,7 +9,7 @@ import { CliContext } from '../context';
 import { json, table } from '../output';
 import { parseRef, snapshotOf } from '../refs';
 import { exportToFile, exportToStream, importImage } from '../transfer';
-import { MoveReport, defaultMoveOptions, moveVolume } from '../move';
+import { MoveReport, RoundReport, defaultMoveOptions, moveVolume } from '../move';
 import { MoveRequest, moveOptions } from '../move-request';
 import { openSession } from '../session';
 import { StoreLocation } from '../../store/open';
@@ -291,10 +291,13 @@ function duration(text: string, option: string): number {
   }
 }
 
+function describeRound(r: RoundReport): string {
+  // The snapshot commits the volume: its writes wait that long at the start of every round, not only in the last.
+  return `round ${r.round} (${r.kind}): ${formatSize(r.changedBytes)} changed, ${formatSize(r.streamBytes)} sent in ${r.ms} ms (snapshot ${r.snapshotMs} ms)`;
+}
+
 function describeMove(report: MoveReport): string {
-  const lines = report.rounds.map(
-    (r) => `  round ${r.round} (${r.kind}): ${formatSize(r.changedBytes)} changed, ${formatSize(r.streamBytes)} sent in ${r.ms} ms`,
-  );
+  const lines = report.rounds.map((r) => `  ${describeRound(r)}`);
   const pause =
     report.pauseMs === undefined
       ? 'no connection used it: nothing was paused'
