@@ -152,6 +152,8 @@ describe('the Helm chart (charts/arbor) with the real helm binary', function () 
       ['a dead-connection timeout without a unit', { ...node, 'node.deadConnectionTimeout': '300' }, /\/node\/deadConnectionTimeout/],
       ['a log level Arbor does not have', { ...node, logLevel: 'verbose' }, /\/logLevel/],
       ['an empty sidecar tag', { ...node, 'sidecars.provisioner.image.tag': '' }, /\/sidecars\/provisioner\/image\/tag/],
+      ['no worker threads for the provisioner', { ...node, 'sidecars.provisioner.workerThreads': 0 }, /\/sidecars\/provisioner\/workerThreads/],
+      ['an API rate for the snapshotter that is not a number', { ...node, 'sidecars.snapshotter.kubeApiQps': 'fast' }, /\/sidecars\/snapshotter\/kubeApiQps/],
       ['distributed mode without etcd', { 'store.mode': 'distributed' }, /store\.distributed\.etcd\.endpoints/],
       [
         'an etcd endpoint given as a URL',
