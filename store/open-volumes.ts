@@ -65,6 +65,21 @@ export class OpenVolumes {
     return this.open.has(id) || this.opening.has(id) || this.closing.has(id);
   }
 
+  /**
+   * Lets go of the volume if this process has it open for no one (the embedded store
+   * keeps a volume open after its last user), committing what it held, so that a
+   * change made to its record from outside it (a received snapshot) meets no stale
+   * open copy later. False while it has users, is pinned, or is being opened or let go.
+   */
+  async letGoUnused(id: string): Promise<boolean> {
+    if (this.opening.has(id) || this.closing.has(id)) return false;
+    const entry = this.open.get(id);
+    if (!entry) return true;
+    if (entry.users > 0 || entry.pinned) return false;
+    await this.letGo(id, entry.volume);
+    return true;
+  }
+
   volumes(): Volume[] {
     return [...this.open.values()].map((entry) => entry.volume);
   }
@@ -122,6 +137,11 @@ export class OpenVolumes {
     if (--entry.users > 0) return;
     // The embedded store owns everything: volumes stay open. Elsewhere, let go.
     if (!this.ownership || entry.pinned) return;
+    await this.letGo(id, volume);
+  }
+
+  /** Commits and closes the volume and gives up its ownership; a new user waits, then opens it afresh. */
+  private letGo(id: string, volume: Volume): Promise<void> {
     const letGo = (async () => {
       try {
         if (volume.isOpen) await volume.close();
@@ -134,6 +154,6 @@ export class OpenVolumes {
       }
     })().finally(() => this.closing.delete(id));
     this.closing.set(id, letGo);
-    await letGo;
+    return letGo;
   }
 }

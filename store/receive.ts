@@ -59,8 +59,12 @@ export function isHiddenVolume(record: { name: string }): boolean {
 export interface ReceiveDeps {
   catalog: Catalog;
   log: Log;
-  /** Open, opening or closing in this process. */
-  busy(volumeId: string): boolean;
+  /**
+   * Used in this process: open with users, opening or closing. A volume open for no
+   * one is let go first (committing what it held), so the receive changes no record
+   * under an open copy.
+   */
+  inUse(volumeId: string): Promise<boolean>;
   /** True where volumes have owners (a shared catalog). */
   owned: boolean;
   listVolumes(): Promise<VolumeRecord[]>;
@@ -210,16 +214,19 @@ export class Receives {
     if (published.length > 0) {
       throw new ArborError('failed-precondition', `volume ${plan.volume} is published to node ${published.join(', ')}; unpublish it before receiving into it`);
     }
-    if (this.deps.busy(record.id) || (this.deps.owned && (await this.deps.catalog.get(ownerKey(record.id))))) {
+    if ((await this.deps.inUse(record.id)) || (this.deps.owned && (await this.deps.catalog.get(ownerKey(record.id))))) {
       throw new ArborError('failed-precondition', `volume ${plan.volume} is in use (open for I/O); stop its users before receiving into it`);
     }
-    if (record.root !== asShared(base.root) && !plan.force) {
+    // Letting go of an idle open copy committed what it held: judge the volume as it is now.
+    const current = await volumeEntry(this.deps.catalog, { id: record.id });
+    if (!current) throw new ArborError('not-found', `volume ${plan.volume} was deleted during the receive`);
+    if (decodeVolume(current).root !== asShared(base.root) && !plan.force) {
       throw new ArborError(
         'failed-precondition',
         `volume ${plan.volume} was written after @${base.name}; receiving would discard those writes: snapshot them first, or receive with --force to discard them`,
       );
     }
-    return { entry, record, base };
+    return { entry: current, record: decodeVolume(current), base };
   }
 
   private async stagingRecord(staging: ReceiveStaging, plan: ReceivePlan): Promise<VolumeRecord> {
@@ -237,7 +244,7 @@ export class Receives {
   /** Staging volumes of earlier receives into `volume` that nobody has open: a receive was killed. */
   private async removeAbandoned(volume: string): Promise<void> {
     for (const record of await this.deps.listVolumes()) {
-      if (!record.name.startsWith(stagingPrefix) || record.labels?.[receiveLabel] !== volume || this.deps.busy(record.id)) continue;
+      if (!record.name.startsWith(stagingPrefix) || record.labels?.[receiveLabel] !== volume || (await this.deps.inUse(record.id))) continue;
       if (this.deps.owned && (await this.deps.catalog.get(ownerKey(record.id)))) continue;
       await this.deps.deleteVolume({ id: record.id });
       this.deps.log.info('removed the staging volume of an abandoned receive', { staging: record.name, volume });

@@ -110,7 +110,7 @@ export class Store {
     this.receives = new Receives({
       catalog,
       log,
-      busy: (id) => this.volumes.busy(id),
+      inUse: async (id) => !(await this.volumes.letGoUnused(id)),
       owned: ownership !== undefined,
       listVolumes: () => this.allVolumes(),
       listSnapshots: (ref) => this.listSnapshots(ref),
