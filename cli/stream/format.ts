@@ -140,7 +140,10 @@ class ByteReader {
   private chunks: Buffer[] = [];
   private buffered = 0;
   private ended = false;
+  /** Bytes handed out. */
   consumed = 0;
+  /** Bytes taken from the input: once it ended, its length. */
+  received = 0;
 
   constructor(
     input: AsyncIterable<Buffer | string>,
@@ -158,6 +161,7 @@ class ByteReader {
         const chunk = typeof next.value === 'string' ? Buffer.from(next.value) : next.value;
         this.chunks.push(chunk);
         this.buffered += chunk.length;
+        this.received += chunk.length;
       }
     }
     if (this.buffered < n) return undefined;
@@ -197,7 +201,7 @@ export class StreamReader {
   static async open(input: AsyncIterable<Buffer | string>): Promise<StreamReader> {
     const reader = new ByteReader(input, createHash('sha256'));
     const fixed = await reader.read(16);
-    if (!fixed) throw streamError(`the input ends after ${reader.consumed} bytes, before a stream header (empty or truncated)`);
+    if (!fixed) throw streamError(`the input ends after ${reader.received} bytes, before a stream header (empty or truncated)`);
     if (!fixed.subarray(0, 8).equals(streamMagic)) throw streamError('the input is not an Arbor snapshot stream (it does not start with ARBORSNP)');
     const version = fixed.readUInt32BE(8);
     if (version !== streamVersion) throw streamError(`the stream has version ${version}; this arbor reads version ${streamVersion}`);
@@ -244,7 +248,8 @@ export class StreamReader {
   }
 
   private truncated(): ArborError {
-    return streamError(`the stream is truncated: it ends after ${this.reader.consumed} bytes, before its trailer (${this.records} records read)`);
+    // Called once the input ended: what it held, not what was handed out (a part of a record was not).
+    return streamError(`the stream is truncated: it ends after ${this.reader.received} bytes, before its trailer (${this.records} records read)`);
   }
 
   private async checkTrailer(end: Buffer): Promise<void> {
@@ -259,7 +264,8 @@ export class StreamReader {
     if (records !== this.records || dataBytes !== this.dataBytes) {
       throw streamError(`the trailer counts ${records} records and ${dataBytes} data bytes, the stream held ${this.records} and ${this.dataBytes}`);
     }
-    if (!(await this.reader.atEnd())) throw streamError(`bytes follow the end of the stream at byte ${this.reader.consumed}; send one stream per receive`);
+    const streamEnd = this.reader.consumed;
+    if (!(await this.reader.atEnd())) throw streamError(`bytes follow the end of the stream at byte ${streamEnd}; send one stream per receive`);
   }
 }
 
