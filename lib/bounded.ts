@@ -17,3 +17,24 @@ export async function runBounded(tasks: Array<() => Promise<void>>, limit: numbe
   await Promise.all(Array.from({ length: Math.min(limit, tasks.length) }, worker));
   if (failure !== undefined) throw failure;
 }
+
+export type Settled = { outcome: 'done' } | { outcome: 'failed'; error: unknown } | { outcome: 'timed out' };
+
+/**
+ * Waits for `work` until `deadline` (ms since the epoch; Infinity waits as long as it
+ * takes). Past the deadline the work goes on unawaited: the caller gives up on it.
+ */
+export async function settleBy(work: Promise<unknown>, deadline: number): Promise<Settled> {
+  const settled = work.then(
+    (): Settled => ({ outcome: 'done' }),
+    (error: unknown): Settled => ({ outcome: 'failed', error }),
+  );
+  if (deadline === Infinity) return settled;
+  let timer: NodeJS.Timeout | undefined;
+  const timedOut = new Promise<Settled>((resolve) => (timer = setTimeout(() => resolve({ outcome: 'timed out' }), Math.max(0, deadline - Date.now()))));
+  try {
+    return await Promise.race([settled, timedOut]);
+  } finally {
+    clearTimeout(timer);
+  }
+}

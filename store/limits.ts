@@ -35,6 +35,23 @@ export const etcdCallDeadlineMs = 5_000;
 /** How long the etcd client tries to connect to an endpoint. */
 export const etcdDialTimeoutMs = 3_000;
 /**
+ * A watch whose stream broke is opened again after a delay that doubles from the
+ * first to the most (with jitter). The etcd client's own backoff grows to 30 s over
+ * an outage, and its pending retry is a timer that keeps the process alive after the
+ * client closed: a node stopped after an outage exited up to 30 s late.
+ */
+export const etcdWatchRetryFirstMs = 250;
+export const etcdWatchRetryMostMs = 2_000;
+/**
+ * How long closing a store may wait on the catalog, all steps together (committing
+ * open volumes, letting go of their owner keys, revoking the lease, giving back id
+ * batches). Then every catalog call fails: without quorum a call would take up to
+ * three deadlines, and a pod being stopped has 30 s by default.
+ */
+export const closeCatalogWithinMs = 8_000;
+/** Past that time a step of the close still gets this long to fail by itself (its catalog calls then fail at once) before it is given up. */
+export const closeStepGraceMs = 1_000;
+/**
  * An owner lease lives this long without keep-alives: a node that stops (crash,
  * partition, pause) loses its volumes this long after, and another node may take
  * them over. Keep-alives go out at a third of it.

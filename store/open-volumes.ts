@@ -100,11 +100,25 @@ export class OpenVolumes {
     this.open.clear();
   }
 
-  /** Commits every open volume and lets go of it (the store is closing). */
+  /**
+   * Commits every open volume and lets go of it (the store is closing). What fails is
+   * logged and the close goes on to the next volume: without a catalog that answers,
+   * every volume fails the same way, and the store must still close.
+   */
   async closeAll(): Promise<void> {
     for (const { volume } of this.open.values()) {
-      await volume.close();
-      if (volume.guard) await this.ownership!.release(volume.guard).catch(() => {});
+      try {
+        await volume.close();
+      } catch (err) {
+        this.log.warn('closing: a volume could not commit; it keeps what its last flush made durable', { volume: volume.name, error: (err as Error).message });
+      }
+      if (volume.guard)
+        await this.ownership!.release(volume.guard).catch((err) =>
+          this.log.warn('closing: the owner key of a volume could not be deleted; it goes when the owner lease ends', {
+            volume: volume.name,
+            error: (err as Error).message,
+          }),
+        );
     }
     this.open.clear();
   }
@@ -149,7 +163,10 @@ export class OpenVolumes {
         this.open.delete(id);
         if (volume.guard)
           await this.ownership!.release(volume.guard).catch((err) =>
-            this.log.warn('letting go of a volume failed; retrying in the background', { volume: volume.name, error: (err as Error).message }),
+            this.log.warn('letting go of a volume failed; retrying in the background (the owner key ends with the owner lease in any case)', {
+              volume: volume.name,
+              error: (err as Error).message,
+            }),
           );
       }
     })().finally(() => this.closing.delete(id));

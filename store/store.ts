@@ -1,4 +1,5 @@
 import os from 'node:os';
+import { settleBy } from '../lib/bounded';
 import { Log, silentLog } from '../lib/logger';
 import { BlobIdAllocator } from './allocator';
 import { BlobStore } from './blobs/blobs';
@@ -10,7 +11,7 @@ import { ArborError, isArborError } from './errors';
 import { GcReport } from './gc';
 import { validateExtentSize, validateVolumeSize } from './geometry';
 import { GroupSnapshots } from './group-snapshots';
-import { commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs } from './limits';
+import { closeCatalogWithinMs, closeStepGraceMs, commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs } from './limits';
 import { Ref, byName, notFound, snapshotEntry, volumeEntry } from './lookups';
 import { NodeCache } from './node-cache';
 import { OpenVolumes, VolumeHandle } from './open-volumes';
@@ -80,6 +81,8 @@ export class Store {
   private readonly requests?: OwnerRequests;
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
+  /** Set once the store is closing, where the catalog is shared: by then every wait on the catalog has ended. */
+  private closeDeadline?: number;
 
   private constructor(
     catalog: Catalog,
@@ -608,19 +611,53 @@ export class Store {
     this.closedListeners.push(fn);
   }
 
-  /** Commits every open volume and closes the backends. */
+  /**
+   * The process is stopping (a daemon calls this on SIGTERM, before its connections
+   * drain; close calls it too). Where the catalog is shared, from now on every wait on
+   * it ends within closeCatalogWithinMs: the flushes still running, then close's
+   * commits and releases. Without quorum each would otherwise take up to three etcd
+   * deadlines, and a pod being stopped has a grace period.
+   */
+  stopping(): void {
+    if (!this.ownership || this.closeDeadline !== undefined) return;
+    this.closeDeadline = Date.now() + closeCatalogWithinMs;
+    this.ctx.catalog.closeBy(this.closeDeadline);
+  }
+
+  /**
+   * Commits every open volume, lets go of what this process holds and closes the
+   * backends. Where the catalog is shared each step ends by the deadline `stopping`
+   * set, and what a step could not do is logged and given up; nothing given up is
+   * lost for good: owner keys, id batches and the lease itself end with the lease,
+   * and writes never committed were never acknowledged by a flush.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
     for (const timer of this.timers) clearInterval(timer);
-    await this.collector.idle();
+    this.stopping();
+    await this.closeStep('waiting for the collector', () => this.collector.idle(), 'its pass is left unfinished; a later pass collects what it would have');
     this.requests?.stop();
-    await this.volumes.closeAll();
-    await this.ownership?.close();
-    await this.ctx.ids.release();
+    await this.closeStep(
+      'committing and letting go of the open volumes',
+      () => this.volumes.closeAll(),
+      'a volume not committed keeps what its last flush made durable; an owner key not deleted goes when the lease ends',
+    );
+    await this.closeStep('revoking the owner lease', async () => this.ownership?.close(), 'etcd ends it when its TTL runs out, and every key on it');
+    await this.closeStep('giving back unused blob ids', () => this.ctx.ids.release(), 'their serials are skipped (ids are never reused)');
     this.closed = true;
     await this.ctx.blobs.close();
     await this.ctx.catalog.close();
     for (const fn of this.closedListeners) fn();
+  }
+
+  /** One step of close: timed, bounded by the close deadline where there is one, and logged when it fails or is given up. */
+  private async closeStep(what: string, step: () => Promise<void>, givenUp: string): Promise<void> {
+    const started = Date.now();
+    const result = await settleBy(step(), this.closeDeadline === undefined ? Infinity : Math.max(this.closeDeadline, started + closeStepGraceMs));
+    const ms = Date.now() - started;
+    if (result.outcome === 'done') this.log.debug('closing the store', { step: what, ms });
+    else if (result.outcome === 'failed') this.log.warn(`closing the store: ${what} failed; ${givenUp}`, { ms, error: (result.error as Error).message });
+    else this.log.warn(`closing the store: ${what} did not finish in the time left to close; ${givenUp}`, { ms });
   }
 
   private async commitIdleVolumes(): Promise<void> {

@@ -67,6 +67,12 @@ export interface Catalog {
   watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void;
   /** A lease of about `ttlMs`, kept alive until it is revoked or lost. */
   grantLease(ttlMs: number): Promise<Lease>;
+  /**
+   * The process is closing: every call fails by `deadline` (ms since the epoch) at the
+   * latest, and a call made after it fails at once, so that closing never waits on a
+   * catalog that cannot answer.
+   */
+  closeBy(deadline: number): void;
   close(): Promise<void>;
 }
 

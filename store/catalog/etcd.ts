@@ -2,7 +2,7 @@ import { Etcd3, EtcdLeaseInvalidError, IOptions, Namespace, Range, Watcher } fro
 import fs from 'node:fs';
 import { Log, silentLog } from '../../lib/logger';
 import { ArborError } from '../errors';
-import { etcdCallDeadlineMs, etcdDialTimeoutMs } from '../limits';
+import { etcdCallDeadlineMs, etcdDialTimeoutMs, etcdWatchRetryFirstMs, etcdWatchRetryMostMs } from '../limits';
 import { Catalog, Compare, KvEntry, Lease, ListOptions, Op, TxnResult, WatchEvent } from './catalog';
 import { prefixEnd } from './sqlite';
 
@@ -44,31 +44,37 @@ export function parseStoreUrl(url: string): EtcdLocation {
  * model is etcd's own, so each call maps to one etcd call: revisions are etcd's
  * mod revisions, a compare on revision 0 is etcd's "key absent", leases are etcd
  * leases kept alive by the client. Every unary call has a deadline: a leader
- * election is absorbed by the client's retries, a lost quorum becomes an error.
+ * election is absorbed by the client's retries, a lost quorum becomes an error;
+ * once the store is closing (closeBy), no call outlives the time it was given.
  */
 export class EtcdCatalog implements Catalog {
   readonly exclusive = false;
+  private readonly client: Etcd3;
   private readonly kv: Namespace;
   private readonly watchers = new Set<Watcher>();
   /** Stops the keep-alives of each lease still held (close lets them expire). */
   private readonly leases = new Set<() => void>();
   private closed = false;
+  /** Set by closeBy: when every call must have ended (ms since the epoch). */
+  private closeDeadline = Infinity;
 
   private constructor(
-    private readonly client: Etcd3,
+    options: IOptions,
     private readonly location: EtcdLocation,
     private readonly log: Log,
   ) {
-    this.kv = client.namespace(location.prefix);
+    this.client = new Etcd3({
+      ...options,
+      // Each try of a unary call (the client tries up to three times); streams (watches, keep-alives) live while used.
+      defaultCallOptions: (context) => (context.isStream ? {} : { deadline: this.callDeadline() }),
+      faultHandling: { watchBackoff: watchRetries() },
+    });
+    this.kv = this.client.namespace(location.prefix);
   }
 
   static async open(location: EtcdLocation, options: { tls?: EtcdTls; log?: Log; env?: NodeJS.ProcessEnv } = {}): Promise<EtcdCatalog> {
     const env = options.env ?? process.env;
-    const etcdOptions: IOptions = {
-      hosts: location.endpoints,
-      dialTimeout: etcdDialTimeoutMs,
-      defaultCallOptions: (context) => (context.isStream ? {} : { deadline: Date.now() + etcdCallDeadlineMs }),
-    };
+    const etcdOptions: IOptions = { hosts: location.endpoints, dialTimeout: etcdDialTimeoutMs };
     if (options.tls && (options.tls.caFile || options.tls.certFile)) {
       etcdOptions.credentials = {
         rootCertificate: options.tls.caFile ? readFile(options.tls.caFile, '--etcd-ca') : Buffer.alloc(0),
@@ -77,12 +83,11 @@ export class EtcdCatalog implements Catalog {
       };
     }
     if (env.ETCD_USERNAME) etcdOptions.auth = { username: env.ETCD_USERNAME, password: env.ETCD_PASSWORD ?? '' };
-    const client = new Etcd3(etcdOptions);
-    const catalog = new EtcdCatalog(client, location, options.log ?? silentLog);
+    const catalog = new EtcdCatalog(etcdOptions, location, options.log ?? silentLog);
     try {
       await catalog.kv.get('meta/format').string();
     } catch (err) {
-      client.close();
+      catalog.client.close();
       throw new ArborError(
         'unavailable',
         `cannot reach etcd at ${location.endpoints.join(', ')}: ${(err as Error).message}; check --store and that etcd is running`,
@@ -124,34 +129,24 @@ export class EtcdCatalog implements Catalog {
   }
 
   watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void {
-    let watcher: Watcher | undefined;
-    let cancelled = false;
-    void this.kv
-      .watch()
-      .prefix(prefix)
-      .create()
-      .then((created) => {
-        if (cancelled || this.closed) return void created.cancel().catch(() => {});
-        watcher = created;
-        this.watchers.add(created);
-        created.on('data', (response) => {
-          const events: WatchEvent[] = response.events.map((event) => ({
-            type: event.type === 'Delete' ? 'delete' : 'put',
-            key: event.kv.key.toString(),
-            ...(event.type === 'Delete' ? {} : { value: event.kv.value.toString() }),
-            modRevision: Number(event.kv.mod_revision),
-          }));
-          if (events.length > 0) listener(events);
-        });
-        created.on('error', (err) => this.log.warn('etcd watch error; the client reconnects it', { prefix, error: err.message }));
-      })
-      .catch((err: Error) => this.log.error('etcd watch failed', { prefix, error: err.message }));
+    if (this.closed) throw new ArborError('unavailable', 'the catalog is closed');
+    // Taken at once, not when etcd confirms it (create()): a watch asked for while etcd
+    // does not answer must still be cancellable, or the closed client would try to
+    // open it again for ever, and that would keep the process alive.
+    const watcher = this.kv.watch().prefix(prefix).watcher();
+    this.watchers.add(watcher);
+    watcher.on('data', (response) => {
+      const events: WatchEvent[] = response.events.map((event) => ({
+        type: event.type === 'Delete' ? 'delete' : 'put',
+        key: event.kv.key.toString(),
+        ...(event.type === 'Delete' ? {} : { value: event.kv.value.toString() }),
+        modRevision: Number(event.kv.mod_revision),
+      }));
+      if (events.length > 0) listener(events);
+    });
+    watcher.on('error', (err) => this.log.warn('etcd watch error', { prefix, error: err.message }));
     return () => {
-      cancelled = true;
-      if (watcher) {
-        this.watchers.delete(watcher);
-        void watcher.cancel().catch(() => {});
-      }
+      if (this.watchers.delete(watcher)) void watcher.cancel().catch(() => {});
     };
   }
 
@@ -214,35 +209,66 @@ export class EtcdCatalog implements Catalog {
       lost,
       revoke: async () => {
         end();
-        await lease.revoke().catch((err: Error) => this.log.warn('revoking an etcd lease failed; it will expire', { lease: id, error: err.message }));
+        await lease
+          .revoke()
+          .catch((err: Error) =>
+            this.log.warn(`revoking an etcd lease failed; etcd ends it, and every key on it, within ${ttlSeconds} s`, { lease: id, error: err.message }),
+          );
       },
     };
+  }
+
+  closeBy(deadline: number): void {
+    this.closeDeadline = Math.min(this.closeDeadline, deadline);
   }
 
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     // A watch is a stream, with no deadline: cancelling one whose stream is reconnecting (a member died) can wait
-    // for ever. The client closes all streams below anyway; give each cancel a bounded chance first.
+    // for ever. The client closes all streams below anyway; give each cancel a bounded chance first. (A cancel
+    // ends even unanswered: the stream's end detaches it, and with no watcher left the client opens none again.)
+    const boundMs = Math.min(etcdCallDeadlineMs, Math.max(0, this.closeDeadline - Date.now()));
     await Promise.all(
       [...this.watchers].map((w) => {
         let timer: NodeJS.Timeout | undefined;
-        const bound = new Promise<void>((resolve) => (timer = setTimeout(resolve, etcdCallDeadlineMs)));
+        const bound = new Promise<void>((resolve) => (timer = setTimeout(resolve, boundMs)));
         return Promise.race([w.cancel().catch(() => {}), bound]).finally(() => clearTimeout(timer));
       }),
     );
+    this.watchers.clear();
     for (const stop of [...this.leases]) stop();
     this.client.close();
   }
 
+  /** The deadline of one try of a unary call started now. */
+  private callDeadline(): number {
+    return Math.min(Date.now() + etcdCallDeadlineMs, this.closeDeadline);
+  }
+
   private async call<T>(what: string, key: string, fn: () => Promise<T>): Promise<T> {
     if (this.closed) throw new ArborError('unavailable', 'the catalog is closed');
+    if (Date.now() >= this.closeDeadline) throw new ArborError('unavailable', `etcd ${what} ${key}: not tried, the time to close the store is up`);
     try {
       return await fn();
     } catch (err) {
       throw new ArborError('unavailable', `etcd ${what} ${key} at ${this.location.endpoints.join(', ')} failed: ${(err as Error).message}`);
     }
   }
+}
+
+type WatchBackoff = NonNullable<NonNullable<IOptions['faultHandling']>['watchBackoff']>;
+
+/**
+ * The delays before a broken watch stream is opened again: doubling from the first
+ * to the most, each with up to half of it taken off at random (nodes whose streams
+ * broke together do not all come back at once). Back to the first once a watch is up.
+ */
+function watchRetries(delayMs = 0): WatchBackoff {
+  return {
+    duration: delayMs / 2 + (Math.random() * delayMs) / 2,
+    next: () => watchRetries(delayMs === 0 ? etcdWatchRetryFirstMs : Math.min(2 * delayMs, etcdWatchRetryMostMs)),
+  };
 }
 
 function readFile(file: string, option: string): Buffer {

@@ -149,6 +149,9 @@ export class SqliteCatalog implements Catalog {
     };
   }
 
+  /** Every call is local and synchronous: none can wait on anything. */
+  closeBy(): void {}
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

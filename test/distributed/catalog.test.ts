@@ -1,9 +1,11 @@
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { absent, Catalog, put, unchanged, WatchEvent } from '../../store/catalog/catalog';
 import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
 import { SqliteCatalog } from '../../store/catalog/sqlite';
-import { etcdForSuite } from '../support/etcd';
+import { etcdWatchRetryMostMs } from '../../store/limits';
+import { etcdForSuite, sleep } from '../support/etcd';
 import { tempDir } from '../support/tmp';
 
 const until = async (what: string, check: () => boolean, timeoutMs = 5000) => {
@@ -157,6 +159,66 @@ describe('catalogs', () => {
 
     it('an unreachable etcd is a clear error, not a hang', async () => {
       await assert.rejects(EtcdCatalog.open(parseStoreUrl('etcd://127.0.0.1:1/x')), /cannot reach etcd at http:\/\/127.0.0.1:1: .*check --store/);
+    });
+
+    // It stops the suite's etcd for a while, and starts it again.
+    it('after a long outage a watch is back within its retry bound, and a closed catalog lets the process exit at once', async function () {
+      this.timeout(60_000);
+      const outageMs = 15_000;
+      const url = `etcd://${suite.cluster.endpoints.map((e) => new URL(e).host).join(',')}/toutage`;
+      // A process of its own: what matters is when it can exit, which only its own event loop shows.
+      const child = spawn(
+        process.execPath,
+        [
+          '-e',
+          `const [modulePath, url] = process.argv.slice(1);
+           const { EtcdCatalog, parseStoreUrl } = require(modulePath);
+           EtcdCatalog.open(parseStoreUrl(url)).then((catalog) => {
+             catalog.watch('w/', (events) => events.forEach((e) => process.stdout.write('event ' + e.key + '\\n')));
+             process.stdin.on('end', () => void catalog.close().then(() => process.stdout.write('closed\\n')));
+             process.stdin.resume();
+           });`,
+          path.join(__dirname, '../../store/catalog/etcd.js'),
+          url,
+        ],
+        { stdio: ['pipe', 'pipe', 'inherit'] },
+      );
+      let out = '';
+      child.stdout.on('data', (chunk) => (out += chunk));
+      const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+      const putKey = async (key: string) => {
+        const writer = await EtcdCatalog.open(parseStoreUrl(url));
+        try {
+          await writer.txn([], [put(key, 1)]);
+        } finally {
+          await writer.close();
+        }
+      };
+      // The watch misses what was put before it was up: put until it sees one.
+      for (let tries = 0; !out.includes('event w/before'); tries++) {
+        assert.ok(tries < 20, 'the watch sees a key within 10 s of the start');
+        await putKey('w/before');
+        await sleep(500);
+      }
+      const member = suite.cluster.members[0];
+      await member.kill();
+      await sleep(outageMs);
+      await member.start();
+      await suite.cluster.waitHealthy();
+      const backAt = Date.now();
+      await putKey('w/after');
+      await until('the watch sees a key put after the outage', () => out.includes('event w/after'), etcdWatchRetryMostMs + 3000);
+      const seenMs = Date.now() - backAt;
+      child.stdin.end();
+      await until('the catalog closed', () => out.includes('closed'), 10_000);
+      const closedAt = Date.now();
+      await Promise.race([exited, sleep(10_000)]);
+      const exitMs = Date.now() - closedAt;
+      if (child.exitCode === null) child.kill('SIGKILL');
+      console.log(
+        `      after a ${outageMs} ms outage: the watch saw a new key ${seenMs} ms after etcd was back; the process exited ${exitMs} ms after the close`,
+      );
+      assert.ok(exitMs < etcdWatchRetryMostMs + 1000, `the process exited ${exitMs} ms after the catalog closed`);
     });
   });
 });

@@ -5,7 +5,7 @@ import { NbdClient, NbdError } from '../../node-plugin/nbd/client';
 import { CMD_FLAG, NBD_ESHUTDOWN } from '../../node-plugin/nbd/protocol';
 import { Lease, absent, put } from '../../store/catalog/catalog';
 import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
-import { etcdCallDeadlineMs } from '../../store/limits';
+import { closeCatalogWithinMs, etcdCallDeadlineMs, defaultOwnerLeaseTtlMs } from '../../store/limits';
 import { openStore } from '../../store/open';
 import { ArborServer, startServer } from '../support/arbor-server';
 import { connectWithin, distributedForSuite, stamped, stampOf } from '../support/distributed';
@@ -95,9 +95,16 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
     const unclean: string[] = [];
     for (const node of nodes) {
       const name = path.basename(path.dirname(node.dataDir));
+      const signalledAt = Date.now();
       const status = await Promise.race([node.stop(), sleep(stopWithinMs).then(() => 'still running' as const)]);
       if (status === 'still running') await node.kill();
-      if (status !== 0) unclean.push(`${name}: ${status === 'still running' ? `still running ${stopWithinMs} ms after SIGTERM` : `exit status ${status}`}`);
+      timings.push(`${name}: ${status === 'still running' ? 'killed' : `exit status ${status}`} ${Date.now() - signalledAt} ms after SIGTERM`);
+      if (status !== 0) {
+        unclean.push(`${name}: ${status === 'still running' ? `still running ${stopWithinMs} ms after SIGTERM` : `exit status ${status}`}`);
+        const log = node.log().split('\n');
+        const stopping = log.findIndex((line) => line.includes('"message":"stopping"'));
+        console.log(`--- ${name}, from SIGTERM:\n${log.slice(stopping < 0 ? -30 : stopping).join('\n')}`);
+      }
     }
     dir?.cleanup();
     if (timings.length > 0) console.log(`      timings:\n        ${timings.join('\n        ')}`);
@@ -188,7 +195,7 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
 
   before(async () => {
     dir = tempDir();
-    await createVolumes('one-down', 'no-quorum', 'let-go', 'leftover', 'long-outage');
+    await createVolumes('one-down', 'no-quorum', 'let-go', 'leftover', 'long-outage', 'stopped-without-quorum');
     nodeA = await startNode('node-a', leaseTtlMs);
     nodeB = await startNode('node-b', leaseTtlMs);
   });
@@ -444,6 +451,47 @@ describe('etcd faults under a node: one member lost, quorum lost and back, an ou
 
     const onB = await connectWithin(nodeB, 'long-outage', 5000);
     await model.check(onB.client, model.durable, 'after the long outage, on node B');
+    await onB.client.disconnect();
+  });
+  it('SIGTERM while etcd has no quorum: the node gives up what it cannot commit or release, says so, and exits 0 in time; another node then serves what was flushed', async () => {
+    const nodeD = await startNode('node-d', defaultOwnerLeaseTtlMs);
+    const model = new Model('stopped-without-quorum');
+    const { client } = await connectWithin(nodeD, 'stopped-without-quorum');
+    for (let i = 0; i < 32; i++) await model.write(client, i);
+    await model.flush(client);
+    // Acknowledged, never flushed: the node's last commit at the stop cannot land.
+    for (let i = 32; i < 48; i++) await model.write(client, i);
+
+    const { stopped, outageAt } = await killLeaderAndFollower();
+    const signalledAt = Date.now();
+    // The connection stays open: the node closes it, and lets go of the volume, itself.
+    const status = await Promise.race([nodeD.stop(), sleep(stopWithinMs).then(() => 'still running' as const)]);
+    const stopMs = Date.now() - signalledAt;
+    if (status === 'still running') await nodeD.kill();
+    client.destroy();
+    model.lose();
+    note(
+      `stopped without quorum: node D exited ${status === 'still running' ? '(killed)' : status} ${stopMs} ms after SIGTERM, ${signalledAt - outageAt} ms into the outage (close budget ${closeCatalogWithinMs} ms)`,
+    );
+    assert.equal(status, 0, `node D exits 0 on SIGTERM without quorum (${stopMs} ms after it):\n${nodeD.log().split('\n').slice(-15).join('\n')}`);
+    // What it gave up, said in the log: the volume's last commit and its owner key (when the connection closed, or
+    // when the store closed, whichever came first), and the lease.
+    const lines = nodeD.log().split('\n');
+    const said = (...words: string[]) => lines.some((line) => words.every((w) => line.includes(w)));
+    for (const [what, ok] of [
+      ['the last commit', said('closing the export after its connection ended failed', 'etcd txn volumes/') || said('a volume could not commit')],
+      ['the owner key', said('letting go of a volume failed') || said('the owner key of a volume could not be deleted')],
+      ['the lease', said('revoking an etcd lease failed')],
+    ] as const) {
+      assert.ok(ok, `node D's log says it gave up ${what}:\n${lines.slice(-15).join('\n')}`);
+    }
+
+    // Node D's owner key lives on its lease: once quorum is back, another node serves the volume when that lease has ended.
+    await Promise.all(stopped.map((m) => m.start()));
+    await servers.etcd.waitHealthy();
+    const onB = await connectWithin(nodeB, 'stopped-without-quorum', defaultOwnerLeaseTtlMs + 15_000);
+    note(`stopped without quorum: node B served the volume ${onB.waitedMs} ms after quorum came back`);
+    await model.check(onB.client, model.durable, 'on node B after node D stopped without quorum');
     await onB.client.disconnect();
   });
 });

@@ -38,6 +38,7 @@ function readersMeet(inner: Catalog, key: string, parties: number): Catalog {
     txn: (compares, ops) => inner.txn(compares, ops),
     watch: (prefix, listener) => inner.watch(prefix, listener),
     grantLease: (ttlMs) => inner.grantLease(ttlMs),
+    closeBy: (deadline) => inner.closeBy(deadline),
     close: () => inner.close(),
   };
 }
