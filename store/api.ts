@@ -11,6 +11,8 @@ export type StoreMethod =
   | 'getVolume'
   | 'findVolume'
   | 'volumeUsage'
+  | 'volumeQos'
+  | 'setVolumeQos'
   | 'cloneVolume'
   | 'resizeVolume'
   | 'deleteVolume'

@@ -102,3 +102,14 @@ export const cacheTouchIntervalMs = 60_000;
 
 /** What a node's blob cache may hold by default (`--cache-size`). */
 export const defaultBlobCacheBytes = 4 * 1024 * 1024 * 1024;
+
+/** The highest maxIops a volume may be given (requests per second); above it a limit would never bite. */
+export const maxQosIops = 10_000_000;
+/** How long an idle volume may run ahead of its QoS limits, at most (seconds of each rate in its bucket). */
+export const maxQosBurstSeconds = 60;
+/**
+ * The QoS bucket's depth when a volume's limits name none: a tenth of a second of
+ * each rate, so a limited volume measured over a few seconds runs at its limit, and
+ * a short burst (a filesystem's journal flush) is not delayed request by request.
+ */
+export const defaultQosBurstSeconds = 0.1;

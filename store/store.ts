@@ -26,6 +26,7 @@ import {
   SnapshotRecord,
   VolumeRecord,
   decodeFormat,
+  decodeId,
   decodeSnapshot,
   decodeVolume,
   formatVersion,
@@ -38,6 +39,7 @@ import {
   validateName,
 } from './records';
 import { ReceivePlan, ReceiveStaging, Receives, isHiddenVolume } from './receive';
+import { QosFollower, QosLimits, decodeQos, isUnlimited, qosKey, validateQos } from './qos';
 import { SnapshotReader } from './snapshot-reader';
 import { allocatedRanges, ByteRange, changedRanges } from './diff';
 import { NodeSource, countExtents } from './tree';
@@ -77,6 +79,8 @@ export class Store {
   private readonly groups: GroupSnapshots;
   private readonly registry: PublicationRegistry;
   private readonly receives: Receives;
+  /** The QoS limits of the volumes the NBD server here serves, kept current (store/qos.ts). */
+  private readonly qos: QosFollower;
   /** Requests to and from other processes that own volumes (where volumes have owners). */
   private readonly requests?: OwnerRequests;
   private timers: NodeJS.Timeout[] = [];
@@ -124,6 +128,8 @@ export class Store {
       withVolume: (ref, fn) => this.withVolume(ref, fn),
       forget: (volume) => this.volumes.forget(volume),
     });
+    this.qos = new QosFollower(catalog);
+    this.onClosed(() => this.qos.close());
     this.timers.push(setInterval(() => void this.commitIdleVolumes(), backgroundTickMs).unref());
     ownership?.onLost((reason) => this.loseEveryVolume(reason));
   }
@@ -319,12 +325,53 @@ export class Store {
     await this.onOwner(
       { id: record.id },
       async (volume) => {
-        await volume.delete([del(keys.volume(volume.id)), del(keys.volumeName(volume.name))]);
+        await volume.delete([del(keys.volume(volume.id)), del(keys.volumeName(volume.name)), del(qosKey(volume.id))]);
         this.volumes.forget(volume);
         this.log.info('volume deleted', { volume: volume.name, id: volume.id });
       },
       (volumeId) => ({ op: 'deleteVolume', volumeId }),
     );
+  }
+
+  // ---- QoS: I/O limits per volume, in their own key (store/qos.ts says why) ----
+
+  /** The volume's I/O limits ({} when it has none). */
+  async volumeQos(ref: Ref): Promise<QosLimits> {
+    const record = await this.getVolume(ref);
+    const entry = await this.ctx.catalog.get(qosKey(record.id));
+    return entry ? decodeQos(entry) : {};
+  }
+
+  /**
+   * Sets all of the volume's I/O limits ({} for none). Any process may: one
+   * transaction that holds only while the volume exists (its name key unchanged, so
+   * a volume deleted meanwhile leaves no limits behind; commits do not touch that
+   * key, so writes do not make it retry). The NBD server here applies the limits at
+   * once; one in another process learns them through its watch.
+   */
+  async setVolumeQos(ref: Ref, limits: QosLimits): Promise<QosLimits> {
+    this.checkOpen();
+    for (let attempt = 1; ; attempt++) {
+      const record = await this.getVolume(ref);
+      const checked = validateQos(limits, record.name);
+      const nameEntry = await this.ctx.catalog.get(keys.volumeName(record.name));
+      if (nameEntry && decodeId(nameEntry) === record.id) {
+        const op = isUnlimited(checked) ? del(qosKey(record.id)) : put(qosKey(record.id), checked);
+        const result = await this.ctx.catalog.txn([unchanged(nameEntry)], [op]);
+        if (result.succeeded) {
+          this.qos.apply(record.id, checked, result.revision);
+          this.log.info('volume QoS set', { volume: record.name, ...checked });
+          return checked;
+        }
+      }
+      // The name key changes only when the volume goes (or another takes its name): look again.
+      if (attempt >= 3) throw new ArborError('aborted', `volume ${record.name} changed while its QoS limits were being set; try again`);
+    }
+  }
+
+  /** Calls `listener` with the volume's limits now and whenever they change (the NBD server's throttle); returns how to stop. */
+  followVolumeQos(volumeId: string, listener: (limits: QosLimits) => void): Promise<() => void> {
+    return this.qos.follow(volumeId, listener);
   }
 
   async getVolume(ref: Ref): Promise<VolumeRecord> {

@@ -43,6 +43,10 @@ const receivePlan: Check = (v) => {
     (base === undefined || (isObject(base) && str(base.name) && str(base.origin)))
   );
 };
+const qosLimits: Check = (v) =>
+  isObject(v) &&
+  Object.keys(v).every((key) => key === 'maxIops' || key === 'maxBandwidthBytes' || key === 'burstSeconds') &&
+  Object.values(v).every((n) => n === undefined || num(n));
 const refs: Check = (v) => Array.isArray(v) && v.every(ref);
 
 function isObject(v: unknown): v is object {
@@ -55,6 +59,8 @@ export const adminMethods = {
   getVolume: [ref],
   findVolume: [ref],
   volumeUsage: [ref],
+  volumeQos: [ref],
+  setVolumeQos: [ref, qosLimits],
   cloneVolume: [str, cloneSource, optional(cloneOptions)],
   resizeVolume: [ref, num],
   deleteVolume: [ref],

@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { isArborError } from '../../store/errors';
+import { QosLimits, qosKey, qosPrefix } from '../../store/qos';
 import { Store } from '../../store/store';
 import { Random, seedFromEnv } from './random';
 import { SparseBytes } from './sparse-model';
@@ -17,6 +18,18 @@ const trace = process.env.ARBOR_MODEL_TRACE === '1';
 interface ModelVolume {
   bytes: SparseBytes;
   extentSize: number;
+  /** Its QoS limits: set only by setVolumeQos, never inherited by a clone. */
+  qos: QosLimits;
+}
+
+/** Limits as setVolumeQos keeps them: any subset, {} for none. */
+function randomQos(rng: Random): QosLimits {
+  const qos: QosLimits = {};
+  if (rng.chance(0.6)) qos.maxIops = rng.int(1, 100_000);
+  if (rng.chance(0.5)) qos.maxBandwidthBytes = rng.int(1, 4096) * 65536;
+  if (rng.chance(0.3)) qos.burstSeconds = rng.pick([0.05, 0.1, 1, 30]);
+  if (qos.maxIops === undefined && qos.maxBandwidthBytes === undefined) delete qos.burstSeconds;
+  return qos;
 }
 
 /** The model run on a store that `open` opens (again, at every reopen) in a fresh directory. */
@@ -59,6 +72,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
         return { offset, length: Math.min(length, 8 * 1024 * 1024) };
       };
       const verify = async (name: string, kind: 'volume' | 'snapshot'): Promise<void> => {
+        if (kind === 'volume') assert.deepEqual(await store.volumeQos({ name }), volumes.get(name)!.qos, `volume ${name}: QoS limits as set`);
         if (kind === 'volume') await compareWithModel(`volume ${name}`, await store.openVolume({ name }), volumes.get(name)!.bytes, () => rng.next());
         else await compareWithModel(`snapshot ${name}`, await store.openSnapshot({ name }), snapshots.get(name)!.bytes, () => rng.next());
       };
@@ -77,6 +91,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
             cloneSnapshot: volumes.size < 20 ? 2 : 0,
             cloneVolume: volumes.size < 20 ? 2 : 0,
             resize: 2,
+            qos: 2,
             deleteVolume: volumes.size > 6 ? 2 : 0.3,
             deleteSnapshot: snapshots.size > 4 ? 2 : 0.3,
             gc: 0.6,
@@ -100,7 +115,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               const record = await store.createVolume(name, { sizeBytes: size, extentSizeBytes: extentSize });
               const again = await store.createVolume(name, { sizeBytes: size, extentSizeBytes: extentSize });
               assert.equal(again.id, record.id, 'creating the same volume twice returns the first');
-              volumes.set(name, { bytes: new SparseBytes(size), extentSize });
+              volumes.set(name, { bytes: new SparseBytes(size), extentSize, qos: {} });
               break;
             }
             case 'write': {
@@ -176,7 +191,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               const record = await store.cloneVolume(name, { snapshot: { name: snap } });
               assert.equal((await store.cloneVolume(name, { snapshot: { name: snap } })).id, record.id, 'a clone is idempotent by name');
               const extentSize = (await store.getSnapshot({ name: snap })).extentSizeBytes;
-              volumes.set(name, { bytes: snapshots.get(snap)!.bytes.clone(), extentSize });
+              volumes.set(name, { bytes: snapshots.get(snap)!.bytes.clone(), extentSize, qos: {} });
               break;
             }
             case 'cloneVolume': {
@@ -185,7 +200,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               const name = `v${everNamed.volumes++}`;
               note(`${source} -> ${name}`);
               await store.cloneVolume(name, { volume: { name: source } });
-              volumes.set(name, { bytes: volumes.get(source)!.bytes.clone(), extentSize: volumes.get(source)!.extentSize });
+              volumes.set(name, { bytes: volumes.get(source)!.bytes.clone(), extentSize: volumes.get(source)!.extentSize, qos: {} });
               break;
             }
             case 'resize': {
@@ -199,11 +214,29 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               v.bytes.size = size;
               break;
             }
+            case 'qos': {
+              const name = anyVolume();
+              if (!name) break;
+              const qos = randomQos(rng);
+              note(`${name} ${JSON.stringify(qos)}`);
+              // A follower (what the NBD server holds) sees the change at once, in this process.
+              const id = (await store.getVolume({ name })).id;
+              let seen: QosLimits | undefined;
+              const stop = await store.followVolumeQos(id, (limits) => (seen = limits));
+              assert.deepEqual(seen, volumes.get(name)!.qos, 'a follower starts from the limits as set');
+              assert.deepEqual(await store.setVolumeQos({ name }, qos), qos);
+              assert.deepEqual(seen, qos, 'a follower learns new limits as they are set');
+              stop();
+              volumes.get(name)!.qos = qos;
+              break;
+            }
             case 'deleteVolume': {
               const name = anyVolume();
               if (!name) break;
               note(name);
+              const id = (await store.getVolume({ name })).id;
               await store.deleteVolume({ name });
+              assert.equal(await store.ctx.catalog.get(qosKey(id)), undefined, 'a deleted volume leaves no QoS limits');
               volumes.delete(name);
               break;
             }
@@ -234,12 +267,13 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               if (!name) break;
               const v = volumes.get(name)!;
               const volume = await store.openVolume({ name });
-              const which = rng.int(0, 3);
+              const which = rng.int(0, 4);
               try {
                 if (which === 0) await volume.write(v.bytes.size - 10, Buffer.alloc(20, 1));
                 else if (which === 1) await store.resizeVolume({ name }, Math.max(512, v.bytes.size - 512));
                 else if (which === 2) await store.createVolume(name, { sizeBytes: v.bytes.size + 512 });
-                else await volume.trim(v.bytes.size, 1);
+                else if (which === 3) await volume.trim(v.bytes.size, 1);
+                else await store.setVolumeQos({ name }, rng.pick([{ maxIops: 0 }, { maxIops: 1.5 }, { maxBandwidthBytes: -1 }, { maxIops: 10, burstSeconds: 0 }]));
                 if (!(which === 1 && v.bytes.size === 512)) throw new Error(`bad input ${which} on ${name} was accepted`);
               } catch (err) {
                 if (!isArborError(err)) throw err;
@@ -260,6 +294,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
         for (const name of snapshots.keys()) await store.deleteSnapshot({ name });
         await store.collectGarbage();
         assert.deepEqual(await store.ctx.blobs.list(), [], 'an empty store holds no blobs');
+        assert.deepEqual(await store.ctx.catalog.list(qosPrefix), [], 'an empty store holds no QoS limits');
       } catch (err) {
         (err as Error).message = `seed ${seed}, step ${step}: ${(err as Error).message}\n  replay with ARBOR_MODEL_SEED=${seed}`;
         throw err;
