@@ -71,6 +71,35 @@ export const nbdCounters = Object.fromEntries(
 export const nbdReadBytes = nbdBytes.labels('read');
 export const nbdWrittenBytes = nbdBytes.labels('write');
 
+/** Per volume served here: its QoS limits (absent while it has none) and the time its requests waited for them. */
+export const qosMaxIops = new Gauge({
+  name: 'arbor_volume_qos_max_iops',
+  help: 'QoS limit of a volume served here, in requests per second (no series while unlimited)',
+  labelNames: ['volume'] as const,
+  registers: [registry],
+});
+
+export const qosMaxBandwidth = new Gauge({
+  name: 'arbor_volume_qos_max_bandwidth_bytes',
+  help: 'QoS limit of a volume served here, in bytes per second (no series while unlimited)',
+  labelNames: ['volume'] as const,
+  registers: [registry],
+});
+
+export const qosWaitSeconds = new Counter({
+  name: 'arbor_volume_qos_wait_seconds_total',
+  help: 'Time NBD requests to a volume spent waiting for its QoS limits, summed over requests',
+  labelNames: ['volume'] as const,
+  registers: [registry],
+});
+
+export const qosDelayedRequests = new Counter({
+  name: 'arbor_volume_qos_delayed_requests_total',
+  help: 'NBD requests to a volume that waited for its QoS limits',
+  labelNames: ['volume'] as const,
+  registers: [registry],
+});
+
 export const storeCommits = new Histogram({
   name: 'arbor_store_commit_duration_seconds',
   help: "Time from capturing a volume's changes to their catalog commit (flush, FUA, background commits)",

@@ -5,6 +5,7 @@ import { SnapshotReader } from '../store/snapshot-reader';
 import { RangeStatus } from '../store/tree';
 import { Volume } from '../store/volume';
 import { ExportProvider, ExportSummary, NbdExport } from './nbd/export';
+import { QosThrottle, QosThrottles } from './qos-throttle';
 import { VolumeGate, VolumeGates } from './volume-gate';
 
 /** A volume moved to another store: where its requests go now, shared by every connection. */
@@ -23,8 +24,16 @@ export class StoreExports implements ExportProvider {
   /** Where a move (cli/move.ts) stops a volume's writes and then sends its requests. */
   readonly gates = new VolumeGates();
   private readonly moved = new Map<string, MovedVolume>();
+  /** Each served volume's QoS limits, enforced across its connections. */
+  readonly throttles: QosThrottles;
 
-  constructor(private readonly store: Store) {}
+  constructor(
+    private readonly store: Store,
+    /** `qos: false` leaves the QoS check off the request path (bench:nbd measures what it costs). */
+    private readonly options: { qos?: boolean } = {},
+  ) {
+    this.throttles = new QosThrottles((id, listener) => this.store.followVolumeQos(id, listener));
+  }
 
   /** Clients that connect to `name` from now on reach the volume where it moved. */
   markMoved(name: string, to: MovedVolume): void {
@@ -37,7 +46,16 @@ export class StoreExports implements ExportProvider {
       const record = await this.store.findVolume({ name });
       if (!record) return this.moved.get(name)?.open();
       // Each connection holds the volume; the last to close lets it go (where volumes have owners).
-      return new VolumeExport(await this.store.acquireVolume({ id: record.id }), this.gates.for(record.id));
+      const handle = await this.store.acquireVolume({ id: record.id });
+      if (this.options.qos === false) return new VolumeExport(handle, this.gates.for(record.id));
+      let throttle: QosThrottle;
+      try {
+        throttle = await this.throttles.acquire(record.id, record.name);
+      } catch (err) {
+        await handle.release();
+        throw err;
+      }
+      return new VolumeExport(handle, this.gates.for(record.id), throttle, () => this.throttles.release(record.id));
     }
     const snapshot = await this.store.findSnapshot({ name: name.slice(at + 1) });
     if (!snapshot || snapshot.volumeName !== name.slice(0, at)) return undefined;
@@ -61,6 +79,8 @@ class VolumeExport implements NbdExport {
   constructor(
     private readonly handle: VolumeHandle,
     private readonly gate: VolumeGate,
+    private readonly throttle?: QosThrottle,
+    private readonly releaseThrottle?: () => void,
   ) {
     this.volume = handle.volume;
     gate.users++;
@@ -68,7 +88,17 @@ class VolumeExport implements NbdExport {
 
   close(): Promise<void> {
     this.gate.users--;
+    this.releaseThrottle?.();
     return this.handle.release();
+  }
+
+  /**
+   * Undefined: the request goes now; otherwise when the volume's QoS limits let it
+   * (reads and writes cost one request and their bytes, trims and zeroes one request).
+   * Once moved, the volume's new home enforces them.
+   */
+  private admit(bytes: number): Promise<void> | undefined {
+    return this.throttle?.limited && !this.gate.movedTo ? this.throttle.admit(bytes) : undefined;
   }
 
   // Reads go to the volume until it has moved (while a move holds its writes it does not change).
@@ -93,10 +123,18 @@ class VolumeExport implements NbdExport {
   }
 
   readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
+    const wait = this.admit(length);
+    if (wait) return wait.then(() => this.reader.readInto(offset, target, targetOffset, length));
     return this.reader.readInto(offset, target, targetOffset, length);
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    const wait = this.admit(data.length);
+    if (wait) return wait.then(() => this.writeNow(offset, data, fua));
+    return this.writeNow(offset, data, fua);
+  }
+
+  private writeNow(offset: number, data: Buffer, fua: boolean): Promise<void> {
     return this.gate.change(
       () => this.volume.write(offset, data, { fua }),
       (moved) => moved.write(offset, data, fua),
@@ -111,6 +149,12 @@ class VolumeExport implements NbdExport {
   }
 
   trim(offset: number, length: number): Promise<void> {
+    const wait = this.admit(0);
+    if (wait) return wait.then(() => this.trimNow(offset, length));
+    return this.trimNow(offset, length);
+  }
+
+  private trimNow(offset: number, length: number): Promise<void> {
     return this.gate.change(
       () => this.volume.trim(offset, length),
       (moved) => moved.trim(offset, length),
@@ -118,6 +162,12 @@ class VolumeExport implements NbdExport {
   }
 
   zero(offset: number, length: number, options: { noHole: boolean; fua: boolean; fast: boolean }): Promise<void> {
+    const wait = this.admit(0);
+    if (wait) return wait.then(() => this.zeroNow(offset, length, options));
+    return this.zeroNow(offset, length, options);
+  }
+
+  private zeroNow(offset: number, length: number, options: { noHole: boolean; fua: boolean; fast: boolean }): Promise<void> {
     return this.gate.change(
       () => this.volume.writeZeroes(offset, length, options),
       (moved) => moved.zero(offset, length, options),
