@@ -4,6 +4,8 @@ import { invalid, outOfRange } from '../csi/errors';
 import { parseSize, UnitError } from '../lib/units';
 import { validateExtentSize } from '../store/geometry';
 import { defaultExtentSizeBytes, maxVolumeSizeBytes, sectorSizeBytes } from '../store/limits';
+import { isArborError } from '../store/errors';
+import { QosLimits, parseQosParameters } from '../store/qos';
 
 /** What a StorageClass may say, after validation. */
 export interface ClassParameters {
@@ -53,6 +55,21 @@ export function parseParameters(parameters: Record<string, string>): ClassParame
     }
   }
   return result;
+}
+
+/**
+ * CSI mutable_parameters (a VolumeAttributesClass's parameters): the QoS limits
+ * store/qos.ts parses, undefined when there are none. Malformed or unknown keys are
+ * INVALID_ARGUMENT naming the key and the volume.
+ */
+export function parseMutableParameters(parameters: Record<string, string> | undefined, volume: string): QosLimits | undefined {
+  if (!parameters || Object.keys(parameters).length === 0) return undefined;
+  try {
+    return parseQosParameters(parameters, (key) => key.startsWith(sidecarPrefix));
+  } catch (err) {
+    if (isArborError(err, 'invalid-argument')) throw invalid(`volume ${volume}: mutable_parameters: ${err.message}`);
+    throw err;
+  }
 }
 
 export function splitOptions(value: string): string[] {

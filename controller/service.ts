@@ -9,7 +9,7 @@ import { VolumeRecord } from '../store/records';
 import { snapshotMessage, volumeContext, volumeMessage } from './messages';
 import { page } from './paging';
 import { Capability, parseCapability } from '../csi/capabilities';
-import { parseParameters, sizeFor, wireCount } from './parameters';
+import { parseMutableParameters, parseParameters, sizeFor, wireCount } from './parameters';
 import * as grpc from '@grpc/grpc-js';
 
 export interface ControllerOptions {
@@ -32,6 +32,8 @@ const capabilities = [
   'VOLUME_CONDITION',
   'GET_VOLUME',
   'SINGLE_NODE_MULTI_WRITER',
+  // QoS limits (store/qos.ts): set by CreateVolume's and ControllerModifyVolume's mutable_parameters.
+  'MODIFY_VOLUME',
   // GetSnapshot (alpha in v1.12) is implemented, but not advertised: the sanity
   // suites of csi-test built against v1.12 do not know the capability yet.
 ] as const;
@@ -81,6 +83,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       const name = required(request.name, 'name');
       const caps = capabilitiesOf(request.volume_capabilities, 'volume_capabilities', name);
       const parameters = parseParameters(request.parameters);
+      const qos = parseMutableParameters(request.mutable_parameters, name);
       checkTopology(request, topology);
       const source = request.volume_content_source;
       let sourceRef: { snapshot: { id: string } } | { volume: { id: string } } | undefined;
@@ -112,8 +115,13 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       if (fsType) labels.fsType = fsType;
       if (parameters.mkfsOptions.length) labels.mkfsOptions = parameters.mkfsOptions.join(' ');
 
+      // A retry (the limits may not have been set when the first try failed) sets them again.
+      const withQos = async (volume: VolumeRecord) => {
+        if (qos) await store.setVolumeQos({ id: volume.id }, qos);
+        return { volume: volumeMessage(volume, topology) };
+      };
       const existing = await store.findVolume({ name });
-      if (existing) return { volume: volumeMessage(compatible(existing, request, sourceRef, extentSizeBytes, labels), topology) };
+      if (existing) return withQos(compatible(existing, request, sourceRef, extentSizeBytes, labels));
       let volume: VolumeRecord;
       try {
         volume = sourceRef
@@ -123,10 +131,10 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
         // Lost a race with a twin request: answer as the winner would be answered.
         const winner = isArborError(err, 'already-exists') ? await store.findVolume({ name }) : undefined;
         if (!winner) throw err;
-        return { volume: volumeMessage(compatible(winner, request, sourceRef, extentSizeBytes, labels), topology) };
+        return withQos(compatible(winner, request, sourceRef, extentSizeBytes, labels));
       }
       if (volume.sizeBytes < sizeBytes) volume = await store.resizeVolume({ id: volume.id }, sizeBytes);
-      return { volume: volumeMessage(volume, topology) };
+      return withQos(volume);
     },
 
     async DeleteVolume(request) {
@@ -165,6 +173,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       try {
         const caps = request.volume_capabilities.map((c, i) => parseCapability(c, `volume_capabilities[${i}]`, volume.name));
         parseParameters(request.parameters);
+        parseMutableParameters(request.mutable_parameters, volume.name);
         const fsType = volume.labels?.fsType;
         const clash = caps.find((c) => c.fsType && fsType && c.fsType !== fsType);
         if (clash) return { message: `volume ${volume.name} is formatted for ${fsType}, not ${clash.fsType}` };
@@ -180,7 +189,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
           volume_context: request.volume_context,
           volume_capabilities: request.volume_capabilities,
           parameters: request.parameters,
-          mutable_parameters: {},
+          mutable_parameters: request.mutable_parameters,
         },
       };
     },
@@ -223,6 +232,15 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       const grown = target > volume.sizeBytes ? await store.resizeVolume({ id: volume.id }, target) : volume;
       // A filesystem must grow on the node; a raw block device's new size shows at its next attach.
       return { capacity_bytes: String(grown.sizeBytes), node_expansion_required: capability?.access !== 'block' };
+    },
+
+    async ControllerModifyVolume(request) {
+      const id = required(request.volume_id, 'volume_id');
+      const volume = await mustFindVolume(id);
+      // The parameters are the volume's whole QoS (a VolumeAttributesClass describes the whole class): a key left out is no limit.
+      const qos = parseMutableParameters(request.mutable_parameters, volume.name) ?? {};
+      await store.setVolumeQos({ id: volume.id }, qos);
+      return {};
     },
 
     async CreateSnapshot(request) {

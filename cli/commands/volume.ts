@@ -13,6 +13,7 @@ import { MoveReport, RoundReport, defaultMoveOptions, moveVolume } from '../move
 import { MoveRequest, moveOptions } from '../move-request';
 import { openSession } from '../session';
 import { StoreLocation } from '../../store/open';
+import { QosLimits, burstSecondsOf, describeQos, isUnlimited, parseQosParameters } from '../../store/qos';
 
 function size(text: string | boolean | undefined, option: string): number | undefined {
   if (text === undefined) return undefined;
@@ -38,6 +39,15 @@ export function volumeJson(v: VolumeRecord): Record<string, unknown> {
     extentSizeBytes: v.extentSizeBytes,
     createdAt: v.createdAt,
     parent: v.lineage[0] ? lineageJson(v.lineage[0]) : null,
+  };
+}
+
+/** The stable JSON form of a volume's QoS limits: null where there is no limit. */
+export function qosJson(limits: QosLimits): Record<string, unknown> {
+  return {
+    maxIops: limits.maxIops ?? null,
+    maxBandwidthBytes: limits.maxBandwidthBytes ?? null,
+    burstSeconds: isUnlimited(limits) ? null : burstSecondsOf(limits),
   };
 }
 
@@ -86,9 +96,14 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     options: { json: { type: 'boolean', description: 'print JSON' } },
     summary: 'Show a volume: size, extent size, allocated bytes, parent lineage, snapshots.',
     async run(ctx, { positionals: [name], values }) {
-      const { v, usage, snapshots } = await ctx.withSession(async ({ api: store }) => {
+      const { v, usage, snapshots, qos } = await ctx.withSession(async ({ api: store }) => {
         const v = await store.getVolume({ name });
-        return { v, usage: await store.volumeUsage({ id: v.id }), snapshots: await store.listSnapshots({ id: v.id }) };
+        return {
+          v,
+          usage: await store.volumeUsage({ id: v.id }),
+          snapshots: await store.listSnapshots({ id: v.id }),
+          qos: await store.volumeQos({ id: v.id }),
+        };
       });
       if (values.json) {
         ctx.stdout.write(
@@ -97,6 +112,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
             allocatedBytes: usage.allocatedBytes,
             exclusiveBytes: usage.exclusiveBytes,
             lineage: v.lineage.map(lineageJson),
+            qos: qosJson(qos),
             snapshots: snapshots.map((s) => ({ id: s.id, name: s.name, sizeBytes: s.sizeBytes, createdAt: s.createdAt })),
           }),
         );
@@ -111,8 +127,28 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
         `  created:     ${v.createdAt}`,
         `  lineage:     ${v.lineage.length ? v.lineage.map(describeParent).join(' <- ') : '- (not a clone)'}`,
         `  snapshots:   ${snapshots.length ? snapshots.map((s) => s.name).join(', ') : '-'}`,
+        `  qos:         ${describeQos(qos)}`,
       ];
       ctx.stdout.write(lines.join('\n') + '\n');
+    },
+  },
+  {
+    path: ['volume', 'qos'],
+    positionals: ['NAME'],
+    options: {
+      'max-iops': { type: 'string', value: 'N', description: 'requests per second (reads, writes, trims, zeroes)' },
+      'max-bandwidth': { type: 'string', value: 'SIZE', description: 'bytes per second read and written, e.g. 100MiB' },
+      'burst-seconds': { type: 'string', value: 'S', description: 'how far an idle volume may run ahead of its limits (default 0.1)' },
+    },
+    summary: 'Set the I/O limits of a volume, applied at once to every connection (a limit left out is no limit; none: unlimited).',
+    async run(ctx, { positionals: [name], values }) {
+      const parameters: Record<string, string> = {};
+      if (values['max-iops'] !== undefined) parameters.maxIops = String(values['max-iops']);
+      if (values['max-bandwidth'] !== undefined) parameters.maxBandwidth = String(values['max-bandwidth']);
+      if (values['burst-seconds'] !== undefined) parameters.burstSeconds = String(values['burst-seconds']);
+      const limits = parseQosParameters(parameters);
+      const set = await ctx.withSession(({ api }) => api.setVolumeQos({ name }, limits));
+      ctx.stdout.write(`volume ${name}: qos ${describeQos(set)}\n`);
     },
   },
   {
