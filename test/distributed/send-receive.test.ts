@@ -87,4 +87,44 @@ describe('snapshot send and receive on etcd and S3', function () {
       assert.equal(returned.images[name], sent[name === 'v' ? 'v@s2' : name], `${name} sent back reads as the source's`);
     assert.ok(fs.statSync(file('back-inc12')).size < fs.statSync(file('inc12')).size + 4096, 'sent back, the incremental stream is as small as the first');
   });
+
+  it('arbor volume move: from a data directory into etcd and S3, byte-exact; the source forgets the volume and keeps its snapshots', async () => {
+    const location = servers.location('move', temp.dir);
+    const from = file('move-from');
+    const store = await openDataDir(from);
+    try {
+      await store.createVolume('disk', { sizeBytes: 8 * MiB, extentSizeBytes: 4096 });
+      const disk = await store.openVolume({ name: 'disk' });
+      await disk.write(MiB, new Random(6).bytes(5 * MiB));
+      await disk.writeZeroes(7 * MiB, 64 * 1024, { noHole: true });
+      await store.createSnapshot({ name: 'disk' }, 'mine');
+    } finally {
+      await store.close();
+    }
+    const expected = (await stateOfDataDir(from)).images.disk;
+    const moved = await run(
+      process.execPath,
+      [cliPath, '--data-dir', from, 'volume', 'move', 'disk', '--to', file('move-cache'), '--to-store', location.storeUrl!, '--to-blobs', location.blobsUrl!],
+      { env: servers.env() },
+    );
+    assert.equal(moved.status, 0, moved.stderr);
+    assert.match(moved.stdout, /moved volume disk \(8 MiB\) in \d+ ms, 1 rounds; no connection used it: nothing was paused/);
+
+    const opened = await openStore(location, { nodeId: 'move-check', ephemeralCache: true });
+    try {
+      const state = await stateOf(opened);
+      assert.equal(state.images.disk, expected, 'the volume on etcd and S3 reads as it did in the data directory');
+      assert.deepEqual(state.hidden, []);
+      assert.deepEqual(
+        (await opened.listSnapshots()).map((s) => s.name),
+        [],
+        "the move's snapshots are gone",
+      );
+    } finally {
+      await opened.close();
+    }
+    const left = await stateOfDataDir(from);
+    assert.equal(left.images.disk, undefined, 'the source no longer has the volume');
+    assert.ok(left.images['disk@mine'], 'its own snapshot stays');
+  });
 });
