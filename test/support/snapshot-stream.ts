@@ -1,6 +1,6 @@
 import crypto from 'node:crypto';
 import { PassThrough, Writable } from 'node:stream';
-import { Image, Session } from '../../cli/session';
+import { localSession as cliLocalSession, Session } from '../../cli/session';
 import { ReceiveSummary, receiveSnapshot, ReceiveTarget } from '../../cli/stream/receive';
 import { SendSummary, sendSnapshot } from '../../cli/stream/send';
 import { Progress } from '../../lib/progress';
@@ -15,19 +15,9 @@ import { Store } from '../../store/store';
  * (format.ts) lies, and what a data directory holds.
  */
 
-/** What `openSession` gives the CLI when it opens the store itself, on a store this process opened. */
+/** What `openSession` gives the CLI when it opens the store itself, on a store this process opened (and closes). */
 export function localSession(store: Store): Session {
-  const exports = new StoreExports(store);
-  return {
-    api: store,
-    async openImage(name): Promise<Image> {
-      const opened = await exports.open(name);
-      if (!opened) throw new Error(`${name} does not exist`);
-      const release = opened.close?.bind(opened);
-      return Object.assign(opened, { close: release ?? (async () => {}) });
-    },
-    close: async () => {},
-  };
+  return cliLocalSession(store, new StoreExports(store), async () => {});
 }
 
 const silentProgress = (): Progress => new Progress(new PassThrough(), 'test');
