@@ -23,6 +23,8 @@ const gcPassKey = 'gc/pass';
 
 export class Collector {
   private pass?: Promise<GcReport>;
+  /** The last pass this process completed: when it ended and what it found (for `arbor status`). */
+  lastPass?: { endedAt: number; report: GcReport };
   private passHere = false;
   /** Set while the cut is taken: no volume may open until it is. */
   private cutting?: Promise<void>;
@@ -79,6 +81,7 @@ export class Collector {
         const { roots, allocatedAfter, aboveWatermark } = await this.takeCut();
         const report = await markAndSweep(this.ctx, roots, allocatedAfter, aboveWatermark);
         this.log.info('garbage collected', { ...report });
+        this.lastPass = { endedAt: Date.now(), report };
         gcRuns.inc();
         gcFreedBlobs.inc(report.freedBlobs);
         gcLastSeconds.set(report.durationMs / 1000);

@@ -268,6 +268,11 @@ export class MutableTree implements NodeSource {
     return this.dirty.size > 0 || this.frees.pending || this.root !== committedRoot;
   }
 
+  /** Extents written since the last capture (their data not yet synced): what a commit would make durable. */
+  get unsyncedExtentCount(): number {
+    return this.unsyncedData.size;
+  }
+
   get hasUnsyncedData(): boolean {
     return this.unsyncedData.size > 0;
   }

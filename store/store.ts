@@ -189,6 +189,16 @@ export class Store {
     }
   }
 
+  /** The volumes this process has open, with what each holds not yet committed (for `arbor status`). */
+  openVolumeStatus(): Array<{ id: string; name: string } & ReturnType<Volume['uncommitted']>> {
+    return this.volumes.volumes().map((volume) => ({ id: volume.id, name: volume.name, ...volume.uncommitted() }));
+  }
+
+  /** The last garbage collection this process completed, if any. */
+  get lastCollection(): { endedAt: number; report: GcReport } | undefined {
+    return this.collector.lastPass;
+  }
+
   /** The node id this store owns volumes as, where volumes have owners. */
   get nodeId(): string | undefined {
     return this.ownership?.nodeId;

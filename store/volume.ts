@@ -65,6 +65,9 @@ export class Volume {
   private capturesInFlight = 0;
   private settledThrough = 0;
 
+  /** When this process last committed the volume's record (a flush, a background commit, a snapshot). */
+  private lastCommitAt?: number;
+
   /** Why this process no longer owns the volume, once it does not. */
   private lostReason?: string;
 
@@ -117,6 +120,22 @@ export class Volume {
 
   get dirtyNodeCount(): number {
     return this.tree.dirtyNodeCount;
+  }
+
+  /**
+   * What is not committed yet (for `arbor status`): extents written since the last
+   * capture, their bytes (whole extents: the unit a commit makes durable), map nodes
+   * changed, and for how long; and when this process last committed the record.
+   */
+  uncommitted(now = Date.now()): { extents: number; bytes: number; mapNodes: number; forMs?: number; lastCommitAt?: number } {
+    const extents = this.tree.unsyncedExtentCount;
+    return {
+      extents,
+      bytes: extents * this.extentSizeBytes,
+      mapNodes: this.tree.dirtyNodeCount,
+      forMs: this.uncommittedForMs(now),
+      lastCommitAt: this.lastCommitAt,
+    };
   }
 
   async read(offset: number, length: number): Promise<Buffer> {
@@ -245,6 +264,7 @@ export class Volume {
     this.committed = committed;
     this.committedCapture = Math.max(this.committedCapture, sequence);
     this.unconfirmed.clear();
+    this.lastCommitAt = Date.now();
   }
 
   /**

@@ -34,6 +34,15 @@ export class NbdServer {
     return this.connections.size;
   }
 
+  /** Open connections by the export they chose (those still negotiating are not counted). */
+  connectionsByExport(): Map<string, number> {
+    const counts = new Map<string, number>();
+    for (const connection of this.connections) {
+      if (connection.exportName !== undefined) counts.set(connection.exportName, (counts.get(connection.exportName) ?? 0) + 1);
+    }
+    return counts;
+  }
+
   async listenUnix(socketPath: string): Promise<void> {
     await removeStaleSocket(socketPath);
     await listenOwnerOnly(this.server({}), socketPath);
