@@ -38,6 +38,11 @@ export const globalOptions: Record<string, OptionSpec> = {
   'cache-size': { type: 'string', value: 'SIZE', description: 'how much the blob cache may hold (default 4GiB)' },
   'lease-ttl': { type: 'string', value: 'DURATION', description: 'how long this node keeps its volumes after it stops answering etcd (default 10s)' },
   'log-level': { type: 'string', value: 'LEVEL', description: 'error, warn, info or debug (default: info for serve, node and controller, warn otherwise)' },
+  'log-format': {
+    type: 'string',
+    value: 'FORMAT',
+    description: 'text (a line a person reads) or json (one object a line); default: text on a terminal, json otherwise',
+  },
   help: { type: 'boolean', short: 'h', description: 'show help' },
 };
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { createLog } from '../lib/logger';
+import { createLog, LogFormat, logFormats } from '../lib/logger';
 import { packageVersion } from '../lib/version';
 import { isArborError } from '../store/errors';
 import { CommandSpec, UsageError, helpText, parseCommandLine } from './args';
@@ -9,6 +9,7 @@ import { csiCommands } from './commands/csi';
 import { daemonCommands } from './commands/daemons';
 import { snapshotCommands } from './commands/snapshot';
 import { volumeCommands } from './commands/volume';
+import { isTerminal } from './output';
 import path from 'node:path';
 import { parseDuration, parseSize, UnitError } from '../lib/units';
 import { StoreLocation } from '../store/open';
@@ -39,7 +40,9 @@ export async function main(argv: string[], io: Io): Promise<number> {
     const dataDir = values['data-dir'] ? path.resolve(io.cwd, String(values['data-dir'])) : defaultDataDir(io.env, io.cwd);
     const level = String(values['log-level'] ?? io.env.ARBOR_LOG_LEVEL ?? (['serve', 'node', 'controller'].includes(result.command.path[0]) ? 'info' : 'warn'));
     if (!['error', 'warn', 'info', 'debug'].includes(level)) throw new UsageError(`--log-level ${level} is not one of error, warn, info, debug`);
-    const log = createLog({ level, component: 'cli' });
+    const format = String(values['log-format'] ?? (isTerminal(io.stderr) ? 'text' : 'json'));
+    if (!(logFormats as readonly string[]).includes(format)) throw new UsageError(`--log-format ${format} is not one of ${logFormats.join(', ')}`);
+    const log = createLog({ level, component: 'cli', format: format as LogFormat });
     const location = storeLocation(values, io.env, io.cwd, dataDir);
     const context: CliContext = { ...io, dataDir, location, log, withSession: sessionOpener(location, log) };
     await result.command.run(context, result.parsed);

@@ -12,3 +12,8 @@ export function table(headers: string[], rows: string[][]): string {
 export function json(value: unknown): string {
   return JSON.stringify(value, null, 2) + '\n';
 }
+
+/** Whether a stream is a terminal (a person reads it). */
+export function isTerminal(stream: NodeJS.WritableStream): boolean {
+  return (stream as NodeJS.WriteStream).isTTY === true;
+}
