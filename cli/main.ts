@@ -9,12 +9,20 @@ import { csiCommands } from './commands/csi';
 import { daemonCommands } from './commands/daemons';
 import { snapshotCommands } from './commands/snapshot';
 import { volumeCommands } from './commands/volume';
+import { statusCommands } from './status';
 import { isTerminal } from './output';
 import path from 'node:path';
 import { parseDuration, parseSize, UnitError } from '../lib/units';
 import { StoreLocation } from '../store/open';
 
-export const commands: CommandSpec<CliContext>[] = [...volumeCommands, ...snapshotCommands, ...gcCommands, ...daemonCommands, ...csiCommands];
+export const commands: CommandSpec<CliContext>[] = [
+  ...volumeCommands,
+  ...snapshotCommands,
+  ...gcCommands,
+  ...daemonCommands,
+  ...statusCommands,
+  ...csiCommands,
+];
 
 export interface Io {
   stdout: NodeJS.WritableStream;

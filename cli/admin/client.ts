@@ -7,6 +7,7 @@ import { AdminMethod, StoreApi, adminMethods } from './methods';
 import { ServerInfo } from './server';
 import type { MoveReport } from '../move';
 import type { MoveRequest } from '../move-request';
+import type { ServerStatus } from '../status';
 
 /** Talks to a running `arbor serve` over its admin socket; offers the same calls as the store. */
 export class AdminClient {
@@ -51,6 +52,11 @@ export class AdminClient {
 
   serverInfo(): Promise<ServerInfo> {
     return this.call('serverInfo', []) as Promise<ServerInfo>;
+  }
+
+  /** What the server holds now: open volumes, connections, data not yet committed, the last gc (`arbor status`). */
+  serverStatus(): Promise<ServerStatus> {
+    return this.call('serverStatus', []) as Promise<ServerStatus>;
   }
 
   /** Asks the server to move a volume it holds to another store (a long call: the move's rounds run in the server). */

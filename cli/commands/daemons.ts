@@ -30,6 +30,7 @@ import { AdminServer } from '../admin/server';
 import { CommandSpec, OptionSpec, UsageError } from '../args';
 import { CliContext } from '../context';
 import { adminSocketPath } from '../session';
+import { serverStatus } from '../status';
 
 const defaultGcInterval = '10m';
 const defaultMaxVolumes = 256;
@@ -159,6 +160,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
   const tlsIdentity = tlsFiles && new TlsIdentity(tlsFiles, ctx.log);
   const nbdSocket = values['nbd-socket'] === undefined ? undefined : path.resolve(String(values['nbd-socket']));
   const endpoint = values['csi-endpoint'] === undefined ? undefined : String(values['csi-endpoint']);
+  const startedAt = Date.now();
   if (endpoint && roles.node && !nbdSocket) throw new UsageError('the CSI node service attaches volumes over NBD: give --nbd-socket too');
   const { deadConnectionTimeoutSeconds, maxVolumes } = nodeSettings(values);
 
@@ -178,6 +180,8 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
       // The CLI reaches an embedded store through the process that holds it; with etcd and S3 it joins the store itself.
       const admin = await AdminServer.listen(adminSocketPath(ctx.dataDir), store, { pid: process.pid, nbdSocket }, ctx.log);
       admin.handle('moveVolume', ([request]) => moveFromHere(store, storeExports, parseMoveRequest(request), ctx.log));
+      const facts = { startedAt, dataDir: ctx.dataDir, adminSocket: adminSocketPath(ctx.dataDir), nbdSocket, csiEndpoint: endpoint, nodeId, gcIntervalMs };
+      admin.handle('serverStatus', async () => serverStatus(store, nbd, facts));
       stops.push(() => admin.close());
       if (adminListen) {
         const port = await admin.listenTls(adminListen.host, adminListen.port, tlsIdentity!, relayNodeAdminMethods);
