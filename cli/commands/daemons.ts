@@ -30,6 +30,7 @@ import { AdminServer } from '../admin/server';
 import { CommandSpec, OptionSpec, UsageError } from '../args';
 import { CliContext } from '../context';
 import { adminSocketPath } from '../session';
+import { firstRunSockets, printSummary } from '../first-run';
 import { serverStatus } from '../status';
 
 const defaultGcInterval = '10m';
@@ -158,8 +159,10 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
     throw new UsageError('--nbd-advertise needs --nbd-listen and mutual TLS (--tls-cert, --tls-key, --tls-ca): other nodes relay to it');
   }
   const tlsIdentity = tlsFiles && new TlsIdentity(tlsFiles, ctx.log);
-  const nbdSocket = values['nbd-socket'] === undefined ? undefined : path.resolve(String(values['nbd-socket']));
-  const endpoint = values['csi-endpoint'] === undefined ? undefined : String(values['csi-endpoint']);
+  // `arbor serve` naming no socket (`npm start`): NBD and CSI in the data directory.
+  const firstRun = roles.controller ? firstRunSockets(ctx, values) : {};
+  const nbdSocket = values['nbd-socket'] === undefined ? firstRun.nbdSocket : path.resolve(String(values['nbd-socket']));
+  const endpoint = values['csi-endpoint'] === undefined ? firstRun.csiEndpoint : String(values['csi-endpoint']);
   const startedAt = Date.now();
   if (endpoint && roles.node && !nbdSocket) throw new UsageError('the CSI node service attaches volumes over NBD: give --nbd-socket too');
   const { deadConnectionTimeoutSeconds, maxVolumes } = nodeSettings(values);
@@ -225,6 +228,7 @@ async function runStoreOwner(ctx: CliContext, values: Record<string, string | bo
       nodeId,
       roles,
     });
+    printSummary(ctx, { nbdSocket, csiEndpoint: endpoint, nodeId });
     return () => nbd.connectionCount;
   });
 }
@@ -479,7 +483,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
       ...nodeOptions,
     },
     summary:
-      'Run Arbor on the embedded store (NBD, admin socket, and with --csi-endpoint the CSI Identity, Controller and Node services) until SIGTERM or SIGINT.',
+      'Run Arbor on the embedded store (NBD, admin socket, and with --csi-endpoint the CSI Identity, Controller and Node services) until SIGTERM or SIGINT; naming no socket, NBD and CSI are served on nbd.sock and csi.sock in the data directory.',
     async run(ctx, { values }) {
       await runStoreOwner(ctx, values, { controller: true, node: true }, String(values['node-id'] ?? os.hostname()));
     },
