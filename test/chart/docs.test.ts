@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { helm, K8sObject, parseDocuments, repoRoot, valuesArgs, yaml } from '../support/helm';
+import { parseQosParameters } from '../../store/qos';
 import { objectProblems } from './models';
 import { all, defaults, namespace, one, render } from './rendered';
 
@@ -180,6 +181,23 @@ describe('the docs and their examples', function () {
           else assert.ok(asMount && !asDevice, `${pod.metadata.name}: filesystem volume ${v.name} must be mounted`);
         }
       }
+    });
+
+    it("give VolumeAttributesClasses of the chart's driver with parameters Arbor takes, and name only those classes in claims", () => {
+      const objects = exampleObjects();
+      const driver = one(defaults(), 'CSIDriver').metadata.name;
+      const classes = objects.filter((o) => o.kind === 'VolumeAttributesClass');
+      assert.ok(classes.length > 0, 'a VolumeAttributesClass example');
+      for (const vac of classes) {
+        const object = vac as unknown as { apiVersion: string; driverName: string; parameters: Record<string, string> };
+        assert.equal(object.apiVersion, 'storage.k8s.io/v1', `${vac.metadata.name}: the GA API`);
+        assert.equal(object.driverName, driver, `${vac.metadata.name} names the chart's driver`);
+        assert.ok(Object.keys(parseQosParameters(object.parameters)).length > 0, `${vac.metadata.name} sets limits Arbor parses`);
+      }
+      const names = new Set(classes.map((c) => c.metadata.name));
+      const claimed = claimSpecs(objects).flatMap((c) => (c.volumeAttributesClassName ? [c.volumeAttributesClassName as string] : []));
+      assert.ok(claimed.length > 0, 'a claim that uses a class');
+      for (const name of claimed) assert.ok(names.has(name), `volumeAttributesClassName ${name} is an example class`);
     });
 
     it('restore, clone and snapshot what the other examples create', () => {

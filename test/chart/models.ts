@@ -48,6 +48,7 @@ export const builtinKinds: Record<string, string> = {
   'apps/v1/DaemonSet': 'V1DaemonSet',
   'storage.k8s.io/v1/CSIDriver': 'V1CSIDriver',
   'storage.k8s.io/v1/StorageClass': 'V1StorageClass',
+  'storage.k8s.io/v1/VolumeAttributesClass': 'V1VolumeAttributesClass',
   'rbac.authorization.k8s.io/v1/ClusterRole': 'V1ClusterRole',
   'rbac.authorization.k8s.io/v1/ClusterRoleBinding': 'V1ClusterRoleBinding',
   'rbac.authorization.k8s.io/v1/Role': 'V1Role',
