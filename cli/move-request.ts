@@ -10,6 +10,8 @@ import { localSession, openSession } from './session';
 export interface MoveRequest {
   volume: string;
   destination: StoreLocation;
+  /** An NBD socket on this host that serves the destination store (default: that of the server holding its data directory). */
+  nbdSocket?: string;
   finalRoundBytes?: number;
   maxRounds?: number;
   maxPauseMs?: number;
@@ -26,6 +28,7 @@ export function parseMoveRequest(value: unknown): MoveRequest {
   const d = r.destination as Record<string, unknown> | undefined;
   if (typeof d !== 'object' || d === null || typeof d.dataDir !== 'string') bad('no destination data directory');
   for (const key of ['storeUrl', 'blobsUrl', 'cacheDir'] as const) if (d![key] !== undefined && typeof d![key] !== 'string') bad(`destination ${key}`);
+  if (r.nbdSocket !== undefined && typeof r.nbdSocket !== 'string') bad('nbdSocket');
   for (const key of ['finalRoundBytes', 'maxRounds', 'maxPauseMs'] as const) {
     if (r[key] !== undefined && (typeof r[key] !== 'number' || !Number.isSafeInteger(r[key]) || r[key] < 0)) bad(key);
   }
@@ -41,7 +44,7 @@ export async function moveFromHere(store: Store, exports: StoreExports, request:
   try {
     return await moveVolume(
       { session: localSession(store, exports, async () => {}), exports },
-      { session: destination, nbdSocket: destination.nbdSocket },
+      { session: destination, nbdSocket: request.nbdSocket ?? destination.nbdSocket },
       request.volume,
       moveOptions(request, log),
     );

@@ -79,7 +79,7 @@ export async function moveVolume(source: MoveSource, destination: MoveDestinatio
   if (gate && gate.users > 0 && !destination.nbdSocket) {
     throw new ArborError(
       'failed-precondition',
-      `volume ${name} is in use (${gate.users} connections) and its users can only be switched to a running server: start 'arbor serve' on the destination (with its NBD socket), then move`,
+      `volume ${name} is in use (${gate.users} connections) and its users can only be switched to a running server: start 'arbor serve' on the destination (with its NBD socket) or name a server's socket with --to-nbd-socket, then move`,
     );
   }
   // Not served here: hold the volume for the whole move, so no other process can write it meanwhile.

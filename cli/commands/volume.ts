@@ -243,6 +243,12 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
         description: 'a distributed destination: its catalog (with --to-blobs; etcd TLS as --etcd-ca etc.)',
       },
       'to-blobs': { type: 'string', value: 's3://BUCKET/PREFIX?endpoint=URL', description: 'a distributed destination: its blobs' },
+      'to-nbd-socket': {
+        type: 'string',
+        value: 'PATH',
+        description:
+          "the NBD socket of a server of the destination on this host, where the volume's connections go (default: the socket of the server holding --to)",
+      },
       'final-round': {
         type: 'string',
         value: 'SIZE',
@@ -264,7 +270,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
         // Nothing serves the volume: no connection to switch, this process moves it.
         const destination = await openSession(request.destination, ctx.log);
         try {
-          return await moveVolume({ session }, { session: destination, nbdSocket: destination.nbdSocket }, name, {
+          return await moveVolume({ session }, { session: destination, nbdSocket: request.nbdSocket ?? destination.nbdSocket }, name, {
             ...moveOptions(request, ctx.log),
             onRound: (r) =>
               ctx.stderr.write(`round ${r.round} (${r.kind}): ${formatSize(r.changedBytes)} changed, ${formatSize(r.streamBytes)} sent in ${r.ms} ms\n`),
@@ -312,6 +318,7 @@ function moveRequest(source: StoreLocation, volume: string, values: Record<strin
   return {
     volume,
     destination,
+    ...(values['to-nbd-socket'] === undefined ? {} : { nbdSocket: path.resolve(String(values['to-nbd-socket'])) }),
     finalRoundBytes: size(values['final-round'], 'final-round'),
     maxRounds: rounds,
     maxPauseMs: values['max-pause'] === undefined ? undefined : duration(String(values['max-pause']), '--max-pause'),

@@ -4,79 +4,11 @@ import path from 'node:path';
 import { NbdClient } from '../../node-plugin/nbd/client';
 import { ArborServer, cliPath, startServer } from '../support/arbor-server';
 import { Random } from '../support/random';
+import { Writer } from '../support/verifying-writer';
 import { ok } from '../support/run';
 import { tempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
-const blockBytes = 4096;
-const volumeBytes = 64 * MiB;
-
-/**
- * A client that keeps writing random 4 KiB blocks (a few in flight, a FLUSH now and
- * then) and remembers what it wrote: what a VM's disk does while it is moved.
- */
-class Writer {
-  readonly written = new Map<number, Buffer>();
-  maxLatencyMs = 0;
-  writes = 0;
-  failure?: Error;
-  private stopped = false;
-  private done?: Promise<void>;
-
-  constructor(
-    private readonly client: NbdClient,
-    private readonly rng: Random,
-  ) {}
-
-  start(): void {
-    this.done = Promise.all([0, 1, 2, 3].map(() => this.loop())).then(() => undefined);
-  }
-
-  async stop(): Promise<void> {
-    await this.halt();
-    if (this.failure) throw this.failure;
-  }
-
-  /** Stops writing (after a failed check: the connection must not outlive the test). */
-  async halt(): Promise<void> {
-    this.stopped = true;
-    await this.done;
-  }
-
-  private async loop(): Promise<void> {
-    while (!this.stopped && !this.failure) {
-      const block = this.rng.int(0, volumeBytes / blockBytes - 1);
-      const data = this.rng.bytes(blockBytes);
-      const started = Date.now();
-      try {
-        // Two writers never write one block at once: NBD gives overlapping writes in flight no order.
-        if (this.inFlight.has(block)) continue;
-        this.inFlight.add(block);
-        await this.client.write(block * blockBytes, data);
-        this.written.set(block, data);
-        this.inFlight.delete(block);
-        if (++this.writes % 200 === 0) await this.client.flush();
-      } catch (err) {
-        this.failure = err as Error;
-      }
-      this.maxLatencyMs = Math.max(this.maxLatencyMs, Date.now() - started);
-      await new Promise((resolve) => setTimeout(resolve, 2));
-    }
-  }
-
-  private readonly inFlight = new Set<number>();
-
-  /** Every block read back through `client` is what was last written there (zeros where nothing was). */
-  async verify(client: NbdClient, what: string): Promise<void> {
-    for (let at = 0; at < volumeBytes; at += 4 * MiB) {
-      const data = await client.read(at, 4 * MiB);
-      for (let offset = 0; offset < data.length; offset += blockBytes) {
-        const expected = this.written.get((at + offset) / blockBytes) ?? Buffer.alloc(blockBytes);
-        if (!data.subarray(offset, offset + blockBytes).equals(expected)) assert.fail(`${what}: block at ${at + offset} differs from what was written`);
-      }
-    }
-  }
-}
 
 describe('arbor volume move: a volume in use moves to another store', function () {
   this.timeout(180_000);
@@ -101,7 +33,7 @@ describe('arbor volume move: a volume in use moves to another store', function (
     await source.cliOk('volume', 'create', 'vm-disk', '--size', '64MiB');
     await source.cliOk('snapshot', 'create', 'vm-disk@before');
     const client = await NbdClient.connect({ socketPath: source.nbdSocket, exportName: 'vm-disk' });
-    const writer = new Writer(client, new Random(7));
+    const writer = new Writer(client, new Random(7), 64 * MiB);
     writer.start();
     try {
       await moveWhileWriting(client, writer);
@@ -148,7 +80,7 @@ describe('arbor volume move: a volume in use moves to another store', function (
   it('a last round longer than --max-pause is cancelled: the volume stays on the source, the writer never sees an error, the destination holds nothing', async () => {
     await source.cliOk('volume', 'create', 'busy', '--size', '64MiB');
     const client = await NbdClient.connect({ socketPath: source.nbdSocket, exportName: 'busy' });
-    const writer = new Writer(client, new Random(8));
+    const writer = new Writer(client, new Random(8), 64 * MiB);
     writer.start();
     try {
       await new Promise((resolve) => setTimeout(resolve, 500));

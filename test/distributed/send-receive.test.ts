@@ -3,12 +3,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { openDataDir } from '../../store/embedded';
 import { openStore } from '../../store/open';
-import { cliPath } from '../support/arbor-server';
+import { NbdClient } from '../../node-plugin/nbd/client';
+import { cliPath, startServer } from '../support/arbor-server';
 import { distributedForSuite } from '../support/distributed';
 import { Random } from '../support/random';
 import { run } from '../support/run';
 import { localSession, sendToBuffer, stateOf, stateOfDataDir, streamLayout } from '../support/snapshot-stream';
 import { memoryTempDir } from '../support/tmp';
+import { Writer } from '../support/verifying-writer';
 
 const MiB = 1024 * 1024;
 
@@ -126,5 +128,49 @@ describe('snapshot send and receive on etcd and S3', function () {
     const left = await stateOfDataDir(from);
     assert.equal(left.images.disk, undefined, 'the source no longer has the volume');
     assert.ok(left.images['disk@mine'], 'its own snapshot stays');
+  });
+
+  it('arbor volume move: a volume in use on an embedded arbor serve moves into etcd and S3, its connection switched to a distributed server (--to-nbd-socket)', async () => {
+    const location = servers.location('move-live', temp.dir);
+    const [source, destination] = await Promise.all([
+      startServer(file('live-source')),
+      startServer(file('live-destination'), [...servers.args(location), '--node-id', 'move-destination']),
+    ]);
+    try {
+      await source.cliOk('volume', 'create', 'live', '--size', '16MiB');
+      const client = await NbdClient.connect({ socketPath: source.nbdSocket, exportName: 'live' });
+      const writer = new Writer(client, new Random(10), 16 * MiB);
+      writer.start();
+      try {
+        await new Promise((resolve) => setTimeout(resolve, 500));
+        const report = await source.cliOk(
+          'volume',
+          'move',
+          'live',
+          '--to',
+          file('live-cache'),
+          '--to-store',
+          location.storeUrl!,
+          '--to-blobs',
+          location.blobsUrl!,
+          '--to-nbd-socket',
+          destination.nbdSocket,
+        );
+        assert.match(report, /moved volume live \(16 MiB\) .* writes paused \d+ ms; 1 connections switched to the destination/);
+        await new Promise((resolve) => setTimeout(resolve, 300));
+        await writer.stop();
+        await writer.verify(client, 'through the switched connection');
+        await client.flush();
+        const direct = await NbdClient.connect({ socketPath: destination.nbdSocket, exportName: 'live' });
+        await writer.verify(direct, 'on the distributed server');
+        await direct.disconnect();
+      } finally {
+        await writer.halt();
+        await client.disconnect().catch(() => {});
+      }
+    } finally {
+      assert.equal(await source.stop(), 0, 'the source stops cleanly');
+      assert.equal(await destination.stop(), 0, 'the destination stops cleanly');
+    }
   });
 });
