@@ -380,6 +380,13 @@ describe('the objects the chart renders', function () {
       assert.deepEqual([provisioner.get('kube-api-qps'), provisioner.get('kube-api-burst'), provisioner.get('worker-threads')], ['300', '600', '200']);
       const snapshotter = flags(container(tuned, 'csi-snapshotter'));
       assert.deepEqual([snapshotter.get('kube-api-qps'), snapshotter.get('kube-api-burst'), snapshotter.get('worker-threads')], ['20', '40', '5']);
+      // Values without them (an older chart's, kept by `helm upgrade --reuse-values`): the sidecars' own defaults, no empty flag.
+      const unset = controller(
+        render({ set: { 'store.embedded.nodeName': dataNode, 'sidecars.provisioner.kubeApiQps': 'null', 'sidecars.snapshotter.workerThreads': 'null' } }),
+      ).spec.template.spec;
+      assert.ok(!flags(container(unset, 'csi-provisioner')).has('kube-api-qps'));
+      assert.equal(flag(container(unset, 'csi-provisioner'), 'kube-api-burst'), '200');
+      assert.ok(!flags(container(unset, 'csi-snapshotter')).has('worker-threads'));
       // The attacher and resizer act per attachment or resize, not per clone: left at their own defaults.
       for (const name of ['csi-attacher', 'csi-resizer']) assert.ok(!flags(container(pod, name)).has('kube-api-qps'), name);
     });
