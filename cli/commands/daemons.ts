@@ -366,11 +366,14 @@ async function serveUntilSignal(ctx: CliContext, stops: Stop[], stoppedMessage: 
   const stopAll = async () => {
     for (const stop of stops.reverse()) await stop().catch((err) => ctx.log.error('stopping failed', { error: (err as Error).message }));
   };
+  // Listening before anything starts: a SIGTERM sent as soon as 'serving' is logged (or while starting) stops cleanly.
+  const signalled = untilSignal();
   try {
     const connections = await start(stops);
-    const signal = await untilSignal();
+    const signal = await signalled.signal;
     ctx.log.info('stopping', { signal, nbdConnections: connections() });
   } catch (err) {
+    signalled.cancel();
     await stopAll();
     throw err;
   }
@@ -432,12 +435,25 @@ function nodeStateDir(ctx: CliContext, values: Record<string, string | boolean |
   return values['state-dir'] ? path.resolve(String(values['state-dir'])) : path.join(ctx.dataDir, 'node');
 }
 
-async function untilSignal(): Promise<string> {
+function untilSignal(): { signal: Promise<string>; cancel(): void } {
   // Signal listeners do not keep Node alive; this does, until we stop.
   const keepAlive = setInterval(() => {}, 1 << 30);
-  const signal = await Promise.race([once(process, 'SIGTERM').then(() => 'SIGTERM'), once(process, 'SIGINT').then(() => 'SIGINT')]);
-  clearInterval(keepAlive);
-  return signal;
+  const controller = new AbortController();
+  const signal = Promise.race([
+    once(process, 'SIGTERM', { signal: controller.signal }).then(() => 'SIGTERM'),
+    once(process, 'SIGINT', { signal: controller.signal }).then(() => 'SIGINT'),
+  ]).finally(() => {
+    clearInterval(keepAlive);
+    controller.abort();
+  });
+  return {
+    signal,
+    cancel: () => {
+      signal.catch(() => {});
+      clearInterval(keepAlive);
+      controller.abort();
+    },
+  };
 }
 
 /**
@@ -535,7 +551,7 @@ export const daemonCommands: CommandSpec<CliContext>[] = [
         ctx.log,
       );
       ctx.log.info('arbor controller serving', { dataDir: ctx.dataDir, pid: process.pid, csiEndpoint: values['csi-endpoint'] });
-      const signal = await untilSignal();
+      const signal = await untilSignal().signal;
       ctx.log.info('stopping', { signal });
       await csi.stop();
       await stopMetrics?.();
