@@ -135,7 +135,7 @@ type Listener = (limits: QosLimits) => void;
  * at follow time and a set made in this process can arrive in any order.
  */
 export class QosFollower {
-  private readonly followed = new Map<string, { limits: QosLimits; revision: number; listeners: Set<Listener> }>();
+  private readonly followed = new Map<string, { limits: QosLimits; revision: number; listeners: Set<Listener>; reading: number }>();
   private stopWatch?: () => void;
 
   constructor(private readonly catalog: Catalog) {}
@@ -145,23 +145,30 @@ export class QosFollower {
     this.stopWatch ??= this.catalog.watch(qosPrefix, (events) => this.onEvents(events));
     let entry = this.followed.get(volumeId);
     if (!entry) {
-      entry = { limits: {}, revision: 0, listeners: new Set() };
+      // Kept from before the read, so a change the watch brings meanwhile is not lost.
+      entry = { limits: {}, revision: 0, listeners: new Set(), reading: 0 };
       this.followed.set(volumeId, entry);
     }
-    entry.listeners.add(listener);
-    const stop = () => {
-      entry.listeners.delete(listener);
-      if (entry.listeners.size === 0 && this.followed.get(volumeId) === entry) this.followed.delete(volumeId);
+    const followed = entry;
+    const forget = () => {
+      if (followed.listeners.size === 0 && followed.reading === 0 && this.followed.get(volumeId) === followed) this.followed.delete(volumeId);
     };
+    followed.reading++;
     try {
       const stored = await this.catalog.get(qosKey(volumeId));
       if (stored) this.apply(volumeId, decodeQos(stored), stored.modRevision);
     } catch (err) {
-      stop();
+      followed.reading--;
+      forget();
       throw err;
     }
-    listener(entry.limits);
-    return stop;
+    followed.reading--;
+    followed.listeners.add(listener);
+    listener(followed.limits);
+    return () => {
+      followed.listeners.delete(listener);
+      forget();
+    };
   }
 
   /** Limits known to be committed at `revision` (a set made here, or the watch). */
