@@ -146,6 +146,22 @@ describe('per-volume QoS: limits set by CSI, enforced by the NBD server', functi
     );
   });
 
+  it('arbor volume qos sets limits through the running server, applied to a connection already open, and lifts them', async () => {
+    const running = fio(suite.server.uri('free'), 4);
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    assert.match(await suite.server.cliOk('volume', 'qos', 'free', '--max-iops', '500', '--burst-seconds', '0.05'), /volume free: qos 500 IOPS, burst 0.05 s/);
+    const job = await running;
+    assert.equal(job.error, 0);
+    const delayed = sample(await scrape(), 'arbor_volume_qos_delayed_requests_total', '{volume="free"}') ?? 0;
+    assert.ok(delayed > 100, `the connection open before the change waited for the new limit (${delayed} requests waited)`);
+    const limited = await fio(suite.server.uri('free'), 2);
+    assert.ok(Math.abs(limited.read.iops - 500) <= 75, `a new connection runs at the limit (${limited.read.iops} IOPS)`);
+    assert.match(await suite.server.cliOk('volume', 'qos', 'free'), /volume free: qos unlimited/);
+    const bad = await suite.server.cli('volume', 'qos', 'free', '--max-bandwidth', 'fast');
+    assert.equal(bad.status, 1);
+    assert.match(bad.stderr, /parameter maxBandwidth "fast" is not a size/);
+  });
+
   it('refuses unknown and malformed parameters with INVALID_ARGUMENT naming the key, and a missing volume with NOT_FOUND', async () => {
     const modify = (mutable: Record<string, string>, id = ids.get('free')) =>
       csi.controller.ControllerModifyVolume({ volume_id: id, mutable_parameters: mutable });
