@@ -108,6 +108,8 @@ export function validateQos(limits: QosLimits, volume: string): QosLimits {
     throw bad(`maxBandwidthBytes ${limits.maxBandwidthBytes} is not a whole number of bytes per second`);
   if (limits.burstSeconds !== undefined && !(limits.burstSeconds > 0 && limits.burstSeconds <= maxQosBurstSeconds))
     throw bad(`burstSeconds ${limits.burstSeconds} is not above 0 and at most ${maxQosBurstSeconds}`);
+  if (limits.burstSeconds !== undefined && isUnlimited(limits))
+    throw bad(`burstSeconds ${limits.burstSeconds} without maxIops or maxBandwidth limits nothing; give a limit too`);
   // Only the known fields, so nothing else reaches the catalog.
   const kept: QosLimits = {};
   if (limits.maxIops !== undefined) kept.maxIops = limits.maxIops;

@@ -172,6 +172,7 @@ describe('per-volume QoS: limits set by CSI, enforced by the NBD server', functi
     assert.match(await expectCode(modify({ maxIops: '0' }), status.INVALID_ARGUMENT, 'zero'), /parameter maxIops "0" is out of range/);
     assert.match(await expectCode(modify({ maxBandwidth: 'lots' }), status.INVALID_ARGUMENT, 'no size'), /parameter maxBandwidth "lots" is not a size/);
     assert.match(await expectCode(modify({ burstSeconds: '-1' }), status.INVALID_ARGUMENT, 'negative'), /parameter burstSeconds "-1"/);
+    assert.match(await expectCode(modify({ burstSeconds: '2' }), status.INVALID_ARGUMENT, 'a burst alone'), /burstSeconds 2 without maxIops or maxBandwidth/);
     assert.match(
       await expectCode(modify({ iops: '100' }), status.INVALID_ARGUMENT, 'unknown'),
       /unknown QoS parameter "iops": Arbor takes maxIops, maxBandwidth, burstSeconds/,

@@ -273,7 +273,11 @@ export function modelSuite(title: string, operations: number, open: (dir: string
                 else if (which === 1) await store.resizeVolume({ name }, Math.max(512, v.bytes.size - 512));
                 else if (which === 2) await store.createVolume(name, { sizeBytes: v.bytes.size + 512 });
                 else if (which === 3) await volume.trim(v.bytes.size, 1);
-                else await store.setVolumeQos({ name }, rng.pick([{ maxIops: 0 }, { maxIops: 1.5 }, { maxBandwidthBytes: -1 }, { maxIops: 10, burstSeconds: 0 }]));
+                else
+                  await store.setVolumeQos(
+                    { name },
+                    rng.pick([{ maxIops: 0 }, { maxIops: 1.5 }, { maxBandwidthBytes: -1 }, { maxIops: 10, burstSeconds: 0 }, { burstSeconds: 1 }]),
+                  );
                 if (!(which === 1 && v.bytes.size === 512)) throw new Error(`bad input ${which} on ${name} was accepted`);
               } catch (err) {
                 if (!isArborError(err)) throw err;
