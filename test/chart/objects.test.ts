@@ -4,9 +4,13 @@ import path from 'node:path';
 import { globalOptions, parseCommandLine } from '../../cli/args';
 import { commands } from '../../cli/main';
 import { driverName } from '../../csi/proto';
-import { K8sObject } from '../support/helm';
+import { parseQosParameters } from '../../store/qos';
+import { helmTemplate, K8sObject } from '../support/helm';
+import { objectProblems } from './models';
+import { tempDir } from '../support/tmp';
 import {
   all,
+  ciValues,
   Container,
   container,
   controller,
@@ -619,6 +623,45 @@ describe('the objects the chart renders', function () {
         'StorageClass',
       )[1];
       assert.deepEqual(tuned.parameters, { 'csi.storage.k8s.io/fstype': 'xfs', extentSize: '64KiB', mkfsOptions: '-m reflink=0' });
+    });
+
+    it('creates the VolumeAttributesClasses the values list, for its driver, with parameters ModifyVolume takes; none by default', () => {
+      assert.deepEqual(all(defaults(), 'VolumeAttributesClass'), []);
+      const dir = tempDir();
+      try {
+        const values = path.join(dir.dir, 'classes.yaml');
+        fs.writeFileSync(
+          values,
+          [
+            'volumeAttributesClasses:',
+            '  - { name: arbor-silver, maxIops: 1000000, maxBandwidth: 100MiB }',
+            '  - { name: arbor-gold, maxIops: "10000", burstSeconds: 2.5 }',
+            '  - { name: arbor-wide, maxBandwidth: 1GiB/s }',
+          ].join('\n'),
+        );
+        const objects = render({ valuesFiles: [ciValues.embedded, values] });
+        const classes = all(objects, 'VolumeAttributesClass') as unknown as Array<K8sObject & { driverName: string; parameters: Record<string, string> }>;
+        assert.deepEqual(
+          classes.map((c) => [c.metadata.name, c.driverName, c.parameters]),
+          [
+            ['arbor-silver', driverName, { maxIops: '1000000', maxBandwidth: '100MiB' }],
+            ['arbor-gold', driverName, { maxIops: '10000', burstSeconds: '2.5' }],
+            ['arbor-wide', driverName, { maxBandwidth: '1GiB/s' }],
+          ],
+          'numbers print as integers (never 1e+06)',
+        );
+        for (const c of classes) {
+          assert.deepEqual(objectProblems(c), []);
+          assert.ok(Object.keys(parseQosParameters(c.parameters)).length > 0, `${c.metadata.name}: ModifyVolume takes its parameters`);
+        }
+        const bad = path.join(dir.dir, 'bad.yaml');
+        fs.writeFileSync(bad, 'volumeAttributesClasses:\n  - { name: burst-only, burstSeconds: 1 }\n');
+        const refused = helmTemplate({ namespace, valuesFiles: [ciValues.embedded, bad] });
+        assert.notEqual(refused.status, 0, 'a class without a limit is refused');
+        assert.match(refused.stderr, /missing property 'maxIops'/);
+      } finally {
+        dir.cleanup();
+      }
     });
 
     it('describes the block class to CDI: ReadWriteMany Block first (VMs live-migrate), CSI clones, golden images as snapshots', () => {
