@@ -34,6 +34,8 @@ export interface ReceivePlan {
   base?: { name: string; origin: string };
   /** Receive even though the volume was written after its base: those writes are discarded. */
   force?: boolean;
+  /** When the snapshot was taken where it was first taken (its point in time; the receive keeps it). */
+  createdAt?: string;
 }
 
 /** The staging volume a receive writes into (by its name, as an NBD export or a volume). */
@@ -106,6 +108,10 @@ export class Receives {
    */
   async finish(staging: ReceiveStaging, plan: ReceivePlan): Promise<SnapshotRecord> {
     validatePlan(plan);
+    // Checked here, not at begin: a damaged header is the digest's to refuse, with its own message.
+    if (plan.createdAt !== undefined && Number.isNaN(Date.parse(plan.createdAt))) {
+      throw new ArborError('invalid-argument', `the received snapshot's creation time ${JSON.stringify(plan.createdAt)} is not a date`);
+    }
     const stagingRecord = await this.stagingRecord(staging, plan);
     const received = await this.deps.withVolume({ id: stagingRecord.id }, async (volume) => {
       for (;;) {
@@ -120,6 +126,7 @@ export class Receives {
           const snapshot: SnapshotRecord = {
             ...snapshotRecordOf(volumeRecord, plan.snapshot),
             origin: plan.origin,
+            ...(plan.createdAt ? { createdAt: plan.createdAt } : {}),
           };
           const ok = await volume.commitWith({
             share: true,

@@ -40,6 +40,7 @@ const receivePlan: Check = (v) => {
     num(p.sizeBytes) &&
     num(p.extentSizeBytes) &&
     optional(bool)(p.force) &&
+    optional(str)(p.createdAt) &&
     (base === undefined || (isObject(base) && str(base.name) && str(base.origin)))
   );
 };

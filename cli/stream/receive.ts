@@ -41,6 +41,7 @@ export async function receiveSnapshot(
     origin: header.origin,
     sizeBytes: header.sizeBytes,
     extentSizeBytes: header.extentSizeBytes,
+    createdAt: header.createdAt,
     ...(header.base ? { base: header.base } : {}),
     ...(target.force ? { force: true } : {}),
   };

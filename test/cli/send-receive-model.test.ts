@@ -127,6 +127,7 @@ describe(`snapshot send and receive against a model of the images (seed ${seed})
         received.push(snapshot);
         const there = await b.getSnapshot({ name: snapshot.name });
         assert.equal(there.volumeName, 'v');
+        assert.equal(there.createdAt, (await a.getSnapshot({ name: snapshot.name })).createdAt, 'a received snapshot keeps the time it was taken');
         assert.equal(there.sizeBytes, snapshot.image.length);
         const reader = await b.openSnapshot({ name: snapshot.name });
         assert.ok((await reader.read(0, reader.sizeBytes)).equals(snapshot.image), `B's ${snapshot.name} reads as A's`);
