@@ -2,20 +2,15 @@ import { ArborError } from '../store/errors';
 import { SnapshotRecord } from '../store/records';
 import { StoreApi } from './admin/methods';
 import { UsageError } from './args';
+import { VolumeOrSnapshotName, parseRefText } from '../store/names';
 
-/** NAME or NAME@SNAP as typed on the command line. */
-export interface VolumeOrSnapshot {
-  volume: string;
-  snapshot?: string;
-}
+/** NAME or NAME@SNAP as typed on the command line (names quoted: '@' as %40, '%' as %25). */
+export type VolumeOrSnapshot = VolumeOrSnapshotName;
 
 export function parseRef(text: string, what: string): VolumeOrSnapshot {
-  const at = text.indexOf('@');
-  if (at < 0) return { volume: text };
-  const volume = text.slice(0, at);
-  const snapshot = text.slice(at + 1);
-  if (!volume || !snapshot || snapshot.includes('@')) throw new UsageError(`${what} ${JSON.stringify(text)} is not NAME or NAME@SNAP`);
-  return { volume, snapshot };
+  const ref = parseRefText(text);
+  if (typeof ref === 'string') throw new UsageError(`${what} ${JSON.stringify(text)} is not NAME or NAME@SNAP: ${ref}`);
+  return ref;
 }
 
 export function parseSnapshotRef(text: string, what: string): Required<VolumeOrSnapshot> {

@@ -18,6 +18,7 @@ import { Ref, volumeEntry } from './lookups';
 import { ownerKey } from './ownership';
 import { SnapshotRecord, VolumeRecord, cloneOfSnapshot, decodeVolume, keys, newVolumeRecord, snapshotRecordOf, validateName } from './records';
 import { Volume } from './volume';
+import { hiddenNamePrefix, isHiddenName } from './names';
 import { Log } from '../lib/logger';
 import { randomBytes } from 'node:crypto';
 
@@ -47,12 +48,16 @@ export function snapshotOrigin(snapshot: SnapshotRecord): string {
   return snapshot.origin ?? snapshot.id;
 }
 
-/** Staging volumes' names start with '.', which no user's volume name can: they never collide, and lists skip them. */
-const stagingPrefix = '.receive-';
+/**
+ * Staging volumes' names start with a control character the CSI spec bans
+ * (hiddenNamePrefix), which no user's volume name can hold: they never collide, and
+ * lists skip them.
+ */
+const stagingPrefix = `${hiddenNamePrefix}receive-`;
 const receiveLabel = 'arbor.receive/into';
 
 export function isHiddenVolume(record: { name: string }): boolean {
-  return record.name.startsWith('.');
+  return isHiddenName(record.name);
 }
 
 /** What receiving needs of the store. */

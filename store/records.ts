@@ -1,10 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { KvEntry } from './catalog/catalog';
 import { Check, arrayOf, boolean, count, damaged, decode, invalid, mapOf, optional, shape, string } from './decode';
-import { ArborError } from './errors';
 import { EMPTY, Entry, asShared, entryProblem } from './entry';
 import { depthFor, extentCountFor } from './geometry';
-import { maxNameLength } from './limits';
 
 /** One step of a volume's ancestry: the volume it was cloned from, and through which snapshot. */
 export interface LineageStep {
@@ -152,20 +150,7 @@ export function newSnapshotId(): string {
   return `snap-${randomBytes(8).toString('hex')}`;
 }
 
-const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
-
-/**
- * Names become NBD export names, CSI names and file names: letters, digits, '.', '_'
- * and '-', starting with a letter or digit ('@' separates a volume from its snapshot).
- */
-export function validateName(name: string, what: 'volume' | 'snapshot' | 'group snapshot'): void {
-  if (typeof name !== 'string' || name.length === 0 || name.length > maxNameLength || !namePattern.test(name)) {
-    throw new ArborError(
-      'invalid-argument',
-      `${what} name ${JSON.stringify(name)} is not valid: use 1 to ${maxNameLength} letters, digits, '.', '_' or '-', starting with a letter or digit`,
-    );
-  }
-}
+export { validateName } from './names';
 
 // ---- building records ----
 

@@ -173,9 +173,12 @@ function nbdfuseArgv(request: ArgvRequest, paths: Paths): string[] {
   return ['nbdfuse', ...(request.readOnly ? ['-r'] : []), '-P', paths.pidFile, paths.diskFile, nbdUri(request)];
 }
 
-/** Socket path segments are percent-encoded (libnbd decodes them): a path may hold spaces or '+'. */
+/**
+ * The export name and socket path segments are percent-encoded (libnbd decodes them):
+ * a name may hold spaces, '/', '%' or '?', a path spaces or '+'.
+ */
 export function nbdUri(request: Pick<AttachRequest, 'exportName' | 'socketPath'>): string {
-  return `nbd+unix:///${request.exportName}?socket=${request.socketPath.split('/').map(encodeURIComponent).join('/')}`;
+  return `nbd+unix:///${encodeURIComponent(request.exportName)}?socket=${request.socketPath.split('/').map(encodeURIComponent).join('/')}`;
 }
 
 /** Reads the host's state for a work directory. */
