@@ -60,8 +60,8 @@ export class StoreExports implements ExportProvider {
       }
       return new VolumeExport(handle, this.gates.for(record.id), throttle, () => this.throttles.release(record.id));
     }
-    const snapshot = await this.store.findSnapshot({ name: ref.snapshot });
-    if (!snapshot || snapshot.volumeName !== ref.volume) return undefined;
+    const snapshot = await this.store.findSnapshot({ volume: { name: ref.volume }, name: ref.snapshot });
+    if (!snapshot) return undefined;
     return new SnapshotExport(formatRef(ref.volume, ref.snapshot), await this.store.openSnapshot({ id: snapshot.id }));
   }
 

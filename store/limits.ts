@@ -113,3 +113,6 @@ export const maxQosBurstSeconds = 60;
  * a short burst (a filesystem's journal flush) is not delayed request by request.
  */
 export const defaultQosBurstSeconds = 0.1;
+
+/** A format migration writes at most this many keys per transaction (etcd's --max-txn-ops is 128 by default). */
+export const maxMigrationOpsPerTxn = 100;

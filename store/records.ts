@@ -124,7 +124,11 @@ export const keys = {
   volume: (id: string) => `volumes/${id}`,
   volumeName: (name: string) => `volume-names/${name}`,
   snapshot: (id: string) => `snapshots/${id}`,
+  /** Store-wide, for snapshots made through CSI (whose names the spec wants unique) and group snapshots' members. */
   snapshotName: (name: string) => `snapshot-names/${name}`,
+  /** Every snapshot's name among its volume's (format 2): `a@daily` and `b@daily` both exist. */
+  volumeSnapshotName: (volumeId: string, name: string) => `volume-snapshot-names/${volumeId}/${name}`,
+  volumeSnapshotNames: 'volume-snapshot-names/',
   volumes: 'volumes/',
   snapshots: 'snapshots/',
   group: (id: string) => `groups/${id}`,
@@ -135,8 +139,12 @@ export const keys = {
   format: 'meta/format',
 };
 
-/** The on-disk format this code reads and writes. */
-export const formatVersion = 1;
+/**
+ * The on-disk format this code reads and writes. 2: every snapshot also has a name
+ * key among its volume's (keys.volumeSnapshotName); a format 1 store is migrated at
+ * open (store/format.ts).
+ */
+export const formatVersion = 2;
 
 export function newVolumeId(): string {
   return `vol-${randomBytes(8).toString('hex')}`;

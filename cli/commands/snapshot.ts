@@ -31,7 +31,7 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
     summary: 'Take a point-in-time snapshot of a volume (O(1), whatever the size). Snapshot names are unique in the store.',
     async run(ctx, { positionals: [text] }) {
       const ref = parseSnapshotRef(text, 'snapshot');
-      const s = await ctx.withSession(({ api }) => api.createSnapshot({ name: ref.volume }, ref.snapshot));
+      const s = await ctx.withSession(({ api }) => api.createSnapshot({ name: ref.volume }, ref.snapshot, 'volume'));
       ctx.stdout.write(`snapshot ${s.volumeName}@${s.name} (${s.id}): ${formatSize(s.sizeBytes)}\n`);
     },
   },

@@ -156,4 +156,55 @@ describe('names as the CSI spec allows them, through CSI, NBD and the CLI', func
     const twoAts = await server.cli('volume', 'export', 'a@b@c', exported);
     assert.match(twoAts.stderr, /more than one '@'/);
   });
+
+  it('CLI snapshot names are per volume, as in rbd and zfs: a@daily and b@daily both exist; CSI names stay unique in the store', async () => {
+    const { server } = suite;
+    const out = path.join(suite.dir, 'daily.raw');
+    for (const [volume, byte] of [
+      ['a', 1],
+      ['b', 2],
+    ] as const) {
+      await server.cliOk('volume', 'create', volume, '--size', '1MiB');
+      fs.writeFileSync(out, Buffer.alloc(4096, byte));
+      await server.cliOk('volume', 'import', volume, out);
+      await server.cliOk('snapshot', 'create', `${volume}@daily`);
+      await server.cliOk('snapshot', 'create', `${volume}@daily`); // idempotent
+    }
+    const listed = JSON.parse(await server.cliOk('snapshot', 'list', '--json')) as Array<{ name: string; volume: string }>;
+    assert.deepEqual(
+      listed
+        .filter((s) => s.name === 'daily')
+        .map((s) => s.volume)
+        .sort(),
+      ['a', 'b'],
+    );
+    for (const [volume, byte] of [
+      ['a', 1],
+      ['b', 2],
+    ] as const) {
+      await server.cliOk('volume', 'export', `${volume}@daily`, out);
+      assert.deepEqual(fs.readFileSync(out).subarray(0, 4096), Buffer.alloc(4096, byte), `${volume}@daily holds ${volume}'s bytes`);
+      const nbd = await NbdClient.connect({ socketPath: server.nbdSocket, exportName: `${volume}@daily` });
+      assert.deepEqual(await nbd.read(0, 4096), Buffer.alloc(4096, byte));
+      await nbd.disconnect();
+    }
+    // Through CSI a name is unique in the store: 'daily' is taken among a's snapshots by the CLI.
+    const a = await admin.api.getVolume({ name: 'a' });
+    const details = await expectCode(
+      csi.controller.CreateSnapshot({ source_volume_id: a.id, name: 'daily' }),
+      status.ALREADY_EXISTS,
+      'CSI name taken by the CLI',
+    );
+    assert.match(details, /made outside CSI/);
+    const c = await create('c');
+    await csi.controller.CreateSnapshot({ source_volume_id: c.volume_id, name: 'weekly' });
+    await expectCode(csi.controller.CreateSnapshot({ source_volume_id: a.id, name: 'weekly' }), status.ALREADY_EXISTS, "CSI name of another volume's snapshot");
+    // The CLI may still use it on another volume.
+    await server.cliOk('snapshot', 'create', 'a@weekly');
+    await server.cliOk('snapshot', 'rm', 'a@daily');
+    await server.cliOk('volume', 'export', 'b@daily', out);
+    const gone = await server.cli('volume', 'export', 'a@daily', out);
+    assert.equal(gone.status, 1);
+    assert.match(gone.stderr, /snapshot a@daily does not exist/);
+  });
 });
