@@ -6,10 +6,11 @@
  * keys never collide; each old snapshot keeps its store-wide key too.
  */
 import { Log } from '../lib/logger';
-import { Catalog, absent, put, unchanged } from './catalog/catalog';
+import { Catalog, absent, del, put, unchanged } from './catalog/catalog';
+import { hiddenNamePrefix } from './names';
 import { ArborError } from './errors';
 import { maxMigrationOpsPerTxn } from './limits';
-import { decodeFormat, decodeSnapshot, formatVersion, keys } from './records';
+import { decodeFormat, decodeSnapshot, decodeVolume, formatVersion, keys } from './records';
 
 export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
   for (;;) {
@@ -30,10 +31,31 @@ export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
         batch.map((s) => put(keys.volumeSnapshotName(s.volumeId, s.name), s.id)),
       );
     }
+    await hideLegacyStagingVolumes(catalog, log);
     // Only one opener switches the format; another that raced it finds format 2 on its next turn.
     if ((await catalog.txn([unchanged(format)], [put(keys.format, formatVersion)])).succeeded) {
       log.info('store migrated', { from: 1, to: formatVersion, snapshots: snapshots.length });
       return;
     }
+  }
+}
+
+/**
+ * Format 1 hid a receive's staging volume by a leading '.', which a name may now
+ * start with: one left behind by a receive that failed would show as a user's
+ * volume. No format 1 name could start with '.', so each such volume is a staging
+ * volume: it is renamed to the hidden prefix of format 2 (store/receive.ts), where
+ * the next receive into its volume removes it.
+ */
+async function hideLegacyStagingVolumes(catalog: Catalog, log: Log): Promise<void> {
+  for (const entry of await catalog.list(keys.volumes)) {
+    const record = decodeVolume(entry);
+    if (!record.name.startsWith('.')) continue;
+    const name = `${hiddenNamePrefix}${record.name.slice(1)}`;
+    const renamed = await catalog.txn(
+      [unchanged(entry), absent(keys.volumeName(name))],
+      [put(keys.volume(record.id), { ...record, name }), del(keys.volumeName(record.name)), put(keys.volumeName(name), record.id)],
+    );
+    if (renamed.succeeded) log.info('staging volume of a format 1 receive hidden', { volume: record.id, was: record.name });
   }
 }

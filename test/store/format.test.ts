@@ -30,12 +30,28 @@ describe('store format: a format 1 store is migrated at open', () => {
       const snapshotNameKeys = (await store.ctx.catalog.list(keys.volumeSnapshotNames)).map((e) => e.key);
       assert.equal(snapshotNameKeys.length, 150);
       for (let i = 0; i < snapshotNameKeys.length; i += 100) await store.ctx.catalog.txn([], snapshotNameKeys.slice(i, i + 100).map(del));
+      // And a staging volume a failed format 1 receive left behind, hidden by its leading '.'.
+      const staging = await store.createVolume('staging', { sizeBytes: MiB, labels: { 'arbor.receive/into': 'vm 0' } });
+      await store.ctx.catalog.txn(
+        [],
+        [
+          put(keys.volume(staging.id), { ...staging, name: '.receive-0123456789abcdef' }),
+          del(keys.volumeName('staging')),
+          put(keys.volumeName('.receive-0123456789abcdef'), staging.id),
+        ],
+      );
       await store.ctx.catalog.txn([], [put(keys.format, 1)]);
       await store.close();
 
       store = await openDataDir(dir.dir);
       try {
         assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), 2);
+        assert.deepEqual(
+          (await store.listVolumes()).map((v) => v.name),
+          ['vm 0', 'vm 1', 'vm 2'],
+          "the format 1 staging volume is hidden, not a user's volume named '.receive-...'",
+        );
+        assert.equal((await store.findVolume({ id: staging.id }))?.name, '\u0001receive-0123456789abcdef');
         for (const [volume, name] of names) {
           const snapshot = await store.findSnapshot({ volume: { name: volume }, name });
           assert.equal(snapshot?.volumeName, volume, `${volume}@${name} found among its volume's`);
