@@ -188,7 +188,9 @@ export class GroupSnapshots {
     const result = await catalog.txn(compares, ops);
     if (!result.succeeded) {
       for (let i = 0; i < members.length; i++) {
-        if (await snapshotEntry(catalog, { name: `${name}.${i}` })) {
+        const memberName = `${name}.${i}`;
+        // Taken store-wide, or among the member volume's own snapshots (made by the CLI).
+        if ((await snapshotEntry(catalog, { name: memberName })) || (await snapshotEntry(catalog, { volume: { id: members[i].volumeId }, name: memberName }))) {
           throw new ArborError('already-exists', `snapshot name ${name}.${i}, which group snapshot ${name} needs, is taken`);
         }
       }

@@ -197,6 +197,9 @@ describe('store behaviour', function () {
     assert.equal((await store.findSnapshot({ volume: { name: 'n' }, name: 'daily' }))?.volumeName, 'n');
     assert.equal(await store.findSnapshot({ name: 'daily' }), undefined);
     await assert.rejects(store.createSnapshot({ name: 'n' }, 'daily'), (err) => isArborError(err, 'already-exists') && /made outside CSI/.test(err.message));
+    // A group snapshot's member name taken among the member volume's snapshots is refused, not retried for ever.
+    await store.createSnapshot({ name: 'm' }, 'grp.0', 'volume');
+    await assert.rejects(store.createGroupSnapshot('grp', [{ name: 'm' }]), (err) => isArborError(err, 'already-exists') && /grp\.0/.test(err.message));
   });
 
   it('a second process that opens the data directory gets a clear error and changes nothing', async () => {
