@@ -67,6 +67,12 @@ describe('names as the CSI spec allows them', () => {
         assert.equal(decodeURIComponent(uri.pathname.slice(1)), formatRef(name));
       }
       assert.equal(nbdUri({ exportName: 'vm-1', socketPath: '/run/nbd.sock' }), 'nbd+unix:///vm-1?socket=/run/nbd.sock', 'old names unchanged');
+      assert.equal(
+        nbdUri({ exportName: 'vm-1@snap.2', socketPath: '/run/nbd.sock' }),
+        'nbd+unix:///vm-1@snap.2?socket=/run/nbd.sock',
+        'old snapshot names unchanged',
+      );
+      assert.equal(nbdUri({ exportName: formatRef('a@b %', 'c'), socketPath: '/run/nbd.sock' }), 'nbd+unix:///a%2540b%20%2525@c?socket=/run/nbd.sock');
       assert.throws(
         () => validateAttachRequest({ exportName: 'a@b@c', volumeId: 'vol-1', readOnly: true, socketPath: '/run/nbd.sock', workDir }),
         /is not a volume name or NAME@SNAP/,
