@@ -1,3 +1,4 @@
+import { unquoteName } from '../store/names';
 import { parseArgs } from 'node:util';
 
 export class UsageError extends Error {}
@@ -128,7 +129,24 @@ export function parseCommandLine<C>(argv: string[], commands: CommandSpec<C>[]):
   for (const [name, spec] of Object.entries(command.options)) {
     if (spec.required && result.values[name] === undefined) throw new UsageError(`--${name} is required\nusage: ${usageLine(command)}`);
   }
-  return { command, words, help: false, parsed: { positionals, values: result.values } };
+  return {
+    command,
+    words,
+    help: false,
+    parsed: { positionals: positionals.map((text, i) => unquoteArgument(command.positionals[i], text)), values: result.values },
+  };
+}
+
+/** Positionals that are one volume name, written as store/names.ts quotes it (NAME@SNAP ones are parsed by cli/refs.ts). */
+const volumeNamePositionals = new Set(['NAME', 'NAME?', 'NEWNAME']);
+
+function unquoteArgument(label: string, text: string): string {
+  if (!volumeNamePositionals.has(label)) return text;
+  const name = unquoteName(text);
+  if (name === undefined) {
+    throw new UsageError(`${label.replace('?', '')} ${JSON.stringify(text)} is not a volume name: write an '@' inside a name as %40 and a '%' as %25`);
+  }
+  return name;
 }
 
 export function helpText<C>(commands: CommandSpec<C>[], only?: CommandSpec<C>): string {

@@ -285,7 +285,7 @@ class Move {
 
   private async forgetSnapshot(snapshotName: string): Promise<void> {
     for (const api of [this.source.session.api, this.destination.session.api]) {
-      await api.deleteSnapshot({ name: snapshotName }).catch((err: Error) => {
+      await api.deleteSnapshot({ volume: { name: this.volume.name }, name: snapshotName }).catch((err: Error) => {
         this.options.log.warn('a volume move could not delete its snapshot', { volume: this.volume.name, snapshot: snapshotName, error: err.message });
       });
     }

@@ -2,20 +2,15 @@ import { ArborError } from '../store/errors';
 import { SnapshotRecord } from '../store/records';
 import { StoreApi } from './admin/methods';
 import { UsageError } from './args';
+import { VolumeOrSnapshotName, formatRef, parseRefText } from '../store/names';
 
-/** NAME or NAME@SNAP as typed on the command line. */
-export interface VolumeOrSnapshot {
-  volume: string;
-  snapshot?: string;
-}
+/** NAME or NAME@SNAP as typed on the command line (names quoted: '@' as %40, '%' as %25). */
+export type VolumeOrSnapshot = VolumeOrSnapshotName;
 
 export function parseRef(text: string, what: string): VolumeOrSnapshot {
-  const at = text.indexOf('@');
-  if (at < 0) return { volume: text };
-  const volume = text.slice(0, at);
-  const snapshot = text.slice(at + 1);
-  if (!volume || !snapshot || snapshot.includes('@')) throw new UsageError(`${what} ${JSON.stringify(text)} is not NAME or NAME@SNAP`);
-  return { volume, snapshot };
+  const ref = parseRefText(text);
+  if (typeof ref === 'string') throw new UsageError(`${what} ${JSON.stringify(text)} is not NAME or NAME@SNAP: ${ref}`);
+  return ref;
 }
 
 export function parseSnapshotRef(text: string, what: string): Required<VolumeOrSnapshot> {
@@ -24,15 +19,12 @@ export function parseSnapshotRef(text: string, what: string): Required<VolumeOrS
   return ref as Required<VolumeOrSnapshot>;
 }
 
-/** The snapshot NAME@SNAP, checking that SNAP was taken of NAME (snapshot names are unique per store). */
+/** The snapshot NAME@SNAP: SNAP among the snapshots of volume NAME (as in rbd and zfs). */
 export async function snapshotOf(store: StoreApi, ref: Required<VolumeOrSnapshot>): Promise<SnapshotRecord> {
-  const snapshot = await store.findSnapshot({ name: ref.snapshot });
-  if (!snapshot) throw new ArborError('not-found', `snapshot ${ref.volume}@${ref.snapshot} does not exist; see 'arbor snapshot list ${ref.volume}'`);
-  if (snapshot.volumeName !== ref.volume) {
-    throw new ArborError(
-      'not-found',
-      `snapshot ${ref.snapshot} was taken of volume ${snapshot.volumeName}, not ${ref.volume}; write ${snapshot.volumeName}@${ref.snapshot}`,
-    );
+  const snapshot = await store.findSnapshot({ volume: { name: ref.volume }, name: ref.snapshot });
+  if (!snapshot) {
+    const text = formatRef(ref.volume, ref.snapshot);
+    throw new ArborError('not-found', `snapshot ${text} does not exist; see 'arbor snapshot list ${formatRef(ref.volume)}'`);
   }
   return snapshot;
 }

@@ -1,4 +1,5 @@
 import type { GroupControllerHandlers } from '../csi/generated/csi/v1/GroupController';
+import { validateName } from '../store/names';
 import { failedPrecondition, invalid, notFound } from '../csi/errors';
 import { UnaryHandlers } from '../csi/server';
 import { StoreApi } from '../store/api';
@@ -29,6 +30,7 @@ export function groupControllerService(store: StoreApi): UnaryHandlers<GroupCont
 
     async CreateVolumeGroupSnapshot(request) {
       if (!request.name) throw invalid('name is required');
+      validateName(request.name, 'group snapshot', 'name');
       if (!request.source_volume_ids?.length) throw invalid('source_volume_ids is required');
       for (const key of Object.keys(request.parameters)) {
         if (!key.startsWith('csi.storage.k8s.io/')) throw invalid(`unknown group snapshot parameter ${JSON.stringify(key)}`);

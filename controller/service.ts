@@ -1,4 +1,5 @@
 import type { ControllerHandlers } from '../csi/generated/csi/v1/Controller';
+import { formatRef, validateName } from '../store/names';
 import type { CreateVolumeRequest__Output } from '../csi/generated/csi/v1/CreateVolumeRequest';
 import { alreadyExists, invalid, notFound, outOfRange, CsiError } from '../csi/errors';
 import { UnaryHandlers } from '../csi/server';
@@ -81,6 +82,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
 
     async CreateVolume(request) {
       const name = required(request.name, 'name');
+      validateName(name, 'volume', 'name');
       const caps = capabilitiesOf(request.volume_capabilities, 'volume_capabilities', name);
       const parameters = parseParameters(request.parameters);
       const qos = parseMutableParameters(request.mutable_parameters, name);
@@ -157,7 +159,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       const readOnly = request.readonly || capability.readOnly;
       // The store refuses a publication that shares the volume another way than those on other nodes (FAILED_PRECONDITION).
       await store.publishVolume(volumeId, nodeId, { readOnly, multiNode: capability.multiNode, multiNodeWriter: capability.multiNodeWriter });
-      return { publish_context: { export: volume.name, readOnly: String(readOnly) } };
+      return { publish_context: { export: formatRef(volume.name), readOnly: String(readOnly) } };
     },
 
     async ControllerUnpublishVolume(request) {
@@ -246,6 +248,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
     async CreateSnapshot(request) {
       const volumeId = required(request.source_volume_id, 'source_volume_id');
       const name = required(request.name, 'name');
+      validateName(name, 'snapshot', 'name');
       checkSnapshotParameters(request.parameters);
       // The store answers idempotent retries, a name taken by another volume (ALREADY_EXISTS)
       // and a missing volume (NOT_FOUND): the fewer catalog round trips the better here.

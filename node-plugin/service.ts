@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import { formatRef } from '../store/names';
 import path from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { NodeHandlers } from '../csi/generated/csi/v1/Node';
@@ -40,7 +41,10 @@ export interface NodeVolumes {
 /** The store answers for itself. */
 export function storeVolumes(store: Pick<StoreApi, 'findVolume'>): NodeVolumes {
   return {
-    exportNameOf: async (id) => (await store.findVolume({ id }))?.name,
+    exportNameOf: async (id) => {
+      const volume = await store.findVolume({ id });
+      return volume && formatRef(volume.name);
+    },
     sizeOf: async (id) => (await store.findVolume({ id }))?.sizeBytes,
   };
 }
@@ -106,8 +110,8 @@ export function nodeService(options: NodeOptions): NodeService {
   };
 
   const exportNameFor = async (request: NodeStageVolumeRequest__Output): Promise<string> => {
-    const name = request.publish_context.export || request.volume_context.name;
-    if (name) return name;
+    if (request.publish_context.export) return request.publish_context.export;
+    if (request.volume_context.name) return formatRef(request.volume_context.name);
     const found = await options.volumes.exportNameOf(request.volume_id);
     if (!found) throw notFound(`volume ${request.volume_id} does not exist, or this node cannot tell: its publish context names no export`);
     return found;

@@ -1,5 +1,6 @@
 import { formatSize } from '../lib/units';
 import { ArborError } from '../store/errors';
+import { formatRef, parseRefText } from '../store/names';
 import { Store, VolumeHandle } from '../store/store';
 import { SnapshotReader } from '../store/snapshot-reader';
 import { RangeStatus } from '../store/tree';
@@ -16,7 +17,8 @@ export interface MovedVolume {
 
 /**
  * The store's volumes and snapshots as NBD exports: a volume by its name
- * (read-write), a snapshot as NAME@SNAP (read-only). Every connection to a volume
+ * (read-write), a snapshot as NAME@SNAP (read-only), names quoted as store/names.ts
+ * says ('@' as %40, '%' as %25). Every connection to a volume
  * shares its one open Volume, so a flush on any connection covers every write
  * completed on all of them (CAN_MULTI_CONN).
  */
@@ -41,9 +43,10 @@ export class StoreExports implements ExportProvider {
   }
 
   async open(name: string): Promise<NbdExport | undefined> {
-    const at = name.indexOf('@');
-    if (at < 0) {
-      const record = await this.store.findVolume({ name });
+    const ref = parseRefText(name);
+    if (typeof ref === 'string') return undefined;
+    if (ref.snapshot === undefined) {
+      const record = await this.store.findVolume({ name: ref.volume });
       if (!record) return this.moved.get(name)?.open();
       // Each connection holds the volume; the last to close lets it go (where volumes have owners).
       const handle = await this.store.acquireVolume({ id: record.id });
@@ -57,15 +60,15 @@ export class StoreExports implements ExportProvider {
       }
       return new VolumeExport(handle, this.gates.for(record.id), throttle, () => this.throttles.release(record.id));
     }
-    const snapshot = await this.store.findSnapshot({ name: name.slice(at + 1) });
-    if (!snapshot || snapshot.volumeName !== name.slice(0, at)) return undefined;
-    return new SnapshotExport(name, await this.store.openSnapshot({ id: snapshot.id }));
+    const snapshot = await this.store.findSnapshot({ volume: { name: ref.volume }, name: ref.snapshot });
+    if (!snapshot) return undefined;
+    return new SnapshotExport(formatRef(ref.volume, ref.snapshot), await this.store.openSnapshot({ id: snapshot.id }));
   }
 
   async list(): Promise<ExportSummary[]> {
-    const volumes = (await this.store.listVolumes()).map((v) => ({ name: v.name, description: `volume, ${formatSize(v.sizeBytes)}` }));
+    const volumes = (await this.store.listVolumes()).map((v) => ({ name: formatRef(v.name), description: `volume, ${formatSize(v.sizeBytes)}` }));
     const snapshots = (await this.store.listSnapshots()).map((s) => ({
-      name: `${s.volumeName}@${s.name}`,
+      name: formatRef(s.volumeName, s.name),
       description: `snapshot, ${formatSize(s.sizeBytes)}, read-only`,
     }));
     return [...volumes, ...snapshots];

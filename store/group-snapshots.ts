@@ -68,7 +68,8 @@ export class GroupSnapshots {
         const snapshot = await catalog.get(keys.snapshot(snapshotId));
         if (!snapshot) continue;
         compares.push(unchanged(snapshot));
-        ops.push(del(keys.snapshot(snapshotId)), del(keys.snapshotName(decodeSnapshot(snapshot).name)));
+        const record = decodeSnapshot(snapshot);
+        ops.push(del(keys.snapshot(snapshotId)), del(keys.snapshotName(record.name)), del(keys.volumeSnapshotName(record.volumeId, record.name)));
       }
       if ((await catalog.txn(compares, ops)).succeeded) {
         this.options.log.info('group snapshot deleted', { group: group.name, id: group.id });
@@ -174,8 +175,9 @@ export class GroupSnapshots {
         groupId: group.id,
       };
       group.snapshotIds.push(snapshot.id);
-      compares.push(...member.compares, absent(keys.snapshotName(snapshot.name)));
-      ops.push(put(keys.volume(member.volumeId), member.next), put(keys.snapshot(snapshot.id), snapshot), put(keys.snapshotName(snapshot.name), snapshot.id));
+      const names = [keys.snapshotName(snapshot.name), keys.volumeSnapshotName(snapshot.volumeId, snapshot.name)];
+      compares.push(...member.compares, ...names.map((key) => absent(key)));
+      ops.push(put(keys.volume(member.volumeId), member.next), put(keys.snapshot(snapshot.id), snapshot), ...names.map((key) => put(key, snapshot.id)));
     });
     ops.push(put(keys.group(group.id), group), put(keys.groupName(name), group.id));
     if (token) {
@@ -186,7 +188,9 @@ export class GroupSnapshots {
     const result = await catalog.txn(compares, ops);
     if (!result.succeeded) {
       for (let i = 0; i < members.length; i++) {
-        if (await snapshotEntry(catalog, { name: `${name}.${i}` })) {
+        const memberName = `${name}.${i}`;
+        // Taken store-wide, or among the member volume's own snapshots (made by the CLI).
+        if ((await snapshotEntry(catalog, { name: memberName })) || (await snapshotEntry(catalog, { volume: { id: members[i].volumeId }, name: memberName }))) {
           throw new ArborError('already-exists', `snapshot name ${name}.${i}, which group snapshot ${name} needs, is taken`);
         }
       }

@@ -13,8 +13,8 @@ export const sectorSizeBytes = 512;
 /** 2^50 bytes keeps every offset and entry an exact JavaScript number. */
 export const maxVolumeSizeBytes = 2 ** 50;
 
-/** Names become NBD export names, file names in exports and Kubernetes object references. */
-export const maxNameLength = 128;
+/** Names are what the CSI spec allows: at most this many bytes of UTF-8 (store/names.ts). */
+export const maxNameBytes = 128;
 
 /** Blob ids are reserved from the catalog in batches, never reused. */
 export const blobIdBatchSize = 4096;
@@ -113,3 +113,6 @@ export const maxQosBurstSeconds = 60;
  * a short burst (a filesystem's journal flush) is not delayed request by request.
  */
 export const defaultQosBurstSeconds = 0.1;
+
+/** A format migration writes at most this many keys per transaction (etcd's --max-txn-ops is 128 by default). */
+export const maxMigrationOpsPerTxn = 100;

@@ -8,7 +8,7 @@ import { OwnerRecord, Ownership, ownerKey } from './ownership';
 
 /** What one process asks of the process that owns a volume. */
 export type OwnerOp =
-  | { op: 'createSnapshot'; volumeId: string; name: string }
+  | { op: 'createSnapshot'; volumeId: string; name: string; scope?: string }
   | { op: 'cloneVolume'; volumeId: string; name: string; labels?: Record<string, string> }
   | { op: 'resizeVolume'; volumeId: string; sizeBytes: number }
   | { op: 'deleteVolume'; volumeId: string }
@@ -25,7 +25,7 @@ const replyShape = shape<Reply>({ ok: boolean, result: (value) => value, error: 
 
 /** What each request must carry beyond its op, volume and asker. */
 const opFields: Record<OwnerOp['op'], Check<unknown>> = {
-  createSnapshot: shape({ name: string }),
+  createSnapshot: shape({ name: string, scope: optional(string) }),
   cloneVolume: shape({ name: string, labels: optional(mapOf(string)) }),
   resizeVolume: shape({ sizeBytes: count }),
   deleteVolume: shape({}),

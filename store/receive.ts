@@ -14,10 +14,11 @@ import { Catalog, KvEntry, absent, del, put } from './catalog/catalog';
 import { asShared } from './entry';
 import { ArborError } from './errors';
 import { validateExtentSize, validateVolumeSize } from './geometry';
-import { Ref, volumeEntry } from './lookups';
+import { Ref, SnapshotRef, volumeEntry } from './lookups';
 import { ownerKey } from './ownership';
 import { SnapshotRecord, VolumeRecord, cloneOfSnapshot, decodeVolume, keys, newVolumeRecord, snapshotRecordOf, validateName } from './records';
 import { Volume } from './volume';
+import { hiddenNamePrefix, isHiddenName } from './names';
 import { Log } from '../lib/logger';
 import { randomBytes } from 'node:crypto';
 
@@ -49,12 +50,16 @@ export function snapshotOrigin(snapshot: SnapshotRecord): string {
   return snapshot.origin ?? snapshot.id;
 }
 
-/** Staging volumes' names start with '.', which no user's volume name can: they never collide, and lists skip them. */
-const stagingPrefix = '.receive-';
+/**
+ * Staging volumes' names start with a control character the CSI spec bans
+ * (hiddenNamePrefix), which no user's volume name can hold: they never collide, and
+ * lists skip them.
+ */
+const stagingPrefix = `${hiddenNamePrefix}receive-`;
 const receiveLabel = 'arbor.receive/into';
 
 export function isHiddenVolume(record: { name: string }): boolean {
-  return record.name.startsWith('.');
+  return isHiddenName(record.name);
 }
 
 /** What receiving needs of the store. */
@@ -71,7 +76,7 @@ export interface ReceiveDeps {
   owned: boolean;
   listVolumes(): Promise<VolumeRecord[]>;
   listSnapshots(volumeRef: Ref): Promise<SnapshotRecord[]>;
-  findSnapshot(ref: Ref): Promise<SnapshotRecord | undefined>;
+  findSnapshot(ref: SnapshotRef): Promise<SnapshotRecord | undefined>;
   publishedTo(volumeId: string): Promise<string[]>;
   resizeVolume(ref: Ref, sizeBytes: number): Promise<unknown>;
   deleteVolume(ref: Ref): Promise<void>;
@@ -131,12 +136,12 @@ export class Receives {
           const ok = await volume.commitWith({
             share: true,
             compares: target ? [target.entry] : [],
-            absent: [keys.snapshotName(plan.snapshot), ...(target ? [ownerKey(target.record.id)] : [keys.volumeName(plan.volume)])],
+            absent: [keys.volumeSnapshotName(volumeRecord.id, plan.snapshot), ...(target ? [ownerKey(target.record.id)] : [keys.volumeName(plan.volume)])],
             ops: [
               put(keys.volume(volumeRecord.id), volumeRecord),
               ...(target ? [] : [put(keys.volumeName(plan.volume), volumeRecord.id)]),
               put(keys.snapshot(snapshot.id), snapshot),
-              put(keys.snapshotName(snapshot.name), snapshot.id),
+              put(keys.volumeSnapshotName(volumeRecord.id, snapshot.name), snapshot.id),
             ],
           });
           return ok ? snapshot : undefined;
@@ -170,14 +175,15 @@ export class Receives {
    * undefined for a full stream, after checking the store is as the plan needs it.
    */
   private async checkTarget(plan: ReceivePlan): Promise<{ entry: KvEntry; record: VolumeRecord; base: SnapshotRecord } | undefined> {
-    const named = await this.deps.findSnapshot({ name: plan.snapshot });
+    // Snapshot names are unique among their volume's (the CLI's rule, as in zfs).
+    const named = await this.deps.findSnapshot({ volume: { name: plan.volume }, name: plan.snapshot });
     if (named) {
-      const replay = named.volumeName === plan.volume && snapshotOrigin(named) === plan.origin;
+      const replay = snapshotOrigin(named) === plan.origin;
       throw new ArborError(
         'already-exists',
         replay
           ? `snapshot ${plan.volume}@${plan.snapshot} was already received (this stream was applied before); nothing changed`
-          : `snapshot name ${plan.snapshot} is already used by volume ${named.volumeName}; snapshot names are unique in the store: receive as another name (VOLUME@NEWNAME)`,
+          : `volume ${plan.volume} already has a snapshot ${plan.snapshot}: receive as another name (VOLUME@NEWNAME)`,
       );
     }
     const entry = await volumeEntry(this.deps.catalog, { name: plan.volume });

@@ -1,10 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { KvEntry } from './catalog/catalog';
 import { Check, arrayOf, boolean, count, damaged, decode, invalid, mapOf, optional, shape, string } from './decode';
-import { ArborError } from './errors';
 import { EMPTY, Entry, asShared, entryProblem } from './entry';
 import { depthFor, extentCountFor } from './geometry';
-import { maxNameLength } from './limits';
 
 /** One step of a volume's ancestry: the volume it was cloned from, and through which snapshot. */
 export interface LineageStep {
@@ -126,7 +124,11 @@ export const keys = {
   volume: (id: string) => `volumes/${id}`,
   volumeName: (name: string) => `volume-names/${name}`,
   snapshot: (id: string) => `snapshots/${id}`,
+  /** Store-wide, for snapshots made through CSI (whose names the spec wants unique) and group snapshots' members. */
   snapshotName: (name: string) => `snapshot-names/${name}`,
+  /** Every snapshot's name among its volume's (format 2): `a@daily` and `b@daily` both exist. */
+  volumeSnapshotName: (volumeId: string, name: string) => `volume-snapshot-names/${volumeId}/${name}`,
+  volumeSnapshotNames: 'volume-snapshot-names/',
   volumes: 'volumes/',
   snapshots: 'snapshots/',
   group: (id: string) => `groups/${id}`,
@@ -137,8 +139,12 @@ export const keys = {
   format: 'meta/format',
 };
 
-/** The on-disk format this code reads and writes. */
-export const formatVersion = 1;
+/**
+ * The on-disk format this code reads and writes. 2: every snapshot also has a name
+ * key among its volume's (keys.volumeSnapshotName); a format 1 store is migrated at
+ * open (store/format.ts).
+ */
+export const formatVersion = 2;
 
 export function newVolumeId(): string {
   return `vol-${randomBytes(8).toString('hex')}`;
@@ -152,20 +158,7 @@ export function newSnapshotId(): string {
   return `snap-${randomBytes(8).toString('hex')}`;
 }
 
-const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/;
-
-/**
- * Names become NBD export names, CSI names and file names: letters, digits, '.', '_'
- * and '-', starting with a letter or digit ('@' separates a volume from its snapshot).
- */
-export function validateName(name: string, what: 'volume' | 'snapshot' | 'group snapshot'): void {
-  if (typeof name !== 'string' || name.length === 0 || name.length > maxNameLength || !namePattern.test(name)) {
-    throw new ArborError(
-      'invalid-argument',
-      `${what} name ${JSON.stringify(name)} is not valid: use 1 to ${maxNameLength} letters, digits, '.', '_' or '-', starting with a letter or digit`,
-    );
-  }
-}
+export { validateName } from './names';
 
 // ---- building records ----
 

@@ -12,7 +12,8 @@ import { GcReport } from './gc';
 import { validateExtentSize, validateVolumeSize } from './geometry';
 import { GroupSnapshots } from './group-snapshots';
 import { closeCatalogWithinMs, closeStepGraceMs, commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs } from './limits';
-import { Ref, byName, notFound, snapshotEntry, volumeEntry } from './lookups';
+import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry } from './lookups';
+import { openFormat } from './format';
 import { NodeCache } from './node-cache';
 import { OpenVolumes, VolumeHandle } from './open-volumes';
 import { OwnerOp, OwnerRequests } from './owner-requests';
@@ -25,11 +26,9 @@ import {
   Publications,
   SnapshotRecord,
   VolumeRecord,
-  decodeFormat,
   decodeId,
   decodeSnapshot,
   decodeVolume,
-  formatVersion,
   keys,
   cloneOfSnapshot,
   cloneRecordOf,
@@ -45,7 +44,10 @@ import { allocatedRanges, ByteRange, changedRanges } from './diff';
 import { NodeSource, countExtents } from './tree';
 import { Volume } from './volume';
 
-export type { Ref } from './lookups';
+export type { Ref, SnapshotRef } from './lookups';
+
+/** Where a snapshot's name is unique: among its volume's (the CLI, as rbd and zfs), or also across the store (CSI, as the spec asks). */
+export type SnapshotScope = 'volume' | 'store';
 export type { VolumeHandle } from './open-volumes';
 
 export type CloneSource = { volume: Ref } | { snapshot: Ref };
@@ -135,12 +137,7 @@ export class Store {
   }
 
   static async open(catalog: Catalog, blobs: BlobStore, log: Log = silentLog, options: StoreOptions = {}): Promise<Store> {
-    const format = await catalog.get(keys.format);
-    if (!format) {
-      await catalog.txn([absent(keys.format)], [put(keys.format, formatVersion)]);
-    } else if (decodeFormat(format) !== formatVersion) {
-      throw new ArborError('failed-precondition', `the store has format ${format.value}; this arbor reads format ${formatVersion}`);
-    }
+    await openFormat(catalog, log);
     const ownership = catalog.exclusive
       ? undefined
       : await Ownership.start(catalog, options.nodeId ?? os.hostname(), options.leaseTtlMs ?? defaultOwnerLeaseTtlMs, log);
@@ -154,7 +151,7 @@ export class Store {
     const ref = { id: op.volumeId };
     switch (op.op) {
       case 'createSnapshot':
-        return this.createSnapshot(ref, op.name);
+        return this.createSnapshot(ref, op.name, op.scope === 'volume' ? 'volume' : 'store');
       case 'cloneVolume':
         return this.cloneVolume(op.name, { volume: ref }, { labels: op.labels });
       case 'resizeVolume':
@@ -472,46 +469,63 @@ export class Store {
 
   // ---- snapshots ----
 
-  /** A consistent point-in-time snapshot: every write completed before the call, none after it. */
-  async createSnapshot(volumeRef: Ref, name: string): Promise<SnapshotRecord> {
+  /**
+   * A consistent point-in-time snapshot: every write completed before the call, none
+   * after it. Its name is unique among its volume's snapshots, and with scope 'store'
+   * (CSI's, the default) across the whole store too.
+   */
+  async createSnapshot(volumeRef: Ref, name: string, scope: SnapshotScope = 'store'): Promise<SnapshotRecord> {
     validateName(name, 'snapshot');
     const entry = await volumeEntry(this.ctx.catalog, volumeRef);
     if (!entry) throw notFound('volume', volumeRef);
-    const existing = await this.findSnapshot({ name });
-    if (existing) {
-      if (existing.volumeId === decodeVolume(entry).id) return existing;
-      throw new ArborError('already-exists', `snapshot name ${name} is already used by volume ${existing.volumeName}; snapshot names are unique in the store`);
-    }
+    const existing = await this.existingSnapshot(decodeVolume(entry), name, scope);
+    if (existing) return existing;
     // A detached volume: one transaction. Otherwise through the volume's owner.
     {
       const record = snapshotRecordOf(decodeVolume(entry), name);
-      if (await this.shareDetached(entry, [keys.snapshotName(name)], [put(keys.snapshot(record.id), record), put(keys.snapshotName(name), record.id)])) {
-        this.log.info('snapshot created', { volume: record.volumeName, snapshot: name, id: record.id });
+      const names = snapshotNameKeys(record, scope);
+      if (await this.shareDetached(entry, names.absent, [put(keys.snapshot(record.id), record), ...names.ops])) {
+        this.log.info('snapshot created', { volume: record.volumeName, snapshot: name, id: record.id, scope });
         return record;
       }
     }
     return this.onOwner(
       volumeRef,
-      (volume) => this.snapshotOpenVolume(volume, name),
-      (volumeId) => ({ op: 'createSnapshot', volumeId, name }),
+      (volume) => this.snapshotOpenVolume(volume, name, scope),
+      (volumeId) => ({ op: 'createSnapshot', volumeId, name, scope }),
     );
   }
 
-  private async snapshotOpenVolume(volume: Volume, name: string): Promise<SnapshotRecord> {
+  /** The snapshot a retry of this create asks for, or undefined when the name is free; already-exists when it is taken. */
+  private async existingSnapshot(volume: { id: string; name: string }, name: string, scope: SnapshotScope): Promise<SnapshotRecord | undefined> {
+    const mine = await this.findSnapshot({ volume: { id: volume.id }, name });
+    if (scope === 'volume') return mine;
+    const storeWide = await this.findSnapshot({ name });
+    if (storeWide && storeWide.volumeId !== volume.id) {
+      throw new ArborError(
+        'already-exists',
+        `snapshot name ${name} is already used by volume ${storeWide.volumeName}; snapshot names made through CSI are unique in the store`,
+      );
+    }
+    if (mine && storeWide?.id !== mine.id) {
+      throw new ArborError(
+        'already-exists',
+        `volume ${volume.name} already has a snapshot ${name} made outside CSI; snapshot names made through CSI are unique in the store: use another name`,
+      );
+    }
+    return mine ?? storeWide;
+  }
+
+  private async snapshotOpenVolume(volume: Volume, name: string, scope: SnapshotScope): Promise<SnapshotRecord> {
     for (;;) {
-      const existing = await this.findSnapshot({ name });
-      if (existing) {
-        if (existing.volumeId === volume.id) return existing;
-        throw new ArborError(
-          'already-exists',
-          `snapshot name ${name} is already used by volume ${existing.volumeName}; snapshot names are unique in the store`,
-        );
-      }
+      const existing = await this.existingSnapshot(volume, name, scope);
+      if (existing) return existing;
       const created = await volume.withCommitted(async (_committed, source) => {
         const record = snapshotRecordOf(source, name);
+        const names = snapshotNameKeys(record, scope);
         const done = await volume.commitWith({
-          absent: [keys.snapshotName(name)],
-          ops: [put(keys.snapshot(record.id), record), put(keys.snapshotName(name), record.id)],
+          absent: names.absent,
+          ops: [put(keys.snapshot(record.id), record), ...names.ops],
           share: true,
         });
         return done ? record : undefined;
@@ -524,7 +538,7 @@ export class Store {
   }
 
   /** Forgets the snapshot; the blobs only it held are reclaimed by the next collector pass. */
-  async deleteSnapshot(ref: Ref): Promise<void> {
+  async deleteSnapshot(ref: SnapshotRef): Promise<void> {
     for (;;) {
       const entry = await snapshotEntry(this.ctx.catalog, ref);
       if (!entry) throw notFound('snapshot', ref);
@@ -532,7 +546,17 @@ export class Store {
       if (record.groupId) {
         throw new ArborError('failed-precondition', `snapshot ${record.name} belongs to group snapshot ${record.groupId}; delete the group snapshot`);
       }
-      const result = await this.ctx.catalog.txn([unchanged(entry)], [del(keys.snapshot(record.id)), del(keys.snapshotName(record.name))]);
+      // The store-wide name may belong to another volume's snapshot made through CSI.
+      const storeWide = await this.ctx.catalog.get(keys.snapshotName(record.name));
+      const ownsStoreWide = storeWide !== undefined && decodeId(storeWide) === record.id;
+      const result = await this.ctx.catalog.txn(
+        [unchanged(entry), storeWide ? unchanged(storeWide) : absent(keys.snapshotName(record.name))],
+        [
+          del(keys.snapshot(record.id)),
+          del(keys.volumeSnapshotName(record.volumeId, record.name)),
+          ...(ownsStoreWide ? [del(keys.snapshotName(record.name))] : []),
+        ],
+      );
       if (result.succeeded) {
         this.log.info('snapshot deleted', { snapshot: record.name, id: record.id });
         return;
@@ -540,13 +564,13 @@ export class Store {
     }
   }
 
-  async getSnapshot(ref: Ref): Promise<SnapshotRecord> {
+  async getSnapshot(ref: SnapshotRef): Promise<SnapshotRecord> {
     const record = await this.findSnapshot(ref);
     if (!record) throw notFound('snapshot', ref);
     return record;
   }
 
-  async findSnapshot(ref: Ref): Promise<SnapshotRecord | undefined> {
+  async findSnapshot(ref: SnapshotRef): Promise<SnapshotRecord | undefined> {
     const entry = await snapshotEntry(this.ctx.catalog, ref);
     return entry && decodeSnapshot(entry);
   }
@@ -559,7 +583,7 @@ export class Store {
     return all.filter(matches).sort(byName);
   }
 
-  async openSnapshot(ref: Ref): Promise<SnapshotReader> {
+  async openSnapshot(ref: SnapshotRef): Promise<SnapshotReader> {
     return new SnapshotReader(await this.getSnapshot(ref), this.nodeSource(), this.ctx.blobs);
   }
 
@@ -755,4 +779,10 @@ export class Store {
   private checkOpen(): void {
     if (this.closed) throw new ArborError('unavailable', 'the store is closed');
   }
+}
+
+/** The name keys a new snapshot takes: among its volume's always, store-wide for scope 'store'. */
+function snapshotNameKeys(record: SnapshotRecord, scope: SnapshotScope): { absent: string[]; ops: Op[] } {
+  const names = [keys.volumeSnapshotName(record.volumeId, record.name), ...(scope === 'store' ? [keys.snapshotName(record.name)] : [])];
+  return { absent: names, ops: names.map((key) => put(key, record.id)) };
 }

@@ -18,6 +18,10 @@ const optional =
   (v) =>
     v === undefined || v === null || check(v);
 const bool: Check = (v) => typeof v === 'boolean';
+/** A snapshot by id, store-wide name, or { volume, name }. */
+const snapshotRef: Check = (v) =>
+  ref(v) || (isObject(v) && Object.keys(v).length === 2 && ref((v as Record<string, unknown>).volume) && str((v as Record<string, unknown>).name));
+const snapshotScope: Check = (v) => v === 'volume' || v === 'store';
 const stringMap: Check = (v) => isObject(v) && Object.values(v).every(str);
 const sizeOptions: Check = (v) =>
   isObject(v) &&
@@ -65,11 +69,11 @@ export const adminMethods = {
   cloneVolume: [str, cloneSource, optional(cloneOptions)],
   resizeVolume: [ref, num],
   deleteVolume: [ref],
-  createSnapshot: [ref, str],
+  createSnapshot: [ref, str, optional(snapshotScope)],
   listSnapshots: [optional(ref)],
-  getSnapshot: [ref],
-  findSnapshot: [ref],
-  deleteSnapshot: [ref],
+  getSnapshot: [snapshotRef],
+  findSnapshot: [snapshotRef],
+  deleteSnapshot: [snapshotRef],
   diffSnapshots: [ref, ref],
   snapshotAllocated: [ref],
   beginReceive: [receivePlan],

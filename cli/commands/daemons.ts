@@ -1,4 +1,5 @@
 import { once } from 'node:events';
+import { formatRef } from '../../store/names';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -320,7 +321,10 @@ async function runRelayNode(ctx: CliContext, values: Record<string, string | boo
       maxVolumesPerNode: maxVolumes,
       attacher: () => chooseAttacher(realHostProbe, hostCommands, { localServer, deadConnectionTimeoutSeconds, log: ctx.log }),
       volumes: {
-        exportNameOf: async (id) => (await dataNode.call((api) => api.findVolume({ id })))?.name,
+        exportNameOf: async (id) => {
+          const volume = await dataNode.call((api) => api.findVolume({ id }));
+          return volume && formatRef(volume.name);
+        },
         sizeOf: (_id, exportName) => relays.sizeOf(exportName),
       },
       log: ctx.log,

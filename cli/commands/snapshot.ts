@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import { formatRef } from '../../store/names';
 import { Progress } from '../../lib/progress';
 import { formatSize } from '../../lib/units';
 import { SnapshotRecord } from '../../store/records';
@@ -30,7 +31,7 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
     summary: 'Take a point-in-time snapshot of a volume (O(1), whatever the size). Snapshot names are unique in the store.',
     async run(ctx, { positionals: [text] }) {
       const ref = parseSnapshotRef(text, 'snapshot');
-      const s = await ctx.withSession(({ api }) => api.createSnapshot({ name: ref.volume }, ref.snapshot));
+      const s = await ctx.withSession(({ api }) => api.createSnapshot({ name: ref.volume }, ref.snapshot, 'volume'));
       ctx.stdout.write(`snapshot ${s.volumeName}@${s.name} (${s.id}): ${formatSize(s.sizeBytes)}\n`);
     },
   },
@@ -52,7 +53,7 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
       ctx.stdout.write(
         table(
           ['SNAPSHOT', 'SIZE', 'CREATED'],
-          snapshots.map((s) => [`${s.volumeName}@${s.name}`, formatSize(s.sizeBytes), s.createdAt]),
+          snapshots.map((s) => [formatRef(s.volumeName, s.name), formatSize(s.sizeBytes), s.createdAt]),
         ),
       );
     },
@@ -71,7 +72,9 @@ export const snapshotCommands: CommandSpec<CliContext>[] = [
       });
       const changedBytes = ranges.reduce((sum, r) => sum + r.length, 0);
       if (values.json) {
-        ctx.stdout.write(json({ from: `${from.volumeName}@${from.name}`, to: `${to.volumeName}@${to.name}`, sizeBytes: to.sizeBytes, changedBytes, ranges }));
+        ctx.stdout.write(
+          json({ from: formatRef(from.volumeName, from.name), to: formatRef(to.volumeName, to.name), sizeBytes: to.sizeBytes, changedBytes, ranges }),
+        );
         return;
       }
       if (ranges.length)

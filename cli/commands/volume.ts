@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import { formatRef } from '../../store/names';
 import { Progress } from '../../lib/progress';
 import path from 'node:path';
 import { formatSize, parseDuration, parseSize, UnitError } from '../../lib/units';
@@ -27,7 +28,7 @@ function size(text: string | boolean | undefined, option: string): number | unde
 
 function describeParent(step?: LineageStep): string {
   if (!step) return '-';
-  return step.snapshotName ? `${step.volumeName}@${step.snapshotName}` : step.volumeName;
+  return formatRef(step.volumeName, step.snapshotName);
 }
 
 /** The stable JSON form of a volume (documented in the README). */
@@ -85,7 +86,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
       ctx.stdout.write(
         table(
           ['NAME', 'SIZE', 'EXTENT', 'PARENT', 'CREATED'],
-          volumes.map((v) => [v.name, formatSize(v.sizeBytes), formatSize(v.extentSizeBytes), describeParent(v.lineage[0]), v.createdAt]),
+          volumes.map((v) => [formatRef(v.name), formatSize(v.sizeBytes), formatSize(v.extentSizeBytes), describeParent(v.lineage[0]), v.createdAt]),
         ),
       );
     },
@@ -159,7 +160,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
     async run(ctx, { positionals: [name, file] }) {
       await ctx.withSession(async (session) => {
         await session.api.getVolume({ name });
-        const volume = await session.openImage(name);
+        const volume = await session.openImage(formatRef(name));
         let total: number | undefined;
         if (file !== '-') {
           total = fs.statSync(file).size;
@@ -189,7 +190,7 @@ export const volumeCommands: CommandSpec<CliContext>[] = [
         // Look the name up first: the error then says what is wrong and what to do.
         if (ref.snapshot) await snapshotOf(session.api, { volume: ref.volume, snapshot: ref.snapshot });
         else await session.api.getVolume({ name: ref.volume });
-        const image = await session.openImage(source);
+        const image = await session.openImage(formatRef(ref.volume, ref.snapshot));
         const progress = new Progress(ctx.stderr, `exporting ${source}`, image.sizeBytes);
         try {
           if (file === '-') {

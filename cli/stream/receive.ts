@@ -1,4 +1,5 @@
 import { Progress } from '../../lib/progress';
+import { formatRef } from '../../store/names';
 import { ReceivePlan } from '../../store/receive';
 import { SnapshotRecord } from '../../store/records';
 import { Image, Session } from '../session';
@@ -48,7 +49,7 @@ export async function receiveSnapshot(
   const staging = await session.api.beginReceive(plan);
   let image: Image | undefined;
   try {
-    image = await session.openImage(staging.name);
+    image = await session.openImage(formatRef(staging.name));
     const bar = progress(header);
     const writes = new InFlight(writesInFlight);
     for (;;) {

@@ -1,4 +1,5 @@
 import { Progress } from '../../lib/progress';
+import { formatRef } from '../../store/names';
 import { ArborError } from '../../store/errors';
 import { snapshotOrigin } from '../../store/receive';
 import { SnapshotRecord } from '../../store/records';
@@ -50,7 +51,7 @@ export async function sendSnapshot(
     ...(base ? { base: { name: base.name, origin: snapshotOrigin(base) } } : {}),
     coveredBytes,
   });
-  const image = await session.openImage(`${snapshot.volumeName}@${snapshot.name}`);
+  const image = await session.openImage(formatRef(snapshot.volumeName, snapshot.name));
   try {
     await writer.start();
     const runs = new RunWriter(writer);

@@ -7,6 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { ArborError } from '../../store/errors';
+import { nameProblem, parseRefText } from '../../store/names';
 
 export interface AttachRequest {
   /** The NBD server's unix socket. */
@@ -53,9 +54,6 @@ export interface Attacher {
   handOver?(): Promise<void>;
 }
 
-/** Volume and snapshot names as the store allows them (README, "Names"), optionally NAME@SNAP. */
-const exportNamePattern = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}(@[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$/;
-
 /** The kernel shows a backend identifier in sysfs followed by a newline: keep it one printable word. */
 const maxVolumeIdBytes = 128;
 const volumeIdPattern = new RegExp(`^[\\x21-\\x7e]{1,${maxVolumeIdBytes}}$`);
@@ -65,10 +63,12 @@ const volumeIdPattern = new RegExp(`^[\\x21-\\x7e]{1,${maxVolumeIdBytes}}$`);
  * NBD URI, so they must be what they claim to be: absolute paths, a store name.
  */
 export function validateAttachRequest(request: AttachRequest): void {
-  if (!exportNamePattern.test(request.exportName)) {
+  const ref = parseRefText(request.exportName);
+  const problem = typeof ref === 'string' ? ref : (nameProblem(ref.volume) ?? (ref.snapshot === undefined ? undefined : nameProblem(ref.snapshot)));
+  if (problem) {
     throw new ArborError(
       'invalid-argument',
-      `export name '${request.exportName}' is not a volume name or NAME@SNAP (letters, digits, '.', '_' and '-', starting with a letter or digit)`,
+      `export name ${JSON.stringify(request.exportName)} is not a volume name or NAME@SNAP ('@' in a name written %40, '%' written %25): ${problem}`,
     );
   }
   if (request.exportName.includes('@') && !request.readOnly) {

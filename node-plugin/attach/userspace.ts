@@ -173,9 +173,14 @@ function nbdfuseArgv(request: ArgvRequest, paths: Paths): string[] {
   return ['nbdfuse', ...(request.readOnly ? ['-r'] : []), '-P', paths.pidFile, paths.diskFile, nbdUri(request)];
 }
 
-/** Socket path segments are percent-encoded (libnbd decodes them): a path may hold spaces or '+'. */
+/**
+ * The export name and socket path segments are percent-encoded (libnbd decodes them):
+ * a name may hold spaces, '/', '%' or '?', a path spaces or '+'. The '@' of NAME@SNAP
+ * stays as it is (a URI path may hold one), so the URI of every export name Arbor
+ * allowed before is unchanged and a running nbdfuse is still recognised by its argv.
+ */
 export function nbdUri(request: Pick<AttachRequest, 'exportName' | 'socketPath'>): string {
-  return `nbd+unix:///${request.exportName}?socket=${request.socketPath.split('/').map(encodeURIComponent).join('/')}`;
+  return `nbd+unix:///${encodeURIComponent(request.exportName).replace(/%40/g, '@')}?socket=${request.socketPath.split('/').map(encodeURIComponent).join('/')}`;
 }
 
 /** Reads the host's state for a work directory. */

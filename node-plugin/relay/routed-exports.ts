@@ -1,4 +1,5 @@
 import { ArborError } from '../../store/errors';
+import { unquoteName } from '../../store/names';
 import { OwnedElsewhere } from '../../store/ownership';
 import { Store } from '../../store/store';
 import { ExportClient, ExportProvider, ExportSummary, NbdExport } from '../nbd/export';
@@ -44,7 +45,7 @@ export class RoutedExports implements ExportProvider {
   async open(name: string, client?: ExportClient): Promise<NbdExport | undefined> {
     // Snapshots never change: every node reads them from the store itself.
     if (name.includes('@')) return this.local.open(name);
-    if (!(await this.store.findVolume({ name }))) return undefined;
+    if (!(await this.findVolume(name))) return undefined;
     if (client?.remote) return this.openForRelay(name, client);
     return openRoute(
       this.routes,
@@ -60,10 +61,16 @@ export class RoutedExports implements ExportProvider {
   }
 
   async exists(name: string): Promise<boolean> {
-    if (!name.includes('@')) return (await this.store.findVolume({ name })) !== undefined;
+    if (!name.includes('@')) return (await this.findVolume(name)) !== undefined;
     const snapshot = await this.local.open(name);
     await snapshot?.close?.();
     return snapshot !== undefined;
+  }
+
+  /** The volume an export name (a quoted volume name, store/names.ts) denotes. */
+  private async findVolume(exportName: string): Promise<unknown> {
+    const name = unquoteName(exportName);
+    return name === undefined ? undefined : this.store.findVolume({ name });
   }
 
   list(): Promise<ExportSummary[]> {

@@ -110,7 +110,7 @@ describe('the arbor CLI', function () {
       [['volume', 'create', 'golden', '--size', '1GiB'], 1, /volume golden already exists with size 83886080/],
       [['volume', 'create', 'x', '--size', 'lots'], 2, /--size "lots" is not a size/],
       [['volume', 'create', 'x', '--size', '1000'], 1, /not a multiple of 512 bytes/],
-      [['volume', 'export', 'vm@v1', '-'], 1, /snapshot v1 was taken of volume golden, not vm; write golden@v1/],
+      [['volume', 'export', 'vm@v1', '-'], 1, /snapshot vm@v1 does not exist; see 'arbor snapshot list vm'/],
       [['snapshot', 'create', 'golden'], 2, /names no snapshot: write NAME@SNAP/],
       [['snapshot', 'rm', 'golden@nope'], 1, /snapshot golden@nope does not exist/],
       [['volume', 'import', 'piped', path.join(dir.dir, 'image.raw')], 1, /larger than volume piped .*resize the volume first/],

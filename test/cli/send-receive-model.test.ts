@@ -125,11 +125,11 @@ describe(`snapshot send and receive against a model of the images (seed ${seed})
           if (snapshot.volume !== 'v') tally.fromClone++;
         }
         received.push(snapshot);
-        const there = await b.getSnapshot({ name: snapshot.name });
+        const there = await b.getSnapshot({ volume: { name: 'v' }, name: snapshot.name });
         assert.equal(there.volumeName, 'v');
         assert.equal(there.createdAt, (await a.getSnapshot({ name: snapshot.name })).createdAt, 'a received snapshot keeps the time it was taken');
         assert.equal(there.sizeBytes, snapshot.image.length);
-        const reader = await b.openSnapshot({ name: snapshot.name });
+        const reader = await b.openSnapshot({ volume: { name: 'v' }, name: snapshot.name });
         assert.ok((await reader.read(0, reader.sizeBytes)).equals(snapshot.image), `B's ${snapshot.name} reads as A's`);
         // Read through a counted use, as an NBD client would: the next receive into v must still be accepted.
         assert.ok((await readVolume(b, 'v')).equals(snapshot.image), `B's volume v reads as ${snapshot.name}`);

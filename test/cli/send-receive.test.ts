@@ -247,15 +247,18 @@ describe('arbor snapshot send and receive', function () {
       );
     });
 
-    it('a replayed stream is refused: the same incremental twice, the same full twice', async () => {
+    it('a replayed stream is refused: the same incremental twice, the same full twice; into another volume it is a new snapshot of that volume', async () => {
       await refused(b, streams.inc12, /^arbor: snapshot v@s2 was already received \(this stream was applied before\); nothing changed\n$/);
       await refused(b, streams.full1, /^arbor: snapshot v@s1 was already received \(this stream was applied before\); nothing changed\n$/);
+      // Snapshot names are per volume: w@s1 and v@s1 both exist.
       const result = await arbor(b, ['snapshot', 'receive', 'w', '-i', file('full1')]);
-      assert.equal(result.status, 1);
-      assert.match(
-        result.stderr,
-        /^arbor: snapshot name s1 is already used by volume v; snapshot names are unique in the store: receive as another name \(VOLUME@NEWNAME\)\n$/,
-      );
+      assert.equal(result.status, 0, result.stderr);
+      await refused(b, streams.full1, /^arbor: snapshot v@s1 was already received \(this stream was applied before\); nothing changed\n$/);
+      const again = await arbor(b, ['snapshot', 'receive', 'w', '-i', file('full1')]);
+      assert.equal(again.status, 1);
+      assert.match(again.stderr, /^arbor: snapshot w@s1 was already received/);
+      assert.equal((await arbor(b, ['snapshot', 'rm', 'w@s1'])).status, 0);
+      assert.equal((await arbor(b, ['volume', 'rm', 'w'])).status, 0);
     });
 
     it('a volume written after the base refuses the stream; --force receives it and discards those writes', async () => {

@@ -188,8 +188,18 @@ describe('store behaviour', function () {
     await store.createSnapshot({ name: 'n' }, 'snap');
     await assert.rejects(store.createSnapshot({ name: 'm' }, 'snap'), (err) => isArborError(err, 'already-exists') && /volume n/.test(err.message));
     await assert.rejects(store.cloneVolume('m', { snapshot: { name: 'snap' } }), (err) => isArborError(err, 'already-exists'));
-    await assert.rejects(store.createVolume('bad/name', { sizeBytes: MiB }), (err) => isArborError(err, 'invalid-argument'));
-    await assert.rejects(store.createVolume('x@y', { sizeBytes: MiB }), (err) => isArborError(err, 'invalid-argument'));
+    await assert.rejects(store.createVolume('x'.repeat(129), { sizeBytes: MiB }), (err) => isArborError(err, 'invalid-argument'));
+    await assert.rejects(store.createVolume('bad\u0001name', { sizeBytes: MiB }), (err) => isArborError(err, 'invalid-argument'));
+    // Among one volume's snapshots a name is unique whatever the scope; 'volume' scope leaves the store-wide name free.
+    await store.createSnapshot({ name: 'm' }, 'daily', 'volume');
+    assert.equal((await store.createSnapshot({ name: 'm' }, 'daily', 'volume')).volumeName, 'm', 'idempotent');
+    await store.createSnapshot({ name: 'n' }, 'daily', 'volume');
+    assert.equal((await store.findSnapshot({ volume: { name: 'n' }, name: 'daily' }))?.volumeName, 'n');
+    assert.equal(await store.findSnapshot({ name: 'daily' }), undefined);
+    await assert.rejects(store.createSnapshot({ name: 'n' }, 'daily'), (err) => isArborError(err, 'already-exists') && /made outside CSI/.test(err.message));
+    // A group snapshot's member name taken among the member volume's snapshots is refused, not retried for ever.
+    await store.createSnapshot({ name: 'm' }, 'grp.0', 'volume');
+    await assert.rejects(store.createGroupSnapshot('grp', [{ name: 'm' }]), (err) => isArborError(err, 'already-exists') && /grp\.0/.test(err.message));
   });
 
   it('a second process that opens the data directory gets a clear error and changes nothing', async () => {

@@ -6,6 +6,7 @@ import { SendSummary, sendSnapshot } from '../../cli/stream/send';
 import { Progress } from '../../lib/progress';
 import { StoreExports } from '../../node-plugin/store-exports';
 import { openDataDir } from '../../store/embedded';
+import { isHiddenVolume } from '../../store/receive';
 import { decodeVolume, keys } from '../../store/records';
 import { Store } from '../../store/store';
 
@@ -121,7 +122,7 @@ export async function stateOf(store: Store): Promise<StoreState> {
   return {
     volumes: volumes.map((v) => ({ id: v.id, name: v.name, sizeBytes: v.sizeBytes })),
     snapshots: snapshots.map((s) => ({ id: s.id, name: s.name, volume: s.volumeName, sizeBytes: s.sizeBytes })),
-    hidden: all.filter((v) => v.name.startsWith('.')).map((v) => v.name),
+    hidden: all.filter(isHiddenVolume).map((v) => v.name),
     images,
   };
 }

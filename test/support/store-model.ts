@@ -53,6 +53,10 @@ export function modelSuite(title: string, operations: number, open: (dir: string
       const rng = new Random(seed);
       const volumes = new Map<string, ModelVolume>();
       const snapshots = new Map<string, { volume: string; bytes: SparseBytes }>();
+      /** Snapshots named among their volume's (the CLI's scope), by VOLUME@NAME: names from a small pool, so volumes share them. */
+      const volumeSnapshots = new Map<string, { volume: string; name: string; id: string; bytes: SparseBytes }>();
+      const volumeSnapshotNames = ['daily', 'weekly', 'before upgrade', 'v@1', 'ünïcode'];
+      const anyVolumeSnapshot = () => (volumeSnapshots.size ? volumeSnapshots.get(rng.pick([...volumeSnapshots.keys()]))! : undefined);
       const everNamed = { volumes: 0, snapshots: 0 };
       const tally: Record<string, number> = {};
       const timing: Record<string, number> = {};
@@ -76,6 +80,12 @@ export function modelSuite(title: string, operations: number, open: (dir: string
         if (kind === 'volume') await compareWithModel(`volume ${name}`, await store.openVolume({ name }), volumes.get(name)!.bytes, () => rng.next());
         else await compareWithModel(`snapshot ${name}`, await store.openSnapshot({ name }), snapshots.get(name)!.bytes, () => rng.next());
       };
+      const verifyVolumeSnapshot = async (key: string): Promise<void> => {
+        const s = volumeSnapshots.get(key)!;
+        const ref = { volume: { name: s.volume }, name: s.name };
+        assert.equal((await store.findSnapshot(ref))?.id, s.id, `snapshot ${key} found among its volume's (the volume deleted or not)`);
+        await compareWithModel(`snapshot ${key}`, await store.openSnapshot(ref), s.bytes, () => rng.next());
+      };
 
       try {
         for (step = 0; step < operations; step++) {
@@ -94,6 +104,9 @@ export function modelSuite(title: string, operations: number, open: (dir: string
             qos: 2,
             deleteVolume: volumes.size > 6 ? 2 : 0.3,
             deleteSnapshot: snapshots.size > 4 ? 2 : 0.3,
+            volumeSnapshot: volumeSnapshots.size < 24 ? 3 : 0.5,
+            deleteVolumeSnapshot: volumeSnapshots.size > 6 ? 2 : 0.3,
+            csiNameClash: 0.5,
             gc: 0.6,
             reopen: 0.4,
             verify: 1.5,
@@ -183,6 +196,44 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               snapshots.set(snapName, { volume: name, bytes: volumes.get(name)!.bytes.clone() });
               break;
             }
+            case 'volumeSnapshot': {
+              const name = anyVolume();
+              if (!name) break;
+              const snapName = rng.pick(volumeSnapshotNames);
+              const key = `${name}@${snapName}`;
+              note(key);
+              const record = await store.createSnapshot({ name }, snapName, 'volume');
+              const known = volumeSnapshots.get(key);
+              if (known) {
+                assert.equal(record.id, known.id, `${key}: a snapshot is idempotent by its name among its volume's`);
+              } else {
+                assert.equal(await store.findSnapshot({ name: snapName }), undefined, `${key}: a volume-scoped name takes no store-wide name`);
+                volumeSnapshots.set(key, { volume: name, name: snapName, id: record.id, bytes: volumes.get(name)!.bytes.clone() });
+              }
+              break;
+            }
+            case 'deleteVolumeSnapshot': {
+              const s = anyVolumeSnapshot();
+              if (!s) break;
+              note(`${s.volume}@${s.name}`);
+              await store.deleteSnapshot({ volume: { name: s.volume }, name: s.name });
+              volumeSnapshots.delete(`${s.volume}@${s.name}`);
+              break;
+            }
+            case 'csiNameClash': {
+              // CSI's names stay unique in the store: one taken among a volume's, or by another volume's CSI snapshot, is refused.
+              const s = anyVolumeSnapshot();
+              const name = anyVolume();
+              if (s && volumes.has(s.volume)) {
+                await assert.rejects(store.createSnapshot({ name: s.volume }, s.name), (err) => isArborError(err, 'already-exists'));
+              } else if (name && snapshots.size) {
+                const snap = anySnapshot()!;
+                if (snapshots.get(snap)!.volume !== name) {
+                  await assert.rejects(store.createSnapshot({ name }, snap, 'store'), (err) => isArborError(err, 'already-exists'));
+                }
+              }
+              break;
+            }
             case 'cloneSnapshot': {
               const snap = anySnapshot();
               if (!snap) break;
@@ -258,7 +309,8 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               break;
             }
             case 'verify': {
-              if (rng.chance(0.5) && snapshots.size) await verify(anySnapshot()!, 'snapshot');
+              if (rng.chance(0.3) && volumeSnapshots.size) await verifyVolumeSnapshot(rng.pick([...volumeSnapshots.keys()]));
+              else if (rng.chance(0.5) && snapshots.size) await verify(anySnapshot()!, 'snapshot');
               else if (volumes.size) await verify(anyVolume()!, 'volume');
               break;
             }
@@ -293,9 +345,11 @@ export function modelSuite(title: string, operations: number, open: (dir: string
         store = await open(dataDir.dir);
         for (const name of volumes.keys()) await verify(name, 'volume');
         for (const name of snapshots.keys()) await verify(name, 'snapshot');
+        for (const key of volumeSnapshots.keys()) await verifyVolumeSnapshot(key);
         // And once everything is deleted and collected, nothing is left.
         for (const name of volumes.keys()) await store.deleteVolume({ name });
         for (const name of snapshots.keys()) await store.deleteSnapshot({ name });
+        for (const s of volumeSnapshots.values()) await store.deleteSnapshot({ id: s.id });
         await store.collectGarbage();
         assert.deepEqual(await store.ctx.blobs.list(), [], 'an empty store holds no blobs');
         assert.deepEqual(await store.ctx.catalog.list(qosPrefix), [], 'an empty store holds no QoS limits');

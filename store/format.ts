@@ -1,0 +1,61 @@
+/**
+ * The store's on-disk format (keys.format) checked at open, and an older one
+ * migrated. Format 1 had one name key per snapshot, store-wide; format 2 adds one
+ * among its volume's (keys.volumeSnapshotName) for every snapshot. Format 1 names
+ * were unique in the store, so no two snapshots of a volume share one and the new
+ * keys never collide; each old snapshot keeps its store-wide key too.
+ */
+import { Log } from '../lib/logger';
+import { Catalog, absent, del, put, unchanged } from './catalog/catalog';
+import { hiddenNamePrefix } from './names';
+import { ArborError } from './errors';
+import { maxMigrationOpsPerTxn } from './limits';
+import { decodeFormat, decodeSnapshot, decodeVolume, formatVersion, keys } from './records';
+
+export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
+  for (;;) {
+    const format = await catalog.get(keys.format);
+    if (!format) {
+      if ((await catalog.txn([absent(keys.format)], [put(keys.format, formatVersion)])).succeeded) return;
+      continue;
+    }
+    const version = decodeFormat(format);
+    if (version === formatVersion) return;
+    if (version !== 1) throw new ArborError('failed-precondition', `the store has format ${format.value}; this arbor reads format ${formatVersion}`);
+    // Idempotent puts in batches: a migration that stops halfway is done again whole by the next open.
+    const snapshots = (await catalog.list(keys.snapshots)).map(decodeSnapshot);
+    for (let i = 0; i < snapshots.length; i += maxMigrationOpsPerTxn) {
+      const batch = snapshots.slice(i, i + maxMigrationOpsPerTxn);
+      await catalog.txn(
+        [],
+        batch.map((s) => put(keys.volumeSnapshotName(s.volumeId, s.name), s.id)),
+      );
+    }
+    await hideLegacyStagingVolumes(catalog, log);
+    // Only one opener switches the format; another that raced it finds format 2 on its next turn.
+    if ((await catalog.txn([unchanged(format)], [put(keys.format, formatVersion)])).succeeded) {
+      log.info('store migrated', { from: 1, to: formatVersion, snapshots: snapshots.length });
+      return;
+    }
+  }
+}
+
+/**
+ * Format 1 hid a receive's staging volume by a leading '.', which a name may now
+ * start with: one left behind by a receive that failed would show as a user's
+ * volume. No format 1 name could start with '.', so each such volume is a staging
+ * volume: it is renamed to the hidden prefix of format 2 (store/receive.ts), where
+ * the next receive into its volume removes it.
+ */
+async function hideLegacyStagingVolumes(catalog: Catalog, log: Log): Promise<void> {
+  for (const entry of await catalog.list(keys.volumes)) {
+    const record = decodeVolume(entry);
+    if (!record.name.startsWith('.')) continue;
+    const name = `${hiddenNamePrefix}${record.name.slice(1)}`;
+    const renamed = await catalog.txn(
+      [unchanged(entry), absent(keys.volumeName(name))],
+      [put(keys.volume(record.id), { ...record, name }), del(keys.volumeName(record.name)), put(keys.volumeName(name), record.id)],
+    );
+    if (renamed.succeeded) log.info('staging volume of a format 1 receive hidden', { volume: record.id, was: record.name });
+  }
+}
