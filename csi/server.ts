@@ -122,17 +122,7 @@ function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<ob
       },
       (err: unknown) => {
         timer();
-        const status = toGrpcError(err);
-        csiRequests.inc({ method, code: grpc.status[status.code] });
-        const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
-        log[level]('CSI call failed', {
-          method,
-          ms: Date.now() - started,
-          code: grpc.status[status.code],
-          error: status.details,
-          request: redact(call.request),
-        });
-        callback(status);
+        callback(callFailed(method, started, err, call.request, log));
       },
     );
   };
@@ -190,22 +180,28 @@ function wrapStreaming(method: string, handler: Streaming, log: Log): grpc.handl
       (err: unknown) => {
         timer();
         if (gone()) return cancelled();
-        const status = toGrpcError(err);
-        csiRequests.inc({ method, code: grpc.status[status.code] });
-        const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
-        log[level]('CSI call failed', {
-          method,
-          ms: Date.now() - started,
-          messages,
-          code: grpc.status[status.code],
-          error: status.details,
-          request: redact(call.request),
-        });
+        const status = callFailed(method, started, err, call.request, log, { messages });
         // grpc-js sends an 'error' event's status as the stream's trailers, after what was written.
         call.emit('error', status);
       },
     );
   };
+}
+
+/** A call's failure as its gRPC status: counted, and logged (as an error when it is the driver's fault). */
+function callFailed(method: string, started: number, err: unknown, request: unknown, log: Log, extra: Record<string, unknown> = {}): grpc.ServiceError {
+  const status = toGrpcError(err);
+  csiRequests.inc({ method, code: grpc.status[status.code] });
+  const level = status.code === grpc.status.INTERNAL || status.code === grpc.status.UNKNOWN ? 'error' : 'info';
+  log[level]('CSI call failed', {
+    method,
+    ms: Date.now() - started,
+    ...extra,
+    code: grpc.status[status.code],
+    error: status.details,
+    request: redact(request),
+  });
+  return status;
 }
 
 /** The request without anything marked csi_secret (every `secrets` map in csi.proto). */
