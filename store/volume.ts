@@ -419,6 +419,7 @@ export class Volume {
       return;
     }
     await this.ctx.blobs.sync(touched);
+    if (this.state === 'lost') throw this.lostError();
     this.tree.markSynced(touched);
     if (!this.tree.hasUnsyncedData) this.changedAt = undefined;
   }
@@ -480,6 +481,9 @@ export class Volume {
     const changed = shape.root !== r.root || shape.depth !== r.depth || shape.sizeBytes !== r.sizeBytes;
     try {
       await this.ctx.blobs.sync(sync);
+      // Lost while its blobs were synced: nothing may commit, and what the capture would free is
+      // in the tree the new owner took over (committing nothing is not success: the flush fails).
+      if (this.state === 'lost') throw this.lostError();
       if (changed && captured.sequence > this.committedCapture && this.state === 'open') {
         if (!(await this.commitRecord(shape, captured.sequence))) {
           throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);

@@ -1,0 +1,138 @@
+import assert from 'node:assert/strict';
+import path from 'node:path';
+import { Etcd3 } from 'etcd3';
+import { BlobStore } from '../../store/blobs/blobs';
+import { FileBlobStore } from '../../store/blobs/files';
+import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
+import { decodeOwner, ownerKey } from '../../store/ownership';
+import { Store } from '../../store/store';
+import { etcdForSuite } from '../support/etcd';
+import { tempDir } from '../support/tmp';
+
+const extentBytes = 64 * 1024;
+
+/** One object store shared by two nodes; `sync` can be held at a gate to stop a commit between its capture and its catalog write. */
+class GatedBlobs implements BlobStore {
+  readonly rewritable = false;
+  private gate?: { entered: () => void; opened: Promise<void> };
+
+  constructor(private readonly inner: FileBlobStore) {}
+
+  /** The next sync waits until the returned `open` is called; `entered` resolves once it waits. */
+  holdNextSync(): { entered: Promise<void>; open: () => void } {
+    let entered!: () => void;
+    let open!: () => void;
+    const enteredPromise = new Promise<void>((r) => (entered = r));
+    this.gate = { entered, opened: new Promise<void>((r) => (open = r)) };
+    return { entered: enteredPromise, open };
+  }
+
+  async sync(ids: Iterable<number>): Promise<void> {
+    const gate = this.gate;
+    if (gate) {
+      this.gate = undefined;
+      gate.entered();
+      await gate.opened;
+    }
+    return this.inner.sync(ids);
+  }
+
+  read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
+    return this.inner.read(id, offset, target, targetOffset, length);
+  }
+  write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
+    return this.inner.write(id, offset, source, sourceOffset, length);
+  }
+  delete(ids: Iterable<number>): Promise<void> {
+    return this.inner.delete(ids);
+  }
+  list(): Promise<number[]> {
+    return this.inner.list();
+  }
+  usage(): Promise<{ blobs: number; bytes: number }> {
+    return this.inner.usage();
+  }
+  availableBytes(): Promise<number | undefined> {
+    return this.inner.availableBytes();
+  }
+  /** Both nodes close it: the files go once. */
+  async close(): Promise<void> {}
+}
+
+/**
+ * An owner whose lease ends while one of its commits is under way (its blobs being
+ * synced): the flush must fail, nothing may be committed, and the blobs its capture
+ * would have freed, still in the tree the next owner takes over, must stay.
+ */
+describe('an owner that loses its lease in the middle of a commit', function () {
+  this.timeout(60_000);
+  const suite = etcdForSuite();
+  const stores: Store[] = [];
+  let dir: { dir: string; cleanup: () => void };
+  let files: FileBlobStore;
+  let blobs: GatedBlobs;
+  const hosts = () => suite.cluster.endpoints.map((e) => new URL(e).host);
+
+  before(() => {
+    dir = tempDir();
+    files = FileBlobStore.open(path.join(dir.dir, 'blobs'), { serialsBelow: [], rewritable: false });
+    blobs = new GatedBlobs(files);
+  });
+  after(async () => {
+    for (const store of stores) await store.close();
+    await files?.close();
+    dir?.cleanup();
+  });
+
+  const open = async (nodeId: string) => {
+    const catalog = await EtcdCatalog.open(parseStoreUrl(`etcd://${hosts().join(',')}/lost-owner`));
+    const store = await Store.open(catalog, blobs, undefined, { nodeId, leaseTtlMs: 2000 });
+    stores.push(store);
+    return store;
+  };
+
+  it('the flush fails, and the next owner reads every byte the last commit held', async () => {
+    const nodeA = await open('node-a');
+    const nodeB = await open('node-b');
+    const record = await nodeA.createVolume('fenced', { sizeBytes: 16 * extentBytes });
+    const onA = await nodeA.acquireVolume({ id: record.id });
+    await onA.volume.write(0, Buffer.alloc(extentBytes, 1));
+    await onA.volume.flush();
+    // Its extent is synced, so immutable: this write goes to a new blob, and the committed one is freed by the next commit.
+    await onA.volume.write(0, Buffer.alloc(extentBytes, 2));
+
+    const gate = blobs.holdNextSync();
+    const flush = onA.volume.flush();
+    const flushed = flush.then(
+      () => 'succeeded',
+      (err: Error) => err.message,
+    );
+    await gate.entered;
+    // Node A's lease ends (as when it was paused past its TTL): etcd deletes its owner key.
+    const owner = decodeOwner((await nodeB.ctx.catalog.get(ownerKey(record.id)))!);
+    const etcd = new Etcd3({ hosts: hosts() });
+    try {
+      await etcd.leaseClient.leaseRevoke({ ID: owner.lease });
+    } finally {
+      etcd.close();
+    }
+    const deadline = Date.now() + 10_000;
+    while (onA.volume.isOpen) {
+      assert.ok(Date.now() < deadline, 'node A never noticed that its lease ended');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    gate.open();
+    assert.match(await flushed, /lost its ownership/, 'a flush whose commit could not land reports it');
+
+    const onB = await nodeB.acquireVolume({ id: record.id });
+    try {
+      const content = await onB.volume.read(0, extentBytes);
+      assert.ok(content.equals(Buffer.alloc(extentBytes, 1)), 'node B reads what node A last committed');
+      await onB.volume.write(extentBytes, Buffer.alloc(extentBytes, 3));
+      await onB.volume.flush();
+    } finally {
+      await onB.release();
+    }
+    await onA.release().catch(() => undefined);
+  });
+});
