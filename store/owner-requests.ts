@@ -33,26 +33,41 @@ const opFields: Record<OwnerOp['op'], Check<unknown>> = {
   holdForGroup: shape({ token: string }),
 };
 
-const requestShape: Check<OwnerOp & { from: string }> = (value, path) => {
-  const { op } = shape<{ op: string; volumeId: string; from: string }>({ op: string, volumeId: string, from: string })(value, path);
+/** A request as the owner reads it: the op, who asks, and (from askers since replies went per asker) where to answer. */
+type Request = OwnerOp & { from: string; replyTo?: string };
+
+const requestShape: Check<Request> = (value, path) => {
+  const { op } = shape<{ op: string; volumeId: string; from: string; replyTo?: string }>({
+    op: string,
+    volumeId: string,
+    from: string,
+    replyTo: optional(string),
+  })(value, path);
   const fields = Object.hasOwn(opFields, op) ? opFields[op as OwnerOp['op']] : invalid('op', `one of ${Object.keys(opFields).join(', ')}`, op);
   fields(value, path);
-  return value as OwnerOp & { from: string };
+  return value as Request;
 };
 
 const requestsOf = (nodeId: string) => `requests/${nodeId}/`;
-const replyKey = (requestId: string) => `replies/${requestId}`;
+/** Where an owner answers: under the asker's prefix, which the asker watches from the start. */
+const repliesTo = (nodeId: string) => `replies/${nodeId}/`;
+/** Where owners that predate per-asker replies answer (a rolling upgrade may still have some). */
+const legacyReplyKey = (requestId: string) => `replies/${requestId}`;
 
 /**
  * Requests to a volume's owner, through the catalog (Olive's way: the controller
  * never touches an attached volume's head; it asks the owner, which drains its
  * writes, makes them durable and answers). A request is a key under the owner's
  * prefix, attached to the asker's lease; the owner claims it by deleting it, runs
- * it, and puts the reply under the request's id, attached to its own lease. The
- * asker gives up when the owner lets go of the volume or does not answer in time.
+ * it, and puts the reply under the asker's prefix and the request's id, attached to
+ * its own lease; the asker watches that prefix from the start. The asker gives up
+ * when the owner lets go of the volume or does not answer in time.
  */
 export class OwnerRequests {
   private stopServing?: () => void;
+  private stopReplies?: () => void;
+  /** Requests this process asked and is waiting on, by id: what to do with the answer. */
+  private readonly waiting = new Map<string, (value: string) => void>();
 
   constructor(
     private readonly catalog: Catalog,
@@ -60,8 +75,17 @@ export class OwnerRequests {
     private readonly log: Log,
   ) {}
 
-  /** Answers requests addressed to this node with `handler`. */
+  /**
+   * Answers requests addressed to this node with `handler`, and watches for the
+   * answers to this node's own requests: one watch for every request, opened before
+   * the first, so an answer never waits for a watch to be set up (nor, put before its
+   * watch was there, for the next poll).
+   */
   async serve(handler: (op: OwnerOp) => Promise<unknown>): Promise<void> {
+    const replies = repliesTo(this.ownership.nodeId);
+    this.stopReplies = this.catalog.watch(replies, (events: WatchEvent[]) => {
+      for (const event of events) if (event.type === 'put') this.waiting.get(event.key.slice(replies.length))?.(event.value!);
+    });
     const prefix = requestsOf(this.ownership.nodeId);
     const handle = (entry: KvEntry) => void this.answer(entry, handler);
     this.stopServing = this.catalog.watch(prefix, (events: WatchEvent[]) => {
@@ -72,44 +96,46 @@ export class OwnerRequests {
 
   stop(): void {
     this.stopServing?.();
+    this.stopReplies?.();
   }
 
   /** Asks `owner` to run `op` on volume `op.volumeId`; resolves with its answer. */
   async ask(owner: OwnerRecord, op: OwnerOp): Promise<unknown> {
     const id = randomBytes(8).toString('hex');
+    const replyKey = `${repliesTo(this.ownership.nodeId)}${id}`;
     const lease = await this.ownership.currentLease();
     return new Promise<unknown>((resolve, reject) => {
       let settled = false;
       const finish = (fn: () => void) => {
         if (settled) return;
         settled = true;
-        stopWatch();
+        this.waiting.delete(id);
         clearInterval(check);
         clearTimeout(timer);
         void this.catalog
           .txn(
             [],
             [
-              { type: 'delete', key: replyKey(id) },
+              { type: 'delete', key: replyKey },
+              { type: 'delete', key: legacyReplyKey(id) },
               { type: 'delete', key: `${requestsOf(owner.nodeId)}${id}` },
             ],
           )
           .catch(() => {});
         fn();
       };
-      const onReply = (value: string) => {
-        const reply = decode({ key: replyKey(id), value }, 'a reply of a volume owner', replyShape);
+      const onReply = (key: string, value: string) => {
+        const reply = decode({ key, value }, 'a reply of a volume owner', replyShape);
         finish(() => (reply.ok ? resolve(reply.result) : reject(new ArborError(reply.error!.code, reply.error!.message))));
       };
-      const stopWatch = this.catalog.watch(replyKey(id), (events) => {
-        const putEvent = events.find((e) => e.type === 'put');
-        if (putEvent) onReply(putEvent.value!);
-      });
+      this.waiting.set(id, (value) => onReply(replyKey, value));
       // The owner may let go of the volume (or die) without answering: then ask again, elsewhere.
+      // (The poll also finds an answer the watch missed, and one an owner from before per-asker replies put at the old key.)
       const check = setInterval(() => {
         void (async () => {
-          const reply = await this.catalog.get(replyKey(id)).catch(() => undefined);
-          if (reply) return onReply(reply.value);
+          const [reply, legacy] = await Promise.all([this.catalog.get(replyKey), this.catalog.get(legacyReplyKey(id))]).catch(() => [undefined, undefined]);
+          const found = reply ?? legacy;
+          if (found) return onReply(found.key, found.value);
           const current = await this.ownership.ownerOf(op.volumeId).catch(() => owner);
           if (!current || current.lease !== owner.lease) {
             finish(() => reject(new ArborError('aborted', `volume ${op.volumeId}: node ${owner.nodeId} let go of it before answering; retry`)));
@@ -128,7 +154,8 @@ export class OwnerRequests {
           ),
         ownerRequestTimeoutMs,
       );
-      this.catalog.txn([], [put(`${requestsOf(owner.nodeId)}${id}`, { ...op, from: this.ownership.nodeId }, lease)]).catch((err) => finish(() => reject(err)));
+      const request: Request = { ...op, from: this.ownership.nodeId, replyTo: replyKey };
+      this.catalog.txn([], [put(`${requestsOf(owner.nodeId)}${id}`, request, lease)]).catch((err) => finish(() => reject(err)));
     });
   }
 
@@ -145,7 +172,9 @@ export class OwnerRequests {
         reply = { ok: false, error: isArborError(err) ? { code: err.code, message: err.message } : { code: 'internal', message: (err as Error).message } };
       }
       this.log.info('answered a request for a volume this node owns', { op: op.op, volumeId: op.volumeId, from: op.from, ok: reply.ok });
-      await this.catalog.txn([], [put(replyKey(id), reply, await this.ownership.currentLease())]);
+      // Where the asker said, if it is the one place an asker may name (its own prefix, this request's id).
+      const to = op.replyTo === `${repliesTo(op.from)}${id}` ? op.replyTo : legacyReplyKey(id);
+      await this.catalog.txn([], [put(to, reply, await this.ownership.currentLease())]);
     } catch (err) {
       this.log.error('answering an owner request failed', { request: entry.key, error: (err as Error).message });
     }
