@@ -88,6 +88,10 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       const qos = parseMutableParameters(request.mutable_parameters, name);
       checkTopology(request, topology);
       const source = request.volume_content_source;
+      // A volume of this name (a retry), read while the source is looked up.
+      const existingRead = store.findVolume({ name });
+      // Settled here so that an error of the source's lookup does not leave it unhandled.
+      existingRead.catch(() => {});
       let sourceRef: { snapshot: { id: string } } | { volume: { id: string } } | undefined;
       let sourceBytes = 0;
       let extentSizeBytes = parameters.extentSizeBytes;
@@ -122,7 +126,7 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
         if (qos) await store.setVolumeQos({ id: volume.id }, qos);
         return { volume: volumeMessage(volume, topology) };
       };
-      const existing = await store.findVolume({ name });
+      const existing = await existingRead;
       if (existing) return withQos(compatible(existing, request, sourceRef, extentSizeBytes, labels));
       let volume: VolumeRecord;
       try {

@@ -25,6 +25,11 @@ async function idOf(catalog: Catalog, ref: Ref, nameKey: (name: string) => strin
   return entry && decodeId(entry);
 }
 
+/** The id a volume reference names: one catalog read for a name, none for an id. */
+export function volumeIdOf(catalog: Catalog, ref: Ref): Promise<string | undefined> {
+  return idOf(catalog, ref, keys.volumeName);
+}
+
 export async function volumeEntry(catalog: Catalog, ref: Ref): Promise<KvEntry | undefined> {
   const id = await idOf(catalog, ref, keys.volumeName);
   return id === undefined ? undefined : catalog.get(keys.volume(id));

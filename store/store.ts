@@ -12,12 +12,12 @@ import { GcReport } from './gc';
 import { validateExtentSize, validateVolumeSize } from './geometry';
 import { GroupSnapshots } from './group-snapshots';
 import { closeCatalogWithinMs, closeStepGraceMs, commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs } from './limits';
-import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry } from './lookups';
+import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry, volumeIdOf } from './lookups';
 import { openFormat } from './format';
 import { NodeCache } from './node-cache';
 import { OpenVolumes, VolumeHandle } from './open-volumes';
 import { OwnerOp, OwnerRequests } from './owner-requests';
-import { OwnedElsewhere, Ownership, ownerKey } from './ownership';
+import { OwnedElsewhere, OwnerRecord, Ownership, decodeOwner, ownerKey } from './ownership';
 import { PublicationRegistry, PublishOptions } from './publications';
 import {
   GroupSnapshotRecord,
@@ -150,8 +150,17 @@ export class Store {
   private async runForAsker(op: OwnerOp): Promise<unknown> {
     const ref = { id: op.volumeId };
     switch (op.op) {
-      case 'createSnapshot':
-        return this.createSnapshot(ref, op.name, op.scope === 'volume' ? 'volume' : 'store');
+      case 'createSnapshot': {
+        const scope = op.scope === 'volume' ? 'volume' : 'store';
+        // The asker found the volume owned here and the name free a moment ago: where the
+        // volume is still open here, go straight to it (the transaction settles the name).
+        if (!this.volumes.get(op.volumeId)?.isOpen) return this.createSnapshot(ref, op.name, scope);
+        return this.onOwner(
+          ref,
+          (volume) => this.snapshotOpenVolume(volume, op.name, scope),
+          (volumeId) => ({ op: 'createSnapshot', volumeId, name: op.name, scope }),
+        );
+      }
       case 'cloneVolume':
         return this.cloneVolume(op.name, { volume: ref }, { labels: op.labels });
       case 'resizeVolume':
@@ -168,20 +177,27 @@ export class Store {
   /**
    * Runs `local` on the volume opened here; where another live process owns it, asks
    * that process instead (`remote`), and tries again here if it let go meanwhile.
+   * `knownOwner`: another live process the caller just read in the owner key; the first
+   * try asks it at once instead of trying to take the volume here (three round trips).
    */
-  private async onOwner<T>(ref: Ref, local: (volume: Volume) => Promise<T>, remote: (volumeId: string) => OwnerOp): Promise<T> {
+  private async onOwner<T>(ref: Ref, local: (volume: Volume) => Promise<T>, remote: (volumeId: string) => OwnerOp, knownOwner?: OwnerRecord): Promise<T> {
     for (let attempt = 0; ; attempt++) {
-      try {
-        return await this.withVolume(ref, local);
-      } catch (err) {
-        if (!(err instanceof OwnedElsewhere) || !this.requests) throw err;
-        const record = await this.getVolume(ref);
+      let owner = attempt === 0 ? knownOwner : undefined;
+      if (!owner) {
         try {
-          return (await this.requests.ask(err.owner, remote(record.id))) as T;
-        } catch (asked) {
-          if (isArborError(asked, 'aborted') && attempt < 3) continue;
-          throw asked;
+          return await this.withVolume(ref, local);
+        } catch (err) {
+          if (!(err instanceof OwnedElsewhere) || !this.requests) throw err;
+          owner = err.owner;
         }
+      }
+      if (!this.requests) throw new ArborError('internal', 'a volume owner was asked for where volumes have no owners');
+      try {
+        const volumeId = 'id' in ref ? ref.id : (await this.getVolume(ref)).id;
+        return (await this.requests.ask(owner, remote(volumeId))) as T;
+      } catch (asked) {
+        if (isArborError(asked, 'aborted') && attempt < 3) continue;
+        throw asked;
       }
     }
   }
@@ -239,8 +255,9 @@ export class Store {
   async cloneVolume(name: string, source: CloneSource, options: { labels?: Record<string, string> } = {}): Promise<VolumeRecord> {
     validateName(name, 'volume');
     for (;;) {
-      const sourceDescription = 'snapshot' in source ? await this.snapshotStep(source.snapshot) : await this.volumeStep(source.volume);
-      const existing = await this.findVolume({ name });
+      // The source and the name, read at once.
+      const [sourceEntry, existing] = await Promise.all(['snapshot' in source ? this.snapshotEntry(source.snapshot) : undefined, this.findVolume({ name })]);
+      const sourceDescription = 'snapshot' in source ? stepOf(decodeSnapshot(sourceEntry!)) : await this.volumeStep(source.volume);
       if (existing) {
         const step = existing.lineage[0];
         if (step && step.volumeId === sourceDescription.volumeId && step.snapshotId === sourceDescription.snapshotId) return existing;
@@ -250,9 +267,7 @@ export class Store {
         );
       }
       const created =
-        'snapshot' in source
-          ? await this.cloneSnapshot(name, source.snapshot, options.labels)
-          : await this.cloneLiveVolume(name, source.volume, options.labels);
+        'snapshot' in source ? await this.cloneSnapshot(name, sourceEntry!, options.labels) : await this.cloneLiveVolume(name, source.volume, options.labels);
       if (created) {
         this.log.info('volume cloned', { volume: name, id: created.id, from: describeStep(created.lineage[0]) });
         return created;
@@ -260,8 +275,8 @@ export class Store {
     }
   }
 
-  private async cloneSnapshot(name: string, ref: Ref, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
-    const entry = await this.snapshotEntry(ref);
+  /** One transaction: the snapshot's record unchanged (it was not deleted meanwhile) and the name free. */
+  private async cloneSnapshot(name: string, entry: KvEntry, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
     const record = cloneOfSnapshot(decodeSnapshot(entry), name, labels);
     const result = await this.ctx.catalog.txn(
       [unchanged(entry), absent(keys.volumeName(name))],
@@ -299,14 +314,9 @@ export class Store {
   }
 
   private async cloneOpenVolume(volume: Volume, name: string, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
-    return volume.withCommitted(async (_committed, source) => {
+    return volume.commitShared((source) => {
       const record = cloneRecordOf(source, name, labels);
-      const done = await volume.commitWith({
-        absent: [keys.volumeName(name)],
-        ops: [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)],
-        share: true,
-      });
-      return done ? record : undefined;
+      return { value: record, absent: [keys.volumeName(name)], ops: [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)] };
     });
   }
 
@@ -416,6 +426,9 @@ export class Store {
   async acquireVolume(ref: Ref): Promise<VolumeHandle> {
     this.checkOpen();
     await this.collector.cutTaken();
+    // Open here already: this process owns it and is the only writer of its record (a
+    // delete goes through it too), so there is nothing to look up.
+    if ('id' in ref && this.volumes.get(ref.id)?.isOpen) return this.volumes.acquire(ref.id);
     const entry = await volumeEntry(this.ctx.catalog, ref);
     if (!entry) throw notFound('volume', ref);
     return this.volumes.acquire(decodeVolume(entry).id);
@@ -476,59 +489,69 @@ export class Store {
    */
   async createSnapshot(volumeRef: Ref, name: string, scope: SnapshotScope = 'store'): Promise<SnapshotRecord> {
     validateName(name, 'snapshot');
-    const entry = await volumeEntry(this.ctx.catalog, volumeRef);
+    // Everything the decision needs, read at once: the volume's record, the snapshots
+    // already of this name, and who owns the volume. One round trip for the usual
+    // case (CSI names the volume by id, the name is free); every read is only a hint
+    // but the record, which the detached transaction compares, and the names, which
+    // every snapshot transaction compares absent.
+    const volumeId = await volumeIdOf(this.ctx.catalog, volumeRef);
+    if (volumeId === undefined) throw notFound('volume', volumeRef);
+    const [entry, named, ownerEntry] = await Promise.all([
+      this.ctx.catalog.get(keys.volume(volumeId)),
+      this.snapshotsNamed(volumeId, name, scope),
+      this.ownership ? this.ctx.catalog.get(ownerKey(volumeId)) : undefined,
+    ]);
     if (!entry) throw notFound('volume', volumeRef);
-    const existing = await this.existingSnapshot(decodeVolume(entry), name, scope);
+    const source = decodeVolume(entry);
+    const existing = settleExisting(source, name, named);
     if (existing) return existing;
-    // A detached volume: one transaction. Otherwise through the volume's owner.
-    {
-      const record = snapshotRecordOf(decodeVolume(entry), name);
+    const owner = ownerEntry && decodeOwner(ownerEntry);
+    if (!owner) {
+      // A detached volume: one transaction. Otherwise through the volume's owner.
+      const record = snapshotRecordOf(source, name);
       const names = snapshotNameKeys(record, scope);
       if (await this.shareDetached(entry, names.absent, [put(keys.snapshot(record.id), record), ...names.ops])) {
         this.log.info('snapshot created', { volume: record.volumeName, snapshot: name, id: record.id, scope });
         return record;
       }
     }
+    // An owner key that is not this process's own is another live process's (it goes with its lease): ask it directly.
+    const elsewhere = owner && owner.lease !== (await this.ownership!.currentLease()).id ? owner : undefined;
     return this.onOwner(
-      volumeRef,
+      { id: volumeId },
       (volume) => this.snapshotOpenVolume(volume, name, scope),
-      (volumeId) => ({ op: 'createSnapshot', volumeId, name, scope }),
+      (id) => ({ op: 'createSnapshot', volumeId: id, name, scope }),
+      elsewhere,
     );
   }
 
   /** The snapshot a retry of this create asks for, or undefined when the name is free; already-exists when it is taken. */
   private async existingSnapshot(volume: { id: string; name: string }, name: string, scope: SnapshotScope): Promise<SnapshotRecord | undefined> {
-    const mine = await this.findSnapshot({ volume: { id: volume.id }, name });
-    if (scope === 'volume') return mine;
-    const storeWide = await this.findSnapshot({ name });
-    if (storeWide && storeWide.volumeId !== volume.id) {
-      throw new ArborError(
-        'already-exists',
-        `snapshot name ${name} is already used by volume ${storeWide.volumeName}; snapshot names made through CSI are unique in the store`,
-      );
-    }
-    if (mine && storeWide?.id !== mine.id) {
-      throw new ArborError(
-        'already-exists',
-        `volume ${volume.name} already has a snapshot ${name} made outside CSI; snapshot names made through CSI are unique in the store: use another name`,
-      );
-    }
-    return mine ?? storeWide;
+    return settleExisting(volume, name, await this.snapshotsNamed(volume.id, name, scope));
+  }
+
+  /** The snapshots that hold `name`: among the volume's, and (scope 'store') store-wide; both read at once. */
+  private async snapshotsNamed(volumeId: string, name: string, scope: SnapshotScope): Promise<SnapshotsNamed> {
+    const [mine, storeWide] = await Promise.all([
+      this.findSnapshot({ volume: { id: volumeId }, name }),
+      scope === 'store' ? this.findSnapshot({ name }) : undefined,
+    ]);
+    return { scope, mine, storeWide };
   }
 
   private async snapshotOpenVolume(volume: Volume, name: string, scope: SnapshotScope): Promise<SnapshotRecord> {
-    for (;;) {
-      const existing = await this.existingSnapshot(volume, name, scope);
-      if (existing) return existing;
-      const created = await volume.withCommitted(async (_committed, source) => {
+    // The caller has just looked for the name (the asker, or createSnapshot here): try
+    // at once, and look again only when the transaction finds a name key taken.
+    for (let attempt = 0; ; attempt++) {
+      if (attempt > 0) {
+        const existing = await this.existingSnapshot(volume, name, scope);
+        if (existing) return existing;
+      }
+      // One transaction commits what was written before the call and the snapshot of it.
+      const created = await volume.commitShared((source) => {
         const record = snapshotRecordOf(source, name);
         const names = snapshotNameKeys(record, scope);
-        const done = await volume.commitWith({
-          absent: names.absent,
-          ops: [put(keys.snapshot(record.id), record), ...names.ops],
-          share: true,
-        });
-        return done ? record : undefined;
+        return { value: record, absent: names.absent, ops: [put(keys.snapshot(record.id), record), ...names.ops] };
       });
       if (created) {
         this.log.info('snapshot created', { volume: volume.name, snapshot: name, id: created.id });
@@ -766,11 +789,6 @@ export class Store {
     return entry;
   }
 
-  private async snapshotStep(ref: Ref): Promise<LineageStep> {
-    const s = await this.getSnapshot(ref);
-    return { volumeId: s.volumeId, volumeName: s.volumeName, snapshotId: s.id, snapshotName: s.name };
-  }
-
   private async volumeStep(ref: Ref): Promise<LineageStep> {
     const v = await this.getVolume(ref);
     return { volumeId: v.id, volumeName: v.name };
@@ -779,6 +797,36 @@ export class Store {
   private checkOpen(): void {
     if (this.closed) throw new ArborError('unavailable', 'the store is closed');
   }
+}
+
+/** The lineage step of a clone of snapshot `s`. */
+function stepOf(s: SnapshotRecord): LineageStep {
+  return { volumeId: s.volumeId, volumeName: s.volumeName, snapshotId: s.id, snapshotName: s.name };
+}
+
+/** The snapshots found under a new snapshot's name (see Store.snapshotsNamed). */
+interface SnapshotsNamed {
+  scope: SnapshotScope;
+  mine?: SnapshotRecord;
+  storeWide?: SnapshotRecord;
+}
+
+/** The snapshot a retry of a create asks for, or undefined when the name is free; already-exists when it is taken. */
+function settleExisting(volume: { id: string; name: string }, name: string, { scope, mine, storeWide }: SnapshotsNamed): SnapshotRecord | undefined {
+  if (scope === 'volume') return mine;
+  if (storeWide && storeWide.volumeId !== volume.id) {
+    throw new ArborError(
+      'already-exists',
+      `snapshot name ${name} is already used by volume ${storeWide.volumeName}; snapshot names made through CSI are unique in the store`,
+    );
+  }
+  if (mine && storeWide?.id !== mine.id) {
+    throw new ArborError(
+      'already-exists',
+      `volume ${volume.name} already has a snapshot ${name} made outside CSI; snapshot names made through CSI are unique in the store: use another name`,
+    );
+  }
+  return mine ?? storeWide;
 }
 
 /** The name keys a new snapshot takes: among its volume's always, store-wide for scope 'store'. */

@@ -25,6 +25,13 @@ export interface ZeroOptions {
 
 type VolumeState = 'open' | 'closed' | 'deleted' | 'lost';
 
+/**
+ * What a snapshot or clone of the live volume adds to the commit of its capture: built
+ * from the record about to be committed (its root already read-only), the keys it
+ * takes (compared absent) and the ops that write them, and what to return.
+ */
+export type ShareBuilder<T> = (next: VolumeRecord) => { value: T; absent: string[]; ops: Op[] };
+
 interface Capture {
   sequence: number;
   /** When it was taken (Date.now()). */
@@ -204,6 +211,24 @@ export class Volume {
     return this.exclusive(async () => {
       await this.flushLocked();
       return fn(this.committed, this.record);
+    });
+  }
+
+  /**
+   * A snapshot or clone of the live volume, in one transaction: under the lock, the
+   * writes completed before the call are captured and their blobs made durable, then
+   * one commit writes the captured root, read-only, with what `build` adds (instead of
+   * a flush's commit and then the share's own). Undefined when that transaction failed
+   * on `build`'s compares (a name taken): the capture is then committed on its own, as
+   * a flush would, and nothing is shared. The guards (the record's revision, the owner
+   * key's) are compared as in every commit.
+   */
+  async commitShared<T>(build: ShareBuilder<T>): Promise<T | undefined> {
+    return this.exclusive(async () => {
+      this.checkOpen();
+      const captured = await this.capture();
+      assert(captured !== undefined, 'an open volume always captures');
+      return this.serialCommit(() => this.completeCommit(captured, build));
     });
   }
 
@@ -451,11 +476,12 @@ export class Volume {
    * last commit does not commit (the record never goes back), but its blobs are
    * still synced and its frees are still safe: a newer tree no longer uses them.
    */
-  private async completeCommit(captured: Capture): Promise<void> {
+  private async completeCommit<T>(captured: Capture, share?: ShareBuilder<T>): Promise<T | undefined> {
     const timer = storeCommits.startTimer();
     try {
-      await this.completeCommitTimed(captured);
+      const shared = await this.completeCommitTimed(captured, share);
       this.settledThrough = Math.max(this.settledThrough, captured.at);
+      return shared;
     } finally {
       this.capturesInFlight--;
       timer();
@@ -471,7 +497,7 @@ export class Volume {
     return this.settledThrough > time || (this.changedAt === undefined && this.capturesInFlight === 0 && this.tree.dirtyNodeCount === 0);
   }
 
-  private async completeCommitTimed(captured: Capture): Promise<void> {
+  private async completeCommitTimed<T>(captured: Capture, share?: ShareBuilder<T>): Promise<T | undefined> {
     // What an earlier commit that failed (etcd or S3 unreachable) left to do rides along:
     // its blobs are in the live tree, and its frees are still safe after a later commit.
     const sync = [...captured.sync, ...this.pendingSync.splice(0)];
@@ -479,12 +505,25 @@ export class Volume {
     const r = this.record;
     const { shape } = captured;
     const changed = shape.root !== r.root || shape.depth !== r.depth || shape.sizeBytes !== r.sizeBytes;
+    let shared: T | undefined;
     try {
       await this.ctx.blobs.sync(sync);
       // Lost while its blobs were synced: nothing may commit, and what the capture would free is
       // in the tree the new owner took over (committing nothing is not success: the flush fails).
       if (this.state === 'lost') throw this.lostError();
-      if (changed && captured.sequence > this.committedCapture && this.state === 'open') {
+      if (share) {
+        // Taken under the lock held since the capture (commitShared): the tree is the captured one, and no commit is newer.
+        assert(this.tree.root === shape.root && this.tree.dirtyNodeCount === 0, 'a shared commit commits the tree as captured');
+        assert(captured.sequence > this.committedCapture, 'a shared commit is of the newest capture');
+        const sharedShape = { ...shape, root: asShared(shape.root) };
+        const built = share({ ...this.record, ...sharedShape });
+        if (await this.commitRecord(sharedShape, captured.sequence, { absent: built.absent, ops: built.ops })) {
+          this.tree.shareRoot();
+          shared = built.value;
+        } else if (changed && !(await this.commitRecord(shape, captured.sequence))) {
+          throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
+        }
+      } else if (changed && captured.sequence > this.committedCapture && this.state === 'open') {
         if (!(await this.commitRecord(shape, captured.sequence))) {
           throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
         }
@@ -503,9 +542,10 @@ export class Volume {
       // the last commit, as when a volume written and then trimmed whole is back at its
       // committed shape: never in a committed tree, but they wait all the same.)
       this.tree.frees.retryLater(free);
-      return;
+      return shared;
     }
     await this.ctx.free(free);
+    return shared;
   }
 
   /** Blobs of captures whose commit failed: synced with the next commit (their frees wait in the tree's AfterCommit). */
