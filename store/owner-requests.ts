@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { Log } from '../lib/logger';
-import { Catalog, KvEntry, WatchEvent, put, unchanged } from './catalog/catalog';
+import { Catalog, KvEntry, WatchEvent, del, put, unchanged } from './catalog/catalog';
 import { Check, boolean, count, decode, invalid, mapOf, optional, shape, string } from './decode';
 import { ArborError, ErrorCode, isArborError } from './errors';
 import { ownerRequestTimeoutMs, ownerCheckIntervalMs } from './limits';
@@ -162,15 +162,29 @@ export class OwnerRequests {
   private async answer(entry: KvEntry, handler: (op: OwnerOp) => Promise<unknown>): Promise<void> {
     const id = entry.key.slice(entry.key.lastIndexOf('/') + 1);
     try {
-      // Claiming deletes the request: it runs once, however many times it is seen.
-      if (!(await this.catalog.txn([unchanged(entry)], [{ type: 'delete', key: entry.key }])).succeeded) return;
-      const op = decode(entry, 'a request to a volume owner', requestShape);
+      // Claiming deletes the request: it is answered once, however many times it is seen.
+      const claim = this.catalog.txn([unchanged(entry)], [del(entry.key)]).then((result) => result.succeeded);
+      claim.catch(() => {}); // awaited below; this only keeps a failure from counting as unhandled meanwhile
+      let op: Request;
+      try {
+        op = decode(entry, 'a request to a volume owner', requestShape);
+      } catch (err) {
+        await claim;
+        throw err;
+      }
+      // Most ops run only once claimed. A snapshot runs while the claim is in flight (a round
+      // trip less): running it twice, or for an asker that gave up, makes no state that
+      // claiming first could not (the name keys let one snapshot of a name be made, a second
+      // run finds it, and an asker that gives up while the owner commits leaves the snapshot
+      // made the same way), and only the claim's winner answers.
+      if (!runsOnceByName(op) && !(await claim)) return;
       let reply: Reply;
       try {
         reply = { ok: true, result: (await handler(op)) ?? null };
       } catch (err) {
         reply = { ok: false, error: isArborError(err) ? { code: err.code, message: err.message } : { code: 'internal', message: (err as Error).message } };
       }
+      if (!(await claim)) return;
       this.log.info('answered a request for a volume this node owns', { op: op.op, volumeId: op.volumeId, from: op.from, ok: reply.ok });
       // Where the asker said, if it is the one place an asker may name (its own prefix, this request's id).
       const to = op.replyTo === `${repliesTo(op.from)}${id}` ? op.replyTo : legacyReplyKey(id);
@@ -179,6 +193,11 @@ export class OwnerRequests {
       this.log.error('answering an owner request failed', { request: entry.key, error: (err as Error).message });
     }
   }
+}
+
+/** Ops whose effect the catalog makes happen once however often they run: they need not wait for their claim. */
+function runsOnceByName(op: OwnerOp): boolean {
+  return op.op === 'createSnapshot';
 }
 
 export { ownerKey };
