@@ -256,7 +256,8 @@ export class Store {
     validateName(name, 'volume');
     for (;;) {
       // The source and the name, read at once.
-      const [sourceEntry, existing] = await Promise.all(['snapshot' in source ? this.snapshotEntry(source.snapshot) : undefined, this.findVolume({ name })]);
+      const [sourceEntry, existing] =
+        'snapshot' in source ? await this.snapshotAndVolumeNamed(source.snapshot, name) : [undefined, await this.findVolume({ name })];
       const sourceDescription = 'snapshot' in source ? stepOf(decodeSnapshot(sourceEntry!)) : await this.volumeStep(source.volume);
       if (existing) {
         const step = existing.lineage[0];
@@ -273,6 +274,14 @@ export class Store {
         return created;
       }
     }
+  }
+
+  /** A snapshot's entry (not-found when there is none) and the volume called `name`, if any: one round trip for a snapshot named by id and a free name. */
+  private async snapshotAndVolumeNamed(ref: Ref, name: string): Promise<[KvEntry, VolumeRecord | undefined]> {
+    if (!('id' in ref)) return Promise.all([this.snapshotEntry(ref), this.findVolume({ name })]);
+    const [entry, nameEntry] = await this.ctx.catalog.getMany([keys.snapshot(ref.id), keys.volumeName(name)]);
+    if (!entry) throw notFound('snapshot', ref);
+    return [entry, nameEntry && (await this.findVolume({ id: decodeId(nameEntry) }))];
   }
 
   /** One transaction: the snapshot's record unchanged (it was not deleted meanwhile) and the name free. */
@@ -496,14 +505,14 @@ export class Store {
     // every snapshot transaction compares absent.
     const volumeId = await volumeIdOf(this.ctx.catalog, volumeRef);
     if (volumeId === undefined) throw notFound('volume', volumeRef);
-    const [entry, named, ownerEntry] = await Promise.all([
-      this.ctx.catalog.get(keys.volume(volumeId)),
-      this.snapshotsNamed(volumeId, name, scope),
-      this.ownership ? this.ctx.catalog.get(ownerKey(volumeId)) : undefined,
+    const [entry, ownerEntry, ...nameEntries] = await this.ctx.catalog.getMany([
+      keys.volume(volumeId),
+      ownerKey(volumeId),
+      ...nameKeysOf(volumeId, name, scope),
     ]);
     if (!entry) throw notFound('volume', volumeRef);
     const source = decodeVolume(entry);
-    const existing = settleExisting(source, name, named);
+    const existing = settleExisting(source, name, await this.snapshotsNamedBy(scope, nameEntries));
     if (existing) return existing;
     const owner = ownerEntry && decodeOwner(ownerEntry);
     if (!owner) {
@@ -530,12 +539,15 @@ export class Store {
     return settleExisting(volume, name, await this.snapshotsNamed(volume.id, name, scope));
   }
 
-  /** The snapshots that hold `name`: among the volume's, and (scope 'store') store-wide; both read at once. */
+  /** The snapshots that hold `name`: among the volume's, and (scope 'store') store-wide; the name keys read in one round trip. */
   private async snapshotsNamed(volumeId: string, name: string, scope: SnapshotScope): Promise<SnapshotsNamed> {
-    const [mine, storeWide] = await Promise.all([
-      this.findSnapshot({ volume: { id: volumeId }, name }),
-      scope === 'store' ? this.findSnapshot({ name }) : undefined,
-    ]);
+    return this.snapshotsNamedBy(scope, await this.ctx.catalog.getMany(nameKeysOf(volumeId, name, scope)));
+  }
+
+  /** The records of the snapshots the name keys (as nameKeysOf lists them) hold, read only where a key is there (a retry, or a clash). */
+  private async snapshotsNamedBy(scope: SnapshotScope, [mineKey, storeWideKey]: Array<KvEntry | undefined>): Promise<SnapshotsNamed> {
+    const recordOf = async (key: KvEntry | undefined) => (key ? this.findSnapshot({ id: decodeId(key) }) : undefined);
+    const [mine, storeWide] = await Promise.all([recordOf(mineKey), recordOf(storeWideKey)]);
     return { scope, mine, storeWide };
   }
 
@@ -804,6 +816,11 @@ function stepOf(s: SnapshotRecord): LineageStep {
   return { volumeId: s.volumeId, volumeName: s.volumeName, snapshotId: s.id, snapshotName: s.name };
 }
 
+/** The keys that hold a snapshot name: among the volume's, and for scope 'store' store-wide. */
+function nameKeysOf(volumeId: string, name: string, scope: SnapshotScope): string[] {
+  return [keys.volumeSnapshotName(volumeId, name), ...(scope === 'store' ? [keys.snapshotName(name)] : [])];
+}
+
 /** The snapshots found under a new snapshot's name (see Store.snapshotsNamed). */
 interface SnapshotsNamed {
   scope: SnapshotScope;
@@ -831,6 +848,6 @@ function settleExisting(volume: { id: string; name: string }, name: string, { sc
 
 /** The name keys a new snapshot takes: among its volume's always, store-wide for scope 'store'. */
 function snapshotNameKeys(record: SnapshotRecord, scope: SnapshotScope): { absent: string[]; ops: Op[] } {
-  const names = [keys.volumeSnapshotName(record.volumeId, record.name), ...(scope === 'store' ? [keys.snapshotName(record.name)] : [])];
+  const names = nameKeysOf(record.volumeId, record.name, scope);
   return { absent: names, ops: names.map((key) => put(key, record.id)) };
 }

@@ -60,6 +60,8 @@ export interface Catalog {
    */
   readonly exclusive: boolean;
   get(key: string): Promise<KvEntry | undefined>;
+  /** Several keys read at one revision, in one round trip (etcd: a read-only transaction); undefined where absent. */
+  getMany(keys: string[]): Promise<Array<KvEntry | undefined>>;
   /** Keys with the prefix, in key order. */
   list(prefix: string, options?: ListOptions): Promise<KvEntry[]>;
   txn(compares: Compare[], ops: Op[]): Promise<TxnResult>;

@@ -102,6 +102,18 @@ export class EtcdCatalog implements Catalog {
     return kv && { key, value: kv.value.toString(), modRevision: Number(kv.mod_revision) };
   }
 
+  async getMany(keys: string[]): Promise<Array<KvEntry | undefined>> {
+    // One read-only transaction of range requests: etcd serves it as one linearizable read.
+    const prefix = this.kv.prefix;
+    const response = await this.call('get', keys.join(','), () =>
+      this.kv.kv.txn({ success: keys.map((key) => ({ request_range: { key: Buffer.concat([prefix, Buffer.from(key)]) } })) }),
+    );
+    return keys.map((key, i) => {
+      const kv = response.responses[i]?.response_range.kvs[0];
+      return kv && { key, value: kv.value.toString(), modRevision: Number(kv.mod_revision) };
+    });
+  }
+
   async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
     const start = options.after === undefined ? prefix : `${options.after}\0`;
     const builder = this.kv

@@ -87,6 +87,11 @@ export class SqliteCatalog implements Catalog {
     return row && { key: row.key, value: row.value, modRevision: row.mod_revision };
   }
 
+  async getMany(keys: string[]): Promise<Array<KvEntry | undefined>> {
+    // Synchronous: no other call runs in between, so every key is read at one revision.
+    return Promise.all(keys.map((key) => this.get(key)));
+  }
+
   async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
     this.checkOpen();
     const rows = this.stmt.list.all(prefix, prefixEnd(prefix), options.after ?? '', options.limit ?? -1);

@@ -24,13 +24,18 @@ function catalogContract(name: string, open: () => Promise<Catalog>, reopen?: ()
     beforeEach(async () => (catalog = await open()));
     afterEach(async () => catalog.close());
 
-    it('get and list see what a transaction wrote, each key with the revision that wrote it', async () => {
+    it('get, getMany and list see what a transaction wrote, each key with the revision that wrote it', async () => {
       const first = await catalog.txn([], [put('things/a', 1), put('things/b', 2)]);
       assert.ok(first.succeeded);
       const second = await catalog.txn([], [put('things/c', 3), put('other/x', 9)]);
       assert.ok(second.revision > first.revision);
       assert.deepEqual(await catalog.get('things/a'), { key: 'things/a', value: '1', modRevision: first.revision });
       assert.equal(await catalog.get('things/zz'), undefined);
+      assert.deepEqual(await catalog.getMany(['things/c', 'things/zz', 'things/a']), [
+        { key: 'things/c', value: '3', modRevision: second.revision },
+        undefined,
+        { key: 'things/a', value: '1', modRevision: first.revision },
+      ]);
       const listed = await catalog.list('things/');
       assert.deepEqual(
         listed.map((e) => [e.key, e.value, e.modRevision]),

@@ -34,6 +34,7 @@ function readersMeet(inner: Catalog, key: string, parties: number): Catalog {
       }
       return entry;
     },
+    getMany: (keys) => inner.getMany(keys),
     list: (prefix, options) => inner.list(prefix, options),
     txn: (compares, ops) => inner.txn(compares, ops),
     watch: (prefix, listener) => inner.watch(prefix, listener),
