@@ -114,6 +114,12 @@ export class S3BlobStore implements BlobStore {
     return this.cache.stats();
   }
 
+  readNow(id: number, offset: number, target: Buffer, targetOffset: number, length: number): boolean {
+    this.checkOpen();
+    checkRange(id, offset, length, 'read');
+    return this.cache.read(id, offset, target, targetOffset, length);
+  }
+
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
     this.checkOpen();
     checkRange(id, offset, length, 'read');
