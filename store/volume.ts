@@ -188,7 +188,36 @@ export class Volume {
     });
   }
 
-  async write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
+  write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
+    try {
+      if (!options.fua && this.writeNow(offset, data)) return resolved;
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.writeLocked(offset, data, options);
+  }
+
+  /**
+   * A write within one extent this head owns, whose map path is in memory: done in
+   * place, synchronously, under the exclusive lock for no longer than the call. False
+   * (nothing changed) when it must take the async path.
+   */
+  private writeNow(offset: number, data: Buffer): boolean {
+    const extentSize = this.extentSizeBytes;
+    const extent = Math.floor(offset / extentSize);
+    if (data.length === 0 || Math.floor((offset + data.length - 1) / extentSize) !== extent) return false;
+    if (!this.lock.tryExclusive()) return false;
+    try {
+      this.checkRange(offset, data.length, 'write');
+      if (this.tree.writeInPlaceNow(extent, offset - extent * extentSize, data, 0, data.length) === undefined) return false;
+      this.noteChange();
+      return true;
+    } finally {
+      this.lock.releaseExclusive();
+    }
+  }
+
+  private async writeLocked(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
     await this.exclusive(async () => {
       this.checkRange(offset, data.length, 'write');
       const touched: number[] = [];

@@ -23,6 +23,8 @@ export interface BlobStore {
   readNow?(id: number, offset: number, target: Buffer, targetOffset: number, length: number): boolean;
   /** Writes `length` bytes of `source` from `sourceOffset` at `offset` of blob `id`, creating it when absent. */
   write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void>;
+  /** The same write done at once, on this thread (as `readNow`); throws where `write` would reject. */
+  writeNow?(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void;
   /** Makes the named blobs' contents and existence durable. */
   sync(ids: Iterable<number>): Promise<void>;
   /** Removes blobs; ids that do not exist are ignored. */

@@ -106,6 +106,10 @@ export class FileBlobStore implements BlobStore {
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
+    this.writeNow(id, offset, source, sourceOffset, length);
+  }
+
+  writeNow(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void {
     if (this.sealed && (this.sealed.has(id) || serialOf(id) < (this.sealedBelow[classOf(id)] ?? 0))) {
       throw new ArborError('internal', `blob ${id} was synced and is immutable; the engine must write a new blob`);
     }
