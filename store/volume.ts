@@ -148,7 +148,7 @@ export class Volume {
 
   readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
     try {
-      if (this.readNow(offset, target, targetOffset, length)) return resolved;
+      if (this.readIntoNow(offset, target, targetOffset, length)) return resolved;
     } catch (err) {
       return Promise.reject(err);
     }
@@ -158,9 +158,10 @@ export class Volume {
   /**
    * A read within one extent whose map path is in memory, from a blob store that can
    * read at once: done here, synchronously, holding the shared lock for no longer than
-   * the call (nothing else runs meanwhile). False when it must take the async path.
+   * the call (nothing else runs meanwhile). False (nothing done) when it must take the
+   * async path; throws where `readInto` would reject.
    */
-  private readNow(offset: number, target: Buffer, targetOffset: number, length: number): boolean {
+  readIntoNow(offset: number, target: Buffer, targetOffset: number, length: number): boolean {
     const blobs = this.ctx.blobs;
     if (!blobs.readNow || length === 0) return false;
     const extentSize = this.extentSizeBytes;
@@ -200,9 +201,9 @@ export class Volume {
   /**
    * A write within one extent this head owns, whose map path is in memory: done in
    * place, synchronously, under the exclusive lock for no longer than the call. False
-   * (nothing changed) when it must take the async path.
+   * (nothing changed) when it must take the async path; throws where `write` would reject.
    */
-  private writeNow(offset: number, data: Buffer): boolean {
+  writeNow(offset: number, data: Buffer): boolean {
     const extentSize = this.extentSizeBytes;
     const extent = Math.floor(offset / extentSize);
     if (data.length === 0 || Math.floor((offset + data.length - 1) / extentSize) !== extent) return false;
