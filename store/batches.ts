@@ -35,6 +35,9 @@ export class Batches<R, T> {
   private async drain(key: string): Promise<void> {
     const queue = this.queues.get(key)!;
     while (queue.length > 0) {
+      // Let requests that arrived meanwhile (their bytes read, their handlers run up to
+      // here) join: a synchronous commit holds the event loop, so they wait unread until now.
+      await new Promise((resolve) => setImmediate(resolve));
       const batch = this.take(queue);
       try {
         await this.run(key, batch);

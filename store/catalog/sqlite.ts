@@ -21,7 +21,9 @@ export class SqliteCatalog implements Catalog {
   private readonly watchers = new Set<{ prefix: string; listener: (events: WatchEvent[]) => void }>();
   private readonly stmt: {
     get: Database.Statement<[string], { key: string; value: string; mod_revision: number }>;
-    list: Database.Statement<[string, string, string, number], { key: string; value: string; mod_revision: number }>;
+    list: Database.Statement<[string, string, number], { key: string; value: string; mod_revision: number }>;
+    listAfter: Database.Statement<[string, string, number], { key: string; value: string; mod_revision: number }>;
+    listBoth: Database.Statement<[string, string, string, number], { key: string; value: string; mod_revision: number }>;
     put: Database.Statement<[string, string, number, string | null]>;
     del: Database.Statement<[string]>;
     leased: Database.Statement<[string], { key: string }>;
@@ -34,7 +36,11 @@ export class SqliteCatalog implements Catalog {
   private constructor(private readonly db: Database.Database) {
     this.stmt = {
       get: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key = ?'),
-      list: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? AND key > ? ORDER BY key LIMIT ?'),
+      // One lower bound each: given both `key >= prefix` and `key > after`, SQLite seeks by
+      // one and filters by the other, which made a page deep in a prefix scan from its start.
+      list: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?'),
+      listAfter: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key > ? AND key < ? ORDER BY key LIMIT ?'),
+      listBoth: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? AND key > ? ORDER BY key LIMIT ?'),
       put: db.prepare(
         'INSERT INTO kv (key, value, mod_revision, lease) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value, mod_revision = excluded.mod_revision, lease = excluded.lease',
       ),
@@ -93,7 +99,14 @@ export class SqliteCatalog implements Catalog {
 
   async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
     this.checkOpen();
-    const rows = this.stmt.list.all(prefix, prefixEnd(prefix), options.after ?? '', options.limit ?? -1);
+    const limit = options.limit ?? -1;
+    const end = prefixEnd(prefix);
+    const rows =
+      options.after === undefined
+        ? this.stmt.list.all(prefix, end, limit)
+        : options.after.startsWith(prefix)
+          ? this.stmt.listAfter.all(options.after, end, limit)
+          : this.stmt.listBoth.all(prefix, end, options.after, limit);
     return rows.map((row) => ({ key: row.key, value: row.value, modRevision: row.mod_revision }));
   }
 
