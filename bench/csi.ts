@@ -210,7 +210,7 @@ async function pageCosts(csi: CsiClient, oneVolumeId: string): Promise<Record<'L
   const cost = async (call: ListCall, request: object) => {
     const { middleToken } = await pageAll(csi, call, request);
     const probe = { ...request, max_entries: probePage, starting_token: middleToken };
-    for (let i = 0; i < 5; i++) await csi.controller[call](probe);
+    for (let i = 0; i < 20; i++) await csi.controller[call](probe);
     return percentile(await timeEach(30, () => csi.controller[call](probe).then(() => {})), 50);
   };
   return {

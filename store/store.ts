@@ -494,9 +494,10 @@ export class Store {
   async createSnapshot(volumeRef: Ref, name: string, scope: SnapshotScope = 'store'): Promise<SnapshotRecord> {
     validateName(name, 'snapshot');
     if (scope !== 'store' && scope !== 'volume') throw new ArborError('invalid-argument', `scope must be 'store' or 'volume', got ${JSON.stringify(scope)}`);
-    const entry = await volumeEntry(this.ctx.catalog, volumeRef);
-    if (!entry) throw notFound('volume', volumeRef);
-    return this.snapshotBatches.add(decodeVolume(entry).id, { name, scope });
+    // By id, the batch finds whether the volume exists (snapshotBatch): one read fewer per snapshot.
+    const volumeId = 'id' in volumeRef ? volumeRef.id : (await this.findVolume(volumeRef))?.id;
+    if (volumeId === undefined) throw notFound('volume', volumeRef);
+    return this.snapshotBatches.add(volumeId, { name, scope });
   }
 
   /**
