@@ -73,6 +73,8 @@ export class SqliteCatalog implements Catalog {
       `);
       const columns = db.prepare('PRAGMA table_info(kv)').all() as Array<{ name: string }>;
       if (!columns.some((c) => c.name === 'lease')) db.exec('ALTER TABLE kv ADD COLUMN lease TEXT');
+      // Few keys have a lease: without this index, ending the leases at open scanned every key (0.3 s at 100,000).
+      db.exec('CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease IS NOT NULL');
       // Leases end with the process that held them.
       db.exec(`
         BEGIN IMMEDIATE;
