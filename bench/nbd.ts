@@ -1,31 +1,64 @@
 /**
- * npm run bench:nbd — fio (nbd engine, unix socket) against, in the same run:
- *   arbor        a fresh clone of a filled 4 GiB golden volume, served by arbor serve,
- *                with 64 KiB extents (the default) and with 4 KiB extents
- *   qemu raw     qemu-nbd serving the 4 GiB golden raw file
- *   qemu qcow2   qemu-nbd serving a fresh qcow2 overlay on that raw file
- * for 4 KiB random reads and writes at queue depth 16 and 1 MiB sequential reads
- * and writes. Prints IOPS, MiB/s, p50/p99 completion latency and Arbor's ratio to
- * each peer. BENCH_RUNTIME (seconds per run, default 10) trades time for noise.
- *
- * Then the cost of the QoS check (issue 15) on the request path: one store and
- * NBD server in this process, one volume served through exports with the check
- * (unlimited: the fast path; and limited far above what fio reaches: the bucket
- * arithmetic on every request) and without it (StoreExports { qos: false }), runs
- * alternated so drift falls on both. BENCH_QOS_ONLY=1 runs only this part.
+ * npm run bench:nbd — Arbor's data path beside its peers, every figure of issue 16
+ * as a ratio taken in the same run (these machines are shared and noisy):
+ *   - 4 KiB random reads (QD16) on a fresh clone of a filled golden volume (4 GiB,
+ *     64 KiB extents, the default) against `nbdkit file` on the raw golden image;
+ *   - first writes on a fresh clone: one 4 KiB write at a random page of every
+ *     extent, extents in order (fio's strided zones), so every write is a
+ *     copy-on-write of a shared extent, against a fresh qcow2 overlay on the raw
+ *     image (qemu-nbd; each write allocates a cluster and copies it from the backing
+ *     file) and `nbdkit file` on a raw copy (no copy at all);
+ *   - 4 KiB random writes once the clone is written, 1 MiB sequential reads and
+ *     writes (QD4), against `nbdkit file`;
+ *   - 4 KiB random reads through the 100th generation of clones of clones (each
+ *     generation written a little, then snapshotted and cloned) against the first;
+ *   - 100 volumes attached, each with one idle connection and 64 KiB written: the
+ *     server's resident memory;
+ *   - 16 volumes doing 4 KiB random reads (and writes) at once: their aggregate
+ *     IOPS against one volume doing the same alone;
+ * then prints every target with met or MISSED. Then the cost of the QoS check
+ * (issue 15) on the request path: one store and NBD server in this process, one
+ * volume served through exports with the check (unlimited: the fast path; and
+ * limited far above what fio reaches) and without it, runs alternated so drift falls
+ * on both. BENCH_RUNTIME (seconds per fio run, default 10), BENCH_GOLDEN_GIB (4);
+ * BENCH_QOS_ONLY=1 runs only the QoS part.
  */
 import { ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { csiClient } from '../csi/client';
 import { silentLog } from '../lib/logger';
+import { NbdClient } from '../node-plugin/nbd/client';
 import { NbdServer } from '../node-plugin/nbd/server';
 import { StoreExports } from '../node-plugin/store-exports';
 import { openDataDir } from '../store/embedded';
-import { FioResult, Workload, fioJobArgs, fioNbd, fioResult, fmt, printTable, settleDisk, runBenchmark, stopServer, workloads } from './support';
+import {
+  FioResult,
+  TargetResult,
+  Workload,
+  checkTarget,
+  fioJobArgs,
+  fioMany,
+  fioNbd,
+  fioResult,
+  fmt,
+  printTable,
+  printTargets,
+  settleDisk,
+  runBenchmark,
+  stopServer,
+  workloads,
+} from './support';
 
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
 const runtime = Number(process.env.BENCH_RUNTIME ?? 10);
-const goldenBytes = 4 * 1024 * 1024 * 1024;
+const goldenBytes = Number(process.env.BENCH_GOLDEN_GIB ?? 4) * GiB;
+const generations = 100;
+const attachedVolumes = 100;
+const concurrentVolumes = 16;
 const cli = path.join(__dirname, '../cli/main.js');
 
 function sh(command: string, args: string[]): string {
@@ -50,6 +83,96 @@ async function qemuNbd(dir: string, format: string, file: string): Promise<{ uri
       fs.rmSync(socket, { force: true });
     },
   };
+}
+
+/** `nbdkit file` on `file` (read-only when asked), on a unix socket in `dir`. */
+async function nbdkit(dir: string, file: string, readOnly: boolean): Promise<{ uri: string; stop: () => Promise<void> }> {
+  const socket = path.join(dir, `nbdkit-${path.basename(file)}.sock`);
+  const child: ChildProcess = spawn('nbdkit', ['--foreground', '--exit-with-parent', ...(readOnly ? ['-r'] : []), '--unix', socket, 'file', file], {
+    stdio: 'ignore',
+  });
+  await waitForSocket(socket);
+  return {
+    uri: `nbd+unix:///?socket=${socket}`,
+    stop: async () => {
+      if (child.exitCode !== null) return;
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+    },
+  };
+}
+
+type Csi = ReturnType<typeof csiClient>;
+
+/** The id of the only volume there is (the golden one, before any clone). */
+async function onlyVolumeId(csi: Csi): Promise<string> {
+  const { entries } = (await csi.controller.ListVolumes({})) as { entries: Array<{ volume: { volume_id: string } }> };
+  if (entries.length !== 1) throw new Error(`expected the golden volume alone, found ${entries.length} volumes`);
+  return entries[0].volume.volume_id;
+}
+
+async function createSnapshot(csi: Csi, volumeId: string, name: string): Promise<string> {
+  const response = (await csi.controller.CreateSnapshot({ source_volume_id: volumeId, name })) as { snapshot: { snapshot_id: string } };
+  return response.snapshot.snapshot_id;
+}
+
+/** A Block volume cloned from a snapshot through CSI (what a CDI golden-image clone becomes); its id. */
+async function cloneSnapshot(csi: Csi, snapshotId: string, name: string): Promise<string> {
+  const response = (await csi.controller.CreateVolume({
+    name,
+    volume_capabilities: [{ access_mode: { mode: 'SINGLE_NODE_WRITER' }, block: {} }],
+    volume_content_source: { snapshot: { snapshot_id: snapshotId } },
+  })) as { volume: { volume_id: string } };
+  return response.volume.volume_id;
+}
+
+/** Writes 64 KiB of random data at a random extent through NBD, and flushes. */
+async function writeALittle(nbdSocket: string, volume: string, client?: NbdClient): Promise<void> {
+  const own = client ?? (await NbdClient.connect({ socketPath: nbdSocket, exportName: volume }));
+  const extents = Math.floor(own.sizeBytes / (64 * 1024));
+  await own.write(crypto.randomInt(0, extents) * 64 * 1024, crypto.randomBytes(64 * 1024));
+  await own.flush();
+  if (!client) await own.disconnect();
+}
+
+/** Generation 1 is a clone of the golden snapshot; generation g+1 a clone of a snapshot of generation g, written a little first. */
+async function cloneGenerations(csi: Csi, goldSnapshot: string, nbdSocket: string, count: number): Promise<{ first: string; last: string }> {
+  let snapshot = goldSnapshot;
+  let volume = '';
+  for (let g = 1; g <= count; g++) {
+    volume = `generation-${g}`;
+    const id = await cloneSnapshot(csi, snapshot, volume);
+    if (g === count) break;
+    await writeALittle(nbdSocket, volume);
+    snapshot = await createSnapshot(csi, id, `generation-${g}-snap`);
+  }
+  return { first: 'generation-1', last: volume };
+}
+
+/** `count` fresh clones, each with one NBD connection kept open (idle) after 64 KiB were written through it. */
+async function attachIdleVolumes(csi: Csi, goldSnapshot: string, nbdSocket: string, count: number): Promise<{ close: () => Promise<void> }> {
+  const clients: NbdClient[] = [];
+  for (let i = 0; i < count; i++) {
+    const volume = `attached-${i}`;
+    await cloneSnapshot(csi, goldSnapshot, volume);
+    const client = await NbdClient.connect({ socketPath: nbdSocket, exportName: volume });
+    clients.push(client);
+    await writeALittle(nbdSocket, volume, client);
+  }
+  return { close: async () => void (await Promise.all(clients.map((c) => c.disconnect()))) };
+}
+
+/** Bytes a process has passed to write(2) and its kin so far (/proc/PID/io wchar). */
+function bytesWritten(pid: number): number {
+  return Number(/^wchar:\s+(\d+)$/m.exec(fs.readFileSync(`/proc/${pid}/io`, 'utf8'))![1]);
+}
+
+/** Resident memory of a process now, and its peak, in bytes (from /proc). */
+function residentMemory(pid: number): { rss: number; peak: number } {
+  const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)![1]) * 1024;
+  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
 }
 
 /** fio against a server in this process: it must not block the event loop (fioNbd does). */
@@ -145,19 +268,29 @@ async function main(): Promise<void> {
     }
     return;
   }
+  const cleanups: Array<() => Promise<void>> = [];
   let server: ChildProcess | undefined;
   try {
     const dataDir = path.join(dir, 'data');
     const nbdSocket = path.join(dir, 'arbor.sock');
+    const csiSocket = path.join(dir, 'csi.sock');
     const arbor = (...args: string[]) => sh(process.execPath, [cli, '--data-dir', dataDir, ...args]);
-    server = spawn(process.execPath, [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', nbdSocket], {
-      stdio: 'ignore',
-      env: { ...process.env, ARBOR_LOG_LEVEL: 'warn' },
-    });
+    server = spawn(
+      process.execPath,
+      [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', nbdSocket, '--csi-endpoint', `unix://${csiSocket}`, '--node-id', 'bench'],
+      {
+        stdio: 'ignore',
+        env: { ...process.env, ARBOR_LOG_LEVEL: 'warn' },
+      },
+    );
+    const serverPid = server.pid!;
     await waitForSocket(nbdSocket);
-    await waitForSocket(path.join(dataDir, 'arbor.sock'));
+    await waitForSocket(csiSocket);
+    const csi = csiClient(csiSocket);
+    cleanups.push(async () => csi.close());
+    const uri = (volume: string) => `nbd+unix:///${volume}?socket=${nbdSocket}`;
 
-    process.stderr.write('filling a 4 GiB golden raw image and the golden volume...\n');
+    process.stderr.write(`filling a ${goldenBytes / GiB} GiB golden raw image and the golden volume...\n`);
     const golden = path.join(dir, 'golden.raw');
     sh('fio', [
       '--name=fill',
@@ -169,60 +302,130 @@ async function main(): Promise<void> {
       '--refill_buffers',
       '--output-format=terse',
     ]);
-    for (const [name, extent] of [
-      ['golden', '64KiB'],
-      ['golden4k', '4KiB'],
-    ]) {
-      arbor('volume', 'create', name, '--size', String(goldenBytes), '--extent-size', extent);
-      sh('qemu-img', ['convert', '-n', '-W', '-m', '8', '-f', 'raw', '-O', 'raw', golden, `nbd+unix:///${name}?socket=${nbdSocket}`]);
-      arbor('snapshot', 'create', `${name}@${name}-gold`);
-    }
+    arbor('volume', 'create', 'golden', '--size', String(goldenBytes));
+    sh('qemu-img', ['convert', '-n', '-W', '-m', '8', '-f', 'raw', '-O', 'raw', golden, uri('golden')]);
+    arbor('snapshot', 'create', 'golden@gold');
+    const goldenVolumeId = await onlyVolumeId(csi);
+    const goldSnapshot = await createSnapshot(csi, goldenVolumeId, 'gold-csi');
+    let clones = 0;
+    const freshClone = async () => {
+      const name = `clone-${clones++}`;
+      await cloneSnapshot(csi, goldSnapshot, name);
+      return name;
+    };
+    // The peers' files: the golden image read-only for reads, a raw copy for writes.
+    const copy = path.join(dir, 'copy.raw');
+    sh('cp', ['--sparse=never', golden, copy]);
+    const nbdkitRead = await nbdkit(dir, golden, true);
+    const nbdkitWrite = await nbdkit(dir, copy, false);
+    cleanups.push(nbdkitRead.stop, nbdkitWrite.stop);
 
     const rows: string[][] = [];
-    const ratios: string[][] = [];
-    for (const [i, w] of workloads.entries()) {
-      process.stderr.write(`${w.name}...\n`);
-      // Fresh targets for every workload: writes must not find the work already done.
-      arbor('volume', 'clone', 'golden@golden-gold', `clone${i}`);
-      arbor('volume', 'clone', 'golden4k@golden4k-gold', `small${i}`);
-      const overlay = path.join(dir, `overlay${i}.qcow2`);
-      sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', golden, '-F', 'raw', overlay]);
+    const run = (what: string, who: string, target: string, w: Workload, extra: string[] = [], timeBased = true): FioResult => {
       settleDisk();
-      const a = fioNbd(`nbd+unix:///clone${i}?socket=${nbdSocket}`, w, goldenBytes, runtime);
+      process.stderr.write(`${what}: ${who}...\n`);
+      const res = fioNbd(target, w, goldenBytes, runtime, extra, timeBased);
+      rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1)]);
+      return res;
+    };
+    const targets: TargetResult[] = [];
+
+    const randRead = workloads[0];
+    const randWrite = workloads[1];
+    const seqRead = workloads[2];
+    const seqWrite = workloads[3];
+
+    const readClone = await freshClone();
+    const reads = run('4 KiB random read QD16', 'arbor, fresh clone', uri(readClone), randRead);
+    const readsPeer = run('4 KiB random read QD16', 'nbdkit file, raw golden', nbdkitRead.uri, randRead);
+    targets.push(checkTarget('4 KiB random read QD16 / nbdkit file', reads.iops / readsPeer.iops, { atLeast: 1.2 }));
+
+    // One write into every extent (and every qcow2 cluster): each is a first write.
+    const firstWrite: Workload = { ...randWrite, name: '4 KiB first writes QD16' };
+    const strided = ['--zonemode=strided', '--zonesize=4k', `--zonerange=${64 * 1024}`, `--io_size=${goldenBytes / 16}`];
+    const writeClone = await freshClone();
+    const writtenBefore = bytesWritten(serverPid);
+    const first = run('4 KiB first writes QD16', 'arbor, fresh clone', uri(writeClone), firstWrite, strided, false);
+    const firstWriteBytes = (bytesWritten(serverPid) - writtenBefore) / (goldenBytes / (64 * 1024));
+    const overlay = path.join(dir, 'overlay.qcow2');
+    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', golden, '-F', 'raw', overlay]);
+    const qcow = await qemuNbd(dir, 'qcow2', overlay);
+    const firstQcow = run('4 KiB first writes QD16', 'qemu-nbd, fresh qcow2 overlay', qcow.uri, firstWrite, strided, false);
+    await qcow.stop();
+    const firstPeer = run('4 KiB first writes QD16', 'nbdkit file, raw copy', nbdkitWrite.uri, firstWrite, strided, false);
+    targets.push(checkTarget('4 KiB first writes QD16 / qemu-nbd qcow2 overlay', first.iops / firstQcow.iops, { atLeast: 2.0 }));
+    targets.push(checkTarget('4 KiB first writes QD16 / nbdkit file', first.iops / firstPeer.iops, { atLeast: 1.0 }));
+
+    const written = run('4 KiB random write QD16', 'arbor, clone written once', uri(writeClone), randWrite);
+    const writtenPeer = run('4 KiB random write QD16', 'nbdkit file, raw copy', nbdkitWrite.uri, randWrite);
+    targets.push(checkTarget('4 KiB random write QD16, written clone / nbdkit file', written.iops / writtenPeer.iops, { atLeast: 1.0 }));
+
+    const seqReads = run('1 MiB sequential read QD4', 'arbor, fresh clone', uri(readClone), seqRead);
+    const seqReadsPeer = run('1 MiB sequential read QD4', 'nbdkit file, raw golden', nbdkitRead.uri, seqRead);
+    targets.push(checkTarget('1 MiB sequential read QD4 / nbdkit file', seqReads.mibs / seqReadsPeer.mibs, { atLeast: 0.9 }));
+    const seqClone = await freshClone();
+    const seqWrites = run('1 MiB sequential write QD4', 'arbor, fresh clone', uri(seqClone), seqWrite);
+    const seqWritesPeer = run('1 MiB sequential write QD4', 'nbdkit file, raw copy', nbdkitWrite.uri, seqWrite);
+    targets.push(checkTarget('1 MiB sequential write QD4 / nbdkit file', seqWrites.mibs / seqWritesPeer.mibs, { atLeast: 0.9 }));
+
+    process.stderr.write(`building ${generations} generations of clones of clones...\n`);
+    const lineage = await cloneGenerations(csi, goldSnapshot, nbdSocket, generations);
+    const genFirst = run('4 KiB random read QD16', 'arbor, clone generation 1', uri(lineage.first), randRead);
+    const genLast = run('4 KiB random read QD16', `arbor, clone generation ${generations}`, uri(lineage.last), randRead);
+    targets.push(checkTarget(`4 KiB random read, clone generation ${generations} / generation 1`, genLast.iops / genFirst.iops, { atLeast: 0.95 }));
+
+    const concurrent: string[] = [];
+    for (let i = 0; i < concurrentVolumes; i++) concurrent.push(await freshClone());
+    for (const [w, label] of [
+      [randRead, 'read'],
+      [randWrite, 'write'],
+    ] as const) {
+      const alone = run(`4 KiB random ${label} QD16`, 'arbor, one volume alone', uri(concurrent[0]), w);
       settleDisk();
-      const a4 = fioNbd(`nbd+unix:///small${i}?socket=${nbdSocket}`, w, goldenBytes, runtime);
-      settleDisk();
-      const raw = await qemuNbd(dir, 'raw', golden);
-      const r = fioNbd(raw.uri, w, goldenBytes, runtime);
-      await raw.stop();
-      settleDisk();
-      const qcow = await qemuNbd(dir, 'qcow2', overlay);
-      const q = fioNbd(qcow.uri, w, goldenBytes, runtime);
-      await qcow.stop();
-      for (const [who, res] of [
-        ['arbor clone, 64 KiB extents', a],
-        ['arbor clone, 4 KiB extents', a4],
-        ['qemu-nbd raw', r],
-        ['qemu-nbd qcow2 overlay', q],
-      ] as const) {
-        rows.push([w.name, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1)]);
-      }
-      ratios.push([w.name, fmt(a.iops / q.iops), fmt(a.iops / r.iops), fmt(a4.iops / q.iops), fmt(a4.iops / r.iops)]);
+      process.stderr.write(`4 KiB random ${label}: ${concurrentVolumes} volumes at once...\n`);
+      const together = fioMany(
+        concurrent.map((v) => uri(v)),
+        w,
+        goldenBytes,
+        runtime,
+      );
+      rows.push([
+        `4 KiB random ${label} QD16 each`,
+        `arbor, ${concurrentVolumes} volumes at once (sum)`,
+        fmt(together.iops, 0),
+        fmt(together.mibs, 1),
+        fmt(together.p50us, 1),
+        fmt(together.p99us, 1),
+      ]);
+      targets.push(
+        checkTarget(`4 KiB random ${label}, ${concurrentVolumes} volumes at once / one alone (aggregate IOPS)`, together.iops / alone.iops, { atLeast: 0.9 }),
+      );
     }
+
+    process.stderr.write(`attaching ${attachedVolumes} volumes, each with an idle connection...\n`);
+    const idle = await attachIdleVolumes(csi, goldSnapshot, nbdSocket, attachedVolumes);
+    cleanups.push(idle.close);
+    const memory = residentMemory(serverPid);
+    targets.push(checkTarget(`${attachedVolumes} volumes attached, one idle connection each: server RSS`, memory.rss / MiB, { below: 300 }, ' MB', 0));
+
     printTable(
-      `fio --ioengine=nbd, ${runtime} s per run after 2 s ramp, ${os.cpus().length} cores`,
+      `fio --ioengine=nbd, ${runtime} s per timed run after 2 s ramp (first writes: one pass), ${goldenBytes / GiB} GiB golden, ${os.cpus().length} cores`,
       ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'],
       rows,
     );
-    printTable(
-      'arbor / peer (throughput; targets: >= 1.0 vs the qcow2 overlay, >= 0.8 vs raw for 4 KiB random)',
-      ['workload', '64K ext / qcow2', '64K ext / raw', '4K ext / qcow2', '4K ext / raw'],
-      ratios,
+    console.log(
+      `\nbytes the server handed to write(2) per 4 KiB first write: ${fmt(firstWriteBytes / 1024, 1)} KiB (the copy-on-write of a 64 KiB extent, plus the reply; /proc/PID/io wchar)`,
     );
+    console.log(
+      `server memory with ${attachedVolumes} volumes attached: RSS ${fmt(memory.rss / MiB, 0)} MB, peak ${fmt(memory.peak / MiB, 0)} MB over the whole run`,
+    );
+    printTargets('issue 16 targets (ratios taken in this run)', targets);
+    for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
     await stopServer(server);
     server = undefined;
     await qosCost(dir);
   } finally {
+    for (const cleanup of cleanups.reverse()) await cleanup().catch(() => undefined);
     await stopServer(server);
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -98,9 +98,12 @@ export interface FioResult {
   p99us: number;
 }
 
-/** One fio run over NBD (its nbd engine) against `uri`, time-based after a 2 s ramp. */
-export function fioNbd(uri: string, w: Workload, sizeBytes: number, runtimeSeconds: number): FioResult {
-  const out = execFileSync('fio', ['--ioengine=nbd', `--uri=${uri}`, ...fioJobArgs(w, sizeBytes, runtimeSeconds)], {
+/**
+ * One fio run over NBD (its nbd engine) against `uri`: time-based after a 2 s ramp,
+ * or (`timeBased` false) one pass of what `extra` asks for.
+ */
+export function fioNbd(uri: string, w: Workload, sizeBytes: number, runtimeSeconds: number, extra: string[] = [], timeBased = true): FioResult {
+  const out = execFileSync('fio', ['--ioengine=nbd', `--uri=${uri}`, ...fioJobArgs(w, sizeBytes, runtimeSeconds, timeBased), ...extra], {
     encoding: 'utf8',
     maxBuffer: 64 * 1024 * 1024,
   });
@@ -108,9 +111,26 @@ export function fioNbd(uri: string, w: Workload, sizeBytes: number, runtimeSecon
 }
 
 /** The job every fio run here shares, whatever it runs against: the workload, time-based after a 2 s ramp, JSON out. */
-export function fioJobArgs(w: Workload, sizeBytes: number, runtimeSeconds: number): string[] {
+export function fioJobArgs(w: Workload, sizeBytes: number, runtimeSeconds: number, timeBased = true): string[] {
   return [
     '--name=bench',
+    `--rw=${w.rw}`,
+    `--bs=${w.bs}`,
+    `--iodepth=${w.iodepth}`,
+    `--size=${sizeBytes}`,
+    ...(timeBased ? [`--runtime=${runtimeSeconds}`, '--ramp_time=2', '--time_based'] : []),
+    '--randrepeat=0',
+    '--output-format=json',
+  ];
+}
+
+/**
+ * One fio run with one job per URI, all at once (time-based after a 2 s ramp): the
+ * jobs' summed throughput, and the completion latency over all of them.
+ */
+export function fioMany(uris: string[], w: Workload, sizeBytes: number, runtimeSeconds: number): FioResult {
+  const global = [
+    '--ioengine=nbd',
     `--rw=${w.rw}`,
     `--bs=${w.bs}`,
     `--iodepth=${w.iodepth}`,
@@ -119,8 +139,12 @@ export function fioJobArgs(w: Workload, sizeBytes: number, runtimeSeconds: numbe
     '--ramp_time=2',
     '--time_based',
     '--randrepeat=0',
+    '--group_reporting',
     '--output-format=json',
   ];
+  const jobs = uris.flatMap((uri, i) => [`--name=volume${i}`, `--uri=${uri}`]);
+  const out = execFileSync('fio', [...global, ...jobs], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+  return fioResult(out, w);
 }
 
 /** Throughput and completion latency of the workload's direction, from fio's JSON (which may follow other output). */
@@ -129,4 +153,27 @@ export function fioResult(out: string, w: Workload): FioResult {
   const side = w.rw.includes('read') ? job.read : job.write;
   const pct = side.clat_ns.percentile as Record<string, number>;
   return { iops: side.iops, mibs: side.bw_bytes / 1024 / 1024, p50us: pct['50.000000'] / 1000, p99us: pct['99.000000'] / 1000 };
+}
+
+/** One of an issue's targets: what was measured, the bound, and whether it holds. */
+export interface TargetResult {
+  target: string;
+  measured: string;
+  bound: string;
+  met: boolean;
+}
+
+/** `value` against a lower (`atLeast`) or upper (`below`) bound, printed with `digits`. */
+export function checkTarget(target: string, value: number, bound: { atLeast?: number; below?: number }, unit = 'x', digits = 2): TargetResult {
+  const met = bound.atLeast !== undefined ? value >= bound.atLeast : value < bound.below!;
+  const boundText = bound.atLeast !== undefined ? `>= ${bound.atLeast}${unit}` : `< ${bound.below}${unit}`;
+  return { target, measured: `${fmt(value, digits)}${unit}`, bound: boundText, met };
+}
+
+export function printTargets(title: string, results: TargetResult[]): void {
+  printTable(
+    title,
+    ['target', 'measured', 'bound', ''],
+    results.map((r) => [r.target, r.measured, r.bound, r.met ? 'met' : 'MISSED']),
+  );
 }

@@ -6,9 +6,9 @@ import { UnaryHandlers } from '../csi/server';
 import { StoreApi } from '../store/api';
 import { isArborError } from '../store/errors';
 import { maxVolumeSizeBytes, minExtentSizeBytes } from '../store/limits';
-import { VolumeRecord } from '../store/records';
+import { SnapshotRecord, VolumeRecord } from '../store/records';
 import { snapshotMessage, volumeContext, volumeMessage } from './messages';
-import { page } from './paging';
+import { page, pageFromStore } from './paging';
 import { Capability, parseCapability } from '../csi/capabilities';
 import { parseMutableParameters, parseParameters, sizeFor, wireCount } from './parameters';
 import * as grpc from '@grpc/grpc-js';
@@ -201,7 +201,10 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
     },
 
     async ListVolumes(request) {
-      const { entries, nextToken } = page(await store.listVolumes(), request.max_entries, request.starting_token, 'volume');
+      const { entries, nextToken } = await pageFromStore(request.max_entries, request.starting_token, 'volume', {
+        exists: async (id) => (await store.findVolume({ id })) !== undefined,
+        page: (options) => store.volumesPage(options),
+      });
       return {
         entries: await Promise.all(entries.map(async (volume) => ({ volume: volumeMessage(volume, topology), status: await status(volume) }))),
         next_token: nextToken,
@@ -270,10 +273,20 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
     },
 
     async ListSnapshots(request) {
-      let snapshots = await store.listSnapshots();
-      if (request.snapshot_id) snapshots = snapshots.filter((s) => s.id === request.snapshot_id);
-      if (request.source_volume_id) snapshots = snapshots.filter((s) => s.volumeId === request.source_volume_id);
-      const { entries, nextToken } = page(snapshots, request.max_entries, request.starting_token, 'snapshot');
+      const volumeId = request.source_volume_id || undefined;
+      const ofVolume = (s: SnapshotRecord | undefined): s is SnapshotRecord => s !== undefined && (volumeId === undefined || s.volumeId === volumeId);
+      let listed: { entries: SnapshotRecord[]; nextToken: string };
+      if (request.snapshot_id) {
+        // One snapshot at most: paged like any list (its id as a token names the end).
+        const snapshot = await store.findSnapshot({ id: request.snapshot_id });
+        listed = page(ofVolume(snapshot) ? [snapshot] : [], request.max_entries, request.starting_token, 'snapshot');
+      } else {
+        listed = await pageFromStore(request.max_entries, request.starting_token, 'snapshot', {
+          exists: async (id) => ofVolume(await store.findSnapshot({ id })),
+          page: (options) => store.snapshotsPage({ ...options, volumeId }),
+        });
+      }
+      const { entries, nextToken } = listed;
       return { entries: entries.map((s) => ({ snapshot: snapshotMessage(s) })), next_token: nextToken };
     },
 

@@ -131,13 +131,25 @@ class VolumeExport implements NbdExport {
     return this.reader.readInto(offset, target, targetOffset, length);
   }
 
-  write(offset: number, data: Buffer, fua: boolean): Promise<void> {
-    const wait = this.admit(data.length);
-    if (wait) return wait.then(() => this.writeNow(offset, data, fua));
-    return this.writeNow(offset, data, fua);
+  /** Only where nothing stands in the way: no QoS limit, and the volume served here. */
+  readIntoNow(offset: number, target: Buffer, targetOffset: number, length: number): boolean {
+    if (this.throttle?.limited || this.gate.movedTo) return false;
+    return this.volume.readIntoNow(offset, target, targetOffset, length);
   }
 
-  private writeNow(offset: number, data: Buffer, fua: boolean): Promise<void> {
+  /** Only with no QoS limit and the gate open: a write done at once is complete before any hold can begin. */
+  writeNow(offset: number, data: Buffer): boolean {
+    if (this.throttle?.limited || !this.gate.open) return false;
+    return this.volume.writeNow(offset, data);
+  }
+
+  write(offset: number, data: Buffer, fua: boolean): Promise<void> {
+    const wait = this.admit(data.length);
+    if (wait) return wait.then(() => this.writeAdmitted(offset, data, fua));
+    return this.writeAdmitted(offset, data, fua);
+  }
+
+  private writeAdmitted(offset: number, data: Buffer, fua: boolean): Promise<void> {
     return this.gate.change(
       () => this.volume.write(offset, data, { fua }),
       (moved) => moved.write(offset, data, fua),

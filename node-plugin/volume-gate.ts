@@ -23,6 +23,11 @@ export class VolumeGate {
     return this.target;
   }
 
+  /** Changes go to the local volume at once: neither held nor moved. */
+  get open(): boolean {
+    return !this.target && !this.held;
+  }
+
   /** Runs a change on the local volume, or (held) once released, or (moved) on the new home. */
   change(local: () => Promise<void>, moved: (target: NbdExport) => Promise<void>): Promise<void> {
     if (this.target) return moved(this.target);

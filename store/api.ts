@@ -8,6 +8,7 @@ import { Store } from './store';
 export type StoreMethod =
   | 'createVolume'
   | 'listVolumes'
+  | 'volumesPage'
   | 'getVolume'
   | 'findVolume'
   | 'volumeUsage'
@@ -18,6 +19,7 @@ export type StoreMethod =
   | 'deleteVolume'
   | 'createSnapshot'
   | 'listSnapshots'
+  | 'snapshotsPage'
   | 'getSnapshot'
   | 'findSnapshot'
   | 'deleteSnapshot'

@@ -10,11 +10,15 @@ import { Store } from './store';
  * The embedded store: a SQLite catalog and blob files in one data directory,
  * opened by one process at a time.
  */
-export async function openDataDir(dataDir: string, log: Log = silentLog, options: { rewritableBlobs?: boolean } = {}): Promise<Store> {
+export async function openDataDir(
+  dataDir: string,
+  log: Log = silentLog,
+  options: { rewritableBlobs?: boolean; unsyncedCatalog?: boolean } = {},
+): Promise<Store> {
   const dir = path.resolve(dataDir);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const pidFile = path.join(dir, 'arbor.pid');
-  const catalog = SqliteCatalog.open(path.join(dir, 'catalog.sqlite'), () => describeHolder(pidFile));
+  const catalog = SqliteCatalog.open(path.join(dir, 'catalog.sqlite'), () => describeHolder(pidFile), { unsynced: options.unsyncedCatalog });
   // We hold the lock now: whatever pid file is there is stale.
   fs.writeFileSync(pidFile, `${process.pid}\n`);
   // Blobs at or above the allocator's committed marks were never handed out.

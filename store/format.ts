@@ -3,14 +3,16 @@
  * migrated. Format 1 had one name key per snapshot, store-wide; format 2 adds one
  * among its volume's (keys.volumeSnapshotName) for every snapshot. Format 1 names
  * were unique in the store, so no two snapshots of a volume share one and the new
- * keys never collide; each old snapshot keeps its store-wide key too.
+ * keys never collide; each old snapshot keeps its store-wide key too. Format 3 adds
+ * a key per snapshot among its volume's by id (keys.volumeSnapshot), so the
+ * snapshots of one volume list a page at a time (store/listing.ts).
  */
 import { Log } from '../lib/logger';
-import { Catalog, absent, del, put, unchanged } from './catalog/catalog';
+import { Catalog, KvEntry, absent, del, put, unchanged } from './catalog/catalog';
 import { hiddenNamePrefix } from './names';
 import { ArborError } from './errors';
 import { maxMigrationOpsPerTxn } from './limits';
-import { decodeFormat, decodeSnapshot, decodeVolume, formatVersion, keys } from './records';
+import { SnapshotRecord, decodeFormat, decodeSnapshot, decodeVolume, formatVersion, keys } from './records';
 
 export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
   for (;;) {
@@ -21,21 +23,46 @@ export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
     }
     const version = decodeFormat(format);
     if (version === formatVersion) return;
-    if (version !== 1) throw new ArborError('failed-precondition', `the store has format ${format.value}; this arbor reads format ${formatVersion}`);
-    // Idempotent puts in batches: a migration that stops halfway is done again whole by the next open.
-    const snapshots = (await catalog.list(keys.snapshots)).map(decodeSnapshot);
-    for (let i = 0; i < snapshots.length; i += maxMigrationOpsPerTxn) {
-      const batch = snapshots.slice(i, i + maxMigrationOpsPerTxn);
-      await catalog.txn(
-        [],
-        batch.map((s) => put(keys.volumeSnapshotName(s.volumeId, s.name), s.id)),
-      );
+    if (version < 1 || version > formatVersion) {
+      throw new ArborError('failed-precondition', `the store has format ${format.value}; this arbor reads format ${formatVersion}`);
     }
-    await hideLegacyStagingVolumes(catalog, log);
-    // Only one opener switches the format; another that raced it finds format 2 on its next turn.
+    // Idempotent puts in batches: a migration that stops halfway is done again whole by the next open.
+    const snapshots = await catalog.list(keys.snapshots);
+    if (version < 2) {
+      await putIndexKeys(catalog, snapshots, (s) => keys.volumeSnapshotName(s.volumeId, s.name));
+      await hideLegacyStagingVolumes(catalog, log);
+    }
+    await putIndexKeys(catalog, snapshots, (s) => keys.volumeSnapshot(s.volumeId, s.id));
+    // Only one opener switches the format; another that raced it finds it switched on its next turn.
     if ((await catalog.txn([unchanged(format)], [put(keys.format, formatVersion)])).succeeded) {
-      log.info('store migrated', { from: 1, to: formatVersion, snapshots: snapshots.length });
+      log.info('store migrated', { from: version, to: formatVersion, snapshots: snapshots.length });
       return;
+    }
+  }
+}
+
+/**
+ * Puts, for each snapshot, a key naming its id, in batches; each batch holds only
+ * while its snapshots are unchanged, so a snapshot deleted meanwhile (by a process
+ * of this version, which deletes these keys with it) leaves no key behind.
+ */
+async function putIndexKeys(catalog: Catalog, snapshots: KvEntry[], key: (s: SnapshotRecord) => string): Promise<void> {
+  const perTxn = Math.floor(maxMigrationOpsPerTxn / 2);
+  for (let i = 0; i < snapshots.length; i += perTxn) {
+    let batch = snapshots.slice(i, i + perTxn);
+    while (batch.length > 0) {
+      const records = batch.map(decodeSnapshot);
+      if (
+        (
+          await catalog.txn(
+            batch.map(unchanged),
+            records.map((s) => put(key(s), s.id)),
+          )
+        ).succeeded
+      )
+        break;
+      const current = await Promise.all(batch.map((entry) => catalog.get(entry.key)));
+      batch = current.filter((entry): entry is KvEntry => entry !== undefined);
     }
   }
 }

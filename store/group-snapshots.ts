@@ -14,7 +14,19 @@ import { Ref, byName, groupEntry, notFound, snapshotEntry } from './lookups';
 import { VolumeHandle } from './open-volumes';
 import { OwnerRequests } from './owner-requests';
 import { OwnedElsewhere } from './ownership';
-import { GroupSnapshotRecord, SnapshotRecord, VolumeRecord, decodeGroup, decodeSnapshot, keys, newGroupId, newSnapshotId, validateName } from './records';
+import {
+  GroupSnapshotRecord,
+  SnapshotRecord,
+  VolumeRecord,
+  decodeGroup,
+  decodeSnapshot,
+  keys,
+  newGroupId,
+  newSnapshotId,
+  snapshotDeletes,
+  snapshotPuts,
+  validateName,
+} from './records';
 
 export interface GroupSnapshotsOptions {
   ctx: StoreContext;
@@ -69,7 +81,7 @@ export class GroupSnapshots {
         if (!snapshot) continue;
         compares.push(unchanged(snapshot));
         const record = decodeSnapshot(snapshot);
-        ops.push(del(keys.snapshot(snapshotId)), del(keys.snapshotName(record.name)), del(keys.volumeSnapshotName(record.volumeId, record.name)));
+        ops.push(...snapshotDeletes(record), del(keys.snapshotName(record.name)));
       }
       if ((await catalog.txn(compares, ops)).succeeded) {
         this.options.log.info('group snapshot deleted', { group: group.name, id: group.id });
@@ -177,7 +189,7 @@ export class GroupSnapshots {
       group.snapshotIds.push(snapshot.id);
       const names = [keys.snapshotName(snapshot.name), keys.volumeSnapshotName(snapshot.volumeId, snapshot.name)];
       compares.push(...member.compares, ...names.map((key) => absent(key)));
-      ops.push(put(keys.volume(member.volumeId), member.next), put(keys.snapshot(snapshot.id), snapshot), ...names.map((key) => put(key, snapshot.id)));
+      ops.push(put(keys.volume(member.volumeId), member.next), ...snapshotPuts(snapshot), put(keys.snapshotName(snapshot.name), snapshot.id));
     });
     ops.push(put(keys.group(group.id), group), put(keys.groupName(name), group.id));
     if (token) {

@@ -116,3 +116,11 @@ export const defaultQosBurstSeconds = 0.1;
 
 /** A format migration writes at most this many keys per transaction (etcd's --max-txn-ops is 128 by default). */
 export const maxMigrationOpsPerTxn = 100;
+
+/**
+ * Concurrent snapshots of one volume are made together, at most this many in one
+ * catalog transaction (one commit, one fsync): each takes four keys and two absent
+ * compares, so with the volume's record a batch stays under etcd's --max-txn-ops of
+ * 128 by default.
+ */
+export const maxSnapshotsPerTxn = 24;

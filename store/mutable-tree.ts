@@ -111,6 +111,31 @@ export class MutableTree implements NodeSource {
     return id;
   }
 
+  /**
+   * The write of `writeExtent` when it goes in place, done synchronously: the map path
+   * is in memory and owned all the way (no node to copy or load), the extent's blob is
+   * this head's and may be written again, and the blob store writes at once. Returns
+   * the blob written, or undefined, having changed nothing, when the write must take
+   * the async path.
+   */
+  writeInPlaceNow(extent: number, offsetInExtent: number, source: Buffer, sourceOffset: number, length: number): number | undefined {
+    const writeNow = this.blobs.writeNow;
+    if (!writeNow) return undefined;
+    let entry = this.root;
+    for (let level = this.depth - 1; level >= 0; level--) {
+      if (!isWritable(entry) || !hasBlob(entry)) return undefined;
+      const node = this.cached(blobOf(entry));
+      if (!node) return undefined;
+      entry = getEntry(node, slotAt(extent, level));
+    }
+    if (!isWritable(entry) || !hasBlob(entry)) return undefined;
+    const id = blobOf(entry);
+    if (!this.blobs.rewritable && !this.unsyncedData.has(id)) return undefined;
+    writeNow.call(this.blobs, id, offsetInExtent, source, sourceOffset, length);
+    this.unsyncedData.add(id);
+    return id;
+  }
+
   /** Copy-on-write of a shared extent: the old bytes with the new ones laid over, keeping zero pages sparse. */
   private async copyExtentWith(fromId: number, toId: number, at: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
     const size = this.extentSizeBytes;

@@ -38,6 +38,8 @@ export class Ownership {
   private lease: Lease;
   private regranting?: Promise<void>;
   private readonly lostListeners: Array<(reason: string) => void> = [];
+  /** Leases this process held and lost: keys still on one of them (etcd has not expired it yet) are its own, held by nothing. */
+  private readonly lostLeases = new Set<string>();
   private closed = false;
 
   private constructor(
@@ -77,10 +79,12 @@ export class Ownership {
       const current = await this.catalog.get(key);
       if (!current) continue; // released in between
       const owner = decodeOwner(current);
-      if (owner.lease === lease.id) {
+      if (owner.lease === lease.id || this.lostLeases.has(owner.lease)) {
         // Ours, yet no volume here holds it (the store opens a volume once): left by a
         // release that failed, or by an acquire that landed while its answer was lost
-        // (the etcd client retried it). Delete it and take the volume afresh.
+        // (the etcd client retried it); or on a lease this process lost (every volume it
+        // guarded was marked lost then) that etcd has not ended yet, as when keep-alives
+        // went unanswered here while etcd still had them. Delete it and take the volume afresh.
         this.log.warn('found an owner key of this process that no open volume holds; taking the volume afresh', { volume: volumeName });
         await this.catalog.txn([{ key, modRevision: current.modRevision }], [del(key)]);
         continue;
@@ -129,6 +133,7 @@ export class Ownership {
   private watchLease(lease: Lease): void {
     void lease.lost.then((err) => {
       if (this.closed || lease !== this.lease) return;
+      this.lostLeases.add(lease.id);
       this.log.error('the owner lease ended: every volume this node served is no longer its own', { nodeId: this.nodeId, error: err.message });
       for (const listener of this.lostListeners) listener(err.message);
       this.regranting = this.regrant().finally(() => (this.regranting = undefined));

@@ -16,7 +16,7 @@ import { ArborError } from './errors';
 import { validateExtentSize, validateVolumeSize } from './geometry';
 import { Ref, SnapshotRef, volumeEntry } from './lookups';
 import { ownerKey } from './ownership';
-import { SnapshotRecord, VolumeRecord, cloneOfSnapshot, decodeVolume, keys, newVolumeRecord, snapshotRecordOf, validateName } from './records';
+import { SnapshotRecord, VolumeRecord, cloneOfSnapshot, decodeVolume, keys, newVolumeRecord, snapshotPuts, snapshotRecordOf, validateName } from './records';
 import { Volume } from './volume';
 import { hiddenNamePrefix, isHiddenName } from './names';
 import { Log } from '../lib/logger';
@@ -140,8 +140,7 @@ export class Receives {
             ops: [
               put(keys.volume(volumeRecord.id), volumeRecord),
               ...(target ? [] : [put(keys.volumeName(plan.volume), volumeRecord.id)]),
-              put(keys.snapshot(snapshot.id), snapshot),
-              put(keys.volumeSnapshotName(volumeRecord.id, snapshot.name), snapshot.id),
+              ...snapshotPuts(snapshot),
             ],
           });
           return ok ? snapshot : undefined;

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { KvEntry } from './catalog/catalog';
+import { KvEntry, Op, del, put } from './catalog/catalog';
 import { Check, arrayOf, boolean, count, damaged, decode, invalid, mapOf, optional, shape, string } from './decode';
 import { EMPTY, Entry, asShared, entryProblem } from './entry';
 import { depthFor, extentCountFor } from './geometry';
@@ -129,6 +129,13 @@ export const keys = {
   /** Every snapshot's name among its volume's (format 2): `a@daily` and `b@daily` both exist. */
   volumeSnapshotName: (volumeId: string, name: string) => `volume-snapshot-names/${volumeId}/${name}`,
   volumeSnapshotNames: 'volume-snapshot-names/',
+  /**
+   * Every snapshot among its volume's by id (format 3): the snapshots of one volume in
+   * id order are one prefix of keys, so listing them pages by key like every listing.
+   */
+  volumeSnapshot: (volumeId: string, snapshotId: string) => `volume-snapshots/${volumeId}/${snapshotId}`,
+  volumeSnapshots: (volumeId: string) => `volume-snapshots/${volumeId}/`,
+  volumeSnapshotIndex: 'volume-snapshots/',
   volumes: 'volumes/',
   snapshots: 'snapshots/',
   group: (id: string) => `groups/${id}`,
@@ -141,10 +148,10 @@ export const keys = {
 
 /**
  * The on-disk format this code reads and writes. 2: every snapshot also has a name
- * key among its volume's (keys.volumeSnapshotName); a format 1 store is migrated at
- * open (store/format.ts).
+ * key among its volume's (keys.volumeSnapshotName). 3: and an id key among its
+ * volume's (keys.volumeSnapshot). An older store is migrated at open (store/format.ts).
  */
-export const formatVersion = 2;
+export const formatVersion = 3;
 
 export function newVolumeId(): string {
   return `vol-${randomBytes(8).toString('hex')}`;
@@ -159,6 +166,24 @@ export function newSnapshotId(): string {
 }
 
 export { validateName } from './names';
+
+/**
+ * The keys every snapshot has, whoever made it: its record, its name and its id
+ * among its volume's. Written and deleted together, in the transaction that makes
+ * or forgets the snapshot (the store-wide name key is the caller's: not every
+ * snapshot has one).
+ */
+export function snapshotPuts(record: SnapshotRecord): Op[] {
+  return [
+    put(keys.snapshot(record.id), record),
+    put(keys.volumeSnapshotName(record.volumeId, record.name), record.id),
+    put(keys.volumeSnapshot(record.volumeId, record.id), record.id),
+  ];
+}
+
+export function snapshotDeletes(record: SnapshotRecord): Op[] {
+  return [del(keys.snapshot(record.id)), del(keys.volumeSnapshotName(record.volumeId, record.name)), del(keys.volumeSnapshot(record.volumeId, record.id))];
+}
 
 // ---- building records ----
 

@@ -1,3 +1,4 @@
+import assert from 'node:assert/strict';
 import os from 'node:os';
 import { settleBy } from '../lib/bounded';
 import { Log, silentLog } from '../lib/logger';
@@ -11,7 +12,7 @@ import { ArborError, isArborError } from './errors';
 import { GcReport } from './gc';
 import { validateExtentSize, validateVolumeSize } from './geometry';
 import { GroupSnapshots } from './group-snapshots';
-import { closeCatalogWithinMs, closeStepGraceMs, commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs } from './limits';
+import { closeCatalogWithinMs, closeStepGraceMs, commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs, maxSnapshotsPerTxn } from './limits';
 import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry, volumeIdOf } from './lookups';
 import { openFormat } from './format';
 import { NodeCache } from './node-cache';
@@ -34,9 +35,13 @@ import {
   cloneRecordOf,
   describeStep,
   newVolumeRecord,
+  snapshotDeletes,
+  snapshotPuts,
   snapshotRecordOf,
   validateName,
 } from './records';
+import { Batches, Waiting } from './batches';
+import { Page, PageOptions, recordsPage, snapshotsOfVolumePage } from './listing';
 import { ReceivePlan, ReceiveStaging, Receives, isHiddenVolume } from './receive';
 import { QosFollower, QosLimits, decodeQos, isUnlimited, qosKey, validateQos } from './qos';
 import { SnapshotReader } from './snapshot-reader';
@@ -45,6 +50,7 @@ import { NodeSource, countExtents } from './tree';
 import { Volume } from './volume';
 
 export type { Ref, SnapshotRef } from './lookups';
+export type { Page, PageOptions } from './listing';
 
 /** Where a snapshot's name is unique: among its volume's (the CLI, as rbd and zfs), or also across the store (CSI, as the spec asks). */
 export type SnapshotScope = 'volume' | 'store';
@@ -85,6 +91,12 @@ export class Store {
   private readonly qos: QosFollower;
   /** Requests to and from other processes that own volumes (where volumes have owners). */
   private readonly requests?: OwnerRequests;
+  /** Concurrent snapshots of one volume, made together (snapshotBatch). */
+  private readonly snapshotBatches = new Batches<WantedSnapshot, SnapshotRecord>(
+    maxSnapshotsPerTxn,
+    (wanted) => wanted.name,
+    (volumeId, batch) => this.snapshotBatch(volumeId, batch),
+  );
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
   /** Set once the store is closing, where the catalog is shared: by then every wait on the catalog has ended. */
@@ -416,6 +428,11 @@ export class Store {
     return (await this.allVolumes()).filter((v) => !isHiddenVolume(v));
   }
 
+  /** A page of the volumes users made, in id order: what a page reads does not grow with the store (listing.ts). */
+  async volumesPage(options: PageOptions = {}): Promise<Page<VolumeRecord>> {
+    return recordsPage(this.ctx.catalog, keys.volumes, decodeVolume, (v) => !isHiddenVolume(v), options);
+  }
+
   private async allVolumes(): Promise<VolumeRecord[]> {
     return (await this.ctx.catalog.list(keys.volumes)).map(decodeVolume).sort(byName);
   }
@@ -498,39 +515,98 @@ export class Store {
    */
   async createSnapshot(volumeRef: Ref, name: string, scope: SnapshotScope = 'store'): Promise<SnapshotRecord> {
     validateName(name, 'snapshot');
-    // Everything the decision needs, read at once: the volume's record, the snapshots
-    // already of this name, and who owns the volume. One round trip for the usual
-    // case (CSI names the volume by id, the name is free); every read is only a hint
-    // but the record, which the detached transaction compares, and the names, which
-    // every snapshot transaction compares absent.
+    if (scope !== 'store' && scope !== 'volume') throw new ArborError('invalid-argument', `scope must be 'store' or 'volume', got ${JSON.stringify(scope)}`);
+    // By id, the batch finds whether the volume exists (snapshotBatch): one read fewer per snapshot.
     const volumeId = await volumeIdOf(this.ctx.catalog, volumeRef);
     if (volumeId === undefined) throw notFound('volume', volumeRef);
-    const [entry, ownerEntry, ...nameEntries] = await this.ctx.catalog.getMany([
-      keys.volume(volumeId),
-      ownerKey(volumeId),
-      ...nameKeysOf(volumeId, name, scope),
-    ]);
-    if (!entry) throw notFound('volume', volumeRef);
-    const source = decodeVolume(entry);
-    const existing = settleExisting(source, name, await this.snapshotsNamedBy(scope, nameEntries));
-    if (existing) return existing;
-    const owner = ownerEntry && decodeOwner(ownerEntry);
-    if (!owner) {
-      // A detached volume: one transaction. Otherwise through the volume's owner.
-      const record = snapshotRecordOf(source, name);
-      const names = snapshotNameKeys(record, scope);
-      if (await this.shareDetached(entry, names.absent, [put(keys.snapshot(record.id), record), ...names.ops])) {
-        this.log.info('snapshot created', { volume: record.volumeName, snapshot: name, id: record.id, scope });
-        return record;
+    return this.snapshotBatches.add(volumeId, { name, scope });
+  }
+
+  /**
+   * Makes a batch of snapshots of one volume (concurrent creates, distinct names) in
+   * one transaction: one commit and one fsync for all. They share one instant, after
+   * every write each caller's create followed, so each is still a consistent
+   * point-in-time snapshot; each caller gets its own record, or its own error (a
+   * name taken, answered by the record a retry asks for, or refused).
+   */
+  private async snapshotBatch(volumeId: string, batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>): Promise<void> {
+    let todo = batch;
+    for (;;) {
+      // The record and who owns the volume, in one round trip.
+      const [entry, ownerEntry] = await this.ctx.catalog.getMany([keys.volume(volumeId), ownerKey(volumeId)]);
+      if (!entry) {
+        for (const waiting of todo) waiting.reject(notFound('volume', { id: volumeId }));
+        return;
       }
+      todo = await this.unanswered(decodeVolume(entry), todo);
+      if (todo.length === 0) return;
+      const owner = ownerEntry && decodeOwner(ownerEntry);
+      // An owner key that is not this process's own is another live process's (it goes with its lease): ask it directly.
+      let elsewhere = owner && this.ownership && owner.lease !== (await this.ownership.currentLease()).id ? owner : undefined;
+      if (!elsewhere) {
+        if (!owner) {
+          // A detached volume: one transaction. Otherwise on the volume, opened here.
+          const detached = snapshotBatchOps(decodeVolume(entry), todo);
+          if (await this.shareDetached(entry, detached.absent, detached.ops)) return this.answerBatch(todo, detached.records);
+        }
+        let created: SnapshotRecord[] | undefined;
+        try {
+          // One transaction commits what was written before the call and the snapshots of it.
+          created = await this.withVolume({ id: volumeId }, (volume) =>
+            volume.commitShared((source) => {
+              const made = snapshotBatchOps(source, todo);
+              return { value: made.records, absent: made.absent, ops: made.ops };
+            }),
+          );
+        } catch (err) {
+          if (!(err instanceof OwnedElsewhere) || !this.requests) throw err;
+          elsewhere = err.owner;
+        }
+        if (created) return this.answerBatch(todo, created);
+        // A name was taken meanwhile, or the record moved: look again.
+        if (!elsewhere) continue;
+      }
+      // Another process owns the volume: ask it, one by one (it batches them on its side).
+      const knownOwner = elsewhere;
+      await Promise.all(todo.map((waiting) => this.snapshotOnOwner(volumeId, waiting.request, knownOwner).then(waiting.resolve, waiting.reject)));
+      return;
     }
-    // An owner key that is not this process's own is another live process's (it goes with its lease): ask it directly.
-    const elsewhere = owner && owner.lease !== (await this.ownership!.currentLease()).id ? owner : undefined;
+  }
+
+  /** Answers the requests whose name is already used (the snapshot a retry asks for, or already-exists); returns the others. */
+  private async unanswered(
+    volume: VolumeRecord,
+    batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>,
+  ): Promise<Array<Waiting<WantedSnapshot, SnapshotRecord>>> {
+    const answered = await Promise.all(
+      batch.map(async (waiting) => {
+        try {
+          const existing = await this.existingSnapshot(volume, waiting.request.name, waiting.request.scope);
+          if (existing) waiting.resolve(existing);
+          return existing !== undefined;
+        } catch (err) {
+          waiting.reject(err);
+          return true;
+        }
+      }),
+    );
+    return batch.filter((_, i) => !answered[i]);
+  }
+
+  private answerBatch(batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>, records: SnapshotRecord[]): void {
+    batch.forEach((waiting, i) => {
+      this.log.info('snapshot created', { volume: records[i].volumeName, snapshot: records[i].name, id: records[i].id, scope: waiting.request.scope });
+      waiting.resolve(records[i]);
+    });
+  }
+
+  /** One snapshot through the volume's owner (or here, should it have let go meanwhile). */
+  private snapshotOnOwner(volumeId: string, { name, scope }: WantedSnapshot, knownOwner?: OwnerRecord): Promise<SnapshotRecord> {
     return this.onOwner(
       { id: volumeId },
       (volume) => this.snapshotOpenVolume(volume, name, scope),
       (id) => ({ op: 'createSnapshot', volumeId: id, name, scope }),
-      elsewhere,
+      knownOwner,
     );
   }
 
@@ -561,9 +637,8 @@ export class Store {
       }
       // One transaction commits what was written before the call and the snapshot of it.
       const created = await volume.commitShared((source) => {
-        const record = snapshotRecordOf(source, name);
-        const names = snapshotNameKeys(record, scope);
-        return { value: record, absent: names.absent, ops: [put(keys.snapshot(record.id), record), ...names.ops] };
+        const made = snapshotBatchOps(source, [{ request: { name, scope } }]);
+        return { value: made.records[0], absent: made.absent, ops: made.ops };
       });
       if (created) {
         this.log.info('snapshot created', { volume: volume.name, snapshot: name, id: created.id });
@@ -586,11 +661,7 @@ export class Store {
       const ownsStoreWide = storeWide !== undefined && decodeId(storeWide) === record.id;
       const result = await this.ctx.catalog.txn(
         [unchanged(entry), storeWide ? unchanged(storeWide) : absent(keys.snapshotName(record.name))],
-        [
-          del(keys.snapshot(record.id)),
-          del(keys.volumeSnapshotName(record.volumeId, record.name)),
-          ...(ownsStoreWide ? [del(keys.snapshotName(record.name))] : []),
-        ],
+        [...snapshotDeletes(record), ...(ownsStoreWide ? [del(keys.snapshotName(record.name))] : [])],
       );
       if (result.succeeded) {
         this.log.info('snapshot deleted', { snapshot: record.name, id: record.id });
@@ -610,12 +681,26 @@ export class Store {
     return entry && decodeSnapshot(entry);
   }
 
-  /** Every snapshot, or those taken of one volume. */
+  /** Every snapshot, or those taken of one volume (by id: of that volume; by name: of every volume that had the name), by name. */
   async listSnapshots(volumeRef?: Ref): Promise<SnapshotRecord[]> {
+    if (volumeRef && 'id' in volumeRef) return (await snapshotsOfVolumePage(this.ctx.catalog, volumeRef.id, {})).items.sort(byName);
     const all = (await this.ctx.catalog.list(keys.snapshots)).map(decodeSnapshot);
     if (!volumeRef) return all.sort(byName);
-    const matches = 'id' in volumeRef ? (s: SnapshotRecord) => s.volumeId === volumeRef.id : (s: SnapshotRecord) => s.volumeName === volumeRef.name;
-    return all.filter(matches).sort(byName);
+    return all.filter((s) => s.volumeName === volumeRef.name).sort(byName);
+  }
+
+  /**
+   * A page of snapshots in id order (all, or those of the volume `volumeId`, which
+   * may be gone): what a page reads does not grow with the store (listing.ts).
+   */
+  async snapshotsPage(options: PageOptions & { volumeId?: string } = {}): Promise<Page<SnapshotRecord>> {
+    const { volumeId, ...page } = options;
+    if (volumeId !== undefined) {
+      if (typeof volumeId !== 'string' || volumeId === '')
+        throw new ArborError('invalid-argument', `volumeId must be a non-empty id, got ${JSON.stringify(volumeId)}`);
+      return snapshotsOfVolumePage(this.ctx.catalog, volumeId, page);
+    }
+    return recordsPage(this.ctx.catalog, keys.snapshots, decodeSnapshot, () => true, page);
   }
 
   async openSnapshot(ref: SnapshotRef): Promise<SnapshotReader> {
@@ -846,8 +931,31 @@ function settleExisting(volume: { id: string; name: string }, name: string, { sc
   return mine ?? storeWide;
 }
 
-/** The name keys a new snapshot takes: among its volume's always, store-wide for scope 'store'. */
-function snapshotNameKeys(record: SnapshotRecord, scope: SnapshotScope): { absent: string[]; ops: Op[] } {
-  const names = nameKeysOf(record.volumeId, record.name, scope);
-  return { absent: names, ops: names.map((key) => put(key, record.id)) };
+/** What a snapshot of one volume asks for. */
+interface WantedSnapshot {
+  name: string;
+  scope: SnapshotScope;
+}
+
+/**
+ * The records of snapshots of `source` as it is now, and the transaction's part
+ * that makes them: their keys (snapshotPuts), the store-wide name for scope
+ * 'store', each name key compared absent.
+ */
+function snapshotBatchOps(source: VolumeRecord, batch: Array<{ request: WantedSnapshot }>): { records: SnapshotRecord[]; absent: string[]; ops: Op[] } {
+  const records: SnapshotRecord[] = [];
+  const absentKeys: string[] = [];
+  const ops: Op[] = [];
+  for (const { request } of batch) {
+    const record = snapshotRecordOf(source, request.name);
+    records.push(record);
+    absentKeys.push(keys.volumeSnapshotName(record.volumeId, record.name));
+    ops.push(...snapshotPuts(record));
+    if (request.scope === 'store') {
+      absentKeys.push(keys.snapshotName(record.name));
+      ops.push(put(keys.snapshotName(record.name), record.id));
+    }
+  }
+  assert(new Set(absentKeys).size === absentKeys.length, 'a batch of snapshots holds each name once');
+  return { records, absent: absentKeys, ops };
 }

@@ -86,6 +86,21 @@ export async function lookupExtent(source: NodeSource, root: Entry, depth: numbe
   return entry;
 }
 
+/** The leaf entry of one extent when every node on its path is in memory; undefined when one must be loaded. */
+export function lookupExtentNow(source: NodeSource, root: Entry, depth: number, extent: number): Entry | undefined {
+  let entry = root;
+  for (let level = depth - 1; level >= 0; level--) {
+    if (!hasBlob(entry)) return EMPTY;
+    const id = blobOf(entry);
+    const node = source.cached(id);
+    if (!node) return undefined;
+    const slot = slotAt(extent, level);
+    entry = getEntry(node, slot);
+    if (level > 0 && isZero(entry)) throw zeroAboveLeaves(id, slot, level);
+  }
+  return entry;
+}
+
 /** ZERO (allocated zeros) is a leaf's word for one extent: above the leaves no code of ours writes it. */
 function zeroAboveLeaves(id: number, slot: number, level: number): ArborError {
   return new ArborError(

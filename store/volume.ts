@@ -2,13 +2,15 @@ import { storeCommits } from '../lib/metrics';
 import { Compare, KvEntry, Op, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { ArborError, assert } from './errors';
-import { EMPTY, Entry, asShared, hasBlob, zeroEntry } from './entry';
+import { EMPTY, Entry, asShared, blobOf, hasBlob, zeroEntry } from './entry';
 import { maxDirtyNodesPerVolume } from './limits';
 import { MutableTree } from './mutable-tree';
 import { decodeOwner } from './ownership';
 import { VolumeRecord, decodeVolume, keys } from './records';
 import { RwLock } from './rw-lock';
-import { RangeStatus, lookupExtent, readTree, treeStatus } from './tree';
+import { RangeStatus, lookupExtent, lookupExtentNow, readTree, treeStatus } from './tree';
+
+const resolved = Promise.resolve();
 
 export interface WriteOptions {
   /** Force unit access: durable before the call returns. */
@@ -151,14 +153,79 @@ export class Volume {
     return target;
   }
 
-  async readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
+  readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
+    try {
+      if (this.readIntoNow(offset, target, targetOffset, length)) return resolved;
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.readIntoLocked(offset, target, targetOffset, length);
+  }
+
+  /**
+   * A read within one extent whose map path is in memory, from a blob store that can
+   * read at once: done here, synchronously, holding the shared lock for no longer than
+   * the call (nothing else runs meanwhile). False (nothing done) when it must take the
+   * async path; throws where `readInto` would reject.
+   */
+  readIntoNow(offset: number, target: Buffer, targetOffset: number, length: number): boolean {
+    const blobs = this.ctx.blobs;
+    if (!blobs.readNow || length === 0) return false;
+    const extentSize = this.extentSizeBytes;
+    const extent = Math.floor(offset / extentSize);
+    if (Math.floor((offset + length - 1) / extentSize) !== extent) return false;
+    if (!this.lock.tryShared()) return false;
+    try {
+      this.checkRange(offset, length, 'read');
+      const entry = lookupExtentNow(this.tree, this.tree.root, this.tree.depth, extent);
+      if (entry === undefined) return false;
+      if (!hasBlob(entry)) {
+        target.fill(0, targetOffset, targetOffset + length);
+        return true;
+      }
+      return blobs.readNow(blobOf(entry), offset - extent * extentSize, target, targetOffset, length);
+    } finally {
+      this.lock.releaseShared();
+    }
+  }
+
+  private async readIntoLocked(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
     await this.shared(async () => {
       this.checkRange(offset, length, 'read');
       await readTree(this.tree, this.ctx.blobs, this.tree.shape, offset, target, targetOffset, length);
     });
   }
 
-  async write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
+  write(offset: number, data: Buffer, options: WriteOptions = {}): Promise<void> {
+    try {
+      if (!options.fua && this.writeNow(offset, data)) return resolved;
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.writeLocked(offset, data, options);
+  }
+
+  /**
+   * A write within one extent this head owns, whose map path is in memory: done in
+   * place, synchronously, under the exclusive lock for no longer than the call. False
+   * (nothing changed) when it must take the async path; throws where `write` would reject.
+   */
+  writeNow(offset: number, data: Buffer): boolean {
+    const extentSize = this.extentSizeBytes;
+    const extent = Math.floor(offset / extentSize);
+    if (data.length === 0 || Math.floor((offset + data.length - 1) / extentSize) !== extent) return false;
+    if (!this.lock.tryExclusive()) return false;
+    try {
+      this.checkRange(offset, data.length, 'write');
+      if (this.tree.writeInPlaceNow(extent, offset - extent * extentSize, data, 0, data.length) === undefined) return false;
+      this.noteChange();
+      return true;
+    } finally {
+      this.lock.releaseExclusive();
+    }
+  }
+
+  private async writeLocked(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
     await this.exclusive(async () => {
       this.checkRange(offset, data.length, 'write');
       const touched: number[] = [];

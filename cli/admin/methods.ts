@@ -52,6 +52,11 @@ const qosLimits: Check = (v) =>
   isObject(v) &&
   Object.keys(v).every((key) => key === 'maxIops' || key === 'maxBandwidthBytes' || key === 'burstSeconds') &&
   Object.values(v).every((n) => n === undefined || num(n));
+/** { after?, limit? } and, for snapshots, { volumeId? }: the store checks their values and names the field. */
+const pageOptions =
+  (...extra: string[]): Check =>
+  (v) =>
+    isObject(v) && Object.keys(v).every((key) => key === 'after' || key === 'limit' || extra.includes(key));
 const refs: Check = (v) => Array.isArray(v) && v.every(ref);
 
 function isObject(v: unknown): v is object {
@@ -61,6 +66,7 @@ function isObject(v: unknown): v is object {
 export const adminMethods = {
   createVolume: [str, sizeOptions],
   listVolumes: [],
+  volumesPage: [optional(pageOptions())],
   getVolume: [ref],
   findVolume: [ref],
   volumeUsage: [ref],
@@ -71,6 +77,7 @@ export const adminMethods = {
   deleteVolume: [ref],
   createSnapshot: [ref, str, optional(snapshotScope)],
   listSnapshots: [optional(ref)],
+  snapshotsPage: [optional(pageOptions('volumeId'))],
   getSnapshot: [snapshotRef],
   findSnapshot: [snapshotRef],
   deleteSnapshot: [snapshotRef],

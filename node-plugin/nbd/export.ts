@@ -12,7 +12,15 @@ export interface NbdExport {
   /** The I/O size that avoids read-modify-write (the volume's extent size). */
   readonly preferredBlockBytes: number;
   readInto(offset: number, target: Buffer, targetOffset: number, length: number): Promise<void>;
+  /**
+   * The read done at once, on this thread, where the export can: true when it read,
+   * false when nothing was done and `readInto` must be used; throws where `readInto`
+   * would reject. Optional: a 4 KiB request then costs no promise and no event-loop turn.
+   */
+  readIntoNow?(offset: number, target: Buffer, targetOffset: number, length: number): boolean;
   write(offset: number, data: Buffer, fua: boolean): Promise<void>;
+  /** A write without FUA done at once, as `readIntoNow`: false when nothing was done and `write` must be used. */
+  writeNow?(offset: number, data: Buffer): boolean;
   flush(): Promise<void>;
   trim(offset: number, length: number): Promise<void>;
   /** `fast`: refuse (code 'unsupported') rather than write zeros byte by byte. */

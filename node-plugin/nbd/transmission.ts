@@ -259,8 +259,12 @@ export class Transmission {
       this.reply(request, error, message);
       return;
     }
-    if (type === CMD.READ) this.charge(length);
-    else this.charge(0);
+    if (type === CMD.READ) {
+      this.charge(length);
+      if (this.readNow(request)) return;
+    } else {
+      this.charge(0);
+    }
     void this.run(request);
   }
 
@@ -283,7 +287,67 @@ export class Transmission {
       this.settle();
       return;
     }
+    if (this.writeNow(request)) return;
     void this.run(request);
+  }
+
+  /**
+   * A READ answered in one piece from an export that can read at once: the reply is
+   * queued before this returns, with no promise on the way. False (nothing done) for
+   * the async path: an export that cannot, or a structured read large enough to be
+   * split around holes.
+   */
+  private readNow(request: Request): boolean {
+    if (!this.exp.readIntoNow) return false;
+    const { offset, length, cookie } = request;
+    const structured = this.format.structured;
+    if (structured && (request.flags & CMD_FLAG.DF) === 0 && length > this.exp.preferredBlockBytes) return false;
+    const headerBytes = structured ? this.format.chunkHeaderBytes + 8 : SIMPLE_REPLY_BYTES;
+    const out = pool.take(headerBytes + length);
+    try {
+      if (!this.exp.readIntoNow(offset, out, headerBytes, length)) {
+        pool.give(out);
+        return false;
+      }
+    } catch (err) {
+      pool.give(out);
+      this.failed(request, err);
+      this.uncharge(length);
+      this.settle();
+      return true;
+    }
+    if (structured) {
+      const at = this.format.writeChunkHeader(out, 0, REPLY_FLAG_DONE, REPLY_TYPE.OFFSET_DATA, cookie, offset, 8 + length);
+      writeU64(out, at, offset);
+    } else {
+      this.format.writeSimple(out, 0, 0, cookie);
+    }
+    // The bytes stay charged until the reply has left.
+    this.sink.send(out.subarray(0, headerBytes + length), () => {
+      pool.give(out);
+      this.uncharge(length);
+      this.settle();
+    });
+    nbdCounters.read.done.inc();
+    nbdReadBytes.inc(length);
+    return true;
+  }
+
+  /** A WRITE without FUA done at once where the export can (see readNow); false for the async path. */
+  private writeNow(request: Request): boolean {
+    if (!this.exp.writeNow || (request.flags & CMD_FLAG.FUA) !== 0) return false;
+    const { length, payload } = request;
+    try {
+      if (!this.exp.writeNow(request.offset, payload!.subarray(0, length))) return false;
+      this.reply(request, 0, '');
+      nbdCounters.write.done.inc();
+      nbdWrittenBytes.inc(length);
+    } catch (err) {
+      this.failed(request, err);
+    }
+    this.uncharge(length, payload);
+    this.settle();
+    return true;
   }
 
   /** The error a request gets before it runs (0: none). */
@@ -351,10 +415,7 @@ export class Transmission {
       counters.done.inc();
       if (type === CMD.WRITE) nbdWrittenBytes.inc(length);
     } catch (err) {
-      counters.failed.inc();
-      const [error, message] = errnoFor(err, type);
-      if (error === NBD_EIO) this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
-      this.reply(request, error, message);
+      this.failed(request, err);
     } finally {
       if (type !== CMD.READ || !request.replyHoldsCharge) this.uncharge(type === CMD.READ || type === CMD.WRITE ? length : 0, request.payload);
       this.settle();
@@ -469,6 +530,15 @@ export class Transmission {
       at += descriptorBytes;
     }
     this.sink.send(out);
+  }
+
+  /** A request that failed: counted, logged when the store failed (EIO), answered with its error. */
+  private failed(request: Request, err: unknown): void {
+    const { type, offset, length } = request;
+    nbdCounters[commandNames[type] ?? 'read'].failed.inc();
+    const [error, message] = errnoFor(err, type);
+    if (error === NBD_EIO) this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
+    this.reply(request, error, message);
   }
 
   private reply(request: Request, error: number, message: string): void {

@@ -84,6 +84,11 @@ export class FileBlobStore implements BlobStore {
   }
 
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
+    this.readNow(id, offset, target, targetOffset, length);
+  }
+
+  /** Positioned reads on this thread: while the file is in the page cache, cheaper than any hand-off to a thread pool. */
+  readNow(id: number, offset: number, target: Buffer, targetOffset: number, length: number): true {
     const segment = this.segments.get(segmentKey(id));
     if (!segment || !segment.present.has(slotOf(id))) {
       throw new ArborError('internal', `blob ${id} is missing from ${this.root}: the store is damaged`);
@@ -97,9 +102,14 @@ export class FileBlobStore implements BlobStore {
       done += n;
     }
     if (done < length) target.fill(0, targetOffset + done, targetOffset + length);
+    return true;
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
+    this.writeNow(id, offset, source, sourceOffset, length);
+  }
+
+  writeNow(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void {
     if (this.sealed && (this.sealed.has(id) || serialOf(id) < (this.sealedBelow[classOf(id)] ?? 0))) {
       throw new ArborError('internal', `blob ${id} was synced and is immutable; the engine must write a new blob`);
     }

@@ -114,6 +114,12 @@ export class S3BlobStore implements BlobStore {
     return this.cache.stats();
   }
 
+  readNow(id: number, offset: number, target: Buffer, targetOffset: number, length: number): boolean {
+    this.checkOpen();
+    checkRange(id, offset, length, 'read');
+    return this.cache.read(id, offset, target, targetOffset, length);
+  }
+
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
     this.checkOpen();
     checkRange(id, offset, length, 'read');
@@ -126,6 +132,11 @@ export class S3BlobStore implements BlobStore {
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
+    this.writeNow(id, offset, source, sourceOffset, length);
+  }
+
+  /** Writes go to the local staged copy (uploaded at sync): always at once. */
+  writeNow(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void {
     this.checkOpen();
     checkRange(id, offset, length, 'write');
     const state = this.cache.state(id);

@@ -21,7 +21,9 @@ export class SqliteCatalog implements Catalog {
   private readonly watchers = new Set<{ prefix: string; listener: (events: WatchEvent[]) => void }>();
   private readonly stmt: {
     get: Database.Statement<[string], { key: string; value: string; mod_revision: number }>;
-    list: Database.Statement<[string, string, string, number], { key: string; value: string; mod_revision: number }>;
+    list: Database.Statement<[string, string, number], Row>;
+    listAfter: Database.Statement<[string, string, number], Row>;
+    listBoth: Database.Statement<[string, string, string, number], Row>;
     put: Database.Statement<[string, string, number, string | null]>;
     del: Database.Statement<[string]>;
     leased: Database.Statement<[string], { key: string }>;
@@ -34,7 +36,14 @@ export class SqliteCatalog implements Catalog {
   private constructor(private readonly db: Database.Database) {
     this.stmt = {
       get: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key = ?'),
-      list: db.prepare('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? AND key > ? ORDER BY key LIMIT ?'),
+      // One lower bound each: given both `key >= prefix` and `key > after`, SQLite seeks by
+      // one and filters by the other, which made a page deep in a prefix scan from its start.
+      // Listings read rows as arrays (raw): no object per row to build and throw away.
+      list: db.prepare<[string, string, number], Row>('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?').raw(true),
+      listAfter: db.prepare<[string, string, number], Row>('SELECT key, value, mod_revision FROM kv WHERE key > ? AND key < ? ORDER BY key LIMIT ?').raw(true),
+      listBoth: db
+        .prepare<[string, string, string, number], Row>('SELECT key, value, mod_revision FROM kv WHERE key >= ? AND key < ? AND key > ? ORDER BY key LIMIT ?')
+        .raw(true),
       put: db.prepare(
         'INSERT INTO kv (key, value, mod_revision, lease) VALUES (?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value, mod_revision = excluded.mod_revision, lease = excluded.lease',
       ),
@@ -46,14 +55,18 @@ export class SqliteCatalog implements Catalog {
     this.revision = this.stmt.revision.get()!.revision;
   }
 
-  /** `lockHint` names what holds the lock when it is taken (for the error message). */
-  static open(path: string, lockHint: () => string): SqliteCatalog {
+  /**
+   * `lockHint` names what holds the lock when it is taken (for the error message).
+   * `unsynced` skips the fsync of each commit: only for building throwaway catalogs
+   * in benchmarks, where a crash may lose the last commits.
+   */
+  static open(path: string, lockHint: () => string, options: { unsynced?: boolean } = {}): SqliteCatalog {
     let db: Database.Database | undefined;
     try {
       db = new Database(path, { timeout: 0 });
       db.pragma('locking_mode = EXCLUSIVE');
       db.pragma('journal_mode = WAL');
-      db.pragma('synchronous = FULL');
+      db.pragma(options.unsynced ? 'synchronous = OFF' : 'synchronous = FULL');
       // A write transaction takes the exclusive lock, and exclusive mode keeps it.
       db.exec('BEGIN EXCLUSIVE; COMMIT;');
       db.exec(`
@@ -63,6 +76,8 @@ export class SqliteCatalog implements Catalog {
       `);
       const columns = db.prepare('PRAGMA table_info(kv)').all() as Array<{ name: string }>;
       if (!columns.some((c) => c.name === 'lease')) db.exec('ALTER TABLE kv ADD COLUMN lease TEXT');
+      // Few keys have a lease: without this index, ending the leases at open scanned every key (0.3 s at 100,000).
+      db.exec('CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease IS NOT NULL');
       // Leases end with the process that held them.
       db.exec(`
         BEGIN IMMEDIATE;
@@ -94,8 +109,15 @@ export class SqliteCatalog implements Catalog {
 
   async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
     this.checkOpen();
-    const rows = this.stmt.list.all(prefix, prefixEnd(prefix), options.after ?? '', options.limit ?? -1);
-    return rows.map((row) => ({ key: row.key, value: row.value, modRevision: row.mod_revision }));
+    const limit = options.limit ?? -1;
+    const end = prefixEnd(prefix);
+    const rows =
+      options.after === undefined
+        ? this.stmt.list.all(prefix, end, limit)
+        : options.after.startsWith(prefix)
+          ? this.stmt.listAfter.all(options.after, end, limit)
+          : this.stmt.listBoth.all(prefix, end, options.after, limit);
+    return rows.map(([key, value, modRevision]) => ({ key, value, modRevision }));
   }
 
   async txn(compares: Compare[], ops: Op[]): Promise<TxnResult> {
@@ -175,6 +197,9 @@ export class SqliteCatalog implements Catalog {
     if (this.closed) throw new ArborError('unavailable', 'the catalog is closed');
   }
 }
+
+/** A listed row, raw: key, value, mod_revision. */
+type Row = [string, string, number];
 
 /** The smallest string greater than every string that starts with `prefix`. */
 export function prefixEnd(prefix: string): string {

@@ -335,6 +335,50 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       assert.equal(xfs.confirmed, null, 'an ext4 volume is not confirmed for xfs');
     });
 
+    it("ListSnapshots pages while snapshots come and go: each that stayed listed once, in id order, only the source volume's; a deleted token is ABORTED", async () => {
+      const { volume: a } = await create('paged-a');
+      const { volume: b } = await create('paged-b');
+      const snap = async (volumeId: string, name: string) =>
+        ((await csi.controller.CreateSnapshot({ source_volume_id: volumeId, name })).snapshot as { snapshot_id: string }).snapshot_id;
+      const ofA = await Promise.all(Array.from({ length: 12 }, (_, i) => snap(a.volume_id, `paged-a-${i}`)));
+      const ofB = await Promise.all(Array.from({ length: 4 }, (_, i) => snap(b.volume_id, `paged-b-${i}`)));
+      const deleted = new Set<string>();
+      const added: string[] = [];
+      const seen: string[] = [];
+      let token = '';
+      let turn = 0;
+      do {
+        const pageOf = await csi.controller.ListSnapshots({ source_volume_id: a.volume_id, max_entries: 3, starting_token: token });
+        const entries = pageOf.entries as Array<{ snapshot: { snapshot_id: string; source_volume_id: string } }>;
+        for (const e of entries) assert.equal(e.snapshot.source_volume_id, a.volume_id, "only the source volume's snapshots");
+        seen.push(...entries.map((e) => e.snapshot.snapshot_id));
+        token = pageOf.next_token as string;
+        // Between pages: one of a's snapshots not yet listed goes, one comes, and b gets one.
+        const ahead = ofA.filter((id) => !seen.includes(id) && !deleted.has(id));
+        if (ahead.length > 1) {
+          await csi.controller.DeleteSnapshot({ snapshot_id: ahead[ahead.length - 1] });
+          deleted.add(ahead[ahead.length - 1]);
+        }
+        added.push(await snap(a.volume_id, `paged-a-new-${turn}`));
+        await snap(b.volume_id, `paged-b-new-${turn++}`);
+      } while (token);
+      assert.equal(new Set(seen).size, seen.length, 'nothing listed twice');
+      assert.deepEqual(seen, [...seen].sort(), 'in id order');
+      for (const id of ofA) if (!deleted.has(id)) assert.ok(seen.includes(id), `${id} existed throughout and was listed`);
+      for (const id of seen) assert.ok(ofA.includes(id) || added.includes(id), `${id} is a's`);
+      for (const id of ofB) assert.ok(!seen.includes(id));
+      // A token whose snapshot was deleted is stale.
+      const first = await csi.controller.ListSnapshots({ source_volume_id: a.volume_id, max_entries: 1 });
+      await csi.controller.DeleteSnapshot({ snapshot_id: first.next_token as string });
+      await expectCode(
+        csi.controller.ListSnapshots({ source_volume_id: a.volume_id, max_entries: 1, starting_token: first.next_token }),
+        status.ABORTED,
+        'a deleted token',
+      );
+      // A token of another volume's snapshot is not a token of this listing.
+      await expectCode(csi.controller.ListSnapshots({ source_volume_id: a.volume_id, starting_token: ofB[0] }), status.ABORTED, "b's snapshot as a's token");
+    });
+
     it('ListVolumes pages through every volume; a stale token is ABORTED', async () => {
       const all: string[] = [];
       let token = '';

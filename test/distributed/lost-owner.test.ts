@@ -3,6 +3,7 @@ import path from 'node:path';
 import { Etcd3 } from 'etcd3';
 import { BlobStore } from '../../store/blobs/blobs';
 import { FileBlobStore } from '../../store/blobs/files';
+import { Catalog, Lease } from '../../store/catalog/catalog';
 import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
 import { decodeOwner, ownerKey } from '../../store/ownership';
 import { Store } from '../../store/store';
@@ -134,5 +135,46 @@ describe('an owner that loses its lease in the middle of a commit', function () 
       await onB.release();
     }
     await onA.release().catch(() => undefined);
+  });
+  it('a lease this node gave up for lost while etcd still kept it: the owner keys left on it do not keep the node from its volumes', async () => {
+    // Keep-alives unanswered here for twice the TTL while etcd still had them: this node
+    // counts the lease lost (and every volume on it), and etcd ends it only later.
+    const etcd = await EtcdCatalog.open(parseStoreUrl(`etcd://${hosts().join(',')}/lost-owner-2`));
+    const leases: Array<{ lease: Lease; loseNow: () => void }> = [];
+    const catalog = Object.create(etcd) as Catalog;
+    catalog.grantLease = async (ttlMs: number) => {
+      const real = await etcd.grantLease(ttlMs);
+      let loseNow!: () => void;
+      const lost = new Promise<Error>((resolve) => (loseNow = () => resolve(new Error('no keep-alive answered (as this test says)'))));
+      const lease = { id: real.id, lost: Promise.race([real.lost, lost]), revoke: () => real.revoke() };
+      leases.push({ lease, loseNow });
+      return lease;
+    };
+    // A catalog of its own allocates blob ids afresh: blobs of their own too.
+    const ownFiles = FileBlobStore.open(path.join(dir.dir, 'blobs-2'), { serialsBelow: [], rewritable: false });
+    const node = await Store.open(catalog, ownFiles, undefined, { nodeId: 'node-c', leaseTtlMs: 2000 });
+    stores.push(node);
+    const record = await node.createVolume('kept', { sizeBytes: 4 * extentBytes });
+    const first = await node.acquireVolume({ id: record.id });
+    await first.volume.write(0, Buffer.alloc(extentBytes, 7));
+    await first.volume.flush();
+    leases[0].loseNow();
+    const deadline = Date.now() + 10_000;
+    while (first.volume.isOpen || leases.length < 2) {
+      assert.ok(Date.now() < deadline, 'the node never took a new lease');
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    const owner = decodeOwner((await etcd.get(ownerKey(record.id)))!);
+    assert.equal(owner.lease, leases[0].lease.id, 'the owner key is still on the lease etcd keeps');
+    await assert.rejects(first.volume.write(0, Buffer.alloc(extentBytes, 8)), /lost its ownership/);
+    const again = await node.acquireVolume({ id: record.id });
+    try {
+      assert.ok((await again.volume.read(0, extentBytes)).equals(Buffer.alloc(extentBytes, 7)), 'what was flushed is there');
+      assert.equal(decodeOwner((await etcd.get(ownerKey(record.id)))!).lease, leases[1].lease.id, 'the volume is held on the new lease');
+    } finally {
+      await again.release();
+      await first.release().catch(() => undefined);
+    }
+    await leases[0].lease.revoke();
   });
 });

@@ -3,12 +3,19 @@ import { del, put } from '../../store/catalog/catalog';
 import { openDataDir } from '../../store/embedded';
 import { isArborError } from '../../store/errors';
 import { decodeFormat, keys } from '../../store/records';
+import { Store } from '../../store/store';
 import { memoryTempDir } from '../support/tmp';
 
 const MiB = 1024 * 1024;
 
-describe('store format: a format 1 store is migrated at open', () => {
-  it('a store written in format 1 (store-wide snapshot names only) opens as format 2: every snapshot found among its volume, store-wide names kept', async () => {
+/** Removes what format 3 added: every snapshot's key among its volume's by id. */
+async function deleteIndexKeys(store: Store): Promise<void> {
+  const index = (await store.ctx.catalog.list(keys.volumeSnapshotIndex)).map((e) => e.key);
+  for (let i = 0; i < index.length; i += 100) await store.ctx.catalog.txn([], index.slice(i, i + 100).map(del));
+}
+
+describe('store format: an older store is migrated at open', () => {
+  it('a store written in format 1 (store-wide snapshot names only) opens as format 3: every snapshot found among its volume, store-wide names kept', async () => {
     const dir = memoryTempDir();
     try {
       // Make a store, then turn it into what format 1 wrote: no per-volume snapshot name keys, format 1.
@@ -30,6 +37,7 @@ describe('store format: a format 1 store is migrated at open', () => {
       const snapshotNameKeys = (await store.ctx.catalog.list(keys.volumeSnapshotNames)).map((e) => e.key);
       assert.equal(snapshotNameKeys.length, 150);
       for (let i = 0; i < snapshotNameKeys.length; i += 100) await store.ctx.catalog.txn([], snapshotNameKeys.slice(i, i + 100).map(del));
+      await deleteIndexKeys(store);
       // And a staging volume a failed format 1 receive left behind, hidden by its leading '.'.
       const staging = await store.createVolume('staging', { sizeBytes: MiB, labels: { 'arbor.receive/into': 'vm 0' } });
       await store.ctx.catalog.txn(
@@ -45,7 +53,11 @@ describe('store format: a format 1 store is migrated at open', () => {
 
       store = await openDataDir(dir.dir);
       try {
-        assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), 2);
+        assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), 3);
+        for (let v = 0; v < 3; v++) {
+          const volume = await store.getVolume({ name: `vm ${v}` });
+          assert.equal((await store.snapshotsPage({ volumeId: volume.id })).items.length, 50, `vm ${v}: its snapshots listed by id`);
+        }
         assert.deepEqual(
           (await store.listVolumes()).map((v) => v.name),
           ['vm 0', 'vm 1', 'vm 2'],
@@ -71,15 +83,64 @@ describe('store format: a format 1 store is migrated at open', () => {
     }
   });
 
+  it('a store written in format 2 opens as format 3: every snapshot listed among its volume by id, in id order, a page at a time', async () => {
+    const dir = memoryTempDir();
+    try {
+      let store = await openDataDir(dir.dir);
+      const made = new Map<string, string[]>();
+      for (let v = 0; v < 3; v++) {
+        const volume = await store.createVolume(`vm ${v}`, { sizeBytes: MiB });
+        // 120 snapshots in all, some by group: the migration writes them in more than one batch.
+        made.set(volume.id, await Promise.all(Array.from({ length: 30 }, async (_, s) => (await store.createSnapshot({ id: volume.id }, `vm ${v}-s${s}`)).id)));
+      }
+      const ids = [...made.keys()];
+      const group = await store.createGroupSnapshot(
+        'together',
+        ids.map((id) => ({ id })),
+      );
+      for (const id of group.snapshotIds) made.get((await store.getSnapshot({ id })).volumeId)!.push(id);
+      for (let s = 0; s < 10; s++) made.get(ids[0])!.push((await store.createSnapshot({ id: ids[0] }, `daily-${s}`, 'volume')).id);
+      // What format 2 wrote: no index keys among the volume's.
+      await deleteIndexKeys(store);
+      await store.ctx.catalog.txn([], [put(keys.format, 2)]);
+      assert.deepEqual((await store.snapshotsPage({ volumeId: ids[0] })).items, [], 'format 2 had no index keys');
+      await store.close();
+
+      store = await openDataDir(dir.dir);
+      try {
+        assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), 3);
+        for (const [volumeId, snapshotIds] of made) {
+          const listed: string[] = [];
+          let after: string | undefined;
+          for (;;) {
+            const page = await store.snapshotsPage({ volumeId, after, limit: 7 });
+            listed.push(...page.items.map((s) => s.id));
+            if (!page.more) break;
+            after = page.items[page.items.length - 1].id;
+          }
+          assert.deepEqual(listed, [...snapshotIds].sort(), `volume ${volumeId}: every snapshot once, in id order`);
+        }
+        // Deleting migrated snapshots (one by one, and by group) leaves no index key behind.
+        await store.deleteGroupSnapshot({ id: group.id });
+        for (const snapshot of await store.listSnapshots()) await store.deleteSnapshot({ id: snapshot.id });
+        assert.deepEqual(await store.ctx.catalog.list(keys.volumeSnapshotIndex), []);
+      } finally {
+        await store.close();
+      }
+    } finally {
+      dir.cleanup();
+    }
+  });
+
   it('a store of a format this arbor does not know is refused, naming both formats', async () => {
     const dir = memoryTempDir();
     try {
       const store = await openDataDir(dir.dir);
-      await store.ctx.catalog.txn([], [put(keys.format, 3)]);
+      await store.ctx.catalog.txn([], [put(keys.format, 4)]);
       await store.close();
       await assert.rejects(
         openDataDir(dir.dir),
-        (err) => isArborError(err, 'failed-precondition') && /the store has format 3; this arbor reads format 2/.test(err.message),
+        (err) => isArborError(err, 'failed-precondition') && /the store has format 4; this arbor reads format 3/.test(err.message),
       );
     } finally {
       dir.cleanup();

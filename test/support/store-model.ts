@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { isArborError } from '../../store/errors';
 import { QosLimits, qosKey, qosPrefix } from '../../store/qos';
+import { keys } from '../../store/records';
 import { Store } from '../../store/store';
 import { Random, seedFromEnv } from './random';
 import { SparseBytes } from './sparse-model';
@@ -111,6 +112,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
             reopen: 0.4,
             verify: 1.5,
             badInput: 1,
+            list: 1,
           });
           tally[op] = (tally[op] ?? 0) + 1;
           const opStarted = Date.now();
@@ -314,6 +316,41 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               else if (volumes.size) await verify(anyVolume()!, 'volume');
               break;
             }
+            case 'list': {
+              // Paged listings (in pages of 1 to 5, in id order) hold exactly what the model holds.
+              const limit = rng.int(1, 5);
+              const pages = async <T extends { id: string }>(list: (after: string | undefined) => Promise<{ items: T[]; more: boolean }>) => {
+                const items: T[] = [];
+                for (let after: string | undefined; ;) {
+                  const page = await list(after);
+                  items.push(...page.items);
+                  if (!page.more) break;
+                  after = page.items[page.items.length - 1].id;
+                }
+                assert.deepEqual(
+                  items.map((i) => i.id),
+                  items.map((i) => i.id).sort(),
+                  'a listing is in id order',
+                );
+                return items;
+              };
+              const sorted = (names: string[]) => [...names].sort();
+              const volumesListed = await pages((after) => store.volumesPage({ after, limit }));
+              assert.deepEqual(sorted(volumesListed.map((v) => v.name)), sorted([...volumes.keys()]), `volumes in pages of ${limit}`);
+              const everySnapshot = [...[...snapshots].map(([name, s]) => `${s.volume}@${name}`), ...volumeSnapshots.keys()];
+              const snapshotsListed = await pages((after) => store.snapshotsPage({ after, limit }));
+              assert.deepEqual(sorted(snapshotsListed.map((s) => `${s.volumeName}@${s.name}`)), sorted(everySnapshot), `snapshots in pages of ${limit}`);
+              const name = anyVolume();
+              if (!name) break;
+              const volumeId = (await store.getVolume({ name })).id;
+              const ofVolume = await pages((after) => store.snapshotsPage({ volumeId, after, limit }));
+              assert.deepEqual(
+                sorted(ofVolume.map((s) => `${s.volumeName}@${s.name}`)),
+                sorted(everySnapshot.filter((key) => key.startsWith(`${name}@`))),
+                `snapshots of ${name} in pages of ${limit}`,
+              );
+              break;
+            }
             case 'badInput': {
               const name = anyVolume();
               if (!name) break;
@@ -353,6 +390,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
         await store.collectGarbage();
         assert.deepEqual(await store.ctx.blobs.list(), [], 'an empty store holds no blobs');
         assert.deepEqual(await store.ctx.catalog.list(qosPrefix), [], 'an empty store holds no QoS limits');
+        assert.deepEqual(await store.ctx.catalog.list(keys.volumeSnapshotIndex), [], 'an empty store holds no snapshot index keys');
       } catch (err) {
         (err as Error).message = `seed ${seed}, step ${step}: ${(err as Error).message}\n  replay with ARBOR_MODEL_SEED=${seed}`;
         throw err;
