@@ -269,17 +269,21 @@ async function main(): Promise<void> {
     return;
   }
   const cleanups: Array<() => Promise<void>> = [];
+  let failureLog: string | undefined;
   let server: ChildProcess | undefined;
   try {
     const dataDir = path.join(dir, 'data');
     const nbdSocket = path.join(dir, 'arbor.sock');
     const csiSocket = path.join(dir, 'csi.sock');
+    const serverLog = path.join(dir, 'serve.log');
+    failureLog = serverLog;
     const arbor = (...args: string[]) => sh(process.execPath, [cli, '--data-dir', dataDir, ...args]);
     server = spawn(
       process.execPath,
       [cli, '--data-dir', dataDir, 'serve', '--nbd-socket', nbdSocket, '--csi-endpoint', `unix://${csiSocket}`, '--node-id', 'bench'],
       {
-        stdio: 'ignore',
+        // Its warnings and errors are kept: a failed run prints them (see the catch below).
+        stdio: ['ignore', 'ignore', fs.openSync(serverLog, 'w')],
         env: { ...process.env, ARBOR_LOG_LEVEL: 'warn' },
       },
     );
@@ -424,6 +428,10 @@ async function main(): Promise<void> {
     await stopServer(server);
     server = undefined;
     await qosCost(dir);
+  } catch (err) {
+    if (failureLog && fs.existsSync(failureLog))
+      process.stderr.write(`arbor serve's log (warnings and errors):\n${fs.readFileSync(failureLog, 'utf8').slice(-20000)}\n`);
+    throw err;
   } finally {
     for (const cleanup of cleanups.reverse()) await cleanup().catch(() => undefined);
     await stopServer(server);
