@@ -1,23 +1,20 @@
 import assert from 'node:assert/strict';
 import path from 'node:path';
 import { Etcd3 } from 'etcd3';
-import { BlobStore } from '../../store/blobs/blobs';
 import { FileBlobStore } from '../../store/blobs/files';
 import { Catalog, Lease } from '../../store/catalog/catalog';
 import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
 import { decodeOwner, ownerKey } from '../../store/ownership';
 import { Store } from '../../store/store';
 import { etcdForSuite } from '../support/etcd';
+import { SharedBlobs } from '../support/shared-blobs';
 import { tempDir } from '../support/tmp';
 
 const extentBytes = 64 * 1024;
 
 /** One object store shared by two nodes; `sync` can be held at a gate to stop a commit between its capture and its catalog write. */
-class GatedBlobs implements BlobStore {
-  readonly rewritable = false;
+class GatedBlobs extends SharedBlobs {
   private gate?: { entered: () => void; opened: Promise<void> };
-
-  constructor(private readonly inner: FileBlobStore) {}
 
   /** The next sync waits until the returned `open` is called; `entered` resolves once it waits. */
   holdNextSync(): { entered: Promise<void>; open: () => void } {
@@ -28,7 +25,7 @@ class GatedBlobs implements BlobStore {
     return { entered: enteredPromise, open };
   }
 
-  async sync(ids: Iterable<number>): Promise<void> {
+  override async sync(ids: Iterable<number>): Promise<void> {
     const gate = this.gate;
     if (gate) {
       this.gate = undefined;
@@ -37,27 +34,6 @@ class GatedBlobs implements BlobStore {
     }
     return this.inner.sync(ids);
   }
-
-  read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    return this.inner.read(id, offset, target, targetOffset, length);
-  }
-  write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
-    return this.inner.write(id, offset, source, sourceOffset, length);
-  }
-  delete(ids: Iterable<number>): Promise<void> {
-    return this.inner.delete(ids);
-  }
-  list(): Promise<number[]> {
-    return this.inner.list();
-  }
-  usage(): Promise<{ blobs: number; bytes: number }> {
-    return this.inner.usage();
-  }
-  availableBytes(): Promise<number | undefined> {
-    return this.inner.availableBytes();
-  }
-  /** Both nodes close it: the files go once. */
-  async close(): Promise<void> {}
 }
 
 /**

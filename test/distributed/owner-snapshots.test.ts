@@ -2,44 +2,17 @@ import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import path from 'node:path';
 import { Etcd3 } from 'etcd3';
-import { BlobStore } from '../../store/blobs/blobs';
 import { FileBlobStore } from '../../store/blobs/files';
 import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
 import { ownerKey } from '../../store/ownership';
 import { keys } from '../../store/records';
 import { Store } from '../../store/store';
 import { etcdForSuite } from '../support/etcd';
+import { SharedBlobs } from '../support/shared-blobs';
 import { tempDir } from '../support/tmp';
 
 const extentBytes = 64 * 1024;
 
-/** One blob store both nodes use (as they share a bucket); the test closes it once, after both. */
-class SharedBlobs implements BlobStore {
-  readonly rewritable = false;
-  constructor(private readonly inner: FileBlobStore) {}
-  read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    return this.inner.read(id, offset, target, targetOffset, length);
-  }
-  write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
-    return this.inner.write(id, offset, source, sourceOffset, length);
-  }
-  sync(ids: Iterable<number>): Promise<void> {
-    return this.inner.sync(ids);
-  }
-  delete(ids: Iterable<number>): Promise<void> {
-    return this.inner.delete(ids);
-  }
-  list(): Promise<number[]> {
-    return this.inner.list();
-  }
-  usage(): Promise<{ blobs: number; bytes: number }> {
-    return this.inner.usage();
-  }
-  availableBytes(): Promise<number | undefined> {
-    return this.inner.availableBytes();
-  }
-  async close(): Promise<void> {}
-}
 const prefix = '/owner-snapshots/arbor/';
 
 /**
