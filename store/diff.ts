@@ -11,11 +11,11 @@
  */
 import { BlobStore } from './blobs/blobs';
 import { ArborError } from './errors';
-import { EMPTY, Entry, asShared, blobOf, hasBlob, isZero } from './entry';
+import { EMPTY, Entry, asShared, blobOf, hasBlob, isPartial, isZero } from './entry';
 import { extentsPerSlot } from './geometry';
 import { entriesPerNode } from './limits';
 import { getEntry } from './map-node';
-import { mapExtents, NodeSource, TreeShape } from './tree';
+import { ExtentRef, mapExtents, NodeSource, readExtent, TreeShape } from './tree';
 
 /** Byte ranges, in order, merged where they touch. */
 export interface ByteRange {
@@ -28,7 +28,7 @@ export async function changedRanges(source: NodeSource, blobs: BlobStore, from: 
   if (from.extentSizeBytes !== to.extentSizeBytes) {
     throw new ArborError('invalid-argument', `trees of extent sizes ${from.extentSizeBytes} and ${to.extentSizeBytes} are not of one lineage`);
   }
-  const candidates: Array<{ extent: number; from: Entry; to: Entry }> = [];
+  const candidates: Candidate[] = [];
   const depth = Math.max(from.depth, to.depth);
   await compare(source, lift(from, depth), lift(to, depth), depth - 1, 0, candidates);
   const extentSize = from.extentSizeBytes;
@@ -52,6 +52,13 @@ export async function allocatedRanges(source: NodeSource, tree: TreeShape): Prom
   return clip(ranges, tree.sizeBytes);
 }
 
+/** An extent whose entries differ in the two trees. */
+interface Candidate {
+  extent: number;
+  from: ExtentRef;
+  to: ExtentRef;
+}
+
 /**
  * A tree's root seen at a greater depth: growing a volume puts its old root in slot 0
  * of a new one, level by level. Returned as the chain of slot-0 wrappers the compare
@@ -68,14 +75,7 @@ function lift(tree: TreeShape, depth: number): Lifted {
 }
 
 /** Compares the subtrees at `level` (entries point at level-`level` nodes; -1: data extents) starting at extent `base`. */
-async function compare(
-  source: NodeSource,
-  a: Lifted,
-  b: Lifted,
-  level: number,
-  base: number,
-  out: Array<{ extent: number; from: Entry; to: Entry }>,
-): Promise<void> {
+async function compare(source: NodeSource, a: Lifted, b: Lifted, level: number, base: number, out: Candidate[]): Promise<void> {
   if (a.wraps > 0 || b.wraps > 0) {
     // Above a shallower root: its slot 0 is the root's subtree, the other slots are holes.
     const span = extentsPerSlot(level);
@@ -84,53 +84,54 @@ async function compare(
     const nodeA = a.wraps > 0 ? undefined : a.root;
     const nodeB = b.wraps > 0 ? undefined : b.root;
     for (let slot = 0; slot < entriesPerNode; slot++) {
-      const left = nodeA === undefined ? (slot === 0 ? childA : none) : { root: await childOf(source, nodeA, slot), wraps: 0 };
-      const right = nodeB === undefined ? (slot === 0 ? childB : none) : { root: await childOf(source, nodeB, slot), wraps: 0 };
+      const left = nodeA === undefined ? (slot === 0 ? childA : none) : { root: (await childOf(source, nodeA, slot)).entry, wraps: 0 };
+      const right = nodeB === undefined ? (slot === 0 ? childB : none) : { root: (await childOf(source, nodeB, slot)).entry, wraps: 0 };
       if (left.wraps === 0 && right.wraps === 0 && left.root === EMPTY && right.root === EMPTY) continue;
       await compare(source, left, right, level - 1, base + slot * span, out);
     }
     return;
   }
-  await compareEntries(source, a.root, b.root, level, base, out);
+  await compareEntries(source, { entry: a.root }, { entry: b.root }, level, base, out);
 }
 
 const none: Lifted = { root: EMPTY, wraps: 0 };
 
-async function childOf(source: NodeSource, entry: Entry, slot: number): Promise<Entry> {
-  if (!hasBlob(entry)) return EMPTY;
+const hole: ExtentRef = { entry: EMPTY };
+
+/** Slot `slot` of the node `entry` points at, with the leaf when it is a partial extent. */
+async function childOf(source: NodeSource, entry: Entry, slot: number): Promise<ExtentRef> {
+  if (!hasBlob(entry)) return hole;
   const id = blobOf(entry);
-  return getEntry(source.cached(id) ?? (await source.load(id)), slot);
+  const node = source.cached(id) ?? (await source.load(id));
+  const child = getEntry(node, slot);
+  return isPartial(child) ? { entry: child, leaf: node, slot } : { entry: child };
 }
 
-async function compareEntries(
-  source: NodeSource,
-  a: Entry,
-  b: Entry,
-  level: number,
-  base: number,
-  out: Array<{ extent: number; from: Entry; to: Entry }>,
-): Promise<void> {
-  // The same blob, whoever owns it: the same subtree, or the same extent.
-  if (asShared(a) === asShared(b)) return;
+async function compareEntries(source: NodeSource, a: ExtentRef, b: ExtentRef, level: number, base: number, out: Candidate[]): Promise<void> {
+  // The same blob, whoever owns it: the same subtree, or the same extent (a patch
+  // is shared only once it stops changing, so one patch has one set of pages).
+  if (asShared(a.entry) === asShared(b.entry)) return;
   if (level < 0) {
     out.push({ extent: base, from: a, to: b });
     return;
   }
-  if (isZero(a) || isZero(b)) throw new ArborError('internal', `a map holds ZERO above its leaves at extent ${base}: the blob store is damaged`);
+  if (isZero(a.entry) || isZero(b.entry) || isPartial(a.entry) || isPartial(b.entry)) {
+    throw new ArborError('internal', `a map holds ZERO or PARTIAL above its leaves at extent ${base}: the blob store is damaged`);
+  }
   const span = extentsPerSlot(level);
   for (let slot = 0; slot < entriesPerNode; slot++) {
-    const left = await childOf(source, a, slot);
-    const right = await childOf(source, b, slot);
+    const left = await childOf(source, a.entry, slot);
+    const right = await childOf(source, b.entry, slot);
     await compareEntries(source, left, right, level - 1, base + slot * span, out);
   }
 }
 
-/** Whether two leaf entries read the same bytes (holes and allocated zeros read as zeros). */
-async function sameBytes(blobs: BlobStore, a: Entry, b: Entry, extentSize: number): Promise<boolean> {
-  const read = async (entry: Entry): Promise<Buffer | undefined> => {
-    if (!hasBlob(entry) || isZero(entry)) return undefined;
+/** Whether two extents read the same bytes (holes and allocated zeros read as zeros). */
+async function sameBytes(blobs: BlobStore, a: ExtentRef, b: ExtentRef, extentSize: number): Promise<boolean> {
+  const read = async (ref: ExtentRef): Promise<Buffer | undefined> => {
+    if (!hasBlob(ref.entry) || isZero(ref.entry)) return undefined;
     const data = Buffer.alloc(extentSize);
-    await blobs.read(blobOf(entry), 0, data, 0, extentSize);
+    await readExtent(blobs, ref, extentSize, 0, data, 0, extentSize);
     return data;
   };
   const [left, right] = [await read(a), await read(b)];

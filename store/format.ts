@@ -5,7 +5,9 @@
  * were unique in the store, so no two snapshots of a volume share one and the new
  * keys never collide; each old snapshot keeps its store-wide key too. Format 3 adds
  * a key per snapshot among its volume's by id (keys.volumeSnapshot), so the
- * snapshots of one volume list a page at a time (store/listing.ts).
+ * snapshots of one volume list a page at a time (store/listing.ts). Format 4 lets a
+ * leaf hold partial extents (store/partial.ts): nothing to migrate, but an older
+ * arbor must not read a tree it would misread, so it refuses the store.
  */
 import { Log } from '../lib/logger';
 import { Catalog, KvEntry, absent, del, put, unchanged } from './catalog/catalog';
@@ -32,7 +34,7 @@ export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
       await putIndexKeys(catalog, snapshots, (s) => keys.volumeSnapshotName(s.volumeId, s.name));
       await hideLegacyStagingVolumes(catalog, log);
     }
-    await putIndexKeys(catalog, snapshots, (s) => keys.volumeSnapshot(s.volumeId, s.id));
+    if (version < 3) await putIndexKeys(catalog, snapshots, (s) => keys.volumeSnapshot(s.volumeId, s.id));
     // Only one opener switches the format; another that raced it finds it switched on its next turn.
     if ((await catalog.txn([unchanged(format)], [put(keys.format, formatVersion)])).succeeded) {
       log.info('store migrated', { from: version, to: formatVersion, snapshots: snapshots.length });

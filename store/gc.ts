@@ -1,8 +1,9 @@
 import { StoreContext } from './context';
-import { Entry, blobOf, hasBlob } from './entry';
+import { EMPTY, Entry, blobOf, hasBlob } from './entry';
 import { assert } from './errors';
 import { checkNode, getEntry } from './map-node';
-import { entriesPerNode, nodeSizeBytes } from './limits';
+import { entriesPerNode } from './limits';
+import { baseOf, nodeBytesOf } from './partial';
 
 export interface GcRoot {
   root: Entry;
@@ -39,7 +40,6 @@ export async function markAndSweep(
   const started = Date.now();
   const marked = new Set<number>();
   const stack: Array<{ entry: Entry; level: number }> = roots.map((r) => ({ entry: r.root, level: r.depth - 1 }));
-  const scratch = Buffer.allocUnsafe(nodeSizeBytes);
   while (stack.length > 0) {
     const { entry, level } = stack.pop()!;
     if (!hasBlob(entry)) continue;
@@ -50,13 +50,16 @@ export async function markAndSweep(
     if (level < 0) continue;
     let node = ctx.nodes.get(id);
     if (!node) {
-      await ctx.blobs.read(id, 0, scratch, 0, nodeSizeBytes);
-      checkNode(scratch, id);
-      node = scratch;
+      node = Buffer.allocUnsafe(nodeBytesOf(id));
+      await ctx.blobs.read(id, 0, node, 0, node.length);
+      checkNode(node, id);
     }
     for (let slot = 0; slot < entriesPerNode; slot++) {
       const child = getEntry(node, slot);
       if (hasBlob(child) && !marked.has(blobOf(child))) stack.push({ entry: child, level: level - 1 });
+      // A partial extent reads through its base: the base is reachable too.
+      const base = level === 0 ? baseOf(node, slot) : EMPTY;
+      if (hasBlob(base) && !marked.has(blobOf(base))) stack.push({ entry: base, level: -1 });
     }
   }
   const present = await ctx.blobs.list();

@@ -1,15 +1,32 @@
 import { BlobStore } from './blobs/blobs';
 import { BlobIdAllocator } from './allocator';
-import { classForBytes, nodeClass } from './blob-id';
+import { classForBytes } from './blob-id';
 import { assert } from './errors';
-import { EMPTY, Entry, WRITABLE, asShared, blobOf, hasBlob, isWritable, makeEntry, zeroEntry } from './entry';
+import { EMPTY, Entry, PARTIAL, WRITABLE, asShared, blobOf, hasBlob, isPartial, isWritable, makeEntry, zeroEntry } from './entry';
 import { capacityExtents, slotAt, slotsOverlapping } from './geometry';
 import { MapNode, emptyNode, getEntry, setEntry, sharedCopy } from './map-node';
 import { AfterCommit } from './deferred-frees';
 import { NodeCache } from './node-cache';
 import { NodeSource, TreeShape } from './tree';
-import { entriesPerNode, nodeSizeBytes } from './limits';
+import { entriesPerNode } from './limits';
 import { sharedPool } from '../lib/buffer-pool';
+import {
+  PartialLayout,
+  addPages,
+  allPages,
+  baseOf,
+  hasPage,
+  hasPages,
+  isWideLeaf,
+  nodeClassFor,
+  pageBytes,
+  pagesOf,
+  partialLayout,
+  setPages,
+  setPartial,
+  setPlain,
+  widen,
+} from './partial';
 
 interface PathStep {
   id: number;
@@ -42,6 +59,8 @@ export class MutableTree implements NodeSource {
   /** Owned blobs no longer in the live tree: freed once a commit stops the committed tree using them. */
   readonly frees = new AfterCommit();
   private readonly extentClass: number;
+  /** How a leaf keeps partial extents; undefined when an extent is one page (nothing to be partial). */
+  private readonly layout: PartialLayout | undefined;
 
   constructor(
     public root: Entry,
@@ -53,6 +72,7 @@ export class MutableTree implements NodeSource {
     private readonly ids: BlobIdAllocator,
   ) {
     this.extentClass = classForBytes(extentSizeBytes);
+    this.layout = partialLayout(extentSizeBytes);
   }
 
   get shape(): TreeShape {
@@ -79,7 +99,7 @@ export class MutableTree implements NodeSource {
   }
 
   private async newNode(node: MapNode): Promise<number> {
-    const id = await this.ids.allocate(nodeClass);
+    const id = await this.ids.allocate(nodeClassFor(node.length));
     this.dirty.set(id, { node, fresh: true });
     return id;
   }
@@ -91,12 +111,31 @@ export class MutableTree implements NodeSource {
     const entry = getEntry(leaf, slot);
     if (isWritable(entry) && hasBlob(entry) && (this.blobs.rewritable || this.unsyncedData.has(blobOf(entry)))) {
       const id = blobOf(entry);
-      await this.blobs.write(id, offsetInExtent, source, sourceOffset, length);
+      if (isPartial(entry)) {
+        const base = blobOf(baseOf(leaf, slot));
+        const stride = this.layout!.stride;
+        await this.writePages(
+          id,
+          (page) => hasPage(leaf, slot, stride, page),
+          () => base,
+          offsetInExtent,
+          source,
+          sourceOffset,
+          length,
+        );
+        this.touchPath(path);
+        this.addWrittenPages(leaf, slot, offsetInExtent, length);
+      } else {
+        await this.blobs.write(id, offsetInExtent, source, sourceOffset, length);
+      }
       this.unsyncedData.add(id);
       return id;
     }
     // A shared extent, a hole, or (where synced blobs are immutable) this head's own
     // extent already synced: the write goes to a new blob; an own one is freed after the commit.
+    if (this.layout && hasBlob(entry) && length < this.extentSizeBytes && (isPartial(entry) || !isWritable(entry))) {
+      return this.writeNewPatch(path, extent, slot, offsetInExtent, source, sourceOffset, length);
+    }
     if (isWritable(entry) && hasBlob(entry)) this.frees.add(blobOf(entry));
     const id = await this.ids.allocate(this.extentClass);
     if (!hasBlob(entry) || length === this.extentSizeBytes) {
@@ -106,15 +145,140 @@ export class MutableTree implements NodeSource {
       await this.copyExtentWith(blobOf(entry), id, offsetInExtent, source, sourceOffset, length);
     }
     this.touchPath(path);
-    setEntry(leaf, slot, makeEntry(id, WRITABLE));
+    setPlain(leaf, slot, makeEntry(id, WRITABLE), this.layout);
     this.unsyncedData.add(id);
     return id;
   }
 
   /**
+   * Copy-on-write at page granularity: a write smaller than the extent into a shared
+   * one (or into a partial one this head may not change in place) goes to a new patch
+   * holding only the pages written, and those an older patch of this extent held;
+   * every other page keeps reading through the base. Costs the pages written, not
+   * the extent.
+   */
+  private async writeNewPatch(
+    path: PathStep[],
+    extent: number,
+    slot: number,
+    at: number,
+    source: Buffer,
+    sourceOffset: number,
+    length: number,
+  ): Promise<number> {
+    const layout = this.layout!;
+    const leaf = await this.wideLeaf(path, extent);
+    const entry = getEntry(leaf, slot);
+    const old = isPartial(entry) ? { patch: blobOf(entry), pages: Buffer.from(pagesOf(leaf, slot, layout.stride)) } : undefined;
+    const base = old ? baseOf(leaf, slot) : asShared(entry);
+    if (old && isWritable(entry)) this.frees.add(old.patch);
+    const id = await this.ids.allocate(this.extentClass);
+    const first = Math.floor(at / pageBytes);
+    const last = Math.floor((at + length - 1) / pageBytes);
+    const inOld = (page: number): boolean => old !== undefined && (old.pages[page >> 3] & (1 << (page & 7))) !== 0;
+    if (old) {
+      // The older patch's pages this write does not reach move to the new one.
+      for (let page = 0; page < layout.pages; page++) {
+        if (page >= first && page <= last) continue;
+        if (inOld(page)) await this.copyPage(old.patch, id, page);
+      }
+    }
+    await this.writePages(
+      id,
+      () => false,
+      (page) => (inOld(page) ? old!.patch : blobOf(base)),
+      at,
+      source,
+      sourceOffset,
+      length,
+    );
+    this.touchPath(path);
+    setPartial(leaf, slot, layout, makeEntry(id, WRITABLE | PARTIAL), base);
+    if (old) setPages(leaf, slot, layout.stride, old.pages);
+    this.addWrittenPages(leaf, slot, at, length);
+    this.unsyncedData.add(id);
+    return id;
+  }
+
+  /** The pages a write covered are in the patch now; once all are, the extent is a plain one and lets its base go. */
+  private addWrittenPages(leaf: MapNode, slot: number, at: number, length: number): void {
+    const layout = this.layout!;
+    addPages(leaf, slot, layout.stride, Math.floor(at / pageBytes), Math.floor((at + length - 1) / pageBytes));
+    if (allPages(leaf, slot, layout)) setPlain(leaf, slot, makeEntry(blobOf(getEntry(leaf, slot)), WRITABLE), layout);
+  }
+
+  /**
+   * Writes `[at, at + length)` into blob `to`, whole pages: a page the write covers
+   * only in part, and that `to` does not hold yet, is first filled from blob `from(page)`.
+   */
+  private async writePages(
+    to: number,
+    holds: (page: number) => boolean,
+    from: (page: number) => number,
+    at: number,
+    source: Buffer,
+    sourceOffset: number,
+    length: number,
+  ): Promise<void> {
+    const end = at + length;
+    const first = Math.floor(at / pageBytes);
+    const last = Math.floor((end - 1) / pageBytes);
+    const fillFirst = at % pageBytes !== 0 && !holds(first);
+    const fillLast = end % pageBytes !== 0 && !holds(last);
+    if (!fillFirst && !fillLast) {
+      await this.blobs.write(to, at, source, sourceOffset, length);
+      return;
+    }
+    const spanStart = fillFirst ? first * pageBytes : at;
+    const spanEnd = fillLast ? (last + 1) * pageBytes : end;
+    const span = Buffer.allocUnsafe(spanEnd - spanStart);
+    if (fillFirst) await this.blobs.read(from(first), first * pageBytes, span, 0, pageBytes);
+    if (fillLast && !(fillFirst && last === first)) await this.blobs.read(from(last), last * pageBytes, span, last * pageBytes - spanStart, pageBytes);
+    source.copy(span, at - spanStart, sourceOffset, sourceOffset + length);
+    await this.blobs.write(to, spanStart, span, 0, span.length);
+  }
+
+  private async copyPage(from: number, to: number, page: number): Promise<void> {
+    const buffer = sharedPool.take(pageBytes);
+    try {
+      await this.blobs.read(from, page * pageBytes, buffer, 0, pageBytes);
+      await this.blobs.write(to, page * pageBytes, buffer, 0, pageBytes);
+    } finally {
+      sharedPool.give(buffer);
+    }
+  }
+
+  /**
+   * The leaf at the end of a writable path, made wide (able to hold partial extents)
+   * if it was not: the wide copy is a new node, so the parent points at it and the
+   * plain one leaves the tree.
+   */
+  private async wideLeaf(path: PathStep[], extent: number): Promise<MapNode> {
+    const step = path[path.length - 1];
+    if (isWideLeaf(step.node)) return step.node;
+    const wide = widen(step.node, this.layout!);
+    const id = await this.ids.allocate(nodeClassFor(wide.length));
+    this.dirty.set(id, { node: wide, fresh: true });
+    const was = this.dirty.get(step.id);
+    this.dirty.delete(step.id);
+    this.nodes.delete(step.id);
+    if (!was?.fresh) this.frees.add(step.id);
+    if (path.length === 1) {
+      this.root = makeEntry(id, WRITABLE);
+    } else {
+      const parents = path.slice(0, -1);
+      this.touchPath(parents);
+      setEntry(parents[parents.length - 1].node, slotAt(extent, 1), makeEntry(id, WRITABLE));
+    }
+    path[path.length - 1] = { id, node: wide };
+    return wide;
+  }
+
+  /**
    * The write of `writeExtent` when it goes in place, done synchronously: the map path
    * is in memory and owned all the way (no node to copy or load), the extent's blob is
-   * this head's and may be written again, and the blob store writes at once. Returns
+   * this head's and may be written again, and the blob store writes at once. Into a
+   * partial extent only whole pages, or pages the patch holds, go this way. Returns
    * the blob written, or undefined, having changed nothing, when the write must take
    * the async path.
    */
@@ -122,18 +286,48 @@ export class MutableTree implements NodeSource {
     const writeNow = this.blobs.writeNow;
     if (!writeNow) return undefined;
     let entry = this.root;
+    let leaf: MapNode | undefined;
     for (let level = this.depth - 1; level >= 0; level--) {
       if (!isWritable(entry) || !hasBlob(entry)) return undefined;
-      const node = this.cached(blobOf(entry));
-      if (!node) return undefined;
-      entry = getEntry(node, slotAt(extent, level));
+      leaf = this.cached(blobOf(entry));
+      if (!leaf) return undefined;
+      entry = getEntry(leaf, slotAt(extent, level));
     }
     if (!isWritable(entry) || !hasBlob(entry)) return undefined;
     const id = blobOf(entry);
     if (!this.blobs.rewritable && !this.unsyncedData.has(id)) return undefined;
-    writeNow.call(this.blobs, id, offsetInExtent, source, sourceOffset, length);
+    if (isPartial(entry)) {
+      const slot = slotAt(extent, 0);
+      const stride = this.layout!.stride;
+      const end = offsetInExtent + length;
+      const first = Math.floor(offsetInExtent / pageBytes);
+      const last = Math.floor((end - 1) / pageBytes);
+      if ((offsetInExtent % pageBytes !== 0 && !hasPage(leaf!, slot, stride, first)) || (end % pageBytes !== 0 && !hasPage(leaf!, slot, stride, last))) {
+        return undefined;
+      }
+      writeNow.call(this.blobs, id, offsetInExtent, source, sourceOffset, length);
+      if (!hasPages(leaf!, slot, stride, first, last)) {
+        this.touchPath(this.pathTo(extent));
+        this.addWrittenPages(leaf!, slot, offsetInExtent, length);
+      }
+    } else {
+      writeNow.call(this.blobs, id, offsetInExtent, source, sourceOffset, length);
+    }
     this.unsyncedData.add(id);
     return id;
+  }
+
+  /** The nodes from the root to the leaf of `extent`, every one in memory (the caller walked it). */
+  private pathTo(extent: number): PathStep[] {
+    const path: PathStep[] = [];
+    let entry = this.root;
+    for (let level = this.depth - 1; level >= 0; level--) {
+      const id = blobOf(entry);
+      const node = this.cached(id)!;
+      path.push({ id, node });
+      entry = getEntry(node, slotAt(extent, level));
+    }
+    return path;
   }
 
   /** Copy-on-write of a shared extent: the old bytes with the new ones laid over, keeping zero pages sparse. */
@@ -228,7 +422,8 @@ export class MutableTree implements NodeSource {
       if (level === 0 || (replacement === EMPTY && first <= slotBase && slotLast <= last)) {
         if (entry === replacement) continue;
         this.touchPath(path);
-        setEntry(node, slot, replacement);
+        if (level === 0) setPlain(node, slot, replacement, this.layout);
+        else setEntry(node, slot, replacement);
         await this.drop(entry, level - 1);
       } else {
         const child = await this.writableChild(path, slot);
@@ -362,10 +557,10 @@ export class MutableTree implements NodeSource {
     }
     let newId = id;
     if (!dirty.fresh) {
-      newId = await this.ids.allocate(nodeClass);
+      newId = await this.ids.allocate(nodeClassFor(dirty.node.length));
       this.frees.add(id);
     }
-    await this.blobs.write(newId, 0, dirty.node, 0, nodeSizeBytes);
+    await this.blobs.write(newId, 0, dirty.node, 0, dirty.node.length);
     written.push(newId);
     this.dirty.delete(id);
     this.nodes.set(newId, dirty.node);

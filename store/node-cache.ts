@@ -1,7 +1,8 @@
 import { Lru } from '../lib/lru';
 import { BlobStore } from './blobs/blobs';
 import { MapNode, checkNode } from './map-node';
-import { nodeCacheMaxNodes, nodeSizeBytes } from './limits';
+import { nodeCacheMaxNodes } from './limits';
+import { nodeBytesOf } from './partial';
 
 /**
  * Clean map nodes shared by every tree in the store, least recently used evicted
@@ -44,8 +45,9 @@ export class NodeCache {
   }
 
   private async read(id: number): Promise<MapNode> {
-    const node = Buffer.allocUnsafe(nodeSizeBytes);
-    await this.blobs.read(id, 0, node, 0, nodeSizeBytes);
+    const bytes = nodeBytesOf(id);
+    const node = Buffer.allocUnsafe(bytes);
+    await this.blobs.read(id, 0, node, 0, bytes);
     checkNode(node, id);
     // A node written back meanwhile (set) is the newer copy of the same bytes: keep it.
     return this.nodes.get(id) ?? this.nodes.set(id, node);

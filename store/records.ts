@@ -151,7 +151,7 @@ export const keys = {
  * key among its volume's (keys.volumeSnapshotName). 3: and an id key among its
  * volume's (keys.volumeSnapshot). An older store is migrated at open (store/format.ts).
  */
-export const formatVersion = 3;
+export const formatVersion = 4;
 
 export function newVolumeId(): string {
   return `vol-${randomBytes(8).toString('hex')}`;

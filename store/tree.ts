@@ -1,9 +1,10 @@
 import { BlobStore } from './blobs/blobs';
 import { ArborError } from './errors';
-import { EMPTY, Entry, blobOf, hasBlob, isWritable, isZero } from './entry';
+import { EMPTY, Entry, blobOf, hasBlob, isPartial, isWritable, isZero } from './entry';
 import { slotAt, slotsOverlapping } from './geometry';
 import { MapNode, getEntry } from './map-node';
 import { entriesPerNode } from './limits';
+import { baseOf, forEachRun, isWideLeaf, partialLayout } from './partial';
 
 /** Where a tree's nodes come from: a volume's own dirty nodes first, then the shared cache. */
 export interface NodeSource {
@@ -24,6 +25,16 @@ export interface Segment {
   first: number;
   count: number;
   entry: Entry;
+  /** For a partial extent (count 1): the leaf holding its base and pages, and its slot there. */
+  leaf?: MapNode;
+  slot?: number;
+}
+
+/** One extent's leaf entry and, for a partial extent, the leaf that holds its base and pages. */
+export interface ExtentRef {
+  entry: Entry;
+  leaf?: MapNode;
+  slot?: number;
 }
 
 export type RangeKind = 'data' | 'hole' | 'zero';
@@ -62,8 +73,10 @@ async function walk(source: NodeSource, id: number, level: number, base: number,
     const slotBase = base + slot * span;
     const from = Math.max(first, slotBase);
     const to = Math.min(last, slotBase + span - 1);
-    if (level > 0 && isZero(entry)) throw zeroAboveLeaves(id, slot, level);
-    if (level === 0 || !hasBlob(entry)) {
+    if (level > 0) checkAboveLeaves(node, id, slot, level, entry);
+    if (level === 0 && isPartial(entry)) {
+      out.push({ first: from, count: 1, entry, leaf: node, slot });
+    } else if (level === 0 || !hasBlob(entry)) {
       const previous = out[out.length - 1];
       if (previous && previous.entry === entry && !hasBlob(entry) && previous.first + previous.count === from) previous.count += to - from + 1;
       else out.push({ first: from, count: to - from + 1, entry });
@@ -73,40 +86,114 @@ async function walk(source: NodeSource, id: number, level: number, base: number,
   }
 }
 
+const hole: ExtentRef = { entry: EMPTY };
+
 /** The leaf entry of one extent. */
 export async function lookupExtent(source: NodeSource, root: Entry, depth: number, extent: number): Promise<Entry> {
-  let entry = root;
-  for (let level = depth - 1; level >= 0; level--) {
-    if (!hasBlob(entry)) return EMPTY;
-    const id = blobOf(entry);
-    const slot = slotAt(extent, level);
-    entry = getEntry(await nodeOf(source, id), slot);
-    if (level > 0 && isZero(entry)) throw zeroAboveLeaves(id, slot, level);
-  }
-  return entry;
+  return (await lookupRef(source, root, depth, extent)).entry;
 }
 
-/** The leaf entry of one extent when every node on its path is in memory; undefined when one must be loaded. */
-export function lookupExtentNow(source: NodeSource, root: Entry, depth: number, extent: number): Entry | undefined {
+/** The leaf entry of one extent, with its leaf when it is partial. */
+export async function lookupRef(source: NodeSource, root: Entry, depth: number, extent: number): Promise<ExtentRef> {
   let entry = root;
   for (let level = depth - 1; level >= 0; level--) {
-    if (!hasBlob(entry)) return EMPTY;
+    if (!hasBlob(entry)) return hole;
+    const id = blobOf(entry);
+    const slot = slotAt(extent, level);
+    const node = await nodeOf(source, id);
+    entry = getEntry(node, slot);
+    if (level > 0) checkAboveLeaves(node, id, slot, level, entry);
+    else if (isPartial(entry)) return { entry, leaf: node, slot };
+  }
+  return { entry };
+}
+
+/** `lookupRef` when every node on the extent's path is in memory; undefined when one must be loaded. */
+export function lookupRefNow(source: NodeSource, root: Entry, depth: number, extent: number): ExtentRef | undefined {
+  let entry = root;
+  for (let level = depth - 1; level >= 0; level--) {
+    if (!hasBlob(entry)) return hole;
     const id = blobOf(entry);
     const node = source.cached(id);
     if (!node) return undefined;
     const slot = slotAt(extent, level);
     entry = getEntry(node, slot);
-    if (level > 0 && isZero(entry)) throw zeroAboveLeaves(id, slot, level);
+    if (level > 0) checkAboveLeaves(node, id, slot, level, entry);
+    else if (isPartial(entry)) return { entry, leaf: node, slot };
   }
-  return entry;
+  return { entry };
 }
 
-/** ZERO (allocated zeros) is a leaf's word for one extent: above the leaves no code of ours writes it. */
-function zeroAboveLeaves(id: number, slot: number, level: number): ArborError {
-  return new ArborError(
+/**
+ * ZERO (allocated zeros) and PARTIAL are a leaf's words for one extent, and only a
+ * leaf is wide: above the leaves no code of ours writes them.
+ */
+function checkAboveLeaves(node: MapNode, id: number, slot: number, level: number, entry: Entry): void {
+  const problem = isZero(entry) ? 'ZERO' : isPartial(entry) ? 'PARTIAL' : isWideLeaf(node) ? 'a wide leaf' : undefined;
+  if (!problem) return;
+  throw new ArborError(
     'internal',
-    `map node ${id} is damaged: slot ${slot} holds ZERO above the leaves (level ${level}); the blob store is damaged: restore it from a backup`,
+    `map node ${id} is damaged: slot ${slot} holds ${problem} above the leaves (level ${level}); the blob store is damaged: restore it from a backup`,
   );
+}
+
+/**
+ * Reads `length` bytes at `offsetInExtent` of one extent into `target`: zeros for a
+ * hole or allocated zeros, the blob for a plain extent, and for a partial one each
+ * page from the patch or from the base.
+ */
+export async function readExtent(
+  blobs: BlobStore,
+  ref: ExtentRef,
+  extentSizeBytes: number,
+  offsetInExtent: number,
+  target: Buffer,
+  at: number,
+  length: number,
+): Promise<void> {
+  const { entry, leaf, slot } = ref;
+  if (!hasBlob(entry)) {
+    target.fill(0, at, at + length);
+    return;
+  }
+  if (!leaf || slot === undefined) {
+    await blobs.read(blobOf(entry), offsetInExtent, target, at, length);
+    return;
+  }
+  const reads: Promise<void>[] = [];
+  const patch = blobOf(entry);
+  const base = blobOf(baseOf(leaf, slot));
+  forEachRun(leaf, slot, partialLayout(extentSizeBytes)!.stride, offsetInExtent, length, (inPatch, offset, n) => {
+    reads.push(blobs.read(inPatch ? patch : base, offset, target, at + (offset - offsetInExtent), n));
+  });
+  await Promise.all(reads);
+}
+
+/** `readExtent` done at once, from a blob store that can; false (maybe half done) when some part must be read async. */
+export function readExtentNow(
+  blobs: BlobStore,
+  ref: ExtentRef,
+  extentSizeBytes: number,
+  offsetInExtent: number,
+  target: Buffer,
+  at: number,
+  length: number,
+): boolean {
+  const { entry, leaf, slot } = ref;
+  const readNow = blobs.readNow;
+  if (!readNow) return false;
+  if (!hasBlob(entry)) {
+    target.fill(0, at, at + length);
+    return true;
+  }
+  if (!leaf || slot === undefined) return readNow.call(blobs, blobOf(entry), offsetInExtent, target, at, length);
+  const patch = blobOf(entry);
+  const base = blobOf(baseOf(leaf, slot));
+  let done = true;
+  forEachRun(leaf, slot, partialLayout(extentSizeBytes)!.stride, offsetInExtent, length, (inPatch, offset, n) => {
+    if (done) done = readNow.call(blobs, inPatch ? patch : base, offset, target, at + (offset - offsetInExtent), n);
+  });
+  return done;
 }
 
 /** Reads `length` bytes at `offset` of the tree into `target`. */
@@ -123,19 +210,14 @@ export async function readTree(
   const extentSize = tree.extentSizeBytes;
   const first = Math.floor(offset / extentSize);
   const last = Math.floor((offset + length - 1) / extentSize);
-  const segments =
+  const segments: Array<ExtentRef & { first: number; count: number }> =
     first === last
-      ? [{ first, count: 1, entry: await lookupExtent(source, tree.root, tree.depth, first) }]
+      ? [{ first, count: 1, ...(await lookupRef(source, tree.root, tree.depth, first)) }]
       : await mapExtents(source, tree.root, tree.depth, first, last);
   for (const segment of segments) {
     const from = Math.max(offset, segment.first * extentSize);
     const to = Math.min(offset + length, (segment.first + segment.count) * extentSize);
-    const at = targetOffset + (from - offset);
-    if (!hasBlob(segment.entry)) {
-      target.fill(0, at, at + (to - from));
-    } else {
-      await blobs.read(blobOf(segment.entry), from - segment.first * extentSize, target, at, to - from);
-    }
+    await readExtent(blobs, segment, extentSize, from - segment.first * extentSize, target, targetOffset + (from - offset), to - from);
   }
 }
 

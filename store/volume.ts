@@ -2,13 +2,13 @@ import { storeCommits } from '../lib/metrics';
 import { Compare, KvEntry, Op, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
 import { ArborError, assert } from './errors';
-import { EMPTY, Entry, asShared, blobOf, hasBlob, zeroEntry } from './entry';
+import { EMPTY, Entry, asShared, hasBlob, zeroEntry } from './entry';
 import { maxDirtyNodesPerVolume } from './limits';
 import { MutableTree } from './mutable-tree';
 import { decodeOwner } from './ownership';
 import { VolumeRecord, decodeVolume, keys } from './records';
 import { RwLock } from './rw-lock';
-import { RangeStatus, lookupExtent, lookupExtentNow, readTree, treeStatus } from './tree';
+import { RangeStatus, lookupExtent, lookupRefNow, readExtentNow, readTree, treeStatus } from './tree';
 
 const resolved = Promise.resolve();
 
@@ -177,13 +177,9 @@ export class Volume {
     if (!this.lock.tryShared()) return false;
     try {
       this.checkRange(offset, length, 'read');
-      const entry = lookupExtentNow(this.tree, this.tree.root, this.tree.depth, extent);
-      if (entry === undefined) return false;
-      if (!hasBlob(entry)) {
-        target.fill(0, targetOffset, targetOffset + length);
-        return true;
-      }
-      return blobs.readNow(blobOf(entry), offset - extent * extentSize, target, targetOffset, length);
+      const ref = lookupRefNow(this.tree, this.tree.root, this.tree.depth, extent);
+      if (ref === undefined) return false;
+      return readExtentNow(blobs, ref, extentSize, offset - extent * extentSize, target, targetOffset, length);
     } finally {
       this.lock.releaseShared();
     }

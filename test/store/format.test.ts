@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { del, put } from '../../store/catalog/catalog';
 import { openDataDir } from '../../store/embedded';
 import { isArborError } from '../../store/errors';
-import { decodeFormat, keys } from '../../store/records';
+import { decodeFormat, formatVersion, keys } from '../../store/records';
 import { Store } from '../../store/store';
 import { memoryTempDir } from '../support/tmp';
 
@@ -15,7 +15,7 @@ async function deleteIndexKeys(store: Store): Promise<void> {
 }
 
 describe('store format: an older store is migrated at open', () => {
-  it('a store written in format 1 (store-wide snapshot names only) opens as format 3: every snapshot found among its volume, store-wide names kept', async () => {
+  it('a store written in format 1 (store-wide snapshot names only) opens as the current format: every snapshot found among its volume, store-wide names kept', async () => {
     const dir = memoryTempDir();
     try {
       // Make a store, then turn it into what format 1 wrote: no per-volume snapshot name keys, format 1.
@@ -53,7 +53,7 @@ describe('store format: an older store is migrated at open', () => {
 
       store = await openDataDir(dir.dir);
       try {
-        assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), 3);
+        assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), formatVersion);
         for (let v = 0; v < 3; v++) {
           const volume = await store.getVolume({ name: `vm ${v}` });
           assert.equal((await store.snapshotsPage({ volumeId: volume.id })).items.length, 50, `vm ${v}: its snapshots listed by id`);
@@ -83,7 +83,7 @@ describe('store format: an older store is migrated at open', () => {
     }
   });
 
-  it('a store written in format 2 opens as format 3: every snapshot listed among its volume by id, in id order, a page at a time', async () => {
+  it('a store written in format 2 opens as the current format: every snapshot listed among its volume by id, in id order, a page at a time', async () => {
     const dir = memoryTempDir();
     try {
       let store = await openDataDir(dir.dir);
@@ -108,7 +108,7 @@ describe('store format: an older store is migrated at open', () => {
 
       store = await openDataDir(dir.dir);
       try {
-        assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), 3);
+        assert.equal(decodeFormat((await store.ctx.catalog.get(keys.format))!), formatVersion);
         for (const [volumeId, snapshotIds] of made) {
           const listed: string[] = [];
           let after: string | undefined;
@@ -136,11 +136,13 @@ describe('store format: an older store is migrated at open', () => {
     const dir = memoryTempDir();
     try {
       const store = await openDataDir(dir.dir);
-      await store.ctx.catalog.txn([], [put(keys.format, 4)]);
+      await store.ctx.catalog.txn([], [put(keys.format, formatVersion + 1)]);
       await store.close();
       await assert.rejects(
         openDataDir(dir.dir),
-        (err) => isArborError(err, 'failed-precondition') && /the store has format 4; this arbor reads format 3/.test(err.message),
+        (err) =>
+          isArborError(err, 'failed-precondition') &&
+          new RegExp(`the store has format ${formatVersion + 1}; this arbor reads format ${formatVersion}`).test(err.message),
       );
     } finally {
       dir.cleanup();

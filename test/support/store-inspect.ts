@@ -1,6 +1,7 @@
 import { Entry, blobOf, hasBlob } from '../../store/entry';
 import { getEntry } from '../../store/map-node';
-import { entriesPerNode, nodeSizeBytes } from '../../store/limits';
+import { entriesPerNode } from '../../store/limits';
+import { baseOf, nodeBytesOf } from '../../store/partial';
 import { Store } from '../../store/store';
 import { keys, SnapshotRecord, VolumeRecord } from '../../store/records';
 import { SparseBytes } from './sparse-model';
@@ -17,14 +18,16 @@ export async function reachableBlobs(store: Store): Promise<Set<number>> {
     ...(await catalog.list(keys.snapshots)).map((e) => JSON.parse(e.value) as SnapshotRecord),
   ];
   const seen = new Set<number>();
-  const node = Buffer.alloc(nodeSizeBytes);
   const visit = async (entry: Entry, level: number): Promise<void> => {
     if (!hasBlob(entry) || seen.has(blobOf(entry))) return;
     seen.add(blobOf(entry));
     if (level < 0) return;
-    await blobs.read(blobOf(entry), 0, node, 0, nodeSizeBytes);
+    const node = Buffer.alloc(nodeBytesOf(blobOf(entry)));
+    await blobs.read(blobOf(entry), 0, node, 0, node.length);
     const children = Array.from({ length: entriesPerNode }, (_, slot) => getEntry(node, slot));
     for (const child of children) await visit(child, level - 1);
+    // A leaf's partial extents read through their bases.
+    if (level === 0) for (let slot = 0; slot < entriesPerNode; slot++) await visit(baseOf(node, slot), -1);
   };
   for (const record of records) await visit(record.root, record.depth - 1);
   return seen;
