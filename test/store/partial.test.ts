@@ -138,7 +138,7 @@ describe('partial extents: copy-on-write at page granularity', function () {
     }
     await vm.flush();
     await expectImage('vm', image);
-    const record = (await store.getVolume({ name: 'vm' }));
+    const record = await store.getVolume({ name: 'vm' });
     const leaf = await store.ctx.nodes.load(blobOf(record.root));
     assert.ok(!isPartial(getEntry(leaf, 2)), 'extent 2 is plain');
     const base = await store.ctx.nodes.load(blobOf((await store.getSnapshot({ name: 'base' })).root));
@@ -191,7 +191,7 @@ describe('partial extents: copy-on-write at page granularity', function () {
     const vm = await store.openVolume({ name: 'vm' });
     await vm.write(0, randomBytes(page));
     await vm.flush();
-    const root = blobOf(((await store.getVolume({ name: 'vm' }))).root);
+    const root = blobOf((await store.getVolume({ name: 'vm' })).root);
     const bytes = nodeBytesOf(root);
     assert.ok(bytes > 4096, 'the leaf is wide');
     await store.close();
