@@ -63,6 +63,16 @@ export class BlobIdAllocator {
   async allocate(sizeClass: number): Promise<number> {
     const state = this.classes[sizeClass];
     while (state.next >= state.limit) await this.reserve(sizeClass);
+    return this.take(sizeClass, state);
+  }
+
+  /** An id at once when the class's reserved batch has one left; undefined when a batch must be reserved first. */
+  allocateNow(sizeClass: number): number | undefined {
+    const state = this.classes[sizeClass];
+    return state.next < state.limit ? this.take(sizeClass, state) : undefined;
+  }
+
+  private take(sizeClass: number, state: ClassState): number {
     const id = blobId(sizeClass, state.next++);
     if (state.next >= state.limit && state.batch) {
       this.spent.push({ key: state.batch, spentAt: Date.now() });

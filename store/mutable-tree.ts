@@ -2,7 +2,7 @@ import { BlobStore } from './blobs/blobs';
 import { BlobIdAllocator } from './allocator';
 import { classForBytes } from './blob-id';
 import { assert } from './errors';
-import { EMPTY, Entry, PARTIAL, WRITABLE, asShared, blobOf, hasBlob, isPartial, isWritable, makeEntry, zeroEntry } from './entry';
+import { EMPTY, Entry, PARTIAL, WRITABLE, asShared, blobOf, hasBlob, isPartial, isWritable, isZero, makeEntry, zeroEntry } from './entry';
 import { capacityExtents, slotAt, slotsOverlapping } from './geometry';
 import { MapNode, emptyNode, getEntry, setEntry, sharedCopy } from './map-node';
 import { AfterCommit } from './deferred-frees';
@@ -275,14 +275,15 @@ export class MutableTree implements NodeSource {
   }
 
   /**
-   * The write of `writeExtent` when it goes in place, done synchronously: the map path
-   * is in memory and owned all the way (no node to copy or load), the extent's blob is
-   * this head's and may be written again, and the blob store writes at once. Into a
-   * partial extent only whole pages, or pages the patch holds, go this way. Returns
-   * the blob written, or undefined, having changed nothing, when the write must take
-   * the async path.
+   * The write of `writeExtent` done synchronously, where it needs nothing loaded,
+   * reserved or read: the map path is in memory and owned all the way (no node to
+   * copy), and the blob store writes at once. That is a write in place into an
+   * extent this head may change (into a partial one, whole pages or pages its patch
+   * holds), or the first write of whole pages into a shared extent under a wide leaf,
+   * to a new patch from an id already reserved. Returns the blob written, or
+   * undefined, having changed nothing, when the write must take the async path.
    */
-  writeInPlaceNow(extent: number, offsetInExtent: number, source: Buffer, sourceOffset: number, length: number): number | undefined {
+  writeNow(extent: number, offsetInExtent: number, source: Buffer, sourceOffset: number, length: number): number | undefined {
     const writeNow = this.blobs.writeNow;
     if (!writeNow) return undefined;
     let entry = this.root;
@@ -293,15 +294,28 @@ export class MutableTree implements NodeSource {
       if (!leaf) return undefined;
       entry = getEntry(leaf, slotAt(extent, level));
     }
-    if (!isWritable(entry) || !hasBlob(entry)) return undefined;
+    if (!hasBlob(entry)) return undefined;
+    const slot = slotAt(extent, 0);
+    const end = offsetInExtent + length;
+    const first = Math.floor(offsetInExtent / pageBytes);
+    const last = Math.floor((end - 1) / pageBytes);
+    const aligned = offsetInExtent % pageBytes === 0 && end % pageBytes === 0;
+    if (!isWritable(entry)) {
+      // A first write into a shared extent: a new patch over it.
+      if (!this.layout || !aligned || length === this.extentSizeBytes || isPartial(entry) || isZero(entry) || !isWideLeaf(leaf!)) return undefined;
+      const id = this.ids.allocateNow(this.extentClass);
+      if (id === undefined) return undefined;
+      writeNow.call(this.blobs, id, offsetInExtent, source, sourceOffset, length);
+      this.touchPath(this.pathTo(extent));
+      setPartial(leaf!, slot, this.layout, makeEntry(id, WRITABLE | PARTIAL), entry);
+      this.addWrittenPages(leaf!, slot, offsetInExtent, length);
+      this.unsyncedData.add(id);
+      return id;
+    }
     const id = blobOf(entry);
     if (!this.blobs.rewritable && !this.unsyncedData.has(id)) return undefined;
     if (isPartial(entry)) {
-      const slot = slotAt(extent, 0);
       const stride = this.layout!.stride;
-      const end = offsetInExtent + length;
-      const first = Math.floor(offsetInExtent / pageBytes);
-      const last = Math.floor((end - 1) / pageBytes);
       if ((offsetInExtent % pageBytes !== 0 && !hasPage(leaf!, slot, stride, first)) || (end % pageBytes !== 0 && !hasPage(leaf!, slot, stride, last))) {
         return undefined;
       }

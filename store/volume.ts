@@ -202,9 +202,10 @@ export class Volume {
   }
 
   /**
-   * A write within one extent this head owns, whose map path is in memory: done in
-   * place, synchronously, under the exclusive lock for no longer than the call. False
-   * (nothing changed) when it must take the async path; throws where `write` would reject.
+   * A write within one extent whose map path is in memory and this head's: done
+   * synchronously (MutableTree.writeNow says when it can be), under the exclusive lock
+   * for no longer than the call. False (nothing changed) when it must take the async
+   * path; throws where `write` would reject.
    */
   writeNow(offset: number, data: Buffer): boolean {
     const extentSize = this.extentSizeBytes;
@@ -213,7 +214,7 @@ export class Volume {
     if (!this.lock.tryExclusive()) return false;
     try {
       this.checkRange(offset, data.length, 'write');
-      if (this.tree.writeInPlaceNow(extent, offset - extent * extentSize, data, 0, data.length) === undefined) return false;
+      if (this.tree.writeNow(extent, offset - extent * extentSize, data, 0, data.length) === undefined) return false;
       this.noteChange();
       return true;
     } finally {

@@ -81,6 +81,16 @@ describe('partial extents: copy-on-write at page granularity', function () {
     assert.equal(counted.bytes, page, 'one page of data written, not the 64 KiB extent');
     const image = Buffer.from(golden);
     data.copy(image, 3 * page);
+    // The leaf is this clone's and wide now: a first write into another extent under it needs nothing loaded.
+    const more = randomBytes(2 * page);
+    assert.ok(vm.writeNow(5 * extentSize + 2 * page, more), 'a first write of whole pages under an own wide leaf is done at once');
+    more.copy(image, 5 * extentSize + 2 * page);
+    assert.ok(!vm.writeNow(6 * extentSize + 100, randomBytes(100)), 'one of part of a page must read the shared page first');
+    assert.equal(counted.bytes, 3 * page);
+    await expectImage('vm', image);
+    await vm.flush();
+    await store.close();
+    store = await openDataDir(dir.dir);
     await expectImage('vm', image);
     await expectImage('gold', golden);
   });
