@@ -418,7 +418,7 @@ async function main(): Promise<void> {
       rows,
     );
     console.log(
-      `\nbytes the server handed to write(2) per 4 KiB first write: ${fmt(firstWriteBytes / 1024, 1)} KiB (the copy-on-write of a 64 KiB extent, plus the reply; /proc/PID/io wchar)`,
+      `\nbytes the server handed to write(2) per 4 KiB first write: ${fmt(firstWriteBytes / 1024, 1)} KiB (the pages written, map nodes at commit, and the reply; /proc/PID/io wchar)`,
     );
     console.log(
       `server memory with ${attachedVolumes} volumes attached: RSS ${fmt(memory.rss / MiB, 0)} MB, peak ${fmt(memory.peak / MiB, 0)} MB over the whole run`,
