@@ -379,10 +379,11 @@ async function main(): Promise<void> {
     targets.push(checkTarget(`4 KiB random read, clone generation ${generations} / generation 1`, genLast.iops / genFirst.iops, { atLeast: 0.95 }));
 
     const concurrent: string[] = [];
+    const peerScaling: string[] = [];
     for (let i = 0; i < concurrentVolumes; i++) concurrent.push(await freshClone());
-    for (const [w, label] of [
-      [randRead, 'read'],
-      [randWrite, 'write'],
+    for (const [w, label, peerUri] of [
+      [randRead, 'read', nbdkitRead.uri],
+      [randWrite, 'write', nbdkitWrite.uri],
     ] as const) {
       const alone = run(`4 KiB random ${label} QD16`, 'arbor, one volume alone', uri(concurrent[0]), w);
       settleDisk();
@@ -404,6 +405,26 @@ async function main(): Promise<void> {
       targets.push(
         checkTarget(`4 KiB random ${label}, ${concurrentVolumes} volumes at once / one alone (aggregate IOPS)`, together.iops / alone.iops, { atLeast: 0.9 }),
       );
+      // The same ${concurrentVolumes} fio jobs against nbdkit (one connection each, one
+      // file): what the clients and the machine allow a server that scales, for
+      // comparison (not a target).
+      const peerAlone = run(`4 KiB random ${label} QD16`, 'nbdkit file, one connection alone', peerUri, w);
+      process.stderr.write(`4 KiB random ${label}: ${concurrentVolumes} connections to nbdkit at once...\n`);
+      const peerTogether = fioMany(
+        concurrent.map(() => peerUri),
+        w,
+        goldenBytes,
+        runtime,
+      );
+      rows.push([
+        `4 KiB random ${label} QD16 each`,
+        `nbdkit file, ${concurrentVolumes} connections at once (sum)`,
+        fmt(peerTogether.iops, 0),
+        fmt(peerTogether.mibs, 1),
+        fmt(peerTogether.p50us, 1),
+        fmt(peerTogether.p99us, 1),
+      ]);
+      peerScaling.push(`${label}: nbdkit ${concurrentVolumes} connections / one ${fmt(peerTogether.iops / peerAlone.iops, 2)}x`);
     }
 
     process.stderr.write(`attaching ${attachedVolumes} volumes, each with an idle connection...\n`);
@@ -423,6 +444,7 @@ async function main(): Promise<void> {
     console.log(
       `server memory with ${attachedVolumes} volumes attached: RSS ${fmt(memory.rss / MiB, 0)} MB, peak ${fmt(memory.peak / MiB, 0)} MB over the whole run`,
     );
+    console.log(`the same ${concurrentVolumes}-job fio runs against nbdkit, for comparison: ${peerScaling.join('; ')}`);
     printTargets('issue 16 targets (ratios taken in this run)', targets);
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();
     await stopServer(server);
