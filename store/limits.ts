@@ -19,8 +19,8 @@ export const maxNameBytes = 128;
 /** Blob ids are reserved from the catalog in batches, never reused. */
 export const blobIdBatchSize = 4096;
 
-/** Clean map nodes kept in memory across all volumes (64 MiB). */
-export const nodeCacheMaxNodes = 16384;
+/** Clean map nodes kept in memory across all volumes, by their bytes (16,384 plain nodes; a wide leaf weighs 4 or more). */
+export const nodeCacheMaxBytes = 64 * 1024 * 1024;
 /** Past this many dirty map nodes a volume commits in the background. */
 export const maxDirtyNodesPerVolume = 8192;
 /**

@@ -1,7 +1,7 @@
 import { Lru } from '../lib/lru';
 import { BlobStore } from './blobs/blobs';
 import { MapNode, checkNode } from './map-node';
-import { nodeCacheMaxNodes } from './limits';
+import { nodeCacheMaxBytes } from './limits';
 import { nodeBytesOf } from './partial';
 
 /**
@@ -16,9 +16,10 @@ export class NodeCache {
 
   constructor(
     private readonly blobs: BlobStore,
-    maxNodes = nodeCacheMaxNodes,
+    maxBytes = nodeCacheMaxBytes,
   ) {
-    this.nodes = new Lru({ capacity: maxNodes });
+    // Weighed by bytes: a wide leaf (store/partial.ts) is 16 KiB or more, not one page.
+    this.nodes = new Lru({ capacity: maxBytes, weigh: (node) => node.length });
   }
 
   get(id: number): MapNode | undefined {
