@@ -532,13 +532,16 @@ export class Store {
   private async snapshotBatch(volumeId: string, batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>): Promise<void> {
     let todo = batch;
     for (;;) {
-      // The record and who owns the volume, in one round trip.
-      const [entry, ownerEntry] = await this.ctx.catalog.getMany([keys.volume(volumeId), ownerKey(volumeId)]);
+      // The record, who owns the volume and every name key of the batch, in one round trip.
+      const nameKeys = todo.map(({ request }) => nameKeysOf(volumeId, request.name, request.scope));
+      const [entry, ownerEntry, ...nameEntries] = await this.ctx.catalog.getMany([keys.volume(volumeId), ownerKey(volumeId), ...nameKeys.flat()]);
       if (!entry) {
         for (const waiting of todo) waiting.reject(notFound('volume', { id: volumeId }));
         return;
       }
-      todo = await this.unanswered(decodeVolume(entry), todo);
+      let at = 0;
+      const namedBy = nameKeys.map((keysOfOne) => nameEntries.slice(at, (at += keysOfOne.length)));
+      todo = await this.unanswered(decodeVolume(entry), todo, namedBy);
       if (todo.length === 0) return;
       const owner = ownerEntry && decodeOwner(ownerEntry);
       // An owner key that is not this process's own is another live process's (it goes with its lease): ask it directly.
@@ -573,15 +576,22 @@ export class Store {
     }
   }
 
-  /** Answers the requests whose name is already used (the snapshot a retry asks for, or already-exists); returns the others. */
+  /**
+   * Answers the requests whose name is already used (the snapshot a retry asks for, or
+   * already-exists); returns the others. `nameEntries`: each request's name keys (as
+   * nameKeysOf lists them), read with the volume's record.
+   */
   private async unanswered(
     volume: VolumeRecord,
     batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>,
+    nameEntries: Array<Array<KvEntry | undefined>>,
   ): Promise<Array<Waiting<WantedSnapshot, SnapshotRecord>>> {
+    assert(nameEntries.length === batch.length, 'the name keys of every request of the batch were read');
     const answered = await Promise.all(
-      batch.map(async (waiting) => {
+      batch.map(async (waiting, i) => {
         try {
-          const existing = await this.existingSnapshot(volume, waiting.request.name, waiting.request.scope);
+          const { name, scope } = waiting.request;
+          const existing = settleExisting(volume, name, await this.snapshotsNamedBy(scope, nameEntries[i]));
           if (existing) waiting.resolve(existing);
           return existing !== undefined;
         } catch (err) {
