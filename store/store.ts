@@ -12,7 +12,16 @@ import { ArborError, isArborError } from './errors';
 import { GcReport } from './gc';
 import { validateExtentSize, validateVolumeSize } from './geometry';
 import { GroupSnapshots } from './group-snapshots';
-import { closeCatalogWithinMs, closeStepGraceMs, commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs, maxSnapshotsPerTxn } from './limits';
+import {
+  closeCatalogWithinMs,
+  closeStepGraceMs,
+  commitIntervalMs,
+  defaultExtentSizeBytes,
+  defaultOwnerLeaseTtlMs,
+  maxSnapshotsPerTxn,
+  seenSnapshotEntries,
+} from './limits';
+import { Lru } from '../lib/lru';
 import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry, volumeIdOf } from './lookups';
 import { openFormat } from './format';
 import { NodeCache } from './node-cache';
@@ -97,6 +106,14 @@ export class Store {
     (wanted) => wanted.name,
     (volumeId, batch) => this.snapshotBatch(volumeId, batch),
   );
+  /**
+   * Snapshot entries read lately by id (findSnapshot). A clone of one of them goes
+   * straight to its transaction, which compares the entry unchanged and the name
+   * absent: the CSI controller looks the source up (and the name) before it clones,
+   * so the clone needs no read of its own. An entry gone stale (the snapshot deleted,
+   * the name taken) fails that transaction and costs only the read it would have saved.
+   */
+  private readonly seenSnapshots = new Lru<string, KvEntry>({ capacity: seenSnapshotEntries });
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
   /** Set once the store is closing, where the catalog is shared: by then every wait on the catalog has ended. */
@@ -266,6 +283,16 @@ export class Store {
   /** A new volume sharing every block of a snapshot, or of a volume as it is now. O(1). */
   async cloneVolume(name: string, source: CloneSource, options: { labels?: Record<string, string> } = {}): Promise<VolumeRecord> {
     validateName(name, 'volume');
+    // A snapshot just looked up here (its entry seen): try the transaction at once.
+    const seen = 'snapshot' in source && 'id' in source.snapshot ? this.seenSnapshots.get(source.snapshot.id) : undefined;
+    if (seen) {
+      const created = await this.cloneSnapshot(name, seen, options.labels);
+      if (created) {
+        this.log.info('volume cloned', { volume: name, id: created.id, from: describeStep(created.lineage[0]) });
+        return created;
+      }
+      this.seenSnapshots.delete(decodeSnapshot(seen).id);
+    }
     for (;;) {
       // The source and the name, read at once.
       const [sourceEntry, existing] =
@@ -674,6 +701,7 @@ export class Store {
         [...snapshotDeletes(record), ...(ownsStoreWide ? [del(keys.snapshotName(record.name))] : [])],
       );
       if (result.succeeded) {
+        this.seenSnapshots.delete(record.id);
         this.log.info('snapshot deleted', { snapshot: record.name, id: record.id });
         return;
       }
@@ -688,7 +716,13 @@ export class Store {
 
   async findSnapshot(ref: SnapshotRef): Promise<SnapshotRecord | undefined> {
     const entry = await snapshotEntry(this.ctx.catalog, ref);
-    return entry && decodeSnapshot(entry);
+    if (!entry) {
+      if ('id' in ref) this.seenSnapshots.delete(ref.id);
+      return undefined;
+    }
+    const record = decodeSnapshot(entry);
+    if ('id' in ref) this.seenSnapshots.set(record.id, entry);
+    return record;
   }
 
   /** Every snapshot, or those taken of one volume (by id: of that volume; by name: of every volume that had the name), by name. */
