@@ -26,7 +26,7 @@ import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry, volumeI
 import { openFormat } from './format';
 import { NodeCache } from './node-cache';
 import { OpenVolumes, VolumeHandle } from './open-volumes';
-import { OwnerOp, OwnerRequests } from './owner-requests';
+import { InlineAnswer, OwnerOp, OwnerRequests } from './owner-requests';
 import { OwnedElsewhere, OwnerRecord, Ownership, decodeOwner, ownerKey } from './ownership';
 import { PublicationRegistry, PublishOptions } from './publications';
 import {
@@ -171,12 +171,12 @@ export class Store {
       ? undefined
       : await Ownership.start(catalog, options.nodeId ?? os.hostname(), options.leaseTtlMs ?? defaultOwnerLeaseTtlMs, log);
     const store = new Store(catalog, blobs, log, ownership);
-    await store.requests?.serve((op) => store.runForAsker(op));
+    await store.requests?.serve((op, inline) => store.runForAsker(op, inline));
     return store;
   }
 
-  /** Runs what another process asked of a volume this one owns. */
-  private async runForAsker(op: OwnerOp): Promise<unknown> {
+  /** Runs what another process asked of a volume this one owns; a snapshot of a volume open here answers in its own commit (`inline`). */
+  private async runForAsker(op: OwnerOp, inline?: InlineAnswer): Promise<unknown> {
     const ref = { id: op.volumeId };
     switch (op.op) {
       case 'createSnapshot': {
@@ -186,7 +186,7 @@ export class Store {
         if (!this.volumes.get(op.volumeId)?.isOpen) return this.createSnapshot(ref, op.name, scope);
         return this.onOwner(
           ref,
-          (volume) => this.snapshotOpenVolume(volume, op.name, scope),
+          (volume) => this.snapshotOpenVolume(volume, op.name, scope, inline),
           (volumeId) => ({ op: 'createSnapshot', volumeId, name: op.name, scope }),
         );
       }
@@ -664,7 +664,8 @@ export class Store {
     return { scope, mine, storeWide };
   }
 
-  private async snapshotOpenVolume(volume: Volume, name: string, scope: SnapshotScope): Promise<SnapshotRecord> {
+  /** `inline`: where another process asked, its answer rides in the snapshot's transaction. */
+  private async snapshotOpenVolume(volume: Volume, name: string, scope: SnapshotScope, inline?: InlineAnswer): Promise<SnapshotRecord> {
     // The caller has just looked for the name (the asker, or createSnapshot here): try
     // at once, and look again only when the transaction finds a name key taken.
     for (let attempt = 0; ; attempt++) {
@@ -675,9 +676,10 @@ export class Store {
       // One transaction commits what was written before the call and the snapshot of it.
       const created = await volume.commitShared((source) => {
         const made = snapshotBatchOps(source, [{ request: { name, scope } }]);
-        return { value: made.records[0], absent: made.absent, ops: made.ops };
+        return { value: made.records[0], absent: made.absent, ops: [...made.ops, ...(inline?.ops(made.records[0]) ?? [])] };
       });
       if (created) {
+        inline?.committed();
         this.log.info('snapshot created', { volume: volume.name, snapshot: name, id: created.id });
         return created;
       }

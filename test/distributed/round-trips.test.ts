@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
 import path from 'node:path';
 import { Etcd3 } from 'etcd3';
 import * as grpc from '@grpc/grpc-js';
@@ -7,6 +8,7 @@ import { toGrpcError } from '../../csi/errors';
 import { FileBlobStore } from '../../store/blobs/files';
 import { EtcdCatalog, parseStoreUrl } from '../../store/catalog/etcd';
 import { isArborError } from '../../store/errors';
+import { keys } from '../../store/records';
 import { Store } from '../../store/store';
 import { etcdForSuite } from '../support/etcd';
 import { RoundTrips } from '../support/round-trips';
@@ -14,13 +16,15 @@ import { SharedBlobs } from '../support/shared-blobs';
 import { tempDir } from '../support/tmp';
 
 const extentBytes = 64 * 1024;
+const prefix = '/round-trips/arbor/';
 
 /**
  * The catalog round trips of the controller's hot paths on a real etcd (issue 16:
  * each is a millisecond or more on a loaded machine), and that the shortcuts that
  * save them keep every answer: a detached snapshot reads once and commits once; a
  * clone of a snapshot the controller just looked up commits at once, and still
- * answers right when the snapshot went or the name was taken meanwhile.
+ * answers right when the snapshot went or the name was taken meanwhile; an owner
+ * answers a snapshot in the snapshot's own transaction.
  */
 describe('catalog round trips of snapshots and clones', function () {
   this.timeout(60_000);
@@ -115,5 +119,38 @@ describe('catalog round trips of snapshots and clones', function () {
     assert.ok(await controller.findSnapshot({ id: snapshot.id }));
     await assert.rejects(controller.cloneVolume('raced-taken', { snapshot: { id: snapshot.id } }), (err) => isArborError(err, 'already-exists'));
     assert.deepEqual(await controller.getVolume({ name: 'raced-taken' }), taken);
+  });
+
+  it("answers a snapshot asked of the volume's owner in the snapshot's own transaction", async () => {
+    const owner = await open('owner');
+    const record = await owner.createVolume('attached', { sizeBytes: 16 * extentBytes });
+    const held = await owner.acquireVolume({ id: record.id });
+    try {
+      const written = crypto.randomBytes(4096);
+      await held.volume.write(extentBytes, written);
+      // The request as the controller's store puts it (owner-requests.ts), watched for its answer.
+      const id = crypto.randomBytes(8).toString('hex');
+      const replyKey = `replies/an-asker/${id}`;
+      const watcher = await etcd.watch().key(`${prefix}${replyKey}`).create();
+      const reply = new Promise<{ value: string; modRevision: string }>((resolve) =>
+        watcher.on('put', (kv) => resolve({ value: kv.value.toString(), modRevision: kv.mod_revision })),
+      );
+      await etcd
+        .put(`${prefix}requests/owner/${id}`)
+        .value(JSON.stringify({ op: 'createSnapshot', volumeId: record.id, name: 'attached-1', scope: 'store', from: 'an-asker', replyTo: replyKey }));
+      const answer = await reply;
+      await watcher.cancel();
+      const { ok, result } = JSON.parse(answer.value) as { ok: boolean; result: { id: string } };
+      assert.ok(ok);
+      const snapshotKv = (await etcd.get(`${prefix}${keys.snapshot(result.id)}`).exec()).kvs[0];
+      assert.equal(answer.modRevision, snapshotKv.mod_revision, 'the answer was written by the transaction that made the snapshot');
+      const reader = await owner.openSnapshot({ id: result.id });
+      assert.ok((await reader.read(extentBytes, 4096)).equals(written), 'the snapshot holds the write acknowledged before it was asked');
+      // And through a store that asks (the controller's): the answer it hears is the snapshot made.
+      const asked = await stores[0].createSnapshot({ id: record.id }, 'attached-2');
+      assert.equal((await owner.getSnapshot({ id: asked.id })).name, 'attached-2');
+    } finally {
+      await held.release();
+    }
   });
 });
