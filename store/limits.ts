@@ -124,3 +124,9 @@ export const maxMigrationOpsPerTxn = 100;
  * 128 by default.
  */
 export const maxSnapshotsPerTxn = 24;
+
+/**
+ * Snapshot entries a store remembers from its lookups by id (Store.findSnapshot), so
+ * that a clone of a snapshot just looked up goes straight to its transaction.
+ */
+export const seenSnapshotEntries = 256;

@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { Log } from '../lib/logger';
-import { Catalog, KvEntry, WatchEvent, del, put, unchanged } from './catalog/catalog';
+import { Catalog, KvEntry, Op, WatchEvent, del, put, unchanged } from './catalog/catalog';
 import { Check, boolean, count, decode, invalid, mapOf, optional, shape, string } from './decode';
 import { ArborError, ErrorCode, isArborError } from './errors';
 import { ownerRequestTimeoutMs, ownerCheckIntervalMs } from './limits';
@@ -32,6 +32,19 @@ const opFields: Record<OwnerOp['op'], Check<unknown>> = {
   volumeUsage: shape({}),
   holdForGroup: shape({ token: string }),
 };
+
+/**
+ * How a handler may answer in a transaction of its own (a snapshot's commit) instead
+ * of the owner's separate put after it: one round trip fewer for the asker. Offered
+ * only once the request's claim is won, so an answer is still written only by the
+ * claim's winner.
+ */
+export interface InlineAnswer {
+  /** The ops that answer with `result`, to ride in the handler's transaction; none while the claim is not won (the answer then follows as usual). */
+  ops(result: unknown): Op[];
+  /** The transaction carrying the last ops `ops` gave committed: the answer is written. */
+  committed(): void;
+}
 
 /** A request as the owner reads it: the op, who asks, and (from askers since replies went per asker) where to answer. */
 type Request = OwnerOp & { from: string; replyTo?: string };
@@ -81,7 +94,7 @@ export class OwnerRequests {
    * the first, so an answer never waits for a watch to be set up (nor, put before its
    * watch was there, for the next poll).
    */
-  async serve(handler: (op: OwnerOp) => Promise<unknown>): Promise<void> {
+  async serve(handler: (op: OwnerOp, inline: InlineAnswer) => Promise<unknown>): Promise<void> {
     const replies = repliesTo(this.ownership.nodeId);
     this.stopReplies = this.catalog.watch(replies, (events: WatchEvent[]) => {
       for (const event of events) if (event.type === 'put') this.waiting.get(event.key.slice(replies.length))?.(event.value!);
@@ -159,7 +172,7 @@ export class OwnerRequests {
     });
   }
 
-  private async answer(entry: KvEntry, handler: (op: OwnerOp) => Promise<unknown>): Promise<void> {
+  private async answer(entry: KvEntry, handler: (op: OwnerOp, inline: InlineAnswer) => Promise<unknown>): Promise<void> {
     const id = entry.key.slice(entry.key.lastIndexOf('/') + 1);
     try {
       // Claiming deletes the request: it is answered once, however many times it is seen.
@@ -178,16 +191,37 @@ export class OwnerRequests {
       // run finds it, and an asker that gives up while the owner commits leaves the snapshot
       // made the same way), and only the claim's winner answers.
       if (!runsOnceByName(op) && !(await claim)) return;
+      // Where the asker said, if it is the one place an asker may name (its own prefix, this request's id).
+      const to = op.replyTo === `${repliesTo(op.from)}${id}` ? op.replyTo : legacyReplyKey(id);
+      const lease = await this.ownership.currentLease();
+      let claimed: boolean | undefined;
+      claim.then((won) => (claimed = won)).catch(() => {});
+      let offered = false;
+      let answeredInline = false;
+      const inline: InlineAnswer = {
+        ops: (result) => {
+          offered = claimed === true;
+          return offered ? [put(to, { ok: true, result: result ?? null } satisfies Reply, lease)] : [];
+        },
+        committed: () => {
+          answeredInline ||= offered;
+        },
+      };
       let reply: Reply;
       try {
-        reply = { ok: true, result: (await handler(op)) ?? null };
+        reply = { ok: true, result: (await handler(op, inline)) ?? null };
       } catch (err) {
         reply = { ok: false, error: isArborError(err) ? { code: err.code, message: err.message } : { code: 'internal', message: (err as Error).message } };
       }
       if (!(await claim)) return;
-      this.log.info('answered a request for a volume this node owns', { op: op.op, volumeId: op.volumeId, from: op.from, ok: reply.ok });
-      // Where the asker said, if it is the one place an asker may name (its own prefix, this request's id).
-      const to = op.replyTo === `${repliesTo(op.from)}${id}` ? op.replyTo : legacyReplyKey(id);
+      this.log.info('answered a request for a volume this node owns', {
+        op: op.op,
+        volumeId: op.volumeId,
+        from: op.from,
+        ok: reply.ok,
+        inline: answeredInline,
+      });
+      if (answeredInline) return;
       await this.catalog.txn([], [put(to, reply, await this.ownership.currentLease())]);
     } catch (err) {
       this.log.error('answering an owner request failed', { request: entry.key, error: (err as Error).message });

@@ -12,12 +12,21 @@ import { ArborError, isArborError } from './errors';
 import { GcReport } from './gc';
 import { validateExtentSize, validateVolumeSize } from './geometry';
 import { GroupSnapshots } from './group-snapshots';
-import { closeCatalogWithinMs, closeStepGraceMs, commitIntervalMs, defaultExtentSizeBytes, defaultOwnerLeaseTtlMs, maxSnapshotsPerTxn } from './limits';
+import {
+  closeCatalogWithinMs,
+  closeStepGraceMs,
+  commitIntervalMs,
+  defaultExtentSizeBytes,
+  defaultOwnerLeaseTtlMs,
+  maxSnapshotsPerTxn,
+  seenSnapshotEntries,
+} from './limits';
+import { Lru } from '../lib/lru';
 import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry, volumeIdOf } from './lookups';
 import { openFormat } from './format';
 import { NodeCache } from './node-cache';
 import { OpenVolumes, VolumeHandle } from './open-volumes';
-import { OwnerOp, OwnerRequests } from './owner-requests';
+import { InlineAnswer, OwnerOp, OwnerRequests } from './owner-requests';
 import { OwnedElsewhere, OwnerRecord, Ownership, decodeOwner, ownerKey } from './ownership';
 import { PublicationRegistry, PublishOptions } from './publications';
 import {
@@ -97,6 +106,14 @@ export class Store {
     (wanted) => wanted.name,
     (volumeId, batch) => this.snapshotBatch(volumeId, batch),
   );
+  /**
+   * Snapshot entries read lately by id (findSnapshot). A clone of one of them goes
+   * straight to its transaction, which compares the entry unchanged and the name
+   * absent: the CSI controller looks the source up (and the name) before it clones,
+   * so the clone needs no read of its own. An entry gone stale (the snapshot deleted,
+   * the name taken) fails that transaction and costs only the read it would have saved.
+   */
+  private readonly seenSnapshots = new Lru<string, KvEntry>({ capacity: seenSnapshotEntries });
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
   /** Set once the store is closing, where the catalog is shared: by then every wait on the catalog has ended. */
@@ -154,12 +171,12 @@ export class Store {
       ? undefined
       : await Ownership.start(catalog, options.nodeId ?? os.hostname(), options.leaseTtlMs ?? defaultOwnerLeaseTtlMs, log);
     const store = new Store(catalog, blobs, log, ownership);
-    await store.requests?.serve((op) => store.runForAsker(op));
+    await store.requests?.serve((op, inline) => store.runForAsker(op, inline));
     return store;
   }
 
-  /** Runs what another process asked of a volume this one owns. */
-  private async runForAsker(op: OwnerOp): Promise<unknown> {
+  /** Runs what another process asked of a volume this one owns; a snapshot of a volume open here answers in its own commit (`inline`). */
+  private async runForAsker(op: OwnerOp, inline?: InlineAnswer): Promise<unknown> {
     const ref = { id: op.volumeId };
     switch (op.op) {
       case 'createSnapshot': {
@@ -169,7 +186,7 @@ export class Store {
         if (!this.volumes.get(op.volumeId)?.isOpen) return this.createSnapshot(ref, op.name, scope);
         return this.onOwner(
           ref,
-          (volume) => this.snapshotOpenVolume(volume, op.name, scope),
+          (volume) => this.snapshotOpenVolume(volume, op.name, scope, inline),
           (volumeId) => ({ op: 'createSnapshot', volumeId, name: op.name, scope }),
         );
       }
@@ -266,6 +283,16 @@ export class Store {
   /** A new volume sharing every block of a snapshot, or of a volume as it is now. O(1). */
   async cloneVolume(name: string, source: CloneSource, options: { labels?: Record<string, string> } = {}): Promise<VolumeRecord> {
     validateName(name, 'volume');
+    // A snapshot just looked up here (its entry seen): try the transaction at once.
+    const seen = 'snapshot' in source && 'id' in source.snapshot ? this.seenSnapshots.get(source.snapshot.id) : undefined;
+    if (seen) {
+      const created = await this.cloneSnapshot(name, seen, options.labels);
+      if (created) {
+        this.log.info('volume cloned', { volume: name, id: created.id, from: describeStep(created.lineage[0]) });
+        return created;
+      }
+      this.seenSnapshots.delete(decodeSnapshot(seen).id);
+    }
     for (;;) {
       // The source and the name, read at once.
       const [sourceEntry, existing] =
@@ -532,13 +559,16 @@ export class Store {
   private async snapshotBatch(volumeId: string, batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>): Promise<void> {
     let todo = batch;
     for (;;) {
-      // The record and who owns the volume, in one round trip.
-      const [entry, ownerEntry] = await this.ctx.catalog.getMany([keys.volume(volumeId), ownerKey(volumeId)]);
+      // The record, who owns the volume and every name key of the batch, in one round trip.
+      const nameKeys = todo.map(({ request }) => nameKeysOf(volumeId, request.name, request.scope));
+      const [entry, ownerEntry, ...nameEntries] = await this.ctx.catalog.getMany([keys.volume(volumeId), ownerKey(volumeId), ...nameKeys.flat()]);
       if (!entry) {
         for (const waiting of todo) waiting.reject(notFound('volume', { id: volumeId }));
         return;
       }
-      todo = await this.unanswered(decodeVolume(entry), todo);
+      let at = 0;
+      const namedBy = nameKeys.map((keysOfOne) => nameEntries.slice(at, (at += keysOfOne.length)));
+      todo = await this.unanswered(decodeVolume(entry), todo, namedBy);
       if (todo.length === 0) return;
       const owner = ownerEntry && decodeOwner(ownerEntry);
       // An owner key that is not this process's own is another live process's (it goes with its lease): ask it directly.
@@ -573,15 +603,22 @@ export class Store {
     }
   }
 
-  /** Answers the requests whose name is already used (the snapshot a retry asks for, or already-exists); returns the others. */
+  /**
+   * Answers the requests whose name is already used (the snapshot a retry asks for, or
+   * already-exists); returns the others. `nameEntries`: each request's name keys (as
+   * nameKeysOf lists them), read with the volume's record.
+   */
   private async unanswered(
     volume: VolumeRecord,
     batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>,
+    nameEntries: Array<Array<KvEntry | undefined>>,
   ): Promise<Array<Waiting<WantedSnapshot, SnapshotRecord>>> {
+    assert(nameEntries.length === batch.length, 'the name keys of every request of the batch were read');
     const answered = await Promise.all(
-      batch.map(async (waiting) => {
+      batch.map(async (waiting, i) => {
         try {
-          const existing = await this.existingSnapshot(volume, waiting.request.name, waiting.request.scope);
+          const { name, scope } = waiting.request;
+          const existing = settleExisting(volume, name, await this.snapshotsNamedBy(scope, nameEntries[i]));
           if (existing) waiting.resolve(existing);
           return existing !== undefined;
         } catch (err) {
@@ -627,7 +664,8 @@ export class Store {
     return { scope, mine, storeWide };
   }
 
-  private async snapshotOpenVolume(volume: Volume, name: string, scope: SnapshotScope): Promise<SnapshotRecord> {
+  /** `inline`: where another process asked, its answer rides in the snapshot's transaction. */
+  private async snapshotOpenVolume(volume: Volume, name: string, scope: SnapshotScope, inline?: InlineAnswer): Promise<SnapshotRecord> {
     // The caller has just looked for the name (the asker, or createSnapshot here): try
     // at once, and look again only when the transaction finds a name key taken.
     for (let attempt = 0; ; attempt++) {
@@ -638,9 +676,10 @@ export class Store {
       // One transaction commits what was written before the call and the snapshot of it.
       const created = await volume.commitShared((source) => {
         const made = snapshotBatchOps(source, [{ request: { name, scope } }]);
-        return { value: made.records[0], absent: made.absent, ops: made.ops };
+        return { value: made.records[0], absent: made.absent, ops: [...made.ops, ...(inline?.ops(made.records[0]) ?? [])] };
       });
       if (created) {
+        inline?.committed();
         this.log.info('snapshot created', { volume: volume.name, snapshot: name, id: created.id });
         return created;
       }
@@ -664,6 +703,7 @@ export class Store {
         [...snapshotDeletes(record), ...(ownsStoreWide ? [del(keys.snapshotName(record.name))] : [])],
       );
       if (result.succeeded) {
+        this.seenSnapshots.delete(record.id);
         this.log.info('snapshot deleted', { snapshot: record.name, id: record.id });
         return;
       }
@@ -678,7 +718,13 @@ export class Store {
 
   async findSnapshot(ref: SnapshotRef): Promise<SnapshotRecord | undefined> {
     const entry = await snapshotEntry(this.ctx.catalog, ref);
-    return entry && decodeSnapshot(entry);
+    if (!entry) {
+      if ('id' in ref) this.seenSnapshots.delete(ref.id);
+      return undefined;
+    }
+    const record = decodeSnapshot(entry);
+    if ('id' in ref) this.seenSnapshots.set(record.id, entry);
+    return record;
   }
 
   /** Every snapshot, or those taken of one volume (by id: of that volume; by name: of every volume that had the name), by name. */
