@@ -1,5 +1,5 @@
 import * as grpc from '@grpc/grpc-js';
-import { csiProto } from './proto';
+import { Int64As, csiProto } from './proto';
 
 type Call = (request?: object) => Promise<Record<string, unknown>>;
 /** A server-streaming call (SnapshotMetadata): the response stream, to read or cancel. */
@@ -15,8 +15,9 @@ export interface CsiClient {
   close(): void;
 }
 
-export function csiClient(socketPath: string): CsiClient {
-  const proto = csiProto().csi.v1;
+/** `int64`: how responses' int64 fields come back (csi/proto.ts), as strings unless asked. */
+export function csiClient(socketPath: string, options: { int64?: Int64As } = {}): CsiClient {
+  const proto = csiProto(options.int64).csi.v1;
   const address = `unix://${socketPath}`;
   const clients: grpc.Client[] = [];
   const wrap = (Service: grpc.ServiceClientConstructor): Record<string, Call> => {

@@ -14,11 +14,26 @@ export const protoPath = path.join(__dirname, '../../csi/proto/csi.proto');
 
 export const loaderOptions: protoLoader.Options = { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true };
 
-let loaded: ProtoGrpcType | undefined;
+/**
+ * How a client decodes int64 fields: as decimal strings (the generated types', and
+ * what `arbor csi call` prints), or as numbers, exact below 2^53 (every size and time
+ * here), as a Go client's int64 is. protobufjs makes a Long of each and then a
+ * string of that: for a page of 500 snapshots that was half the client's decoding.
+ * The server decodes requests one way only, the generated types' (strings).
+ */
+export type Int64As = 'string' | 'number';
 
-export function csiProto(): ProtoGrpcType {
-  loaded ??= grpc.loadPackageDefinition(protoLoader.loadSync(protoPath, loaderOptions)) as unknown as ProtoGrpcType;
-  return loaded;
+const loaded = new Map<Int64As, ProtoGrpcType>();
+
+/** The services, their messages decoded as the generated types say (or, for a client that asks, int64 fields as numbers). */
+export function csiProto(int64: Int64As = 'string'): ProtoGrpcType {
+  let proto = loaded.get(int64);
+  if (!proto) {
+    const options = int64 === 'number' ? { ...loaderOptions, longs: Number } : loaderOptions;
+    proto = grpc.loadPackageDefinition(protoLoader.loadSync(protoPath, options)) as unknown as ProtoGrpcType;
+    loaded.set(int64, proto);
+  }
+  return proto;
 }
 
 export const driverName = 'csi.arbor.dev';

@@ -4,6 +4,7 @@ import path from 'node:path';
 import { Log } from '../lib/logger';
 import { csiRequests, csiRequestSeconds } from '../lib/metrics';
 import { ArborError } from '../store/errors';
+import { responseEncoders } from './encode';
 import { toGrpcError } from './errors';
 import type { ControllerHandlers } from './generated/csi/v1/Controller';
 import type { GroupControllerHandlers } from './generated/csi/v1/GroupController';
@@ -83,7 +84,7 @@ export async function startCsiServer(endpoint: string, services: CsiServices, lo
   const proto = csiProto().csi.v1;
   for (const [name, implementation] of Object.entries(services) as Array<[keyof CsiServices, Record<string, Unary | Streaming | undefined> | undefined]>) {
     if (!implementation) continue;
-    const definition: grpc.ServiceDefinition = proto[name].service;
+    const definition: grpc.ServiceDefinition = withEncoders(name, proto[name].service);
     const handlers: grpc.UntypedServiceImplementation = {};
     for (const [method, handler] of Object.entries(implementation)) {
       if (!(method in definition)) throw new Error(`${name}.${method} is not in csi.proto`);
@@ -107,6 +108,18 @@ export async function startCsiServer(endpoint: string, services: CsiServices, lo
         setTimeout(() => server.forceShutdown(), 5000).unref();
       }),
   };
+}
+
+/** The service's definition, with the responses csi/encode.ts encodes encoded there (protobufjs for what it leaves). */
+export function withEncoders(name: string, definition: grpc.ServiceDefinition): grpc.ServiceDefinition {
+  return Object.fromEntries(
+    Object.entries(definition).map(([method, attrs]) => {
+      const encode = responseEncoders[`${name}.${method}`];
+      if (!encode) return [method, attrs];
+      const protobufjs = attrs.responseSerialize;
+      return [method, { ...attrs, responseSerialize: (response: object) => encode(response) ?? protobufjs(response) }];
+    }),
+  );
 }
 
 function wrap(method: string, handler: Unary, log: Log): grpc.handleUnaryCall<object, object> {

@@ -51,9 +51,11 @@ export function mapOf<T>(check: Check<T>): Check<Record<string, T>> {
 
 /** An object with at least these fields, each checked. */
 export function shape<T>(fields: { [K in keyof T]-?: Check<T[K]> }): Check<T> {
+  // Listed once, not per record: a listing checks every record it returns (store/listing.ts).
+  const checks = Object.entries<Check<unknown>>(fields);
   return (value, path) => {
     if (typeof value !== 'object' || value === null || Array.isArray(value)) return invalid(path, 'an object', value);
-    for (const [name, check] of Object.entries<Check<unknown>>(fields)) check((value as Record<string, unknown>)[name], path ? `${path}.${name}` : name);
+    for (const [name, check] of checks) check((value as Record<string, unknown>)[name], path ? `${path}.${name}` : name);
     return value as T;
   };
 }

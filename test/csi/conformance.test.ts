@@ -335,6 +335,41 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       assert.equal(xfs.confirmed, null, 'an ext4 volume is not confirmed for xfs');
     });
 
+    it('ListSnapshots gives every field as GetSnapshot does; a client that asks for int64s as numbers gets the same snapshots with numbers', async () => {
+      const { volume } = await create('listed-fields');
+      await csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'listed-fields-1' });
+      const group = (await csi.group.CreateVolumeGroupSnapshot({ name: 'listed-fields-group', source_volume_ids: [volume.volume_id] })).group_snapshot as {
+        group_snapshot_id: string;
+      };
+      type Listed = {
+        snapshot: { snapshot_id: string; size_bytes: string | number; creation_time: { seconds: string | number; nanos: number }; group_snapshot_id: string };
+      };
+      const listed = (await csi.controller.ListSnapshots({ source_volume_id: volume.volume_id })).entries as Listed[];
+      assert.equal(listed.length, 2);
+      for (const { snapshot } of listed) {
+        assert.deepEqual(snapshot, (await csi.controller.GetSnapshot({ snapshot_id: snapshot.snapshot_id })).snapshot, snapshot.snapshot_id);
+        assert.equal(snapshot.size_bytes, String(64 * MiB));
+      }
+      assert.deepEqual(
+        listed.map((e) => e.snapshot.group_snapshot_id).sort(),
+        ['', group.group_snapshot_id],
+        "one in the group, one in none (ListSnapshots gives '')",
+      );
+      const numbers = csiClient(path.join(suite.dir, 'csi.sock'), { int64: 'number' });
+      try {
+        const asNumbers = (await numbers.controller.ListSnapshots({ source_volume_id: volume.volume_id })).entries as Listed[];
+        assert.deepEqual(
+          asNumbers,
+          listed.map(({ snapshot }) => ({
+            snapshot: { ...snapshot, size_bytes: 64 * MiB, creation_time: { ...snapshot.creation_time, seconds: Number(snapshot.creation_time.seconds) } },
+          })),
+        );
+      } finally {
+        numbers.close();
+      }
+      await csi.group.DeleteVolumeGroupSnapshot({ group_snapshot_id: group.group_snapshot_id });
+    });
+
     it("ListSnapshots pages while snapshots come and go: each that stayed listed once, in id order, only the source volume's; a deleted token is ABORTED", async () => {
       const { volume: a } = await create('paged-a');
       const { volume: b } = await create('paged-b');
