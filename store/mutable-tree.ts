@@ -259,10 +259,11 @@ export class MutableTree implements NodeSource {
     const wide = widen(step.node, this.layout!);
     const id = await this.ids.allocate(nodeClassFor(wide.length));
     this.dirty.set(id, { node: wide, fresh: true });
-    const was = this.dirty.get(step.id);
     this.dirty.delete(step.id);
     this.nodes.delete(step.id);
-    if (!was?.fresh) this.frees.add(step.id);
+    // Freed even when fresh and never written: after a restart every id below the
+    // committed marks counts as present (store/blobs/files.ts) until it is freed.
+    this.frees.add(step.id);
     if (path.length === 1) {
       this.root = makeEntry(id, WRITABLE);
     } else {

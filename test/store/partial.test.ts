@@ -178,6 +178,17 @@ describe('partial extents: copy-on-write at page granularity', function () {
     assert.equal((await reachableBlobs(store)).size, 0);
   });
 
+  it('deleting a clone with partial extents frees every blob it took, leaving the collector nothing, across a restart', async () => {
+    const vm = await store.openVolume({ name: 'vm' });
+    // Whole extents, then part of one under the same leaf: the leaf is copied, then widened.
+    await vm.write(0, randomBytes(MiB - extentSize + 1234));
+    await vm.flush();
+    await store.close();
+    store = await openDataDir(dir.dir);
+    await store.deleteVolume({ name: 'vm' });
+    assert.equal((await store.collectGarbage()).freedBlobs, 0, 'nothing the clone took was left for the collector');
+  });
+
   it('where synced blobs are immutable (as in S3), a write into a synced patch makes a new one with its pages', async () => {
     await store.close();
     store = await openDataDir(dir.dir, silentLog, { rewritableBlobs: false });
