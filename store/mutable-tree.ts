@@ -15,10 +15,10 @@ import {
   addPages,
   allPages,
   baseOf,
+  bitmapHasPage,
   hasPage,
   hasPages,
   isWideLeaf,
-  nodeClassFor,
   pageBytes,
   pagesOf,
   partialLayout,
@@ -99,7 +99,7 @@ export class MutableTree implements NodeSource {
   }
 
   private async newNode(node: MapNode): Promise<number> {
-    const id = await this.ids.allocate(nodeClassFor(node.length));
+    const id = await this.ids.allocate(classForBytes(node.length));
     this.dirty.set(id, { node, fresh: true });
     return id;
   }
@@ -175,7 +175,7 @@ export class MutableTree implements NodeSource {
     const id = await this.ids.allocate(this.extentClass);
     const first = Math.floor(at / pageBytes);
     const last = Math.floor((at + length - 1) / pageBytes);
-    const inOld = (page: number): boolean => old !== undefined && (old.pages[page >> 3] & (1 << (page & 7))) !== 0;
+    const inOld = (page: number): boolean => old !== undefined && bitmapHasPage(old.pages, page);
     if (old) {
       // The older patch's pages this write does not reach move to the new one.
       for (let page = 0; page < layout.pages; page++) {
@@ -257,7 +257,7 @@ export class MutableTree implements NodeSource {
     const step = path[path.length - 1];
     if (isWideLeaf(step.node)) return step.node;
     const wide = widen(step.node, this.layout!);
-    const id = await this.ids.allocate(nodeClassFor(wide.length));
+    const id = await this.ids.allocate(classForBytes(wide.length));
     this.dirty.set(id, { node: wide, fresh: true });
     this.dirty.delete(step.id);
     this.nodes.delete(step.id);
@@ -572,7 +572,7 @@ export class MutableTree implements NodeSource {
     }
     let newId = id;
     if (!dirty.fresh) {
-      newId = await this.ids.allocate(nodeClassFor(dirty.node.length));
+      newId = await this.ids.allocate(classForBytes(dirty.node.length));
       this.frees.add(id);
     }
     await this.blobs.write(newId, 0, dirty.node, 0, dirty.node.length);

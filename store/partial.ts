@@ -19,7 +19,7 @@
  * A base is never this tree's own: it is a shared extent, freed by the collector.
  * When every page is in the patch, the entry becomes a plain one and the base is let go.
  */
-import { bytesOfClass, classForBytes, classOf } from './blob-id';
+import { bytesOfClass, classOf } from './blob-id';
 import { Entry, entryProblem, hasBlob, isPartial, isWritable, isZero, EMPTY } from './entry';
 import { entriesPerNode, nodeSizeBytes } from './limits';
 import { MapNode, getEntry, setEntry } from './map-node';
@@ -58,11 +58,6 @@ export function isWideLeaf(node: MapNode): boolean {
   return node.length > nodeSizeBytes;
 }
 
-/** The blob size class of a node of this many bytes. */
-export function nodeClassFor(bytes: number): number {
-  return classForBytes(bytes);
-}
-
 /** How many bytes a node blob of this id holds (a wide leaf when its class is above the map-node class). */
 export function nodeBytesOf(id: number): number {
   return bytesOfClass(classOf(id));
@@ -80,7 +75,16 @@ export function baseOf(leaf: MapNode, slot: number): Entry {
 }
 
 export function hasPage(leaf: MapNode, slot: number, stride: number, page: number): boolean {
-  return (leaf[bitmapsAt + slot * stride + (page >> 3)] & (1 << (page & 7))) !== 0;
+  return bitSet(leaf, bitmapsAt + slot * stride, page);
+}
+
+/** Whether a bitmap `pagesOf` returned (or a copy of one) holds `page`. */
+export function bitmapHasPage(pages: Buffer, page: number): boolean {
+  return bitSet(pages, 0, page);
+}
+
+function bitSet(bytes: Buffer, at: number, page: number): boolean {
+  return (bytes[at + (page >> 3)] & (1 << (page & 7))) !== 0;
 }
 
 /** Whether pages first..last (inclusive) are all in the patch. */
