@@ -30,8 +30,9 @@ COPY csi ./csi
 COPY controller ./controller
 COPY node-plugin ./node-plugin
 COPY cli ./cli
-# Generates csi/generated from csi/proto/csi.proto, compiles to dist/, then drops the
-# development dependencies (typescript, mocha, the test tools).
+# Generates csi/generated from csi/proto/csi.proto, compiles to dist/, bundles the
+# `arbor` command into dist/arbor.js (esbuild), then drops the development
+# dependencies (typescript, esbuild, mocha, the test tools).
 RUN npm run build \
  && npm prune --omit=dev --no-audit --no-fund
 
@@ -62,11 +63,11 @@ WORKDIR /opt/arbor
 COPY --from=build /opt/arbor/package.json ./package.json
 COPY --from=build /opt/arbor/node_modules ./node_modules
 COPY --from=build /opt/arbor/dist ./dist
-# csi/proto.ts loads the proto at run time from ../../csi/proto/csi.proto, relative to
-# dist/csi/proto.js.
+# csi/proto.ts loads the proto at run time from csi/proto/csi.proto under the package
+# directory (lib/package-root.ts).
 COPY --from=build /opt/arbor/csi/proto ./csi/proto
 # `arbor` on PATH is package.json's bin; the native module must load here.
-RUN ln -s /opt/arbor/dist/cli/main.js /usr/local/bin/arbor \
+RUN ln -s /opt/arbor/dist/arbor.js /usr/local/bin/arbor \
  && arbor --version \
  && test -x /opt/arbor/dist/native/arbor-nbd-netlink \
  && node -e "require('better-sqlite3')(':memory:').close()"

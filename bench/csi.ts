@@ -27,7 +27,7 @@ import { CsiClient, csiClient } from '../csi/client';
 import { openDataDir } from '../store/embedded';
 import { fmt, nowMs, percentile, printTable, timeEach, runBenchmark, stopServer } from './support';
 
-const cli = path.join(__dirname, '../cli/main.js');
+const cli = path.join(__dirname, '../arbor.js');
 const count = Number(process.env.BENCH_CLONES ?? 500);
 const catalogVolumes = Number(process.env.BENCH_CATALOG_VOLUMES ?? 10_000);
 const catalogSnapshots = Number(process.env.BENCH_CATALOG_SNAPSHOTS ?? 90_000);

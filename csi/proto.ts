@@ -1,6 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import path from 'node:path';
+import { packagePath } from '../lib/package-root';
 import type { ProtoGrpcType } from './generated/csi';
 
 /**
@@ -10,7 +10,7 @@ import type { ProtoGrpcType } from './generated/csi';
  * (field names as in the proto, 64-bit integers as strings, enums as names,
  * defaults filled in, oneof fields named).
  */
-export const protoPath = path.join(__dirname, '../../csi/proto/csi.proto');
+export const protoPath = packagePath('csi', 'proto', 'csi.proto');
 
 export const loaderOptions: protoLoader.Options = { keepCase: true, longs: String, enums: String, defaults: true, oneofs: true };
 

@@ -8,11 +8,11 @@
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
-import path from 'node:path';
+import { packagePath } from '../../lib/package-root';
 import { ArborError } from '../../store/errors';
 
-/** dist/node-plugin/attach/ → dist/native/ */
-export const netlinkHelperPath = path.resolve(__dirname, '..', '..', 'native', 'arbor-nbd-netlink');
+/** Built by native/build.sh into dist/native/. */
+export const netlinkHelperPath = packagePath('dist', 'native', 'arbor-nbd-netlink');
 
 /** One netlink request takes microseconds; this bounds a kernel that hangs in one. */
 export const netlinkHelperTimeoutMs = 30_000;

@@ -256,7 +256,14 @@ describe('the container image (Dockerfile, .dockerignore)', function () {
     assert.equal(link[1], path.posix.join(workdir(stage), pkg.bin.arbor), 'the symlink points at package.json bin.arbor');
     assert.equal(link[2], '/usr/local/bin/arbor');
     assert.match(fs.readFileSync(path.join(repoRoot, 'cli/main.ts'), 'utf8'), /^#!\/usr\/bin\/env node\n/, 'the bin runs through its shebang');
-    assert.match(pkg.scripts.build, /chmod \+x dist\/cli\/main\.js/);
+    // The bin is the bundle of cli/main.js, which keeps its shebang, made executable by the build.
+    assert.match(pkg.scripts.build, /npm run bundle/);
+    assert.match(
+      pkg.scripts.bundle,
+      new RegExp(`esbuild dist/cli/main\\.js --bundle .*--outfile=${pkg.bin.arbor.replace('.', '\\.')} .*&& chmod \\+x ${pkg.bin.arbor.replace('.', '\\.')}`),
+    );
+    assert.match(fs.readFileSync(path.join(repoRoot, pkg.bin.arbor), 'utf8'), /^#!\/usr\/bin\/env node\n/, 'the built bin starts with the shebang');
+    assert.ok((fs.statSync(path.join(repoRoot, pkg.bin.arbor)).mode & 0o111) !== 0, 'the built bin is executable');
     assert.match(runs(stage).join('\n'), /arbor --version/, 'the build proves arbor starts');
     // The chart runs the same entry point: its args start with the arbor command.
     const objects = defaults();

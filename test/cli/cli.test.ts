@@ -6,7 +6,7 @@ import { Random } from '../support/random';
 import { run } from '../support/run';
 import { tempDir } from '../support/tmp';
 
-const cli = path.join(__dirname, '../../cli/main.js');
+const cli = path.join(__dirname, '../../arbor.js');
 const MiB = 1024 * 1024;
 
 describe('the arbor CLI', function () {

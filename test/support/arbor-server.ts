@@ -5,7 +5,7 @@ import path from 'node:path';
 import { ok, run, RunResult } from './run';
 import { tempDir } from './tmp';
 
-export const cliPath = path.join(__dirname, '../../cli/main.js');
+export const cliPath = path.join(__dirname, '../../arbor.js');
 
 export interface ArborServer {
   pid: number;

@@ -6,7 +6,7 @@
 import path from 'node:path';
 import { GuestProcess, TestNode } from './test-node';
 
-export const guestCliPath = path.join(__dirname, '..', '..', '..', 'cli', 'main.js');
+export const guestCliPath = path.join(__dirname, '..', '..', '..', 'arbor.js');
 
 /** Node.js loads the whole CLI over 9p under TCG: seconds, tens of them on a loaded machine. */
 export const guestStartTimeoutMs = 120_000;
