@@ -106,9 +106,9 @@ describe('the first run: `npm start` and `arbor serve` with no options', functio
     assert.ok(text.includes(`CSI    unix://${path.join(dataDir, 'csi.sock')}`), `the summary names the CSI socket:\n${text}`);
     assert.ok(text.includes(`admin  ${path.join(dataDir, 'arbor.sock')}`), 'the summary names the admin socket');
     // Three commands to try: create, attach (qemu-io on the socket's URI), snapshot.
-    assert.match(text, /node dist\/cli\/main\.js volume create disk --size 1GiB/);
+    assert.match(text, /node dist\/arbor\.js volume create disk --size 1GiB/);
     assert.ok(text.includes(`qemu-io -f raw -c 'write -P 0xab 0 1M' 'nbd+unix:///disk?socket=${path.join(dataDir, 'nbd.sock')}'`), 'an attach to try');
-    assert.match(text, /node dist\/cli\/main\.js snapshot create disk@first/);
+    assert.match(text, /node dist\/arbor\.js snapshot create disk@first/);
     // Log lines: time, level, message, key=value; no JSON.
     assert.match(text, /^\d\d:\d\d:\d\d\.\d{3} info {2}arbor serving .*nbdSocket=\S+nbd\.sock .*csiEndpoint=unix:\/\/\S+csi\.sock/m);
     assert.ok(!/^\{"/m.test(text), `no JSON log line on a terminal:\n${text}`);
