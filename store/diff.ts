@@ -14,8 +14,7 @@ import { ArborError } from './errors';
 import { EMPTY, Entry, asShared, blobOf, hasBlob, isPartial, isZero } from './entry';
 import { extentsPerSlot } from './geometry';
 import { entriesPerNode } from './limits';
-import { getEntry } from './map-node';
-import { ExtentRef, mapExtents, NodeSource, readExtent, TreeShape } from './tree';
+import { ExtentRef, mapExtents, NodeSource, readExtent, refAt, TreeShape } from './tree';
 
 /** Byte ranges, in order, merged where they touch. */
 export interface ByteRange {
@@ -103,8 +102,7 @@ async function childOf(source: NodeSource, entry: Entry, slot: number): Promise<
   if (!hasBlob(entry)) return hole;
   const id = blobOf(entry);
   const node = source.cached(id) ?? (await source.load(id));
-  const child = getEntry(node, slot);
-  return isPartial(child) ? { entry: child, leaf: node, slot } : { entry: child };
+  return refAt(node, slot);
 }
 
 async function compareEntries(source: NodeSource, a: ExtentRef, b: ExtentRef, level: number, base: number, out: Candidate[]): Promise<void> {

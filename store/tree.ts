@@ -93,6 +93,12 @@ export async function lookupExtent(source: NodeSource, root: Entry, depth: numbe
   return (await lookupRef(source, root, depth, extent)).entry;
 }
 
+/** Slot `slot` of a leaf as an ExtentRef: a partial extent carries its leaf, which holds its base and pages. */
+export function refAt(leaf: MapNode, slot: number): ExtentRef {
+  const entry = getEntry(leaf, slot);
+  return isPartial(entry) ? { entry, leaf, slot } : { entry };
+}
+
 /** The leaf entry of one extent, with its leaf when it is partial. */
 export async function lookupRef(source: NodeSource, root: Entry, depth: number, extent: number): Promise<ExtentRef> {
   let entry = root;
@@ -101,9 +107,9 @@ export async function lookupRef(source: NodeSource, root: Entry, depth: number, 
     const id = blobOf(entry);
     const slot = slotAt(extent, level);
     const node = await nodeOf(source, id);
+    if (level === 0) return refAt(node, slot);
     entry = getEntry(node, slot);
-    if (level > 0) checkAboveLeaves(node, id, slot, level, entry);
-    else if (isPartial(entry)) return { entry, leaf: node, slot };
+    checkAboveLeaves(node, id, slot, level, entry);
   }
   return { entry };
 }
@@ -117,9 +123,9 @@ export function lookupRefNow(source: NodeSource, root: Entry, depth: number, ext
     const node = source.cached(id);
     if (!node) return undefined;
     const slot = slotAt(extent, level);
+    if (level === 0) return refAt(node, slot);
     entry = getEntry(node, slot);
-    if (level > 0) checkAboveLeaves(node, id, slot, level, entry);
-    else if (isPartial(entry)) return { entry, leaf: node, slot };
+    checkAboveLeaves(node, id, slot, level, entry);
   }
   return { entry };
 }
