@@ -26,8 +26,8 @@ import path from 'node:path';
 import { CsiClient, csiClient } from '../csi/client';
 import { openDataDir } from '../store/embedded';
 import { fmt, nowMs, percentile, printTable, timeEach, runBenchmark, stopServer } from './support';
+import { cliPath as cli } from '../test/support/arbor-server';
 
-const cli = path.join(__dirname, '../arbor.js');
 const count = Number(process.env.BENCH_CLONES ?? 500);
 const catalogVolumes = Number(process.env.BENCH_CATALOG_VOLUMES ?? 10_000);
 const catalogSnapshots = Number(process.env.BENCH_CATALOG_SNAPSHOTS ?? 90_000);

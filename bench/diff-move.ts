@@ -11,8 +11,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { Daemon, sleep, spawnDaemon, waitFor } from '../test/support/etcd';
 import { fmt, have, printTable } from './support';
+import { cliPath as cli } from '../test/support/arbor-server';
 
-const cli = path.join(__dirname, '../arbor.js');
 const MiB = 1024 * 1024;
 const volumeBytes = 256 * MiB;
 /** The writer: 4 KiB random writes, one at a time, at this steady rate. */

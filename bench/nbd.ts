@@ -51,6 +51,7 @@ import {
   stopServer,
   workloads,
 } from './support';
+import { cliPath as cli } from '../test/support/arbor-server';
 
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
@@ -59,7 +60,6 @@ const goldenBytes = Number(process.env.BENCH_GOLDEN_GIB ?? 4) * GiB;
 const generations = 100;
 const attachedVolumes = 100;
 const concurrentVolumes = 16;
-const cli = path.join(__dirname, '../arbor.js');
 
 function sh(command: string, args: string[]): string {
   return execFileSync(command, args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });

@@ -5,8 +5,8 @@ import path from 'node:path';
 import { Random } from '../support/random';
 import { run } from '../support/run';
 import { tempDir } from '../support/tmp';
+import { cliPath as cli } from '../support/arbor-server';
 
-const cli = path.join(__dirname, '../../arbor.js');
 const MiB = 1024 * 1024;
 
 describe('the arbor CLI', function () {

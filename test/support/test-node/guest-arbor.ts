@@ -4,9 +4,11 @@
  * guest's loopback. The tests drive it through the agent.
  */
 import path from 'node:path';
+import { cliPath } from '../arbor-server';
 import { GuestProcess, TestNode } from './test-node';
 
-export const guestCliPath = path.join(__dirname, '..', '..', '..', 'arbor.js');
+/** The guest sees the host's root read-only at the same paths, so it runs the same bin. */
+export const guestCliPath = cliPath;
 
 /** Node.js loads the whole CLI over 9p under TCG: seconds, tens of them on a loaded machine. */
 export const guestStartTimeoutMs = 120_000;
