@@ -1,6 +1,6 @@
 import { BufferPool } from '../../lib/buffer-pool';
 import { Log } from '../../lib/logger';
-import { NbdCommandName, nbdCounters, nbdReadBytes, nbdWrittenBytes } from '../../lib/metrics';
+import { NbdCommandName, nbdTally } from '../../lib/metrics';
 import { isArborError } from '../../store/errors';
 import { RangeStatus } from '../../store/tree';
 import { NbdExport } from './export';
@@ -256,7 +256,7 @@ export class Transmission {
     }
     const [error, message] = this.check(request);
     if (error) {
-      this.reply(request, error, message);
+      this.replyError(request, error, message);
       return;
     }
     if (type === CMD.READ) {
@@ -283,7 +283,7 @@ export class Transmission {
     this.receiving = undefined;
     if (error) {
       if (request.payload) this.uncharge(request.length, request.payload);
-      this.reply(request, error, message);
+      this.replyError(request, error, message);
       this.settle();
       return;
     }
@@ -328,8 +328,8 @@ export class Transmission {
       this.uncharge(length);
       this.settle();
     });
-    nbdCounters.read.done.inc();
-    nbdReadBytes.inc(length);
+    nbdTally.done.read++;
+    nbdTally.readBytes += length;
     return true;
   }
 
@@ -340,8 +340,8 @@ export class Transmission {
     try {
       if (!this.exp.writeNow(request.offset, payload!.subarray(0, length))) return false;
       this.reply(request, 0, '');
-      nbdCounters.write.done.inc();
-      nbdWrittenBytes.inc(length);
+      nbdTally.done.write++;
+      nbdTally.writtenBytes += length;
     } catch (err) {
       this.failed(request, err);
     }
@@ -377,14 +377,14 @@ export class Transmission {
 
   private async run(request: Request): Promise<void> {
     const { type, flags, offset, length } = request;
-    const counters = nbdCounters[commandNames[type] ?? 'read'];
+    const command = commandNames[type] ?? 'read';
     try {
       switch (type) {
         case CMD.READ:
           // The bytes stay charged until the reply has left (see read()).
           await this.read(request);
-          counters.done.inc();
-          nbdReadBytes.inc(length);
+          nbdTally.done.read++;
+          nbdTally.readBytes += length;
           return;
         case CMD.WRITE:
           await this.exp.write(offset, request.payload!.subarray(0, length), (flags & CMD_FLAG.FUA) !== 0);
@@ -408,12 +408,12 @@ export class Transmission {
           break;
         case CMD.BLOCK_STATUS:
           await this.blockStatus(request);
-          counters.done.inc();
+          nbdTally.done[command]++;
           return;
       }
       this.reply(request, 0, '');
-      counters.done.inc();
-      if (type === CMD.WRITE) nbdWrittenBytes.inc(length);
+      nbdTally.done[command]++;
+      if (type === CMD.WRITE) nbdTally.writtenBytes += length;
     } catch (err) {
       this.failed(request, err);
     } finally {
@@ -535,9 +535,14 @@ export class Transmission {
   /** A request that failed: counted, logged when the store failed (EIO), answered with its error. */
   private failed(request: Request, err: unknown): void {
     const { type, offset, length } = request;
-    nbdCounters[commandNames[type] ?? 'read'].failed.inc();
     const [error, message] = errnoFor(err, type);
     if (error === NBD_EIO) this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
+    this.replyError(request, error, message);
+  }
+
+  /** An error answer, counted by command (an unknown command counts as a read). */
+  private replyError(request: Request, error: number, message: string): void {
+    nbdTally.failed[commandNames[request.type] ?? 'read']++;
     this.reply(request, error, message);
   }
 

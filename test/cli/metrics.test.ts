@@ -41,6 +41,9 @@ describe('Prometheus metrics (--metrics-listen)', function () {
     const before = await scrape();
     const writesBefore = sample(before, 'arbor_nbd_requests_total', '{command="write"}') ?? 0;
     const bytesBefore = sample(before, 'arbor_nbd_bytes_total', '{direction="write"}') ?? 0;
+    const readsBefore = sample(before, 'arbor_nbd_requests_total', '{command="read"}') ?? 0;
+    const readBytesBefore = sample(before, 'arbor_nbd_bytes_total', '{direction="read"}') ?? 0;
+    const refusedBefore = sample(before, 'arbor_nbd_request_errors_total', '{command="read"}') ?? 0;
 
     const csi = csiClient(path.join(suite.dir, 'csi.sock'));
     try {
@@ -55,11 +58,26 @@ describe('Prometheus metrics (--metrics-listen)', function () {
     }
     // Three writes of 64 KiB, 4 KiB and 1 MiB, and one flush.
     await ok('qemu-io', ['-f', 'raw', '-c', 'write 0 64k', '-c', 'write 1M 4k', '-c', 'write 2M 1M', '-c', 'flush', suite.server.uri('observed')]);
+    // Two reads, then one past the end of the 16 MiB volume, which the server refuses
+    // (libnbd's strict mode off, or it would refuse it first).
+    const script = [
+      'h.set_strict_mode(0)',
+      `h.connect_uri(${JSON.stringify(suite.server.uri('observed'))})`,
+      'h.pread(4096, 0)',
+      'h.pread(8192, 1 << 20)',
+      'try:\n  h.pread(4096, 16 << 20)\nexcept nbd.Error as e:\n  print(e.errno)',
+    ];
+    // nbdsh needs Debian's python3 (python3-libnbd), not another one earlier on PATH.
+    const refused = await ok('nbdsh', ['-c', script.join('\n')], { env: { ...process.env, PATH: `/usr/bin:${process.env.PATH}` } });
+    assert.match(refused, /EINVAL|22/);
 
     const after = await scrape();
     assert.equal(sample(after, 'arbor_nbd_requests_total', '{command="write"}'), writesBefore + 3);
     assert.equal(sample(after, 'arbor_nbd_bytes_total', '{direction="write"}'), bytesBefore + 64 * 1024 + 4096 + MiB);
     assert.ok((sample(after, 'arbor_nbd_requests_total', '{command="flush"}') ?? 0) >= 1);
+    assert.equal(sample(after, 'arbor_nbd_requests_total', '{command="read"}'), readsBefore + 2);
+    assert.equal(sample(after, 'arbor_nbd_bytes_total', '{direction="read"}'), readBytesBefore + 4096 + 8192);
+    assert.equal(sample(after, 'arbor_nbd_request_errors_total', '{command="read"}'), refusedBefore + 1);
     assert.equal(sample(after, 'arbor_csi_requests_total', '{method="Controller.CreateVolume",code="OK"}'), 1);
     assert.equal(sample(after, 'arbor_csi_requests_total', '{method="Controller.DeleteVolume",code="INVALID_ARGUMENT"}'), 1);
     assert.equal(sample(after, 'arbor_volumes'), 1);
