@@ -20,6 +20,25 @@ describe('the least-recently-used map the caches share', () => {
     assert.deepEqual(gone, ['b', 'c'], 'peek does not make an entry recent');
   });
 
+  it('a get moves only an entry in the older half; an entry used between insertions is never evicted', () => {
+    const gone: number[] = [];
+    const lru = new Lru<number, number>({ capacity: 100, evicted: (key) => gone.push(key) });
+    for (let k = 0; k < 100; k++) lru.set(k, k);
+    lru.get(99);
+    assert.equal([...lru.values()].at(-1), 99);
+    lru.get(60);
+    assert.deepEqual([...lru.values()].slice(-2), [98, 99], 'an entry in the newer half stays where it is');
+    lru.get(10);
+    assert.equal([...lru.values()].at(-1), 10, 'an entry in the older half becomes the newest');
+    for (let k = 100; k < 1100; k++) {
+      lru.set(k, k);
+      assert.equal(lru.get(10), 10);
+    }
+    assert.equal(gone.length, 1000);
+    assert.ok(!gone.includes(10), 'the entry used all along is still there');
+    assert.deepEqual(gone.slice(0, 3), [0, 1, 2], 'the rest leave oldest first');
+  });
+
   it('weighs entries when told how, and trims to a bound the caller gives', () => {
     const gone: string[] = [];
     const lru = new Lru<string, { bytes: number }>({ capacity: 100, weigh: (v) => v.bytes, evicted: (key) => gone.push(key) });
