@@ -31,8 +31,10 @@ COPY controller ./controller
 COPY node-plugin ./node-plugin
 COPY cli ./cli
 # Generates csi/generated from csi/proto/csi.proto, compiles to dist/, bundles the
-# `arbor` command into dist/arbor.js (esbuild), then drops the development
-# dependencies (typescript, esbuild, mocha, the test tools).
+# `arbor` program into dist/arbor-main.js (esbuild) with the bin dist/arbor.js that
+# runs it, writes V8's code cache for it with this stage's Node (the same image as
+# the runtime's, so V8 takes it), then drops the development dependencies
+# (typescript, esbuild, mocha, the test tools).
 RUN npm run build \
  && npm prune --omit=dev --no-audit --no-fund
 

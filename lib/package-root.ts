@@ -6,7 +6,7 @@ const packageName = 'arbor-csi';
 /**
  * The directory holding Arbor's package.json, found by walking up from this file.
  * Code runs from dist/<dir>/*.js (tests, `node dist/cli/main.js`) and from the one
- * bundled file dist/arbor.js (the `arbor` bin), so paths to files shipped beside the
+ * bundled file dist/arbor-main.js (which the `arbor` bin runs), so paths to files shipped beside the
  * code (the proto, the native helper) start here, never at `__dirname`. Undefined
  * when Arbor runs outside its package.
  */

@@ -5,7 +5,7 @@ import path from 'node:path';
 import { ok, run, RunResult } from './run';
 import { tempDir } from './tmp';
 
-/** package.json's bin: the bundled `arbor` command (dist/arbor.js); tests and benchmarks run it. */
+/** package.json's bin, dist/arbor.js: it runs the bundled `arbor` program from its code cache; tests and benchmarks run it. */
 export const cliPath = path.join(__dirname, '../../arbor.js');
 
 export interface ArborServer {
