@@ -5,7 +5,8 @@
  *     detached volume and for one attached on the node (the snapshot then goes
  *     through the owner), beside `qemu-img create -b` (a qcow2 overlay) in the same run,
  *     and each p99 against its target (attached snapshot < 20 ms, detached snapshot
- *     and clone < 10 ms) with PASS or MISS;
+ *     and clone < 10 ms) with PASS or MISS, and an etcd transaction of a clone's
+ *     shape straight through an etcd client: the floor under every catalog write;
  *   - FLUSH latency after a 4 KiB write, through NBD;
  *   - fio over NBD: 4 KiB random reads with a cold node cache (fresh node) and a
  *     warm one, 4 KiB random writes, 1 MiB sequential reads and writes; beside
@@ -162,6 +163,16 @@ async function main(): Promise<void> {
       async (i) => void execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', raw, '-F', 'raw', path.join(dir, `o${i}.qcow2`)]),
     );
 
+    // The floor under every catalog write: one etcd transaction of a clone's shape (a
+    // compare and two puts, a record and its name), straight through an etcd client.
+    const etcdTxns = await timeEach(ops, async (i) => {
+      const name = `/bench/floor/names/n${i}`;
+      await etcdClient
+        .if(name, 'Create', '==', 0)
+        .then(etcdClient.put(`/bench/floor/records/r${i}`).value('x'.repeat(300)), etcdClient.put(name).value(`r${i}`))
+        .commit();
+    });
+
     const row = (name: string, values: number[]) => [name, fmt(percentile(values, 50)), fmt(percentile(values, 99))];
     printTable(
       `latency through the controller (CSI) on etcd + RGW, ${ops} each, ${os.cpus().length} cores`,
@@ -172,6 +183,7 @@ async function main(): Promise<void> {
         row('CreateSnapshot, volume attached on the node (via owner)', attachedSnapshots),
         row('FLUSH after a 4 KiB write (S3 + etcd durable)', flushes),
         row('qemu-img create -b (qcow2 overlay), same run', overlays),
+        row('etcd transaction, compare + 2 puts (etcd client), same run', etcdTxns),
       ],
     );
     console.log(`\nclone / qcow2 overlay p50: ${fmt(percentile(clones, 50) / percentile(overlays, 50))}x`);
