@@ -6,7 +6,7 @@
  *
  * Hot paths (NBD requests) add to plain numbers (`nbdTally`) that the counters copy
  * when Prometheus scrapes: prom-client hashes a series' labels on every inc(), even
- * through a bound child, and that cost more than the rest of a 4 KiB read's JavaScript.
+ * through a bound child, one of the two largest JavaScript costs of a 4 KiB read.
  */
 import http from 'node:http';
 import { AddressInfo } from 'node:net';
