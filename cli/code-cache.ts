@@ -32,27 +32,28 @@ export function bundleIn(dir: string): Bundle {
   return { file, cacheFile: file.replace(/\.js$/, '.cache') };
 }
 
+/** The bundle's source as a CommonJS wrapper function, on the shebang's line (which becomes a comment, so line numbers stay). */
+export function wrapped(source: string): string {
+  const text = source.startsWith('#!') ? `//${source.slice(2)}` : source;
+  return `(function (exports, require, module, __filename, __dirname) {${text}\n})`;
+}
+
 /**
  * Compiles the bundle (from the cache where it fits) and runs it as a CommonJS module.
  * With `asMain` the bundle is the program (`require.main` is its module, so the CLI
- * runs); without, only its modules' top level runs.
+ * runs); without, only its modules' top level runs. Returns the script and the source
+ * it was compiled from (read once).
  */
-export function runBundle(bundle: Bundle, asMain: boolean): vm.Script {
+export function runBundle(bundle: Bundle, asMain: boolean): { script: vm.Script; source: Buffer } {
   const source = fs.readFileSync(bundle.file);
-  const cachedData = matchingCache(bundle.cacheFile, source);
-  let text = source.toString('utf8');
-  // The wrapper goes on the shebang's line, which becomes a comment: line numbers stay.
-  if (text.startsWith('#!')) text = `//${text.slice(2)}`;
-  const script = new vm.Script(`(function (exports, require, module, __filename, __dirname) {${text}\n})`, { filename: bundle.file, cachedData });
+  const script = new vm.Script(wrapped(source.toString('utf8')), { filename: bundle.file, cachedData: matchingCache(bundle.cacheFile, source) });
   const mod = new Module(bundle.file, module);
   mod.filename = bundle.file;
-  const dir = path.dirname(bundle.file);
-  mod.paths = (Module as unknown as { _nodeModulePaths(dir: string): string[] })._nodeModulePaths(dir);
   const require = Module.createRequire(bundle.file);
   if (asMain) require.main = mod;
   const wrapper = script.runInThisContext() as (...args: unknown[]) => void;
-  wrapper.call(mod.exports, mod.exports, require, mod, bundle.file, dir);
-  return script;
+  wrapper.call(mod.exports, mod.exports, require, mod, bundle.file, path.dirname(bundle.file));
+  return { script, source };
 }
 
 /** The V8 data of the cache file when it was made from exactly `source`; undefined otherwise. */
@@ -73,8 +74,8 @@ function digestOf(source: Buffer): Buffer {
 
 /** The build step: runs the bundle's top level, then writes the cache for it. Returns the cache's size in bytes. */
 export function writeCodeCache(bundle: Bundle): number {
-  const script = runBundle(bundle, false);
-  const cache = Buffer.concat([digestOf(fs.readFileSync(bundle.file)), script.createCachedData()]);
+  const { script, source } = runBundle(bundle, false);
+  const cache = Buffer.concat([digestOf(source), script.createCachedData()]);
   const partial = `${bundle.cacheFile}.tmp`;
   fs.writeFileSync(partial, cache);
   fs.renameSync(partial, bundle.cacheFile);

@@ -4,6 +4,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import vm from 'node:vm';
+import { wrapped } from '../../cli/code-cache';
 import { cliPath } from '../support/arbor-server';
 import { ok } from '../support/run';
 
@@ -11,12 +12,11 @@ const dist = path.dirname(cliPath);
 const bundle = path.join(dist, 'arbor-main.js');
 const cache = path.join(dist, 'arbor-main.cache');
 
-/** Runs a bundle's top level in a fresh node, as the bin would but without the command; prints what V8 said of the cache. */
+/** Runs the top level of the arbor-main.js in `bundleFile`'s directory in a fresh node, as the bin would but without the command; prints what V8 said of the cache. */
 function cacheVerdict(bundleFile: string): string {
   const script = `const c = require(${JSON.stringify(path.join(dist, 'cli', 'code-cache.js'))});
-const file = ${JSON.stringify(bundleFile)};
-const s = c.runBundle({ file, cacheFile: file.replace(/\\.js$/, '.cache') }, false);
-process.stdout.write(s.cachedDataRejected === undefined ? 'not offered' : s.cachedDataRejected ? 'rejected' : 'used');
+const { script } = c.runBundle(c.bundleIn(${JSON.stringify(path.dirname(bundleFile))}), false);
+process.stdout.write(script.cachedDataRejected === undefined ? 'not offered' : script.cachedDataRejected ? 'rejected' : 'used');
 process.exit(0);`;
   return execFileSync(process.execPath, ['-e', script], { encoding: 'utf8' });
 }
@@ -46,8 +46,7 @@ describe('the bin runs the bundle from the code cache the build wrote', function
     fs.writeFileSync(file, changed);
     fs.copyFileSync(cache, path.join(scratch, 'arbor-main.cache'));
     // V8 checks little more than the length, so on its own it would use the stale cache.
-    const wrapped = `(function (exports, require, module, __filename, __dirname) {//${changed.slice(2)}\n})`;
-    assert.equal(new vm.Script(wrapped, { filename: file, cachedData: fs.readFileSync(cache).subarray(32) }).cachedDataRejected, false);
+    assert.equal(new vm.Script(wrapped(changed), { filename: file, cachedData: fs.readFileSync(cache).subarray(32) }).cachedDataRejected, false);
     assert.equal(cacheVerdict(file), 'not offered');
   });
 
