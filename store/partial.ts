@@ -97,6 +97,15 @@ export function allPages(leaf: MapNode, slot: number, layout: PartialLayout): bo
   return hasPages(leaf, slot, layout.stride, 0, layout.pages - 1);
 }
 
+/** How many pages the patch of `slot` holds. */
+export function pagesHeld(leaf: MapNode, slot: number, stride: number): number {
+  let count = 0;
+  for (const byte of pagesOf(leaf, slot, stride)) {
+    for (let bits = byte; bits !== 0; bits &= bits - 1) count++;
+  }
+  return count;
+}
+
 /** Makes `slot` a partial extent: `patch` (a PARTIAL entry) over `base`, holding no page yet. */
 export function setPartial(leaf: MapNode, slot: number, layout: PartialLayout, patch: Entry, base: Entry): void {
   setEntry(leaf, slot, patch);

@@ -77,7 +77,7 @@ export interface StoreOptions {
 export interface VolumeUsage {
   /** Bytes of extents the volume maps to data (shared or its own). */
   allocatedBytes: number;
-  /** Bytes of extents only this volume holds: what deleting it frees at once. */
+  /** Bytes only this volume holds (whole extents, and the pages of partial extents' patches): what deleting it frees at once. */
   exclusiveBytes: number;
 }
 
@@ -529,8 +529,8 @@ export class Store {
         return (await this.requests!.ask(owner, { op: 'volumeUsage', volumeId: record.id })) as VolumeUsage;
     }
     const current = await this.getVolume({ id: record.id });
-    const counts = await countExtents(this.nodeSource(), current.root, current.depth);
-    return { allocatedBytes: counts.data * current.extentSizeBytes, exclusiveBytes: counts.owned * current.extentSizeBytes };
+    const counts = await countExtents(this.nodeSource(), current.root, current.depth, current.extentSizeBytes);
+    return { allocatedBytes: counts.dataBytes, exclusiveBytes: counts.ownedBytes };
   }
 
   // ---- snapshots ----

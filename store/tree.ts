@@ -4,7 +4,7 @@ import { EMPTY, Entry, blobOf, hasBlob, isPartial, isWritable, isZero } from './
 import { slotAt, slotsOverlapping } from './geometry';
 import { MapNode, getEntry } from './map-node';
 import { entriesPerNode } from './limits';
-import { baseOf, forEachRun, isWideLeaf, partialLayout } from './partial';
+import { baseOf, forEachRun, isWideLeaf, pageBytes, pagesHeld, partialLayout } from './partial';
 
 /** Where a tree's nodes come from: a volume's own dirty nodes first, then the shared cache. */
 export interface NodeSource {
@@ -246,21 +246,29 @@ export async function treeStatus(source: NodeSource, tree: TreeShape, offset: nu
 }
 
 /**
- * How many extents a tree maps to data, and how many of those it owns: reached
- * through writable pointers all the way from the root, so freed when the head is.
+ * How many bytes a tree maps to data, and how many of those it owns: reached through
+ * writable pointers all the way from the root, so freed when the head is. A partial
+ * extent maps its whole extent (the pages its patch lacks read through its base) and
+ * owns only the pages its patch holds: the base is shared.
  */
-export async function countExtents(source: NodeSource, root: Entry, depth: number): Promise<{ data: number; owned: number }> {
-  const counts = { data: 0, owned: 0 };
-  const visit = async (entry: Entry, level: number, owned: boolean): Promise<void> => {
+export async function countExtents(
+  source: NodeSource,
+  root: Entry,
+  depth: number,
+  extentSizeBytes: number,
+): Promise<{ dataBytes: number; ownedBytes: number }> {
+  const layout = partialLayout(extentSizeBytes);
+  const counts = { dataBytes: 0, ownedBytes: 0 };
+  const visit = async (entry: Entry, level: number, owned: boolean, leaf?: MapNode, slot?: number): Promise<void> => {
     if (!hasBlob(entry)) return;
     const mine = owned && isWritable(entry);
     if (level < 0) {
-      counts.data++;
-      if (mine) counts.owned++;
+      counts.dataBytes += extentSizeBytes;
+      if (mine) counts.ownedBytes += isPartial(entry) ? pagesHeld(leaf!, slot!, layout!.stride) * pageBytes : extentSizeBytes;
       return;
     }
     const node = await nodeOf(source, blobOf(entry));
-    for (let slot = 0; slot < entriesPerNode; slot++) await visit(getEntry(node, slot), level - 1, mine);
+    for (let i = 0; i < entriesPerNode; i++) await visit(getEntry(node, i), level - 1, mine, node, i);
   };
   await visit(root, depth - 1, true);
   return counts;

@@ -156,6 +156,26 @@ describe('partial extents: copy-on-write at page granularity', function () {
     assert.equal(getEntry(leaf, 0), asShared(getEntry(base, 0)), 'extent 0, never written, is still the shared one');
   });
 
+  it("a volume's usage counts a partial extent as mapped whole and its own only for the pages its patch holds", async () => {
+    assert.deepEqual(await store.volumeUsage({ name: 'vm' }), { allocatedBytes: MiB, exclusiveBytes: 0 }, 'a fresh clone owns nothing');
+    const vm = await store.openVolume({ name: 'vm' });
+    // Three pages of extent 1 (one of them twice, one of them in part), all 16 of extent 5.
+    for (const at of [0, 7 * page, 7 * page + 100, 15 * page + 10]) await vm.write(extentSize + at, randomBytes(100));
+    for (let p = 0; p < 16; p++) await vm.write(5 * extentSize + p * page, randomBytes(page));
+    assert.deepEqual(
+      await store.volumeUsage({ name: 'vm' }),
+      { allocatedBytes: MiB, exclusiveBytes: 3 * page + extentSize },
+      'extent 1 owns the 3 pages written, extent 5 (every page written) is a plain extent of its own',
+    );
+    assert.deepEqual(
+      await store.volumeUsage({ name: 'gold' }),
+      { allocatedBytes: MiB, exclusiveBytes: 0 },
+      'the golden volume shares every extent with its snapshot',
+    );
+    await store.createSnapshot({ name: 'vm' }, 'later');
+    assert.equal((await store.volumeUsage({ name: 'vm' })).exclusiveBytes, 0, 'once snapshotted, the patches are shared too');
+  });
+
   it('the collector keeps a shared extent a partial one reads through, after everything else that used it is deleted', async () => {
     const vm = await store.openVolume({ name: 'vm' });
     const image = Buffer.from(golden);
