@@ -130,3 +130,9 @@ export const maxSnapshotsPerTxn = 24;
  * that a clone of a snapshot just looked up goes straight to its transaction.
  */
 export const seenSnapshotEntries = 256;
+
+/**
+ * Volumes a store remembers it last snapshotted detached (Store.snapshotBatch), so
+ * that the next snapshot of one is one catalog transaction with no read before it.
+ */
+export const seenDetachedVolumeEntries = 256;

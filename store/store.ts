@@ -20,6 +20,7 @@ import {
   defaultOwnerLeaseTtlMs,
   maxSnapshotsPerTxn,
   seenSnapshotEntries,
+  seenDetachedVolumeEntries,
 } from './limits';
 import { Lru } from '../lib/lru';
 import { Ref, SnapshotRef, byName, notFound, snapshotEntry, volumeEntry, volumeIdOf } from './lookups';
@@ -114,6 +115,12 @@ export class Store {
    * the name taken) fails that transaction and costs only the read it would have saved.
    */
   private readonly seenSnapshots = new Lru<string, KvEntry>({ capacity: seenSnapshotEntries });
+  /**
+   * Volumes this process last shared detached (a snapshot or a clone of one no process
+   * had open), by id: the record's entry as that transaction left it, so that the next
+   * snapshot of it goes straight to its transaction (snapshotBatch).
+   */
+  private readonly seenDetached = new Lru<string, KvEntry>({ capacity: seenDetachedVolumeEntries });
   private timers: NodeJS.Timeout[] = [];
   private closed = false;
   /** Set once the store is closing, where the catalog is shared: by then every wait on the catalog has ended. */
@@ -337,7 +344,8 @@ export class Store {
     const entry = await volumeEntry(this.ctx.catalog, ref);
     if (entry && !(await this.findVolume({ name }))) {
       const record = cloneRecordOf(decodeVolume(entry), name, labels);
-      if (await this.shareDetached(entry, [keys.volumeName(name)], [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)])) return record;
+      const shared = await this.shareDetached(entry, [keys.volumeName(name)], [put(keys.volume(record.id), record), put(keys.volumeName(name), record.id)]);
+      if (shared.succeeded) return record;
     }
     return this.onOwner(
       ref,
@@ -352,13 +360,20 @@ export class Store {
    * write can be in flight anywhere. Three catalog round trips instead of opening
    * the volume. False when the volume is open, here or elsewhere, or changed.
    */
-  private async shareDetached(entry: KvEntry, absentKeys: string[], ops: Op[]): Promise<boolean> {
+  private async shareDetached(
+    entry: KvEntry,
+    absentKeys: string[],
+    ops: Op[],
+    orRead?: string[],
+  ): Promise<{ succeeded: boolean; read?: Array<KvEntry | undefined> }> {
     const source = decodeVolume(entry);
-    if (this.volumes.busy(source.id)) return false;
+    if (this.volumes.busy(source.id)) return { succeeded: false };
     const compares: Compare[] = [unchanged(entry), absent(ownerKey(source.id)), ...absentKeys.map(absent)];
+    const shared = { ...source, root: asShared(source.root) };
     // No await between the check above and the transaction: nothing in this process can open the volume in between.
-    const result = await this.ctx.catalog.txn(compares, [put(keys.volume(source.id), { ...source, root: asShared(source.root) }), ...ops]);
-    return result.succeeded;
+    const result = await this.ctx.catalog.txn(compares, [put(keys.volume(source.id), shared), ...ops], orRead);
+    if (result.succeeded) this.seenDetached.set(source.id, { key: entry.key, value: JSON.stringify(shared), modRevision: result.revision });
+    return result;
   }
 
   private async cloneOpenVolume(volume: Volume, name: string, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
@@ -558,10 +573,30 @@ export class Store {
    */
   private async snapshotBatch(volumeId: string, batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>): Promise<void> {
     let todo = batch;
+    const keysToRead = (nameKeys: string[][]) => [keys.volume(volumeId), ownerKey(volumeId), ...nameKeys.flat()];
+    // What a failed transaction read in the stead of the first read below.
+    let read: Array<KvEntry | undefined> | undefined;
+    const seen = this.seenDetached.get(volumeId);
+    if (seen) {
+      // Detached when this process last snapshotted it: one transaction, no read first.
+      // Its compares fail on anything since (a commit, an owner, a name taken), and it
+      // then reads what the loop reads first, in the same round trip.
+      this.seenDetached.delete(volumeId);
+      const detached = snapshotBatchOps(decodeVolume(seen), todo);
+      const tried = await this.shareDetached(
+        seen,
+        detached.absent,
+        detached.ops,
+        keysToRead(todo.map(({ request }) => nameKeysOf(volumeId, request.name, request.scope))),
+      );
+      if (tried.succeeded) return this.answerBatch(todo, detached.records);
+      read = tried.read;
+    }
     for (;;) {
       // The record, who owns the volume and every name key of the batch, in one round trip.
       const nameKeys = todo.map(({ request }) => nameKeysOf(volumeId, request.name, request.scope));
-      const [entry, ownerEntry, ...nameEntries] = await this.ctx.catalog.getMany([keys.volume(volumeId), ownerKey(volumeId), ...nameKeys.flat()]);
+      const [entry, ownerEntry, ...nameEntries] = read ?? (await this.ctx.catalog.getMany(keysToRead(nameKeys)));
+      read = undefined;
       if (!entry) {
         for (const waiting of todo) waiting.reject(notFound('volume', { id: volumeId }));
         return;
@@ -577,7 +612,7 @@ export class Store {
         if (!owner) {
           // A detached volume: one transaction. Otherwise on the volume, opened here.
           const detached = snapshotBatchOps(decodeVolume(entry), todo);
-          if (await this.shareDetached(entry, detached.absent, detached.ops)) return this.answerBatch(todo, detached.records);
+          if ((await this.shareDetached(entry, detached.absent, detached.ops)).succeeded) return this.answerBatch(todo, detached.records);
         }
         let created: SnapshotRecord[] | undefined;
         try {

@@ -38,6 +38,8 @@ export interface TxnResult {
   succeeded: boolean;
   /** The store's revision after the transaction (unchanged when it failed). */
   revision: number;
+  /** When it failed: the keys it was asked to read instead (`orRead`), at that revision; undefined where absent. */
+  read?: Array<KvEntry | undefined>;
 }
 
 export interface WatchEvent {
@@ -64,7 +66,12 @@ export interface Catalog {
   getMany(keys: string[]): Promise<Array<KvEntry | undefined>>;
   /** Keys with the prefix, in key order. */
   list(prefix: string, options?: ListOptions): Promise<KvEntry[]>;
-  txn(compares: Compare[], ops: Op[]): Promise<TxnResult>;
+  /**
+   * Applies every op if every compare holds. Where one does not, reads the keys
+   * `orRead` names instead, in the same round trip and at one revision (etcd's else
+   * branch): what the caller needs to decide its next try, without asking again.
+   */
+  txn(compares: Compare[], ops: Op[], orRead?: string[]): Promise<TxnResult>;
   /** Calls `listener` with every committed change under `prefix`, in commit order. */
   watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void;
   /** A lease of about `ttlMs`, kept alive until it is revoked or lost. */

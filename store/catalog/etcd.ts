@@ -1,4 +1,4 @@
-import { Etcd3, EtcdLeaseInvalidError, IOptions, Namespace, Range, Watcher } from 'etcd3';
+import { Etcd3, EtcdLeaseInvalidError, IOptions, IRequestOp, IResponseOp, Namespace, Range, Watcher } from 'etcd3';
 import fs from 'node:fs';
 import { Log, silentLog } from '../../lib/logger';
 import { ArborError } from '../errors';
@@ -104,14 +104,13 @@ export class EtcdCatalog implements Catalog {
 
   async getMany(keys: string[]): Promise<Array<KvEntry | undefined>> {
     // One read-only transaction of range requests: etcd serves it as one linearizable read.
-    const prefix = this.kv.prefix;
-    const response = await this.call('get', keys.join(','), () =>
-      this.kv.kv.txn({ success: keys.map((key) => ({ request_range: { key: Buffer.concat([prefix, Buffer.from(key)]) } })) }),
-    );
-    return keys.map((key, i) => {
-      const kv = response.responses[i]?.response_range.kvs[0];
-      return kv && { key, value: kv.value.toString(), modRevision: Number(kv.mod_revision) };
-    });
+    const response = await this.call('get', keys.join(','), () => this.kv.kv.txn({ success: this.rangeRequests(keys) }));
+    return entriesOf(keys, response.responses);
+  }
+
+  /** Requests to read each key (under the prefix), as a transaction's ops. */
+  private rangeRequests(keys: string[]): IRequestOp[] {
+    return keys.map((key) => ({ request_range: { key: Buffer.concat([this.kv.prefix, Buffer.from(key)]) } }));
   }
 
   async list(prefix: string, options: ListOptions = {}): Promise<KvEntry[]> {
@@ -125,7 +124,7 @@ export class EtcdCatalog implements Catalog {
     return response.kvs.map((kv) => ({ key: kv.key.toString(), value: kv.value.toString(), modRevision: Number(kv.mod_revision) }));
   }
 
-  async txn(compares: Compare[], ops: Op[]): Promise<TxnResult> {
+  async txn(compares: Compare[], ops: Op[], orRead?: string[]): Promise<TxnResult> {
     // etcd's builder needs one compare; with none, one that always holds.
     const txn = compares.length ? this.kv.if(compares[0].key, 'Mod', '==', compares[0].modRevision) : this.kv.if('meta/format', 'Mod', '>', -1);
     for (const compare of compares.slice(1)) txn.and(compare.key, 'Mod', '==', compare.modRevision);
@@ -136,8 +135,10 @@ export class EtcdCatalog implements Catalog {
         return op.lease === undefined ? put : put.lease(op.lease);
       }),
     );
+    if (orRead) txn.else(...this.rangeRequests(orRead));
     const response = await this.call('txn', compares.map((c) => c.key).join(','), () => txn.commit());
-    return { succeeded: response.succeeded, revision: Number(response.header.revision) };
+    const result: TxnResult = { succeeded: response.succeeded, revision: Number(response.header.revision) };
+    return orRead && !response.succeeded ? { ...result, read: entriesOf(orRead, response.responses) } : result;
   }
 
   watch(prefix: string, listener: (events: WatchEvent[]) => void): () => void {
@@ -289,4 +290,12 @@ function readFile(file: string, option: string): Buffer {
   } catch (err) {
     throw new ArborError('invalid-argument', `${option} ${file}: ${(err as Error).message}`);
   }
+}
+
+/** The entries of range responses, one per key asked (in order); undefined where a key is absent. */
+function entriesOf(keys: string[], responses: IResponseOp[]): Array<KvEntry | undefined> {
+  return keys.map((key, i) => {
+    const kv = responses[i]?.response_range.kvs[0];
+    return kv && { key, value: kv.value.toString(), modRevision: Number(kv.mod_revision) };
+  });
 }

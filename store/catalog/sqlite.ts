@@ -98,6 +98,10 @@ export class SqliteCatalog implements Catalog {
 
   async get(key: string): Promise<KvEntry | undefined> {
     this.checkOpen();
+    return this.entry(key);
+  }
+
+  private entry(key: string): KvEntry | undefined {
     const row = this.stmt.get.get(key);
     return row && { key: row.key, value: row.value, modRevision: row.mod_revision };
   }
@@ -120,13 +124,15 @@ export class SqliteCatalog implements Catalog {
     return rows.map(([key, value, modRevision]) => ({ key, value, modRevision }));
   }
 
-  async txn(compares: Compare[], ops: Op[]): Promise<TxnResult> {
+  async txn(compares: Compare[], ops: Op[], orRead?: string[]): Promise<TxnResult> {
     this.checkOpen();
     const events: WatchEvent[] = [];
     const apply = this.db.transaction((): TxnResult => {
       for (const compare of compares) {
         const row = this.stmt.get.get(compare.key);
-        if ((row?.mod_revision ?? 0) !== compare.modRevision) return { succeeded: false, revision: this.revision };
+        if ((row?.mod_revision ?? 0) !== compare.modRevision) {
+          return { succeeded: false, revision: this.revision, ...(orRead ? { read: orRead.map((key) => this.entry(key)) } : {}) };
+        }
       }
       if (ops.length === 0) return { succeeded: true, revision: this.revision };
       const revision = this.revision + 1;

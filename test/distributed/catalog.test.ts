@@ -67,6 +67,20 @@ function catalogContract(name: string, open: () => Promise<Catalog>, reopen?: ()
       assert.equal((await catalog.txn([absent('cas/k')], [put('cas/k', 'v4')])).succeeded, false);
     });
 
+    it('a transaction that fails reads the keys it was given instead, at its revision; one that applies reads nothing', async () => {
+      const written = await catalog.txn([], [put('else/a', 'a1'), put('else/b', 'b1')]);
+      const [a, b] = await catalog.getMany(['else/a', 'else/b']);
+      const failed = await catalog.txn([unchanged(a!), absent('else/b')], [put('else/a', 'a2')], ['else/b', 'else/none', 'else/a']);
+      assert.equal(failed.succeeded, false);
+      assert.equal(failed.revision, written.revision);
+      assert.deepEqual(failed.read, [b, undefined, a], 'each key asked, in order, as get reads it');
+      assert.equal((await catalog.get('else/a'))!.value, '"a1"', 'nothing of the failed transaction applies');
+      const applied = await catalog.txn([unchanged(a!)], [put('else/a', 'a3')], ['else/b']);
+      assert.ok(applied.succeeded);
+      assert.equal(applied.read, undefined);
+      assert.deepEqual(await catalog.get('else/a'), { key: 'else/a', value: '"a3"', modRevision: applied.revision });
+    });
+
     it('watchers see committed changes in order, deletes included', async () => {
       const seen: WatchEvent[] = [];
       const stop = catalog.watch('watched/', (events) => seen.push(...events));

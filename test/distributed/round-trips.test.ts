@@ -77,6 +77,40 @@ describe('catalog round trips of snapshots and clones', function () {
     await assert.rejects(controller.createSnapshot({ id: 'no-such-volume' }, 'detached-2'), (err) => isArborError(err, 'not-found'));
   });
 
+  it('snapshots a volume it last snapshotted detached in one transaction, and never of a record that changed since', async () => {
+    const controller = stores[0];
+    const other = await open('writer');
+    const volume = await controller.createVolume('again', { sizeBytes: 16 * extentBytes });
+    await controller.createSnapshot({ id: volume.id }, 'again-1');
+    const second = await counter.during(() => controller.createSnapshot({ id: volume.id }, 'again-2'));
+    assert.equal(second.trips, 1, `the transaction alone: ${second.calls.join(', ')}`);
+    assert.equal(second.value.root, (await controller.getVolume({ id: volume.id })).root);
+
+    // Written and committed by another node since: the transaction fails and reads what changed in the same round trip.
+    const written = crypto.randomBytes(4096);
+    const held = await other.acquireVolume({ id: volume.id });
+    await held.volume.write(2 * extentBytes, written);
+    await held.volume.flush();
+    await held.release();
+    const third = await counter.during(() => controller.createSnapshot({ id: volume.id }, 'again-3'));
+    assert.equal(third.trips, 2, `the failed transaction (reading the record), then one that holds: ${third.calls.join(', ')}`);
+    assert.notEqual(third.value.root, second.value.root);
+    assert.ok((await (await controller.openSnapshot({ id: third.value.id })).read(2 * extentBytes, 4096)).equals(written), 'the snapshot holds the write');
+
+    // Held by another node: the owner key fails the transaction, and the owner makes the snapshot of what it holds.
+    const later = crypto.randomBytes(4096);
+    const owned = await other.acquireVolume({ id: volume.id });
+    try {
+      await owned.volume.write(3 * extentBytes, later);
+      const fourth = await controller.createSnapshot({ id: volume.id }, 'again-4');
+      assert.ok((await (await controller.openSnapshot({ id: fourth.id })).read(3 * extentBytes, 4096)).equals(later), 'the owner snapshotted what it held');
+    } finally {
+      await owned.release();
+    }
+    // A retry of a snapshot made in one transaction answers with it.
+    assert.equal((await controller.createSnapshot({ id: volume.id }, 'again-2')).id, second.value.id);
+  });
+
   it('clones a snapshot through the controller in two round trips: the lookups together, then the transaction', async () => {
     const controller = stores[0];
     const volume = await controller.createVolume('source', { sizeBytes: 16 * extentBytes });

@@ -36,7 +36,7 @@ function readersMeet(inner: Catalog, key: string, parties: number): Catalog {
     },
     getMany: (keys) => inner.getMany(keys),
     list: (prefix, options) => inner.list(prefix, options),
-    txn: (compares, ops) => inner.txn(compares, ops),
+    txn: (compares, ops, orRead) => inner.txn(compares, ops, orRead),
     watch: (prefix, listener) => inner.watch(prefix, listener),
     grantLease: (ttlMs) => inner.grantLease(ttlMs),
     closeBy: (deadline) => inner.closeBy(deadline),
