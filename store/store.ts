@@ -709,9 +709,10 @@ export class Store {
         if (existing) return existing;
       }
       // One transaction commits what was written before the call and the snapshot of it.
-      const created = await volume.commitShared((source) => {
+      const created = await volume.commitShared(async (source) => {
         const made = snapshotBatchOps(source, [{ request: { name, scope } }]);
-        return { value: made.records[0], absent: made.absent, ops: [...made.ops, ...(inline?.ops(made.records[0]) ?? [])] };
+        const answer = inline ? await inline.ops(made.records[0]) : [];
+        return { value: made.records[0], absent: made.absent, ops: [...made.ops, ...answer] };
       });
       if (created) {
         inline?.committed();

@@ -32,7 +32,14 @@ type VolumeState = 'open' | 'closed' | 'deleted' | 'lost';
  * from the record about to be committed (its root already read-only), the keys it
  * takes (compared absent) and the ops that write them, and what to return.
  */
-export type ShareBuilder<T> = (next: VolumeRecord) => { value: T; absent: string[]; ops: Op[] };
+export type ShareBuilder<T> = (next: VolumeRecord) => Shared<T> | Promise<Shared<T>>;
+
+/** What a ShareBuilder adds: it may wait (for what its ops depend on) while the lock is held, so only briefly. */
+export interface Shared<T> {
+  value: T;
+  absent: string[];
+  ops: Op[];
+}
 
 interface Capture {
   sequence: number;
@@ -580,7 +587,7 @@ export class Volume {
         assert(this.tree.root === shape.root && this.tree.dirtyNodeCount === 0, 'a shared commit commits the tree as captured');
         assert(captured.sequence > this.committedCapture, 'a shared commit is of the newest capture');
         const sharedShape = { ...shape, root: asShared(shape.root) };
-        const built = share({ ...this.record, ...sharedShape });
+        const built = await share({ ...this.record, ...sharedShape });
         if (await this.commitRecord(sharedShape, captured.sequence, { absent: built.absent, ops: built.ops })) {
           this.tree.shareRoot();
           shared = built.value;
