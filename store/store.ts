@@ -358,7 +358,8 @@ export class Store {
    * Shares the root of a volume that no process has open, in one transaction with
    * `ops`: its record unchanged and (where volumes have owners) no owner key, so no
    * write can be in flight anywhere. Three catalog round trips instead of opening
-   * the volume. False when the volume is open, here or elsewhere, or changed.
+   * the volume. Not succeeded when the volume is open, here or elsewhere, or changed;
+   * then, if the transaction ran, with what it read of `orRead` instead.
    */
   private async shareDetached(
     entry: KvEntry,
@@ -573,6 +574,7 @@ export class Store {
    */
   private async snapshotBatch(volumeId: string, batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>): Promise<void> {
     let todo = batch;
+    const nameKeysOfBatch = (of: typeof batch) => of.map(({ request }) => nameKeysOf(volumeId, request.name, request.scope));
     const keysToRead = (nameKeys: string[][]) => [keys.volume(volumeId), ownerKey(volumeId), ...nameKeys.flat()];
     // What a failed transaction read in the stead of the first read below.
     let read: Array<KvEntry | undefined> | undefined;
@@ -583,18 +585,13 @@ export class Store {
       // then reads what the loop reads first, in the same round trip.
       this.seenDetached.delete(volumeId);
       const detached = snapshotBatchOps(decodeVolume(seen), todo);
-      const tried = await this.shareDetached(
-        seen,
-        detached.absent,
-        detached.ops,
-        keysToRead(todo.map(({ request }) => nameKeysOf(volumeId, request.name, request.scope))),
-      );
+      const tried = await this.shareDetached(seen, detached.absent, detached.ops, keysToRead(nameKeysOfBatch(todo)));
       if (tried.succeeded) return this.answerBatch(todo, detached.records);
       read = tried.read;
     }
     for (;;) {
       // The record, who owns the volume and every name key of the batch, in one round trip.
-      const nameKeys = todo.map(({ request }) => nameKeysOf(volumeId, request.name, request.scope));
+      const nameKeys = nameKeysOfBatch(todo);
       const [entry, ownerEntry, ...nameEntries] = read ?? (await this.ctx.catalog.getMany(keysToRead(nameKeys)));
       read = undefined;
       if (!entry) {
