@@ -65,7 +65,9 @@ describe('live migration of a VM whose disk is a qemu-nbd export', function () {
     assert.deepEqual(run.problems, []);
     assert.ok(run.writesOnTarget >= 30, `the guest wrote on in the target (${run.writesOnTarget} writes)`);
     const { source, target } = run.diskOperations;
-    assert.ok(source.flushes >= run.lastSourceSeq && target.flushes >= 30, `each write was flushed to the export: ${JSON.stringify(run.diskOperations)}`);
+    // Of the target's first 30 reported writes, the one in flight at the switch may have been flushed by the source
+    // (its report reaches the serial console only after the guest resumes on the target).
+    assert.ok(source.flushes >= run.lastSourceSeq && target.flushes >= 29, `each write was flushed to the export: ${JSON.stringify(run.diskOperations)}`);
     assert.ok(run.firstTargetSeq > run.lastSourceSeq, `the target's first write ${run.firstTargetSeq} follows the source's last ${run.lastSourceSeq}`);
     assert.equal(run.volume!.exact + run.volume!.newer, blocks, `every block was written and checked: ${JSON.stringify(run.volume)}`);
 
