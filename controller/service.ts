@@ -88,16 +88,19 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       const qos = parseMutableParameters(request.mutable_parameters, name);
       checkTopology(request, topology);
       const source = request.volume_content_source;
-      // A volume of this name (a retry), read while the source is looked up.
-      const existingRead = store.findVolume({ name });
+      // A volume of this name (a retry), read while the source is looked up. Not for a
+      // clone of a snapshot: its transaction finds the name taken, and then (exclusive)
+      // the clone is refused and the volume of the name judged below, as a twin's is.
+      const existingRead = source?.snapshot ? undefined : store.findVolume({ name });
       // Settled here so that an error of the source's lookup does not leave it unhandled.
-      existingRead.catch(() => {});
+      existingRead?.catch(() => {});
       let sourceRef: { snapshot: { id: string } } | { volume: { id: string } } | undefined;
       let sourceBytes = 0;
       let extentSizeBytes = parameters.extentSizeBytes;
       if (source?.snapshot) {
         const id = required(source.snapshot.snapshot_id, 'volume_content_source.snapshot.snapshot_id');
-        const snapshot = await store.findSnapshot({ id });
+        // The record this store saw last will do: the clone's transaction compares it unchanged.
+        const snapshot = await store.findSnapshot({ id }, { mayBeStale: true });
         if (!snapshot) throw notFound(`source snapshot ${id} does not exist`);
         sourceRef = { snapshot: { id } };
         sourceBytes = snapshot.sizeBytes;
@@ -131,7 +134,10 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       let volume: VolumeRecord;
       try {
         volume = sourceRef
-          ? await store.cloneVolume(name, 'snapshot' in sourceRef ? { snapshot: sourceRef.snapshot } : { volume: sourceRef.volume }, { labels })
+          ? await store.cloneVolume(name, 'snapshot' in sourceRef ? { snapshot: sourceRef.snapshot } : { volume: sourceRef.volume }, {
+              labels,
+              exclusive: existingRead === undefined,
+            })
           : await store.createVolume(name, { sizeBytes, extentSizeBytes, labels });
       } catch (err) {
         // Lost a race with a twin request: answer as the winner would be answered.

@@ -287,8 +287,13 @@ export class Store {
     }
   }
 
-  /** A new volume sharing every block of a snapshot, or of a volume as it is now. O(1). */
-  async cloneVolume(name: string, source: CloneSource, options: { labels?: Record<string, string> } = {}): Promise<VolumeRecord> {
+  /**
+   * A new volume sharing every block of a snapshot, or of a volume as it is now. O(1).
+   * A volume of the name that is already this clone is the answer to a retry, unless
+   * `exclusive`: then it is already-exists too, for a caller that judges retries itself
+   * and so need not read the name first.
+   */
+  async cloneVolume(name: string, source: CloneSource, options: { labels?: Record<string, string>; exclusive?: boolean } = {}): Promise<VolumeRecord> {
     validateName(name, 'volume');
     // A snapshot just looked up here (its entry seen): try the transaction at once.
     const seen = 'snapshot' in source && 'id' in source.snapshot ? this.seenSnapshots.get(source.snapshot.id) : undefined;
@@ -307,10 +312,13 @@ export class Store {
       const sourceDescription = 'snapshot' in source ? stepOf(decodeSnapshot(sourceEntry!)) : await this.volumeStep(source.volume);
       if (existing) {
         const step = existing.lineage[0];
-        if (step && step.volumeId === sourceDescription.volumeId && step.snapshotId === sourceDescription.snapshotId) return existing;
+        const sameClone = step && step.volumeId === sourceDescription.volumeId && step.snapshotId === sourceDescription.snapshotId;
+        if (sameClone && !options.exclusive) return existing;
         throw new ArborError(
           'already-exists',
-          `volume ${name} already exists${step ? ` as a clone of ${describeStep(step)}` : ''}; it is not a clone of ${describeStep(sourceDescription)}`,
+          sameClone
+            ? `volume ${name} already exists as a clone of ${describeStep(step)}`
+            : `volume ${name} already exists${step ? ` as a clone of ${describeStep(step)}` : ''}; it is not a clone of ${describeStep(sourceDescription)}`,
         );
       }
       const created =
@@ -366,7 +374,7 @@ export class Store {
     absentKeys: string[],
     ops: Op[],
     orRead?: string[],
-  ): Promise<{ succeeded: boolean; read?: Array<KvEntry | undefined> }> {
+  ): Promise<{ succeeded: boolean; revision?: number; read?: Array<KvEntry | undefined> }> {
     const source = decodeVolume(entry);
     if (this.volumes.busy(source.id)) return { succeeded: false };
     const compares: Compare[] = [unchanged(entry), absent(ownerKey(source.id)), ...absentKeys.map(absent)];
@@ -586,7 +594,7 @@ export class Store {
       this.seenDetached.delete(volumeId);
       const detached = snapshotBatchOps(decodeVolume(seen), todo);
       const tried = await this.shareDetached(seen, detached.absent, detached.ops, keysToRead(nameKeysOfBatch(todo)));
-      if (tried.succeeded) return this.answerBatch(todo, detached.records);
+      if (tried.succeeded) return this.answerBatch(todo, detached.records, tried.revision);
       read = tried.read;
     }
     for (;;) {
@@ -609,7 +617,8 @@ export class Store {
         if (!owner) {
           // A detached volume: one transaction. Otherwise on the volume, opened here.
           const detached = snapshotBatchOps(decodeVolume(entry), todo);
-          if ((await this.shareDetached(entry, detached.absent, detached.ops)).succeeded) return this.answerBatch(todo, detached.records);
+          const shared = await this.shareDetached(entry, detached.absent, detached.ops);
+          if (shared.succeeded) return this.answerBatch(todo, detached.records, shared.revision);
         }
         let created: SnapshotRecord[] | undefined;
         try {
@@ -662,8 +671,11 @@ export class Store {
     return batch.filter((_, i) => !answered[i]);
   }
 
-  private answerBatch(batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>, records: SnapshotRecord[]): void {
+  /** `revision`: the transaction's that made them, where known, so that a clone of one needs no read of it (seenSnapshots). */
+  private answerBatch(batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>, records: SnapshotRecord[], revision?: number): void {
     batch.forEach((waiting, i) => {
+      if (revision !== undefined)
+        this.seenSnapshots.set(records[i].id, { key: keys.snapshot(records[i].id), value: JSON.stringify(records[i]), modRevision: revision });
       this.log.info('snapshot created', { volume: records[i].volumeName, snapshot: records[i].name, id: records[i].id, scope: waiting.request.scope });
       waiting.resolve(records[i]);
     });
@@ -749,7 +761,14 @@ export class Store {
     return record;
   }
 
-  async findSnapshot(ref: SnapshotRef): Promise<SnapshotRecord | undefined> {
+  /**
+   * The snapshot, or undefined. `mayBeStale`: by id, the entry this store last read or
+   * made of it will do, with no read, for a caller whose next step checks it anyway (a
+   * clone's transaction compares it unchanged); it may be of a snapshot deleted since.
+   */
+  async findSnapshot(ref: SnapshotRef, options: { mayBeStale?: boolean } = {}): Promise<SnapshotRecord | undefined> {
+    const seen = options.mayBeStale && 'id' in ref ? this.seenSnapshots.get(ref.id) : undefined;
+    if (seen) return decodeSnapshot(seen);
     const entry = await snapshotEntry(this.ctx.catalog, ref);
     if (!entry) {
       if ('id' in ref) this.seenSnapshots.delete(ref.id);

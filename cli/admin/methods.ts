@@ -30,7 +30,9 @@ const sizeOptions: Check = (v) =>
   optional(stringMap)((v as Record<string, unknown>).labels);
 const cloneSource: Check = (v) =>
   isObject(v) && Object.keys(v).length === 1 && (ref((v as Record<string, unknown>).volume) || ref((v as Record<string, unknown>).snapshot));
-const cloneOptions: Check = (v) => isObject(v) && optional(stringMap)((v as Record<string, unknown>).labels);
+const cloneOptions: Check = (v) =>
+  isObject(v) && optional(stringMap)((v as Record<string, unknown>).labels) && optional(bool)((v as Record<string, unknown>).exclusive);
+const findSnapshotOptions: Check = (v) => isObject(v) && optional(bool)((v as Record<string, unknown>).mayBeStale);
 const publishOptions: Check = (v) => isObject(v) && bool((v as Record<string, unknown>).readOnly) && bool((v as Record<string, unknown>).multiNode);
 const staging: Check = (v) => isObject(v) && Object.keys(v).length === 2 && str((v as Record<string, unknown>).id) && str((v as Record<string, unknown>).name);
 const receivePlan: Check = (v) => {
@@ -79,7 +81,7 @@ export const adminMethods = {
   listSnapshots: [optional(ref)],
   snapshotsPage: [optional(pageOptions('volumeId'))],
   getSnapshot: [snapshotRef],
-  findSnapshot: [snapshotRef],
+  findSnapshot: [snapshotRef, optional(findSnapshotOptions)],
   deleteSnapshot: [snapshotRef],
   diffSnapshots: [ref, ref],
   snapshotAllocated: [ref],

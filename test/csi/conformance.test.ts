@@ -176,6 +176,22 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       });
       assert.equal(restored.volume.capacity_bytes, String(128 * MiB), 'restored and grown to the size asked for');
       assert.deepEqual(restored.volume.content_source, { snapshot: { snapshot_id: snap.snapshot_id }, type: 'snapshot' });
+      const restoreAgain = { volume_content_source: { snapshot: { snapshot_id: snap.snapshot_id } }, capacity_range: { required_bytes: String(128 * MiB) } };
+      assert.equal((await create('restored', restoreAgain)).volume.volume_id, restored.volume.volume_id, 'a retry answers with the same volume');
+      const otherSnap = (await csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: 'origin-snap-2' })).snapshot as Record<
+        string,
+        unknown
+      >;
+      for (const [name, what] of [
+        ['restored', 'a restore of another snapshot'],
+        ['origin', 'a volume that is no clone'],
+      ]) {
+        await expectCode(
+          create(name, { volume_content_source: { snapshot: { snapshot_id: otherSnap.snapshot_id } }, capacity_range: { required_bytes: String(128 * MiB) } }),
+          status.ALREADY_EXISTS,
+          `the name of ${what}`,
+        );
+      }
       const reader = await nbd('restored');
       assert.ok(
         (await reader.read(MiB, MiB)).every((b) => b === 0x61),

@@ -22,7 +22,7 @@ const prefix = '/round-trips/arbor/';
  * The catalog round trips of the controller's hot paths on a real etcd (issue 16:
  * each is a millisecond or more on a loaded machine), and that the shortcuts that
  * save them keep every answer: a detached snapshot reads once and commits once; a
- * clone of a snapshot the controller just looked up commits at once, and still
+ * clone of a snapshot the controller just made or looked up commits at once, and still
  * answers right when the snapshot went or the name was taken meanwhile; an owner
  * answers a snapshot in the snapshot's own transaction.
  */
@@ -111,19 +111,31 @@ describe('catalog round trips of snapshots and clones', function () {
     assert.equal((await controller.createSnapshot({ id: volume.id }, 'again-2')).id, second.value.id);
   });
 
-  it('clones a snapshot through the controller in two round trips: the lookups together, then the transaction', async () => {
+  it('clones a snapshot this store made through the controller in one transaction, and one it did not in two round trips', async () => {
     const controller = stores[0];
+    const other = await open('maker');
     const volume = await controller.createVolume('source', { sizeBytes: 16 * extentBytes });
     const snapshot = await controller.createSnapshot({ id: volume.id }, 'source-1');
     const csi = controllerService({ store: controller });
     const { value: made, trips, calls } = await counter.during(() => csi.CreateVolume!(cloneRequest('clone-1', snapshot.id)));
-    assert.equal(trips, 2, `round trips: ${calls.join(', ')}`);
+    assert.equal(trips, 1, `the transaction alone: ${calls.join(', ')}`);
     const record = await controller.getVolume({ name: 'clone-1' });
     assert.equal(made.volume!.volume_id, record.id);
     assert.equal(record.lineage[0].snapshotId, snapshot.id);
     assert.equal(record.sizeBytes, volume.sizeBytes);
-    // A retry answers with the same volume.
+
+    // A retry fails the transaction on the name, and answers with the same volume; a
+    // request of another size for the name is refused, and the volume left as it was.
     assert.equal((await csi.CreateVolume!(cloneRequest('clone-1', snapshot.id))).volume!.volume_id, record.id);
+    const larger = { ...cloneRequest('clone-1', snapshot.id), capacity_range: { required_bytes: String(32 * extentBytes), limit_bytes: '0' } };
+    await assert.rejects(csi.CreateVolume!(larger), (err) => toGrpcError(err).code === grpc.status.ALREADY_EXISTS);
+    assert.deepEqual(await controller.getVolume({ name: 'clone-1' }), record);
+
+    // Made by another node: looked up first (the snapshot with the name), then the transaction.
+    const theirs = await other.createSnapshot({ id: volume.id }, 'source-2');
+    const lookedUp = await counter.during(() => csi.CreateVolume!(cloneRequest('clone-2', theirs.id)));
+    assert.equal(lookedUp.trips, 2, `the lookup, then the transaction: ${lookedUp.calls.join(', ')}`);
+    assert.equal((await controller.getVolume({ name: 'clone-2' })).lineage[0].snapshotId, theirs.id);
   });
 
   it('answers a clone right when the snapshot it looked up was deleted meanwhile by another node', async () => {

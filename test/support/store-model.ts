@@ -53,7 +53,9 @@ export function modelSuite(title: string, operations: number, open: (dir: string
     it(`${operations} operations match the model byte for byte (seed ${seed})`, async () => {
       const rng = new Random(seed);
       const volumes = new Map<string, ModelVolume>();
-      const snapshots = new Map<string, { volume: string; bytes: SparseBytes }>();
+      const snapshots = new Map<string, { volume: string; id: string; bytes: SparseBytes }>();
+      /** Ids of deleted snapshots: a clone of one is refused (the store may still remember its entry). */
+      const deletedSnapshotIds: string[] = [];
       /** Snapshots named among their volume's (the CLI's scope), by VOLUME@NAME: names from a small pool, so volumes share them. */
       const volumeSnapshots = new Map<string, { volume: string; name: string; id: string; bytes: SparseBytes }>();
       const volumeSnapshotNames = ['daily', 'weekly', 'before upgrade', 'v@1', 'ünïcode'];
@@ -195,7 +197,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               note(`${name}@${snapName}`);
               const record = await store.createSnapshot({ name }, snapName);
               assert.equal((await store.createSnapshot({ name }, snapName)).id, record.id, 'a snapshot is idempotent by name');
-              snapshots.set(snapName, { volume: name, bytes: volumes.get(name)!.bytes.clone() });
+              snapshots.set(snapName, { volume: name, id: record.id, bytes: volumes.get(name)!.bytes.clone() });
               break;
             }
             case 'volumeSnapshot': {
@@ -237,12 +239,27 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               break;
             }
             case 'cloneSnapshot': {
+              const name = `v${everNamed.volumes++}`;
+              if (deletedSnapshotIds.length && rng.chance(0.1)) {
+                const id = rng.pick(deletedSnapshotIds);
+                note(`deleted ${id} -> ${name}`);
+                await assert.rejects(store.cloneVolume(name, { snapshot: { id } }), (err) => isArborError(err, 'not-found'));
+                assert.equal(await store.findVolume({ name }), undefined, 'a clone of a deleted snapshot makes nothing');
+                break;
+              }
               const snap = anySnapshot();
               if (!snap) break;
-              const name = `v${everNamed.volumes++}`;
-              note(`${snap} -> ${name}`);
-              const record = await store.cloneVolume(name, { snapshot: { name: snap } });
-              assert.equal((await store.cloneVolume(name, { snapshot: { name: snap } })).id, record.id, 'a clone is idempotent by name');
+              // By id a clone may go straight to its transaction, with the entry this store made or read last.
+              const ref = rng.chance(0.5) ? { id: snapshots.get(snap)!.id } : { name: snap };
+              const exclusive = rng.chance(0.3);
+              note(`${snap} -> ${name}${'id' in ref ? ' by id' : ''}${exclusive ? ', exclusive' : ''}`);
+              const record = await store.cloneVolume(name, { snapshot: ref }, { exclusive });
+              if (exclusive) {
+                await assert.rejects(store.cloneVolume(name, { snapshot: ref }, { exclusive }), (err) => isArborError(err, 'already-exists'));
+                assert.deepEqual(await store.getVolume({ name }), record, 'an exclusive clone refused leaves the volume of the name as it was');
+              } else {
+                assert.equal((await store.cloneVolume(name, { snapshot: ref })).id, record.id, 'a clone is idempotent by name');
+              }
               const extentSize = (await store.getSnapshot({ name: snap })).extentSizeBytes;
               volumes.set(name, { bytes: snapshots.get(snap)!.bytes.clone(), extentSize, qos: {} });
               break;
@@ -297,6 +314,7 @@ export function modelSuite(title: string, operations: number, open: (dir: string
               const snap = anySnapshot();
               if (!snap) break;
               await store.deleteSnapshot({ name: snap });
+              deletedSnapshotIds.push(snapshots.get(snap)!.id);
               snapshots.delete(snap);
               break;
             }
