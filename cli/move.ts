@@ -8,7 +8,7 @@
  * that last round, measured and reported.
  */
 import { randomBytes } from 'node:crypto';
-import { PassThrough, Writable } from 'node:stream';
+import { Transform, Writable } from 'node:stream';
 import { Log } from '../lib/logger';
 import { Progress } from '../lib/progress';
 import { RelayExport } from '../node-plugin/relay/relay-export';
@@ -202,8 +202,14 @@ class Move {
   }
 
   private transfer(snapshot: SnapshotRecord, base: SnapshotRecord | undefined): Promise<{ changedBytes: number; streamBytes: number }> {
-    if (this.expired) return Promise.reject(this.expired);
-    const pipe = new PassThrough({ highWaterMark: 8 * 1024 * 1024 });
+    const expired = this.pastDeadline();
+    if (expired) return Promise.reject(expired);
+    // Each chunk checks the deadline too: a round whose sender and receiver keep the
+    // event loop busy between them may not let the timer run until it is over.
+    const pipe = new Transform({
+      highWaterMark: 8 * 1024 * 1024,
+      transform: (chunk: Buffer, _encoding, done) => done(this.pastDeadline() ?? null, chunk),
+    });
     this.cancel = (reason) => pipe.destroy(reason);
     const quiet = (): Progress => new Progress(discard, '');
     const sending = sendSnapshot(this.source.session, snapshot, base, pipe, quiet).then(
@@ -232,6 +238,22 @@ class Move {
   /** Stops the transfer in progress (the last round ran out of time). */
   private cancel?: (reason: Error) => void;
   private expired?: ArborError;
+  /** When the last round must be over (Date.now()), while it runs. */
+  private deadline?: number;
+
+  /** The last round's error once it has run past its deadline (undefined before). */
+  private pastDeadline(): ArborError | undefined {
+    if (this.deadline !== undefined && Date.now() >= this.deadline) this.expire();
+    return this.expired;
+  }
+
+  private expire(): ArborError {
+    this.expired ??= new ArborError(
+      'aborted',
+      `the last round of moving ${this.volume.name} took longer than the longest pause allowed (${this.options.maxPauseMs} ms): cancelled, the volume stays on the source; move it when it is written less, or allow a longer pause`,
+    );
+    return this.expired;
+  }
 
   /**
    * Runs the last round; past the longest pause allowed, cancels it (the volume then
@@ -240,17 +262,14 @@ class Move {
    */
   private async withDeadline(fn: () => Promise<void>): Promise<void> {
     const limit = this.options.maxPauseMs;
-    const timer = setTimeout(() => {
-      this.expired = new ArborError(
-        'aborted',
-        `the last round of moving ${this.volume.name} took longer than the longest pause allowed (${limit} ms): cancelled, the volume stays on the source; move it when it is written less, or allow a longer pause`,
-      );
-      this.cancel?.(this.expired);
-    }, limit);
+    this.deadline = Date.now() + limit;
+    // For a round that waits (on the destination, say) with no chunk going through the pipe.
+    const timer = setTimeout(() => this.cancel?.(this.expire()), limit);
     try {
       await fn();
     } finally {
       clearTimeout(timer);
+      this.deadline = undefined;
     }
   }
 
