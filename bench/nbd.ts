@@ -22,7 +22,9 @@
  * (issue 15) on the request path: one store and NBD server in this process, one
  * volume served through exports with the check (unlimited: the fast path; and
  * limited far above what fio reaches) and without it, runs alternated so drift falls
- * on both. BENCH_RUNTIME (seconds per fio run, default 10), BENCH_GOLDEN_GIB (4);
+ * on both. Arbor's runs and its peer's that can be repeated alike are alternated
+ * the same way, BENCH_PAIRED_ROUNDS times each (default 2), and a target takes the
+ * ratio of their means. BENCH_RUNTIME (seconds per fio run, default 10), BENCH_GOLDEN_GIB (4);
  * BENCH_QOS_ONLY=1 runs only the QoS part.
  */
 import { ChildProcess, execFile, execFileSync, spawn } from 'node:child_process';
@@ -62,6 +64,14 @@ const goldenBytes = Number(process.env.BENCH_GOLDEN_GIB ?? 4) * GiB;
 const generations = 100;
 const attachedVolumes = 100;
 const concurrentVolumes = 16;
+/** Runs of each side of a paired comparison (see `paired` in main). */
+const pairedRounds = Number(process.env.BENCH_PAIRED_ROUNDS ?? 2);
+
+/** The mean of several runs of one workload on one target. */
+function meanOf(runs: FioResult[]): FioResult {
+  const mean = (pick: (r: FioResult) => number) => runs.reduce((sum, r) => sum + pick(r), 0) / runs.length;
+  return { iops: mean((r) => r.iops), mibs: mean((r) => r.mibs), p50us: mean((r) => r.p50us), p99us: mean((r) => r.p99us) };
+}
 
 function sh(command: string, args: string[]): string {
   return execFileSync(command, args, { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
@@ -341,6 +351,20 @@ async function main(): Promise<void> {
       return res;
     };
     const targets: TargetResult[] = [];
+    /**
+     * Arbor and its peer, `pairedRounds` times each, alternated (a b, then b a) so that
+     * drift on this shared machine falls on both: each row is printed, a target takes
+     * the ratio of the means. `a` and `b` get the round's index (a fresh clone per
+     * round where a run changes what the next would measure).
+     */
+    const paired = (a: (round: number) => FioResult, b: (round: number) => FioResult): [FioResult, FioResult] => {
+      const runs: [FioResult[], FioResult[]] = [[], []];
+      for (let round = 0; round < pairedRounds; round++) {
+        const order = round % 2 === 0 ? [0, 1] : [1, 0];
+        for (const side of order) runs[side].push(side === 0 ? a(round) : b(round));
+      }
+      return [meanOf(runs[0]), meanOf(runs[1])];
+    };
 
     const randRead = workloads[0];
     const randWrite = workloads[1];
@@ -348,8 +372,10 @@ async function main(): Promise<void> {
     const seqWrite = workloads[3];
 
     const readClone = await freshClone();
-    const reads = run('4 KiB random read QD16', 'arbor, fresh clone', uri(readClone), randRead);
-    const readsPeer = run('4 KiB random read QD16', 'nbdkit file, raw golden', nbdkitRead.uri, randRead);
+    const [reads, readsPeer] = paired(
+      () => run('4 KiB random read QD16', 'arbor, fresh clone', uri(readClone), randRead),
+      () => run('4 KiB random read QD16', 'nbdkit file, raw golden', nbdkitRead.uri, randRead),
+    );
     targets.push(checkTarget('4 KiB random read QD16 / nbdkit file', reads.iops / readsPeer.iops, { atLeast: 1.2 }));
 
     // One write into every extent (and every qcow2 cluster): each is a first write.
@@ -377,23 +403,33 @@ async function main(): Promise<void> {
     settleDisk();
     process.stderr.write('writing a fresh clone all over (1 MiB sequential writes, one pass)...\n');
     fioNbd(uri(filledClone), seqWrite, goldenBytes, runtime, [], false);
-    const written = run('4 KiB random write QD16', 'arbor, clone written all over', uri(filledClone), randWrite);
-    const writtenPeer = run('4 KiB random write QD16', 'nbdkit file, raw copy', nbdkitWrite.uri, randWrite);
+    const [written, writtenPeer] = paired(
+      () => run('4 KiB random write QD16', 'arbor, clone written all over', uri(filledClone), randWrite),
+      () => run('4 KiB random write QD16', 'nbdkit file, raw copy', nbdkitWrite.uri, randWrite),
+    );
     targets.push(checkTarget('4 KiB random write QD16, written clone / nbdkit file', written.iops / writtenPeer.iops, { atLeast: 1.0 }));
 
-    const seqReads = run('1 MiB sequential read QD4', 'arbor, fresh clone', uri(readClone), seqRead);
-    const seqReadsPeer = run('1 MiB sequential read QD4', 'nbdkit file, raw golden', nbdkitRead.uri, seqRead);
+    const [seqReads, seqReadsPeer] = paired(
+      () => run('1 MiB sequential read QD4', 'arbor, fresh clone', uri(readClone), seqRead),
+      () => run('1 MiB sequential read QD4', 'nbdkit file, raw golden', nbdkitRead.uri, seqRead),
+    );
     targets.push(checkTarget('1 MiB sequential read QD4 / nbdkit file', seqReads.mibs / seqReadsPeer.mibs, { atLeast: 0.9 }));
-    const seqClone = await freshClone();
-    const seqWrites = run('1 MiB sequential write QD4', 'arbor, fresh clone', uri(seqClone), seqWrite);
-    const seqWritesPeer = run('1 MiB sequential write QD4', 'nbdkit file, raw copy', nbdkitWrite.uri, seqWrite);
+    // A fresh clone each round: on the round before's clone, the writes would land in place.
+    const seqClones: string[] = [];
+    for (let round = 0; round < pairedRounds; round++) seqClones.push(await freshClone());
+    const [seqWrites, seqWritesPeer] = paired(
+      (round) => run('1 MiB sequential write QD4', 'arbor, fresh clone', uri(seqClones[round]), seqWrite),
+      () => run('1 MiB sequential write QD4', 'nbdkit file, raw copy', nbdkitWrite.uri, seqWrite),
+    );
     targets.push(checkTarget('1 MiB sequential write QD4 / nbdkit file', seqWrites.mibs / seqWritesPeer.mibs, { atLeast: 0.9 }));
     const seqWritesNew = run('1 MiB sequential write QD4', 'nbdkit file, fresh sparse file', nbdkitFresh.uri, seqWrite);
 
     process.stderr.write(`building ${generations} generations of clones of clones...\n`);
     const lineage = await cloneGenerations(csi, goldSnapshot, nbdSocket, generations);
-    const genFirst = run('4 KiB random read QD16', 'arbor, clone generation 1', uri(lineage.first), randRead);
-    const genLast = run('4 KiB random read QD16', `arbor, clone generation ${generations}`, uri(lineage.last), randRead);
+    const [genLast, genFirst] = paired(
+      () => run('4 KiB random read QD16', `arbor, clone generation ${generations}`, uri(lineage.last), randRead),
+      () => run('4 KiB random read QD16', 'arbor, clone generation 1', uri(lineage.first), randRead),
+    );
     targets.push(checkTarget(`4 KiB random read, clone generation ${generations} / generation 1`, genLast.iops / genFirst.iops, { atLeast: 0.95 }));
 
     const concurrent: string[] = [];
