@@ -220,11 +220,33 @@ export async function readTree(
     first === last
       ? [{ first, count: 1, ...(await lookupRef(source, tree.root, tree.depth, first)) }]
       : await mapExtents(source, tree.root, tree.depth, first, last);
-  for (const segment of segments) {
+  for (let i = 0; i < segments.length;) {
+    const segment = segments[i];
+    // Whole extents in blobs that lie end to end (consecutive ids of one file) are one read.
+    let count = segment.count;
+    while (i + 1 < segments.length && followsInStorage(blobs, segments[i], segments[i + 1])) count += segments[++i].count;
+    i++;
     const from = Math.max(offset, segment.first * extentSize);
-    const to = Math.min(offset + length, (segment.first + segment.count) * extentSize);
+    const to = Math.min(offset + length, (segment.first + count) * extentSize);
     await readExtent(blobs, segment, extentSize, from - segment.first * extentSize, target, targetOffset + (from - offset), to - from);
   }
+}
+
+/** Whether `next`, the extent right after `segment`, is the next blob in storage after it: both plain data, `adjacent` by the store. */
+function followsInStorage(
+  blobs: BlobStore,
+  segment: ExtentRef & { first: number; count: number },
+  next: ExtentRef & { first: number; count: number },
+): boolean {
+  const plain = (s: ExtentRef) => hasBlob(s.entry) && s.leaf === undefined;
+  return (
+    blobs.adjacent !== undefined &&
+    plain(segment) &&
+    plain(next) &&
+    segment.count === 1 &&
+    next.first === segment.first + 1 &&
+    blobs.adjacent(blobOf(segment.entry), blobOf(next.entry))
+  );
 }
 
 /** Allocation status of [offset, offset+length): data, holes (never written) and allocated zeros, merged into runs. */

@@ -12,8 +12,14 @@ export interface BlobStore {
    * extent into a new blob, as it does for map nodes.
    */
   readonly rewritable: boolean;
-  /** Reads `length` bytes at `offset` of blob `id` into `target` at `targetOffset`. */
+  /**
+   * Reads `length` bytes at `offset` of blob `id` into `target` at `targetOffset`.
+   * Where the blobs after `id` follow it in storage (`adjacent`), the range may run on
+   * into them, each a whole blob of its size class: one read for many extents.
+   */
   read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void>;
+  /** Whether blob `next` lies right after blob `id` in storage, so that one `read` may cover both. Absent: never. */
+  adjacent?(id: number, next: number): boolean;
   /**
    * The same read done at once, on this thread, where the store can (files always;
    * an object store when its local copy holds the range): true when it read, false

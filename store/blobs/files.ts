@@ -3,7 +3,7 @@ import path from 'node:path';
 import { runBounded } from '../../lib/bounded';
 import { Lru } from '../../lib/lru';
 import { ArborError } from '../errors';
-import { maxOpenSegmentFiles, syncConcurrency } from '../limits';
+import { maxOpenSegmentFiles, poolReadBytes, syncConcurrency } from '../limits';
 import { blobId, bytesOfClass, classOf, serialOf } from '../blob-id';
 import { BlobStore } from './blobs';
 import { Bitset } from './bitset';
@@ -46,7 +46,13 @@ export class FileBlobStore implements BlobStore {
   private readonly sealed?: Set<number>;
   private readonly segments = new Map<number, Segment>();
   /** Open descriptors by segment. */
-  private readonly fds = new Lru<number, number>({ capacity: maxOpenSegmentFiles, evicted: (_segment, fd) => fs.closeSync(fd) });
+  private readonly fds = new Lru<number, number>({ capacity: maxOpenSegmentFiles, evicted: (_segment, fd) => this.closeFd(fd) });
+  /**
+   * Descriptors that reads in the thread pool are using, with how many: one evicted or
+   * let go meanwhile is closed when the last of them ends, so that its number is not
+   * reused under a read in flight.
+   */
+  private readonly inUse = new Map<number, { reads: number; closeAfter: boolean }>();
   private directoryChanged = false;
   private closed = false;
 
@@ -84,15 +90,35 @@ export class FileBlobStore implements BlobStore {
   }
 
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    this.readNow(id, offset, target, targetOffset, length);
+    if (length < poolReadBytes) {
+      this.readNow(id, offset, target, targetOffset, length);
+      return;
+    }
+    const segment = this.presentSegment(id, offset, length);
+    const fd = this.fd(segment);
+    const at = slotOf(id) * segment.slotBytes + offset;
+    const use = this.inUse.get(fd) ?? { reads: 0, closeAfter: false };
+    this.inUse.set(fd, use);
+    use.reads++;
+    try {
+      let done = 0;
+      while (done < length) {
+        const n = await readInPool(fd, target, targetOffset + done, length - done, at + done);
+        if (n === 0) break;
+        done += n;
+      }
+      if (done < length) target.fill(0, targetOffset + done, targetOffset + length);
+    } finally {
+      if (--use.reads === 0) {
+        this.inUse.delete(fd);
+        if (use.closeAfter) fs.closeSync(fd);
+      }
+    }
   }
 
   /** Positioned reads on this thread: while the file is in the page cache, cheaper than any hand-off to a thread pool. */
   readNow(id: number, offset: number, target: Buffer, targetOffset: number, length: number): true {
-    const segment = this.segments.get(segmentKey(id));
-    if (!segment || !segment.present.has(slotOf(id))) {
-      throw new ArborError('internal', `blob ${id} is missing from ${this.root}: the store is damaged`);
-    }
+    const segment = this.presentSegment(id, offset, length);
     const fd = this.fd(segment);
     const at = slotOf(id) * segment.slotBytes + offset;
     let done = 0;
@@ -103,6 +129,31 @@ export class FileBlobStore implements BlobStore {
     }
     if (done < length) target.fill(0, targetOffset + done, targetOffset + length);
     return true;
+  }
+
+  /** Consecutive ids of one segment: their slots lie end to end in its file. */
+  adjacent(id: number, next: number): boolean {
+    return next === id + 1 && segmentKey(next) === segmentKey(id);
+  }
+
+  /** The segment of blob `id`, checking that it and every blob a read of `length` at `offset` runs on into are there. */
+  private presentSegment(id: number, offset: number, length: number): Segment {
+    const segment = this.segments.get(segmentKey(id));
+    const first = slotOf(id);
+    const last = segment && first + Math.floor((offset + Math.max(length, 1) - 1) / segment.slotBytes);
+    for (let slot = first; slot <= (last ?? first); slot++) {
+      if (!segment || slot >= idsPerSegment || !segment.present.has(slot)) {
+        throw new ArborError('internal', `blob ${id - first + slot} is missing from ${this.root}: the store is damaged`);
+      }
+    }
+    return segment!;
+  }
+
+  /** Closes a descriptor now, or (a read in the pool uses it) when that read ends. */
+  private closeFd(fd: number): void {
+    const use = this.inUse.get(fd);
+    if (use) use.closeAfter = true;
+    else fs.closeSync(fd);
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
@@ -201,7 +252,7 @@ export class FileBlobStore implements BlobStore {
       return;
     }
     const fd = this.fds.delete(segment.key);
-    if (fd !== undefined) fs.closeSync(fd);
+    if (fd !== undefined) this.closeFd(fd);
     this.segments.delete(segment.key);
     fs.rmSync(this.dataPath(segment), { force: true });
     fs.rmSync(this.freedPath(segment), { force: true });
@@ -290,4 +341,8 @@ async function syncFile(filePath: string, directory: boolean): Promise<void> {
   } finally {
     await handle.close();
   }
+}
+
+function readInPool(fd: number, target: Buffer, targetOffset: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.read(fd, target, targetOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
 }
