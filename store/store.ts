@@ -4,7 +4,7 @@ import { settleBy } from '../lib/bounded';
 import { Log, silentLog } from '../lib/logger';
 import { BlobIdAllocator } from './allocator';
 import { BlobStore } from './blobs/blobs';
-import { Catalog, Compare, KvEntry, Op, absent, del, put, unchanged } from './catalog/catalog';
+import { Catalog, Compare, KvEntry, Op, absent, del, put, unchanged, writtenEntry } from './catalog/catalog';
 import { Collector } from './collector';
 import { StoreContext } from './context';
 import { asShared } from './entry';
@@ -374,15 +374,17 @@ export class Store {
     absentKeys: string[],
     ops: Op[],
     orRead?: string[],
-  ): Promise<{ succeeded: boolean; revision?: number; read?: Array<KvEntry | undefined> }> {
+  ): Promise<{ succeeded: true; revision: number } | { succeeded: false; read?: Array<KvEntry | undefined> }> {
     const source = decodeVolume(entry);
     if (this.volumes.busy(source.id)) return { succeeded: false };
     const compares: Compare[] = [unchanged(entry), absent(ownerKey(source.id)), ...absentKeys.map(absent)];
     const shared = { ...source, root: asShared(source.root) };
     // No await between the check above and the transaction: nothing in this process can open the volume in between.
-    const result = await this.ctx.catalog.txn(compares, [put(keys.volume(source.id), shared), ...ops], orRead);
-    if (result.succeeded) this.seenDetached.set(source.id, { key: entry.key, value: JSON.stringify(shared), modRevision: result.revision });
-    return result;
+    const written = [put(keys.volume(source.id), shared), ...ops];
+    const result = await this.ctx.catalog.txn(compares, written, orRead);
+    if (!result.succeeded) return { succeeded: false, read: result.read };
+    this.seenDetached.set(source.id, writtenEntry(written, entry.key, result.revision));
+    return { succeeded: true, revision: result.revision };
   }
 
   private async cloneOpenVolume(volume: Volume, name: string, labels?: Record<string, string>): Promise<VolumeRecord | undefined> {
@@ -594,7 +596,7 @@ export class Store {
       this.seenDetached.delete(volumeId);
       const detached = snapshotBatchOps(decodeVolume(seen), todo);
       const tried = await this.shareDetached(seen, detached.absent, detached.ops, keysToRead(nameKeysOfBatch(todo)));
-      if (tried.succeeded) return this.answerBatch(todo, detached.records, tried.revision);
+      if (tried.succeeded) return this.answerBatch(todo, detached.records, { ops: detached.ops, revision: tried.revision });
       read = tried.read;
     }
     for (;;) {
@@ -618,7 +620,7 @@ export class Store {
           // A detached volume: one transaction. Otherwise on the volume, opened here.
           const detached = snapshotBatchOps(decodeVolume(entry), todo);
           const shared = await this.shareDetached(entry, detached.absent, detached.ops);
-          if (shared.succeeded) return this.answerBatch(todo, detached.records, shared.revision);
+          if (shared.succeeded) return this.answerBatch(todo, detached.records, { ops: detached.ops, revision: shared.revision });
         }
         let created: SnapshotRecord[] | undefined;
         try {
@@ -671,11 +673,10 @@ export class Store {
     return batch.filter((_, i) => !answered[i]);
   }
 
-  /** `revision`: the transaction's that made them, where known, so that a clone of one needs no read of it (seenSnapshots). */
-  private answerBatch(batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>, records: SnapshotRecord[], revision?: number): void {
+  /** `written`: the transaction that made them, where known, so that a clone of one needs no read of it (seenSnapshots). */
+  private answerBatch(batch: Array<Waiting<WantedSnapshot, SnapshotRecord>>, records: SnapshotRecord[], written?: { ops: Op[]; revision: number }): void {
     batch.forEach((waiting, i) => {
-      if (revision !== undefined)
-        this.seenSnapshots.set(records[i].id, { key: keys.snapshot(records[i].id), value: JSON.stringify(records[i]), modRevision: revision });
+      if (written) this.seenSnapshots.set(records[i].id, writtenEntry(written.ops, keys.snapshot(records[i].id), written.revision));
       this.log.info('snapshot created', { volume: records[i].volumeName, snapshot: records[i].name, id: records[i].id, scope: waiting.request.scope });
       waiting.resolve(records[i]);
     });

@@ -140,11 +140,10 @@ export class FileBlobStore implements BlobStore {
   private presentSegment(id: number, offset: number, length: number): Segment {
     const segment = this.segments.get(segmentKey(id));
     const first = slotOf(id);
-    const last = segment && first + Math.floor((offset + Math.max(length, 1) - 1) / segment.slotBytes);
-    for (let slot = first; slot <= (last ?? first); slot++) {
-      if (!segment || slot >= idsPerSegment || !segment.present.has(slot)) {
-        throw new ArborError('internal', `blob ${id - first + slot} is missing from ${this.root}: the store is damaged`);
-      }
+    const last = segment ? first + Math.floor((offset + Math.max(length, 1) - 1) / segment.slotBytes) : first;
+    for (let slot = first; slot <= last; slot++) {
+      if (segment && slot < idsPerSegment && segment.present.has(slot)) continue;
+      throw new ArborError('internal', `blob ${id - first + slot} is missing from ${this.root}: the store is damaged`);
     }
     return segment!;
   }

@@ -89,6 +89,13 @@ export function put(key: string, value: unknown, lease?: Lease): Op {
   return lease ? { type: 'put', key, value: JSON.stringify(value), lease: lease.id } : { type: 'put', key, value: JSON.stringify(value) };
 }
 
+/** The entry a transaction that committed `ops` at `revision` left at `key` (one of its puts): what a later compare of it expects. */
+export function writtenEntry(ops: Op[], key: string, revision: number): KvEntry {
+  const op = ops.find((o): o is Extract<Op, { type: 'put' }> => o.type === 'put' && o.key === key);
+  if (!op) throw new Error(`no put of ${key} among the transaction's ops`);
+  return { key, value: op.value, modRevision: revision };
+}
+
 export function del(key: string): Op {
   return { type: 'delete', key };
 }
