@@ -69,12 +69,13 @@ export const maxOpenSegmentFiles = 512;
 /** Parallel fsyncs issued by the file backend during a flush. */
 export const syncConcurrency = 16;
 /**
- * Reads of at least this many bytes the file backend does in the thread pool, not on
- * the event loop: a 1 MiB read is two copies of 1 MiB on one thread otherwise (the
- * pread, then the reply into the socket), and the hand-off (~20 µs) is small beside
- * either. Smaller reads stay on the thread, where the hand-off would dominate.
+ * Reads and writes of at least this many bytes the file backend does in the thread
+ * pool, not on the event loop: a 1 MiB request is two copies of 1 MiB on one thread
+ * otherwise (the pread and the reply into the socket; the request off the socket and
+ * the pwrite), and the hand-off (~20 µs) is small beside either. Smaller ones stay
+ * on the thread, where the hand-off would dominate.
  */
-export const poolReadBytes = 256 * 1024;
+export const poolIoBytes = 256 * 1024;
 
 /*
  * The S3 blob backend (store/blobs/s3.ts) and its node-local cache (blob-cache.ts).

@@ -33,6 +33,18 @@ interface PathStep {
   node: MapNode;
 }
 
+/** Where one extent of `writeWholeExtents` goes, decided before any of its bytes are written. */
+interface WholeExtentWrite {
+  leaf: MapNode;
+  slot: number;
+  /** The blob the extent's bytes go to. */
+  id: number;
+  /** In place; in place into a partial extent (which the write makes plain); or a new blob. */
+  kind: 'in-place' | 'fills-partial' | 'new-blob';
+  /** This head's blob a new one replaces, freed after the next commit. */
+  replaced?: number;
+}
+
 interface DirtyNode {
   node: MapNode;
   /** Allocated since the last commit: no committed tree points at it, so it may be written under its own id. */
@@ -109,7 +121,7 @@ export class MutableTree implements NodeSource {
     const { path, slot } = await this.writableLeaf(extent);
     const leaf = path[path.length - 1].node;
     const entry = getEntry(leaf, slot);
-    if (isWritable(entry) && hasBlob(entry) && (this.blobs.rewritable || this.unsyncedData.has(blobOf(entry)))) {
+    if (this.changesInPlace(entry)) {
       const id = blobOf(entry);
       if (isPartial(entry)) {
         const base = blobOf(baseOf(leaf, slot));
@@ -148,6 +160,59 @@ export class MutableTree implements NodeSource {
     setPlain(leaf, slot, makeEntry(id, WRITABLE), this.layout);
     this.unsyncedData.add(id);
     return id;
+  }
+
+  /** Whether a write into the extent of `entry` goes into its blob as it is: this head's, and not sealed by a sync. */
+  private changesInPlace(entry: Entry): boolean {
+    return isWritable(entry) && hasBlob(entry) && (this.blobs.rewritable || this.unsyncedData.has(blobOf(entry)));
+  }
+
+  /**
+   * Writes `count` whole extents from `first` out of `source` at `sourceOffset`. Each
+   * goes where `writeExtent` would put it (into its blob in place, or into a new one),
+   * but the extents whose blobs lie end to end in storage are written together, in one
+   * write: a volume written in order gets consecutive new blobs, so a 1 MiB write of
+   * 64 KiB extents is one write, not sixteen. An extent's map entry changes only once
+   * its bytes are written. Returns the blobs written.
+   */
+  async writeWholeExtents(first: number, count: number, source: Buffer, sourceOffset: number): Promise<number[]> {
+    const size = this.extentSizeBytes;
+    const places: WholeExtentWrite[] = [];
+    for (let k = 0; k < count; k++) places.push(await this.placeWholeExtent(first + k));
+    for (let start = 0; start < count;) {
+      let end = start + 1;
+      while (end < count && this.blobs.adjacent?.(places[end - 1].id, places[end].id)) end++;
+      await this.blobs.write(places[start].id, 0, source, sourceOffset + start * size, (end - start) * size);
+      for (let k = start; k < end; k++) this.mapWholeExtent(places[k]);
+      start = end;
+    }
+    return places.map((place) => place.id);
+  }
+
+  /** Where a whole-extent write of `extent` goes; a path whose map entry will change is pinned (dirty) now. */
+  private async placeWholeExtent(extent: number): Promise<WholeExtentWrite> {
+    const { path, slot } = await this.writableLeaf(extent);
+    const leaf = path[path.length - 1].node;
+    const entry = getEntry(leaf, slot);
+    if (this.changesInPlace(entry)) {
+      // A partial extent written whole becomes a plain one.
+      if (isPartial(entry)) this.touchPath(path);
+      return { leaf, slot, id: blobOf(entry), kind: isPartial(entry) ? 'fills-partial' : 'in-place' };
+    }
+    this.touchPath(path);
+    const replaced = isWritable(entry) && hasBlob(entry) ? blobOf(entry) : undefined;
+    return { leaf, slot, id: await this.ids.allocate(this.extentClass), kind: 'new-blob', replaced };
+  }
+
+  /** The map after a whole-extent write has landed in its blob. */
+  private mapWholeExtent(place: WholeExtentWrite): void {
+    if (place.kind === 'new-blob') {
+      if (place.replaced !== undefined) this.frees.add(place.replaced);
+      setPlain(place.leaf, place.slot, makeEntry(place.id, WRITABLE), this.layout);
+    } else if (place.kind === 'fills-partial') {
+      this.addWrittenPages(place.leaf, place.slot, 0, this.extentSizeBytes);
+    }
+    this.unsyncedData.add(place.id);
   }
 
   /**

@@ -238,6 +238,12 @@ export class Volume {
         const at = offset + done;
         const extent = Math.floor(at / extentSize);
         const inExtent = at - extent * extentSize;
+        const whole = inExtent === 0 ? Math.floor((data.length - done) / extentSize) : 0;
+        if (whole > 0) {
+          touched.push(...(await this.tree.writeWholeExtents(extent, whole, data, done)));
+          done += whole * extentSize;
+          continue;
+        }
         const n = Math.min(extentSize - inExtent, data.length - done);
         touched.push(await this.tree.writeExtent(extent, inExtent, data, done, n));
         done += n;

@@ -27,7 +27,11 @@ export interface BlobStore {
    * event-loop turns of the async path, which at 4 KiB cost more than the read.
    */
   readNow?(id: number, offset: number, target: Buffer, targetOffset: number, length: number): boolean;
-  /** Writes `length` bytes of `source` from `sourceOffset` at `offset` of blob `id`, creating it when absent. */
+  /**
+   * Writes `length` bytes of `source` from `sourceOffset` at `offset` of blob `id`,
+   * creating it when absent. Where the blobs after `id` follow it in storage
+   * (`adjacent`), the range may run on into them, each a whole blob of its size class.
+   */
   write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void>;
   /** The same write done at once, on this thread (as `readNow`); throws where `write` would reject. */
   writeNow?(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void;

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { runBounded } from '../../lib/bounded';
 import { Lru } from '../../lib/lru';
 import { ArborError } from '../errors';
-import { maxOpenSegmentFiles, poolReadBytes, syncConcurrency } from '../limits';
+import { maxOpenSegmentFiles, poolIoBytes, syncConcurrency } from '../limits';
 import { blobId, bytesOfClass, classOf, serialOf } from '../blob-id';
 import { BlobStore } from './blobs';
 import { Bitset } from './bitset';
@@ -38,8 +38,9 @@ interface Segment {
  * frees it, so a crash can never hide a blob from the collector.
  *
  * I/O is synchronous on the calling thread: while data is in the page cache this is
- * the fastest path Node has (a libuv hand-off costs ~20 µs per I/O on these VMs);
- * only fsync, which waits for the disk, goes to the thread pool.
+ * the fastest path Node has (a libuv hand-off costs ~20 µs per I/O on these VMs).
+ * Reads and writes of `poolIoBytes` or more, whose copies cost far more than that,
+ * go to the thread pool, as fsync (which waits for the disk) does.
  */
 export class FileBlobStore implements BlobStore {
   /** Ids synced this session, when blobs are immutable once synced (checked on every write). */
@@ -47,12 +48,8 @@ export class FileBlobStore implements BlobStore {
   private readonly segments = new Map<number, Segment>();
   /** Open descriptors by segment. */
   private readonly fds = new Lru<number, number>({ capacity: maxOpenSegmentFiles, evicted: (_segment, fd) => this.closeFd(fd) });
-  /**
-   * Descriptors that reads in the thread pool are using, with how many: one evicted or
-   * let go meanwhile is closed when the last of them ends, so that its number is not
-   * reused under a read in flight.
-   */
-  private readonly inUse = new Map<number, { reads: number; closeAfter: boolean }>();
+  /** Descriptors that I/O in the thread pool is using, with how many such I/Os (`inPool`). */
+  private readonly inUse = new Map<number, { users: number; closeAfter: boolean }>();
   private directoryChanged = false;
   private closed = false;
 
@@ -90,30 +87,23 @@ export class FileBlobStore implements BlobStore {
   }
 
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    if (length < poolReadBytes) {
+    if (length < poolIoBytes) {
       this.readNow(id, offset, target, targetOffset, length);
       return;
     }
     const segment = this.presentSegment(id, offset, length);
     const fd = this.fd(segment);
     const at = slotOf(id) * segment.slotBytes + offset;
-    const use = this.inUse.get(fd) ?? { reads: 0, closeAfter: false };
-    this.inUse.set(fd, use);
-    use.reads++;
-    try {
-      let done = 0;
-      while (done < length) {
-        const n = await readInPool(fd, target, targetOffset + done, length - done, at + done);
-        if (n === 0) break;
-        done += n;
+    const done = await this.inPool(fd, async () => {
+      let n = 0;
+      while (n < length) {
+        const got = await readInPool(fd, target, targetOffset + n, length - n, at + n);
+        if (got === 0) break;
+        n += got;
       }
-      if (done < length) target.fill(0, targetOffset + done, targetOffset + length);
-    } finally {
-      if (--use.reads === 0) {
-        this.inUse.delete(fd);
-        if (use.closeAfter) fs.closeSync(fd);
-      }
-    }
+      return n;
+    });
+    if (done < length) target.fill(0, targetOffset + done, targetOffset + length);
   }
 
   /** Positioned reads on this thread: while the file is in the page cache, cheaper than any hand-off to a thread pool. */
@@ -148,7 +138,7 @@ export class FileBlobStore implements BlobStore {
     return segment!;
   }
 
-  /** Closes a descriptor now, or (a read in the pool uses it) when that read ends. */
+  /** Closes a descriptor now, or (I/O in the pool uses it) when that I/O ends. */
   private closeFd(fd: number): void {
     const use = this.inUse.get(fd);
     if (use) use.closeAfter = true;
@@ -156,20 +146,61 @@ export class FileBlobStore implements BlobStore {
   }
 
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
-    this.writeNow(id, offset, source, sourceOffset, length);
+    if (length < poolIoBytes) {
+      this.writeNow(id, offset, source, sourceOffset, length);
+      return;
+    }
+    const { fd, at } = this.writableRange(id, offset, length);
+    await this.inPool(fd, async () => {
+      let done = 0;
+      while (done < length) done += await writeInPool(fd, source, sourceOffset + done, length - done, at + done);
+    });
   }
 
   writeNow(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void {
-    if (this.sealed && (this.sealed.has(id) || serialOf(id) < (this.sealedBelow[classOf(id)] ?? 0))) {
-      throw new ArborError('internal', `blob ${id} was synced and is immutable; the engine must write a new blob`);
-    }
-    const segment = this.segment(id);
-    if (offset + length > segment.slotBytes) throw new ArborError('internal', `a write of ${length} bytes at ${offset} does not fit blob ${id}`);
-    const fd = this.fd(segment);
-    const at = slotOf(id) * segment.slotBytes + offset;
-    segment.present.add(slotOf(id));
+    const { fd, at } = this.writableRange(id, offset, length);
     let done = 0;
     while (done < length) done += fs.writeSync(fd, source, sourceOffset + done, length - done, at + done);
+  }
+
+  /**
+   * Where a write of `length` at `offset` of blob `id` goes in its segment file, having
+   * checked that it stays in that file and that no blob it reaches is sealed, and
+   * counted every one of them present.
+   */
+  private writableRange(id: number, offset: number, length: number): { fd: number; at: number } {
+    const segment = this.segment(id);
+    const first = slotOf(id);
+    const last = first + Math.floor((offset + Math.max(length, 1) - 1) / segment.slotBytes);
+    if (last >= idsPerSegment) {
+      throw new ArborError('internal', `a write of ${length} bytes at ${offset} of blob ${id} runs past the last blob of its segment file`);
+    }
+    for (let each = id; each <= id + last - first; each++) {
+      if (this.sealed && (this.sealed.has(each) || serialOf(each) < (this.sealedBelow[classOf(each)] ?? 0))) {
+        throw new ArborError('internal', `blob ${each} was synced and is immutable; the engine must write a new blob`);
+      }
+    }
+    const fd = this.fd(segment);
+    for (let slot = first; slot <= last; slot++) segment.present.add(slot);
+    return { fd, at: first * segment.slotBytes + offset };
+  }
+
+  /**
+   * Runs I/O in the thread pool on descriptor `fd`: one evicted or let go meanwhile is
+   * closed when the last such I/O ends, so that its number is not reused under it.
+   */
+  private async inPool<T>(fd: number, io: () => Promise<T>): Promise<T> {
+    const use = this.inUse.get(fd) ?? { users: 0, closeAfter: false };
+    this.inUse.set(fd, use);
+    use.users++;
+    try {
+      return await io();
+    } finally {
+      if (--use.users === 0) {
+        this.inUse.delete(fd);
+        if (use.closeAfter) fs.closeSync(fd);
+      }
+    }
   }
 
   async sync(ids: Iterable<number>): Promise<void> {
@@ -344,4 +375,8 @@ async function syncFile(filePath: string, directory: boolean): Promise<void> {
 
 function readInPool(fd: number, target: Buffer, targetOffset: number, length: number, position: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, target, targetOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+function writeInPool(fd: number, source: Buffer, sourceOffset: number, length: number, position: number): Promise<number> {
+  return new Promise((resolve, reject) => fs.write(fd, source, sourceOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
 }

@@ -78,6 +78,32 @@ describe('store behaviour', function () {
     }
   });
 
+  it('a 1 MiB write of whole extents into a fresh clone is one blob write, as is writing it again; it reads back in one read', async () => {
+    await store.createVolume('gold', { sizeBytes: 64 * MiB });
+    await (await store.openVolume({ name: 'gold' })).write(0, Buffer.alloc(16 * MiB, 3));
+    await store.createSnapshot({ name: 'gold' }, 'gold-snap');
+    await store.cloneVolume('copy', { snapshot: { name: 'gold-snap' } });
+    const copy = await store.openVolume({ name: 'copy' });
+    await copy.read(0, 4096);
+    const counts = countBlobCalls(store.ctx.blobs);
+    const data = Buffer.alloc(MiB, 9);
+    await copy.write(4 * MiB, data);
+    assert.equal(counts.writes, 1, 'sixteen new extents, consecutive blobs, one write');
+    data.fill(10);
+    await copy.write(4 * MiB, data);
+    assert.equal(counts.writes, 2, 'the same extents in place: one write');
+    await copy.flush();
+    counts.reset();
+    assert.ok((await copy.read(4 * MiB, MiB)).equals(data));
+    assert.equal(counts.reads, 1, 'one read');
+    const around = await copy.read(4 * MiB - 4096, MiB + 8192);
+    assert.ok(around.subarray(0, 4096).every((b) => b === 3) && around.subarray(4096 + MiB).every((b) => b === 3), 'the golden bytes on either side');
+    assert.ok(
+      (await (await store.openSnapshot({ name: 'gold-snap' })).read(4 * MiB, MiB)).every((b) => b === 3),
+      'the snapshot unchanged',
+    );
+  });
+
   it('a read through the 100th clone generation costs what a read through the first does', async () => {
     await store.createVolume('gen0', { sizeBytes: 64 * MiB, extentSizeBytes: 4096 });
     await (await store.openVolume({ name: 'gen0' })).write(0, Buffer.alloc(64 * MiB, 7));

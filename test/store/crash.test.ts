@@ -25,6 +25,8 @@ const seed = seedFromEnv('ARBOR_CRASH_SEED');
 const volumeBytes = 2 * 1024 * 1024;
 const sectors = volumeBytes / sectorBytes;
 const worker = path.join(__dirname, 'crash-worker.js');
+/** The largest extent size of the test's volumes. */
+const longWriteAlign = 65536;
 
 /** What each sector of a volume must hold: its durable value and the values written after it. */
 interface SectorModel {
@@ -106,8 +108,11 @@ function planWorkload(rng: Random, firstK: number, volumeNames: Set<string>, sna
       gc: 1,
     });
     const v = rng.pick([...volumes]);
-    const offset = rng.int(0, sectors - 1) * sectorBytes;
-    const length = Math.min(rng.int(1, 80) * sectorBytes, volumeBytes - offset);
+    // One write in ten is long and aligned, as a guest's sequential write is: whole
+    // extents into consecutive new blobs, written as one (in the thread pool).
+    const long = rng.chance(0.1);
+    const offset = long ? rng.int(0, volumeBytes / longWriteAlign - 1) * longWriteAlign : rng.int(0, sectors - 1) * sectorBytes;
+    const length = Math.min(long ? rng.int(4, 16) * longWriteAlign : rng.int(1, 80) * sectorBytes, volumeBytes - offset);
     switch (kind) {
       case 'write':
         plan.push({ t: 'write', k, v, offset, length, fua: rng.chance(0.15) });

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { blobId } from '../../store/blob-id';
 import { FileBlobStore, idsPerSegment } from '../../store/blobs/files';
 import { isArborError } from '../../store/errors';
-import { poolReadBytes } from '../../store/limits';
+import { poolIoBytes } from '../../store/limits';
 import { Random } from '../support/random';
 import { tempDir } from '../support/tmp';
 
@@ -12,12 +12,13 @@ const extentClass = 4;
 const extentBytes = 64 * KiB;
 
 /**
- * The file backend's reads that run across blobs lying end to end (a clone's long
- * sequential read is one read, large ones in the thread pool): the bytes are each
- * blob's, zeros where a blob was never written, and a blob missing on the way is
- * refused before anything is read.
+ * The file backend's reads and writes that run across blobs lying end to end (a
+ * clone's long sequential read is one read, a long sequential write into new blobs one
+ * write, large ones in the thread pool): the bytes are each blob's, zeros where a blob
+ * was never written; a blob missing on the way, a sealed one, or the end of the
+ * segment file is refused before anything is read or written.
  */
-describe('file blobs: one read across adjacent blobs', () => {
+describe('file blobs: one read or write across adjacent blobs', () => {
   let dir: { dir: string; cleanup: () => void };
   let blobs: FileBlobStore;
   const rng = new Random(7);
@@ -41,8 +42,8 @@ describe('file blobs: one read across adjacent blobs', () => {
     assert.equal(blobs.adjacent(blobId(3, 5), id(6)), false);
   });
 
-  for (const count of [3, poolReadBytes / extentBytes + 4]) {
-    it(`a read across ${count} blobs (${(count * extentBytes) / KiB} KiB, ${count * extentBytes >= poolReadBytes ? 'in the thread pool' : 'on the thread'}) holds each blob's bytes, zeros where unwritten`, async () => {
+  for (const count of [3, poolIoBytes / extentBytes + 4]) {
+    it(`a read across ${count} blobs (${(count * extentBytes) / KiB} KiB, ${count * extentBytes >= poolIoBytes ? 'in the thread pool' : 'on the thread'}) holds each blob's bytes, zeros where unwritten`, async () => {
       const expected = Buffer.alloc(count * extentBytes);
       for (let i = 0; i < count; i++) {
         // Whole, a part, or a single page: sparse blobs read zeros around what was written.
@@ -63,7 +64,7 @@ describe('file blobs: one read across adjacent blobs', () => {
 
   it('refuses a read that runs into a blob that is not there, naming it, and reads nothing', async () => {
     for (const serial of [20, 21, 23]) await blobs.write(id(serial), 0, rng.bytes(extentBytes), 0, extentBytes);
-    for (const length of [4 * extentBytes - 1, poolReadBytes + 3 * extentBytes]) {
+    for (const length of [4 * extentBytes - 1, poolIoBytes + 3 * extentBytes]) {
       const target = Buffer.alloc(length, 0xee);
       await assert.rejects(blobs.read(id(20), 1, target, 0, length), (err) => isArborError(err, 'internal') && /blob \d+ is missing/.test(String(err)));
       assert.ok(
@@ -75,8 +76,70 @@ describe('file blobs: one read across adjacent blobs', () => {
     await assert.rejects(blobs.read(id(20), 0, missing, 0, missing.length), new RegExp(`blob ${id(22)} is missing`));
   });
 
+  for (const count of [3, poolIoBytes / extentBytes + 4]) {
+    it(`a write across ${count} blobs (${count * extentBytes >= poolIoBytes ? 'in the thread pool' : 'on the thread'}) lands in each blob, which then reads alone`, async () => {
+      const bytes = rng.bytes(count * extentBytes);
+      const offset = 4 * KiB;
+      await blobs.write(id(100), offset, bytes, 512, bytes.length - 512 - offset);
+      for (let i = 0; i < count; i++) {
+        const alone = Buffer.alloc(extentBytes);
+        await blobs.read(id(100 + i), 0, alone, 0, extentBytes);
+        const expected = Buffer.alloc(extentBytes);
+        const from = i === 0 ? offset : 0;
+        bytes.copy(expected, from, 512 + i * extentBytes + from - offset, Math.min(512 + (i + 1) * extentBytes - offset, bytes.length - offset));
+        assert.ok(alone.equals(expected), `blob ${i} of the run holds its part, zeros before the write began`);
+      }
+      assert.ok((await blobs.list()).filter((each) => each >= id(100) && each < id(100 + count)).length === count, 'every blob of the run is present');
+    });
+  }
+
+  it('refuses a write that runs past the last blob of its segment file, writing nothing', async () => {
+    for (const length of [3 * extentBytes, poolIoBytes + extentBytes]) {
+      const last = id(idsPerSegment - 2);
+      await assert.rejects(
+        blobs.write(last, 0, rng.bytes(length), 0, length),
+        (err) => isArborError(err, 'internal') && /runs past the last blob/.test(String(err)),
+      );
+      assert.deepEqual(await blobs.list(), [], 'nothing was written');
+    }
+  });
+
+  it('refuses a write that runs into a sealed blob, writing nothing (an object-store-like backend)', async () => {
+    const sealing = FileBlobStore.open(path.join(dir.dir, 'sealing'), { serialsBelow: [], rewritable: false });
+    try {
+      const before = rng.bytes(extentBytes);
+      await sealing.write(id(11), 0, before, 0, extentBytes);
+      await sealing.sync([id(11)]);
+      for (const length of [3 * extentBytes, poolIoBytes + extentBytes]) {
+        await assert.rejects(sealing.write(id(10), 0, rng.bytes(length), 0, length), new RegExp(`blob ${id(11)} was synced and is immutable`));
+      }
+      assert.deepEqual(await sealing.list(), [id(11)], 'no blob around it was written');
+      const after = Buffer.alloc(extentBytes);
+      await sealing.read(id(11), 0, after, 0, extentBytes);
+      assert.ok(after.equals(before), 'the sealed blob is as it was');
+    } finally {
+      await sealing.close();
+    }
+  });
+
+  it('a write in the thread pool lands whole when its file is let go meanwhile', async () => {
+    const count = poolIoBytes / extentBytes + 2;
+    const expected = rng.bytes(count * extentBytes);
+    const writing = blobs.write(id(60), 0, expected, 0, expected.length);
+    await blobs.close();
+    await writing;
+    const again = FileBlobStore.open(path.join(dir.dir, 'blobs'), { serialsBelow: [0, 0, 0, 0, 61 + count] });
+    try {
+      const target = Buffer.alloc(expected.length);
+      await again.read(id(60), 0, target, 0, expected.length);
+      assert.ok(target.equals(expected));
+    } finally {
+      await again.close();
+    }
+  });
+
   it('a read in the thread pool completes with the right bytes when its file is let go meanwhile', async () => {
-    const count = poolReadBytes / extentBytes + 2;
+    const count = poolIoBytes / extentBytes + 2;
     const expected = rng.bytes(count * extentBytes);
     for (let i = 0; i < count; i++) await blobs.write(id(40 + i), 0, expected, i * extentBytes, extentBytes);
     const target = Buffer.alloc(expected.length);
