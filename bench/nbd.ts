@@ -50,6 +50,7 @@ import {
   fmt,
   printTable,
   printTargets,
+  pageCacheWrites,
   settleDisk,
   runBenchmark,
   stopServer,
@@ -423,6 +424,7 @@ async function main(): Promise<void> {
     );
     targets.push(checkTarget('1 MiB sequential write QD4 / nbdkit file', seqWrites.mibs / seqWritesPeer.mibs, { atLeast: 0.9 }));
     const seqWritesNew = run('1 MiB sequential write QD4', 'nbdkit file, fresh sparse file', nbdkitFresh.uri, seqWrite);
+    const pageCache = pageCacheWrites(dir);
 
     process.stderr.write(`building ${generations} generations of clones of clones...\n`);
     const lineage = await cloneGenerations(csi, goldSnapshot, nbdSocket, generations);
@@ -501,6 +503,9 @@ async function main(): Promise<void> {
     console.log(`the same ${concurrentVolumes}-job fio runs against nbdkit, for comparison: ${peerScaling.join('; ')}`);
     console.log(
       `new data, for comparison: 1 MiB sequential writes into a fresh sparse file through nbdkit ${fmt(seqWritesNew.mibs, 0)} MiB/s, into its raw copy ${fmt(seqWritesPeer.mibs, 0)} MiB/s; Arbor's fresh clone / the sparse file ${fmt(seqWrites.mibs / seqWritesNew.mibs, 2)}x`,
+    );
+    console.log(
+      `this machine's page cache, for comparison (1 MiB pwrites, one thread): new data ${fmt(pageCache.newMibs, 0)} MiB/s, the same bytes over cached pages ${fmt(pageCache.cachedMibs, 0)} MiB/s (${fmt(pageCache.cachedMibs / pageCache.newMibs, 1)}x): a first write is new data, an overwrite of nbdkit's raw copy is not`,
     );
     printTargets('issue 16 targets (ratios taken in this run)', targets);
     for (const cleanup of cleanups.splice(0).reverse()) await cleanup();

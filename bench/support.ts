@@ -1,4 +1,6 @@
 import { ChildProcess, execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
 
 /** Percentile of a sorted copy (nearest rank). */
 export function percentile(values: number[], p: number): number {
@@ -59,6 +61,32 @@ export function permutation(n: number, seed: number): number[] {
 /** Waits for the page cache to be written back, so one phase's writes do not slow the next one down. */
 export function settleDisk(): void {
   execFileSync('sync');
+}
+
+/**
+ * What new data costs this machine's page cache beside the same bytes over cached
+ * pages: 1 MiB pwrites from one thread, into a new file, then over it again. A server
+ * that writes new data (a first copy-on-write write, a new blob) pays the first; one
+ * that overwrites a file already cached (nbdkit on a raw copy) pays the second. On a
+ * VM whose freed memory goes back to the host (virtio-balloon free page reporting),
+ * every page the cache takes anew costs a fault in the host.
+ */
+export function pageCacheWrites(dir: string, bytes = 1024 * 1024 * 1024): { newMibs: number; cachedMibs: number } {
+  const file = path.join(dir, 'page-cache-probe');
+  const chunk = Buffer.alloc(1024 * 1024, 0x5a);
+  const pass = (fd: number): number => {
+    const started = nowMs();
+    for (let at = 0; at < bytes; at += chunk.length) fs.writeSync(fd, chunk, 0, chunk.length, at);
+    return bytes / (1024 * 1024) / ((nowMs() - started) / 1000);
+  };
+  const fd = fs.openSync(file, 'w+');
+  try {
+    const newMibs = pass(fd);
+    return { newMibs, cachedMibs: pass(fd) };
+  } finally {
+    fs.closeSync(fd);
+    fs.rmSync(file, { force: true });
+  }
 }
 
 /** Stops a server the benchmark started (SIGTERM by PID) and waits until it has exited. */

@@ -76,6 +76,17 @@ export const syncConcurrency = 16;
  * on the thread, where the hand-off would dominate.
  */
 export const poolIoBytes = 256 * 1024;
+/**
+ * The most one write call of the file backend writes; a longer write is cut at file
+ * offsets that are multiples of it. Linux (6.x, ext4 with large folios) caches a
+ * range in folios as large as the write that first filled it, and a later 4 KiB
+ * write into a folio costs in proportion to the folio: on these VMs 2.3 µs into
+ * 4 KiB folios, 4.4 µs into 64 KiB, 8.6 µs into 256 KiB and 19.7 µs into 1 MiB. A
+ * guest that writes a file in order and then updates it at random (a database) would
+ * pay 5x on every update after one 1 MiB write; 64 KiB keeps filling fast (4.2 GB/s
+ * against 6 GB/s at 1 MiB) and the updates near the cheapest.
+ */
+export const writeCallBytes = 64 * 1024;
 
 /*
  * The S3 blob backend (store/blobs/s3.ts) and its node-local cache (blob-cache.ts).

@@ -3,7 +3,7 @@ import path from 'node:path';
 import { runBounded } from '../../lib/bounded';
 import { Lru } from '../../lib/lru';
 import { ArborError } from '../errors';
-import { maxOpenSegmentFiles, poolIoBytes, syncConcurrency } from '../limits';
+import { maxOpenSegmentFiles, poolIoBytes, syncConcurrency, writeCallBytes } from '../limits';
 import { blobId, bytesOfClass, classOf, serialOf } from '../blob-id';
 import { BlobStore } from './blobs';
 import { Bitset } from './bitset';
@@ -152,15 +152,21 @@ export class FileBlobStore implements BlobStore {
     }
     const { fd, at } = this.writableRange(id, offset, length);
     await this.inPool(fd, async () => {
-      let done = 0;
-      while (done < length) done += await writeInPool(fd, source, sourceOffset + done, length - done, at + done);
+      // The pieces go to the pool together; each waits for its own, none is left running.
+      const pieces: Promise<void>[] = [];
+      for (let done = 0; done < length;) {
+        const n = writeCallLength(at + done, length - done);
+        pieces.push(writeAllInPool(fd, source, sourceOffset + done, n, at + done));
+        done += n;
+      }
+      const failed = (await Promise.allSettled(pieces)).find((result) => result.status === 'rejected');
+      if (failed) throw failed.reason;
     });
   }
 
   writeNow(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void {
     const { fd, at } = this.writableRange(id, offset, length);
-    let done = 0;
-    while (done < length) done += fs.writeSync(fd, source, sourceOffset + done, length - done, at + done);
+    for (let done = 0; done < length;) done += fs.writeSync(fd, source, sourceOffset + done, writeCallLength(at + done, length - done), at + done);
   }
 
   /**
@@ -375,6 +381,15 @@ async function syncFile(filePath: string, directory: boolean): Promise<void> {
 
 function readInPool(fd: number, target: Buffer, targetOffset: number, length: number, position: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, target, targetOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
+}
+
+/** How much of a write at file offset `at` one write call takes: up to the next `writeCallBytes` boundary. */
+function writeCallLength(at: number, remaining: number): number {
+  return Math.min(remaining, writeCallBytes - (at % writeCallBytes));
+}
+
+async function writeAllInPool(fd: number, source: Buffer, sourceOffset: number, length: number, position: number): Promise<void> {
+  for (let done = 0; done < length;) done += await writeInPool(fd, source, sourceOffset + done, length - done, position + done);
 }
 
 function writeInPool(fd: number, source: Buffer, sourceOffset: number, length: number, position: number): Promise<number> {

@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import path from 'node:path';
 import { blobId } from '../../store/blob-id';
 import { FileBlobStore, idsPerSegment } from '../../store/blobs/files';
 import { isArborError } from '../../store/errors';
-import { poolIoBytes } from '../../store/limits';
+import { poolIoBytes, writeCallBytes } from '../../store/limits';
 import { Random } from '../support/random';
 import { tempDir } from '../support/tmp';
 
@@ -90,6 +91,44 @@ describe('file blobs: one read or write across adjacent blobs', () => {
         assert.ok(alone.equals(expected), `blob ${i} of the run holds its part, zeros before the write began`);
       }
       assert.ok((await blobs.list()).filter((each) => each >= id(100) && each < id(100 + count)).length === count, 'every blob of the run is present');
+    });
+  }
+
+  for (const [how, call] of [
+    ['on the thread', 'writeSync'],
+    ['in the thread pool', 'write'],
+  ] as const) {
+    it(`a long write ${how} is cut into calls of at most ${writeCallBytes / KiB} KiB at file offsets that are multiples of it (the page cache's folios stay small)`, async () => {
+      const calls: { length: number; position: number }[] = [];
+      const original = fs[call];
+      const spy = (...args: unknown[]) => {
+        calls.push({ length: args[3] as number, position: args[4] as number });
+        return (original as (...a: unknown[]) => unknown)(...args);
+      };
+      (fs as unknown as Record<string, unknown>)[call] = spy;
+      const length = call === 'write' ? poolIoBytes + 3 * extentBytes : 3 * extentBytes;
+      const bytes = rng.bytes(length);
+      try {
+        if (call === 'write') await blobs.write(id(200), 4 * KiB, bytes, 0, length);
+        else blobs.writeNow(id(200), 4 * KiB, bytes, 0, length);
+      } finally {
+        (fs as unknown as Record<string, unknown>)[call] = original;
+      }
+      const base = calls.reduce((min, c) => Math.min(min, c.position), Infinity);
+      assert.ok(
+        calls.every((c) => c.length <= writeCallBytes && Math.floor(c.position / writeCallBytes) === Math.floor((c.position + c.length - 1) / writeCallBytes)),
+        `no call crosses a ${writeCallBytes}-byte boundary: ${JSON.stringify(calls)}`,
+      );
+      assert.equal(
+        calls.reduce((sum, c) => sum + c.length, 0),
+        length,
+        'the calls cover the write once',
+      );
+      assert.equal(calls.length, Math.ceil((4 * KiB + length) / writeCallBytes), 'as few calls as the boundaries allow');
+      assert.equal(base % writeCallBytes, 4 * KiB);
+      const back = Buffer.alloc(length);
+      await blobs.read(id(200), 4 * KiB, back, 0, length);
+      assert.ok(back.equals(bytes));
     });
   }
 
