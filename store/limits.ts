@@ -69,13 +69,13 @@ export const maxOpenSegmentFiles = 512;
 /** Parallel fsyncs issued by the file backend during a flush. */
 export const syncConcurrency = 16;
 /**
- * Reads and writes of at least this many bytes the file backend does in the thread
- * pool, not on the event loop: a 1 MiB request is two copies of 1 MiB on one thread
- * otherwise (the pread and the reply into the socket; the request off the socket and
- * the pwrite), and the hand-off (~20 µs) is small beside either. Smaller ones stay
- * on the thread, where the hand-off would dominate.
+ * Reads of at least this many bytes the file backend does in the thread pool, not on
+ * the event loop: a 1 MiB read is two copies of 1 MiB on one thread otherwise (the
+ * pread, then the reply into the socket), and the hand-off (~20 µs) is small beside
+ * either. Smaller reads stay on the thread, where the hand-off would dominate.
+ * (Writes stay on the thread: see FileBlobStore.write.)
  */
-export const poolIoBytes = 256 * 1024;
+export const poolReadBytes = 256 * 1024;
 /**
  * The most one write call of the file backend writes; a longer write is cut at file
  * offsets that are multiples of it. Linux (6.x, ext4 with large folios) caches a

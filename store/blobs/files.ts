@@ -3,7 +3,7 @@ import path from 'node:path';
 import { runBounded } from '../../lib/bounded';
 import { Lru } from '../../lib/lru';
 import { ArborError } from '../errors';
-import { maxOpenSegmentFiles, poolIoBytes, syncConcurrency, writeCallBytes } from '../limits';
+import { maxOpenSegmentFiles, poolReadBytes, syncConcurrency, writeCallBytes } from '../limits';
 import { blobId, bytesOfClass, classOf, serialOf } from '../blob-id';
 import { BlobStore } from './blobs';
 import { Bitset } from './bitset';
@@ -39,7 +39,7 @@ interface Segment {
  *
  * I/O is synchronous on the calling thread: while data is in the page cache this is
  * the fastest path Node has (a libuv hand-off costs ~20 µs per I/O on these VMs).
- * Reads and writes of `poolIoBytes` or more, whose copies cost far more than that,
+ * Reads and writes of `poolReadBytes` or more, whose copies cost far more than that,
  * go to the thread pool, as fsync (which waits for the disk) does.
  */
 export class FileBlobStore implements BlobStore {
@@ -48,7 +48,7 @@ export class FileBlobStore implements BlobStore {
   private readonly segments = new Map<number, Segment>();
   /** Open descriptors by segment. */
   private readonly fds = new Lru<number, number>({ capacity: maxOpenSegmentFiles, evicted: (_segment, fd) => this.closeFd(fd) });
-  /** Descriptors that I/O in the thread pool is using, with how many such I/Os (`inPool`). */
+  /** Descriptors that reads in the thread pool are using, with how many such reads (`inPool`). */
   private readonly inUse = new Map<number, { users: number; closeAfter: boolean }>();
   private directoryChanged = false;
   private closed = false;
@@ -87,7 +87,7 @@ export class FileBlobStore implements BlobStore {
   }
 
   async read(id: number, offset: number, target: Buffer, targetOffset: number, length: number): Promise<void> {
-    if (length < poolIoBytes) {
+    if (length < poolReadBytes) {
       this.readNow(id, offset, target, targetOffset, length);
       return;
     }
@@ -138,30 +138,21 @@ export class FileBlobStore implements BlobStore {
     return segment!;
   }
 
-  /** Closes a descriptor now, or (I/O in the pool uses it) when that I/O ends. */
+  /** Closes a descriptor now, or (a read in the pool uses it) when that read ends. */
   private closeFd(fd: number): void {
     const use = this.inUse.get(fd);
     if (use) use.closeAfter = true;
     else fs.closeSync(fd);
   }
 
+  /**
+   * On this thread, whatever the length: ext4 takes a file's inode lock for every
+   * buffered write, so writes from the pool's threads into one segment file queue on
+   * it (on 2 cores they spun there, and a clone's 1 MiB sequential writes fell to a
+   * fifth of the same writes done here).
+   */
   async write(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): Promise<void> {
-    if (length < poolIoBytes) {
-      this.writeNow(id, offset, source, sourceOffset, length);
-      return;
-    }
-    const { fd, at } = this.writableRange(id, offset, length);
-    await this.inPool(fd, async () => {
-      // The pieces go to the pool together; each waits for its own, none is left running.
-      const pieces: Promise<void>[] = [];
-      for (let done = 0; done < length;) {
-        const n = writeCallLength(at + done, length - done);
-        pieces.push(writeAllInPool(fd, source, sourceOffset + done, n, at + done));
-        done += n;
-      }
-      const failed = (await Promise.allSettled(pieces)).find((result) => result.status === 'rejected');
-      if (failed) throw failed.reason;
-    });
+    this.writeNow(id, offset, source, sourceOffset, length);
   }
 
   writeNow(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void {
@@ -192,8 +183,8 @@ export class FileBlobStore implements BlobStore {
   }
 
   /**
-   * Runs I/O in the thread pool on descriptor `fd`: one evicted or let go meanwhile is
-   * closed when the last such I/O ends, so that its number is not reused under it.
+   * Runs a read in the thread pool on descriptor `fd`: one evicted or let go meanwhile
+   * is closed when the last such read ends, so that its number is not reused under it.
    */
   private async inPool<T>(fd: number, io: () => Promise<T>): Promise<T> {
     const use = this.inUse.get(fd) ?? { users: 0, closeAfter: false };
@@ -386,12 +377,4 @@ function readInPool(fd: number, target: Buffer, targetOffset: number, length: nu
 /** How much of a write at file offset `at` one write call takes: up to the next `writeCallBytes` boundary. */
 function writeCallLength(at: number, remaining: number): number {
   return Math.min(remaining, writeCallBytes - (at % writeCallBytes));
-}
-
-async function writeAllInPool(fd: number, source: Buffer, sourceOffset: number, length: number, position: number): Promise<void> {
-  for (let done = 0; done < length;) done += await writeInPool(fd, source, sourceOffset + done, length - done, position + done);
-}
-
-function writeInPool(fd: number, source: Buffer, sourceOffset: number, length: number, position: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.write(fd, source, sourceOffset, length, position, (err, n) => (err ? reject(err) : resolve(n))));
 }
