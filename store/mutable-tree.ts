@@ -171,9 +171,10 @@ export class MutableTree implements NodeSource {
    * Writes `count` whole extents from `first` out of `source` at `sourceOffset`. Each
    * goes where `writeExtent` would put it (into its blob in place, or into a new one),
    * but the extents whose blobs lie end to end in storage are written together, in one
-   * write: a volume written in order gets consecutive new blobs, so a 1 MiB write of
-   * 64 KiB extents is one write, not sixteen. An extent's map entry changes only once
-   * its bytes are written. Returns the blobs written.
+   * call of the blob store: a volume written in order gets consecutive new blobs, so a
+   * 1 MiB write of 64 KiB extents is one call, not sixteen (the store decides how to
+   * cut it for the kernel). An extent's map entry changes only once its bytes are
+   * written. Returns the blobs written.
    */
   async writeWholeExtents(first: number, count: number, source: Buffer, sourceOffset: number): Promise<number[]> {
     const size = this.extentSizeBytes;

@@ -39,8 +39,8 @@ interface Segment {
  *
  * I/O is synchronous on the calling thread: while data is in the page cache this is
  * the fastest path Node has (a libuv hand-off costs ~20 µs per I/O on these VMs).
- * Reads and writes of `poolReadBytes` or more, whose copies cost far more than that,
- * go to the thread pool, as fsync (which waits for the disk) does.
+ * Reads of `poolReadBytes` or more, whose copies cost far more than that, go to the
+ * thread pool, as fsync (which waits for the disk) does; writes do not (see write).
  */
 export class FileBlobStore implements BlobStore {
   /** Ids synced this session, when blobs are immutable once synced (checked on every write). */
