@@ -19,7 +19,11 @@ export interface NbdExport {
    */
   readIntoNow?(offset: number, target: Buffer, targetOffset: number, length: number): boolean;
   write(offset: number, data: Buffer, fua: boolean): Promise<void>;
-  /** A write without FUA done at once, as `readIntoNow`: false when nothing was done and `write` must be used. */
+  /**
+   * A write without FUA done at once, as `readIntoNow`: false when nothing was done and
+   * `write` must be used. `data` is lent for the call only (it may be the socket's own
+   * buffer, reused once this returns): nothing may keep it.
+   */
   writeNow?(offset: number, data: Buffer): boolean;
   flush(): Promise<void>;
   trim(offset: number, length: number): Promise<void>;

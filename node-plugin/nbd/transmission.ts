@@ -72,7 +72,8 @@ const pool = new BufferPool(256);
 
 /**
  * The transmission phase of one connection: parses requests from the bytes the
- * socket delivers (headers in place, WRITE payloads copied straight into pooled
+ * socket delivers (headers in place, WRITE payloads written from the socket's
+ * chunk when whole there and the export can write at once, else copied into pooled
  * buffers), runs them against the export with many in flight, and answers each as
  * it completes. Memory is bounded: past `maxInFlightRequests` or `maxInFlightBytes`
  * the connection stops reading until replies drain.
@@ -94,8 +95,8 @@ export class Transmission {
   private readonly magic: number;
   private readonly carry: Buffer;
   private carried = 0;
-  /** A WRITE whose payload is arriving. */
-  private receiving?: { request: Request; received: number; error: number; message: string };
+  /** A WRITE whose payload is arriving; `keep`: its bytes are kept (not a payload refused and skipped). */
+  private receiving?: { request: Request; received: number; error: number; message: string; keep: boolean };
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
@@ -229,7 +230,7 @@ export class Transmission {
         this.sink.destroy(`a ${length}-byte payload on command ${type}`);
         return;
       }
-      this.receiving = { request, received: 0, error: NBD_EINVAL, message: `command ${type} takes no payload` };
+      this.receiving = { request, received: 0, error: NBD_EINVAL, message: `command ${type} takes no payload`, keep: false };
       if (length === 0) this.payloadComplete();
       return;
     }
@@ -240,10 +241,16 @@ export class Transmission {
       }
       if (length > maxPayloadBytes) {
         // Too big to hold: answer after skipping the payload without keeping it.
-        this.receiving = { request, received: 0, error: NBD_EOVERFLOW, message: `write of ${length} bytes is over the ${maxPayloadBytes}-byte maximum` };
+        this.receiving = {
+          request,
+          received: 0,
+          error: NBD_EOVERFLOW,
+          message: `write of ${length} bytes is over the ${maxPayloadBytes}-byte maximum`,
+          keep: false,
+        };
       } else {
-        request.payload = pool.take(Math.max(length, 1));
-        this.receiving = { request, received: 0, error, message };
+        // The payload's buffer is taken when its first bytes are kept (receivePayload).
+        this.receiving = { request, received: 0, error, message, keep: true };
         this.charge(length);
       }
       if (length === 0) this.payloadComplete();
@@ -271,6 +278,14 @@ export class Transmission {
   private receivePayload(chunk: Buffer, at: number, end: number): number {
     const receiving = this.receiving!;
     const { request } = receiving;
+    if (receiving.keep && receiving.received === 0 && !receiving.error && end - at >= request.length) {
+      // The whole payload is in this chunk: a write done at once takes it from here,
+      // with no copy into a buffer of its own (the chunk is reused only after we return).
+      this.receiving = undefined;
+      if (this.writeNow(request, chunk.subarray(at, at + request.length))) return at + request.length;
+      this.receiving = receiving;
+    }
+    if (receiving.keep && !request.payload) request.payload = pool.take(Math.max(request.length, 1));
     const n = Math.min(request.length - receiving.received, end - at);
     if (request.payload) chunk.copy(request.payload, receiving.received, at, at + n);
     receiving.received += n;
@@ -279,15 +294,16 @@ export class Transmission {
   }
 
   private payloadComplete(): void {
-    const { request, error, message } = this.receiving!;
+    const { request, error, message, keep } = this.receiving!;
     this.receiving = undefined;
     if (error) {
-      if (request.payload) this.uncharge(request.length, request.payload);
+      // A payload kept was charged when its header came (a skipped one was not).
+      if (keep) this.uncharge(request.length, request.payload);
       this.replyError(request, error, message);
       this.settle();
       return;
     }
-    if (this.writeNow(request)) return;
+    if (this.writeNow(request, request.payload!.subarray(0, request.length))) return;
     void this.run(request);
   }
 
@@ -333,12 +349,16 @@ export class Transmission {
     return true;
   }
 
-  /** A WRITE without FUA done at once where the export can (see readNow); false for the async path. */
-  private writeNow(request: Request): boolean {
+  /**
+   * A WRITE without FUA done at once where the export can (see readNow), from `data`:
+   * its payload, or the bytes still in the socket's chunk. False (nothing done) for
+   * the async path.
+   */
+  private writeNow(request: Request, data: Buffer): boolean {
     if (!this.exp.writeNow || (request.flags & CMD_FLAG.FUA) !== 0) return false;
     const { length, payload } = request;
     try {
-      if (!this.exp.writeNow(request.offset, payload!.subarray(0, length))) return false;
+      if (!this.exp.writeNow(request.offset, data)) return false;
       this.reply(request, 0, '');
       nbdTally.done.write++;
       nbdTally.writtenBytes += length;
