@@ -556,7 +556,8 @@ export class Transmission {
   private failed(request: Request, err: unknown): void {
     const { type, offset, length } = request;
     const [error, message] = errnoFor(err, type);
-    if (error === NBD_EIO) this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
+    if (error === NBD_EIO || isDiskFull(err))
+      this.log.error('request failed', { export: this.exp.name, command: type, offset, length, error: (err as Error).message });
     this.replyError(request, error, message);
   }
 
@@ -612,6 +613,9 @@ export class Transmission {
 
 /** The NBD error for a failure of the store (or anything else: EIO). */
 export function errnoFor(err: unknown, type: number): [number, string] {
+  if (isDiskFull(err)) {
+    return [NBD_ENOSPC, `the node's disk under the store is full (${(err as NodeJS.ErrnoException).code}): free space there or move volumes to another node`];
+  }
   if (!isArborError(err)) return [NBD_EIO, 'internal error'];
   const e = err;
   switch (e.code) {
@@ -629,4 +633,10 @@ export function errnoFor(err: unknown, type: number): [number, string] {
     default:
       return [NBD_EIO, e.message];
   }
+}
+
+/** The filesystem under the store refused a write for want of space (or of quota). */
+function isDiskFull(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
 }
