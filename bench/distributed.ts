@@ -7,6 +7,8 @@
  *     and each p99 against its target (attached snapshot < 20 ms, detached snapshot
  *     and clone < 10 ms) with PASS or MISS, and an etcd transaction of a clone's
  *     shape straight through an etcd client: the floor under every catalog write;
+ *     and a 64 KiB conditional S3 upload likewise (the owner's commit waits for
+ *     its uploads), with the uploads the owner made per attached snapshot (its metrics);
  *   - FLUSH latency after a 4 KiB write, through NBD;
  *   - fio over NBD: 4 KiB random reads with a cold node cache (fresh node) and a
  *     warm one, 4 KiB random writes, 1 MiB sequential reads and writes; beside
@@ -15,6 +17,7 @@
  */
 import { ChildProcess, execFileSync, spawn } from 'node:child_process';
 import crypto from 'node:crypto';
+import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { Etcd3 } from 'etcd3';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -30,6 +33,27 @@ const runtime = Number(process.env.BENCH_RUNTIME ?? 10);
 const ops = Number(process.env.BENCH_OPS ?? 100);
 const MiB = 1024 * 1024;
 const volumeBytes = 1024 * MiB;
+
+/** The node's PutObject requests so far, and their total seconds, from its /metrics. */
+async function putObjects(node: ArborServer): Promise<{ count: number; seconds: number }> {
+  const line = node
+    .log()
+    .split('\n')
+    .find((l) => l.includes('"message":"metrics served"'));
+  if (!line) throw new Error('the node did not log where it serves metrics');
+  const address = (JSON.parse(line) as { address: string }).address;
+  const text = await (await fetch(`http://${address}/metrics`)).text();
+  const sample = (name: string) =>
+    text
+      .split('\n')
+      .filter((line) => line.startsWith(`${name}{`) && line.includes('operation="PutObject"'))
+      .reduce((sum, line) => sum + Number(line.slice(line.lastIndexOf(' ') + 1)), 0);
+  return { count: sample('arbor_s3_request_duration_seconds_count'), seconds: sample('arbor_s3_request_duration_seconds_sum') };
+}
+
+function minus(a: { count: number; seconds: number }, b: { count: number; seconds: number }): { count: number; seconds: number } {
+  return { count: a.count - b.count, seconds: a.seconds - b.seconds };
+}
 
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-bench-dist-'));
@@ -67,7 +91,17 @@ async function main(): Promise<void> {
   const startNode = (cacheName: string) =>
     startServer(
       path.join(dir, 'node'),
-      [...storeArgs, '--node-id', 'bench-node', '--cache-dir', path.join(dir, cacheName), '--csi-endpoint', `unix://${path.join(dir, 'node.csi.sock')}`],
+      [
+        ...storeArgs,
+        '--node-id',
+        'bench-node',
+        '--cache-dir',
+        path.join(dir, cacheName),
+        '--csi-endpoint',
+        `unix://${path.join(dir, 'node.csi.sock')}`,
+        '--metrics-listen',
+        '127.0.0.1:0',
+      ],
       'node',
     );
   try {
@@ -131,10 +165,12 @@ async function main(): Promise<void> {
       cloneIds.push(made.volume.volume_id);
     });
     const attached = await NbdClient.connect({ socketPath: node.nbdSocket, exportName: 'golden' });
+    const uploadsBefore = await putObjects(node);
     const attachedSnapshots = await timeEach(Math.ceil(ops / 2), async (i) => {
       await attached.write((i % 1000) * 4096, crypto.randomBytes(4096));
       await csi.controller.CreateSnapshot({ name: `a${i}`, source_volume_id: goldenId });
     });
+    const snapshotUploads = minus(await putObjects(node), uploadsBefore);
     const flushes: number[] = [];
     for (let i = 0; i < ops; i++) {
       await attached.write(crypto.randomInt(0, volumeBytes / 4096) * 4096, crypto.randomBytes(4096));
@@ -145,6 +181,30 @@ async function main(): Promise<void> {
     await attached.disconnect();
     await waitDetached(goldenId);
     csi.close();
+
+    // The floor under the owner's commit: a conditional upload of one 64 KiB blob, as the
+    // node makes it, straight through an S3 client to the same RGW.
+    const s3 = new S3Client({
+      region: rgw.region,
+      endpoint: rgw.endpoint,
+      forcePathStyle: true,
+      requestChecksumCalculation: 'WHEN_REQUIRED',
+      responseChecksumValidation: 'WHEN_REQUIRED',
+    });
+    const blobBytes = crypto.randomBytes(64 * 1024);
+    const s3Puts = await timeEach(ops, async (i) => {
+      await s3.send(
+        new PutObjectCommand({
+          Bucket: 'arbor-bench',
+          Key: `floor/p${i}`,
+          Body: blobBytes,
+          ContentLength: blobBytes.length,
+          ContentMD5: crypto.createHash('md5').update(blobBytes).digest('base64'),
+          IfNoneMatch: '*',
+        }),
+      );
+    });
+    s3.destroy();
 
     // qcow2 overlays on a raw golden image, the backing-chain way to clone.
     const raw = path.join(dir, 'golden.raw');
@@ -184,7 +244,17 @@ async function main(): Promise<void> {
         row('FLUSH after a 4 KiB write (S3 + etcd durable)', flushes),
         row('qemu-img create -b (qcow2 overlay), same run', overlays),
         row('etcd transaction, compare + 2 puts (etcd client), same run', etcdTxns),
+        row('S3 PutObject 64 KiB, If-None-Match (S3 client), same run', s3Puts),
       ],
+    );
+    // What the owner uploaded for the attached snapshots (its own metrics): each one waits
+    // for these uploads, then for its catalog transaction.
+    const perSnapshot = snapshotUploads.count / attachedSnapshots.length;
+    console.log(
+      `\nthe owner's uploads for the ${attachedSnapshots.length} attached snapshots: ${snapshotUploads.count} PutObject ` +
+        `(${fmt(perSnapshot)} a snapshot), mean ${fmt((snapshotUploads.seconds / Math.max(snapshotUploads.count, 1)) * 1000)} ms each ` +
+        `(arbor_s3_request_duration_seconds); attached snapshot p50 - S3 PUT p50 - etcd transaction p50: ` +
+        `${fmt(percentile(attachedSnapshots, 50) - percentile(s3Puts, 50) - percentile(etcdTxns, 50))} ms`,
     );
     console.log(`\nclone / qcow2 overlay p50: ${fmt(percentile(clones, 50) / percentile(overlays, 50))}x`);
     // The targets of issue 16, each with what this run measured.

@@ -125,6 +125,14 @@ export const storeCommits = new Histogram({
   registers: [registry],
 });
 
+export const s3Requests = new Histogram({
+  name: 'arbor_s3_request_duration_seconds',
+  help: "Time of each HTTP request to the blob store's S3 endpoint (every try), by operation and HTTP status ('none': no answer)",
+  labelNames: ['operation', 'status'] as const,
+  buckets: callBuckets,
+  registers: [registry],
+});
+
 /** Seconds: a device without a server waits for a plugin restart (seconds) or up to its dead-connection timeout. */
 const stallBuckets = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300];
 

@@ -11,6 +11,7 @@ import {
 } from '@aws-sdk/client-s3';
 import { runBounded } from '../../lib/bounded';
 import { Log, silentLog } from '../../lib/logger';
+import { s3Requests } from '../../lib/metrics';
 import { bytesOfClass, classOf, sizeClassCount } from '../blob-id';
 import { ArborError, assert } from '../errors';
 import {
@@ -75,12 +76,20 @@ export class S3BlobStore implements BlobStore {
     private readonly cache: BlobCache,
     private readonly log: Log,
   ) {
-    // Counts every HTTP request, retries included (the deserialize step runs once per try).
+    // Counts and times every HTTP request, retries included (the deserialize step runs once per try).
     client.middlewareStack.add(
       (next, context) => async (args) => {
         const command = (context.commandName ?? 'unknown').replace(/Command$/, '');
         this.requestCounts.set(command, (this.requestCounts.get(command) ?? 0) + 1);
-        return next(args);
+        const timer = s3Requests.startTimer({ operation: command });
+        try {
+          const output = await next(args);
+          timer({ status: String((output.response as { statusCode?: number } | undefined)?.statusCode ?? 'none') });
+          return output;
+        } catch (err) {
+          timer({ status: String(statusOf(err) ?? 'none') });
+          throw err;
+        }
       },
       { step: 'deserialize', name: 'arborRequestCount' },
     );

@@ -5,6 +5,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { Log } from '../../lib/logger';
+import { s3Requests } from '../../lib/metrics';
 import { blobId, bytesOfClass, classOf } from '../../store/blob-id';
 import { isArborError } from '../../store/errors';
 import { S3BlobStore } from '../../store/blobs/s3';
@@ -113,6 +114,15 @@ describe('parseBlobsUrl', () => {
     assert.equal(idOfKey('arbor/', 'arbor/readme.txt'), undefined);
   });
 });
+
+/** Requests of one operation and HTTP status that arbor_s3_request_duration_seconds counted (in this process). */
+async function timedRequests(operation: string, status: string): Promise<number> {
+  const { values } = await s3Requests.get();
+  const count = values.find(
+    (v) => v.metricName === 'arbor_s3_request_duration_seconds_count' && v.labels.operation === operation && v.labels.status === status,
+  );
+  return count?.value ?? 0;
+}
 
 describe('S3 blob store (real Ceph RGW)', function () {
   this.timeout(120_000);
@@ -387,8 +397,10 @@ describe('S3 blob store (real Ceph RGW)', function () {
       end = Math.max(end, offset + 512);
     }
     assert.equal(store.requestsSent('PutObject'), 0, 'nothing is uploaded before the sync');
+    const timedBefore = await timedRequests('PutObject', '200');
     await store.sync([id]);
     assert.equal(store.requestsSent('PutObject'), 1);
+    assert.equal(await timedRequests('PutObject', '200'), timedBefore + 1, 'the upload is in arbor_s3_request_duration_seconds');
     await store.sync([id]);
     await store.sync([id, blobId(4, 8)]);
     assert.equal(store.requestsSent('PutObject'), 1, 'a synced blob and an unknown one are no-ops');
@@ -424,7 +436,9 @@ describe('S3 blob store (real Ceph RGW)', function () {
     // The same bytes again (a retried upload whose first try landed) are fine.
     const retry = await open(cacheDir());
     await write(retry, id, 0, original);
+    const refusedBefore = await timedRequests('PutObject', '412');
     await retry.sync([id]);
+    assert.equal(await timedRequests('PutObject', '412'), refusedBefore + 1, 'the refused upload is counted by its HTTP status');
     assert.equal(retry.requestsSent('HeadObject'), 1, 'the refused conditional upload was checked against the object');
   });
 
