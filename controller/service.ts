@@ -94,6 +94,24 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
       const existingRead = source?.snapshot ? undefined : store.findVolume({ name });
       // Settled here so that an error of the source's lookup does not leave it unhandled.
       existingRead?.catch(() => {});
+      const fsType = caps.find((c) => c.fsType)?.fsType ?? parameters.fsType;
+      const labels: Record<string, string> = { ...parameters.metadata };
+      if (fsType) labels.fsType = fsType;
+      if (parameters.mkfsOptions.length) labels.mkfsOptions = parameters.mkfsOptions.join(' ');
+      // A retry (the limits may not have been set when the first try failed) sets them again.
+      const withQos = async (volume: VolumeRecord) => {
+        if (qos) await store.setVolumeQos({ id: volume.id }, qos);
+        return { volume: volumeMessage(volume, topology) };
+      };
+      // A source may go once a clone of it is made (its clones keep what they share), and a
+      // retry of that clone's CreateVolume (its answer was lost) must still find the clone,
+      // not NOT_FOUND: the volume of this name, if it was cloned from that very source.
+      const retryOfClone = async (missing: { snapshot: { id: string } } | { volume: { id: string } }, what: string) => {
+        const existing = await store.findVolume({ name });
+        if (!existing || !madeFrom(existing, missing)) throw notFound(`${what} does not exist`);
+        const extent = 'extentSize' in request.parameters ? parameters.extentSizeBytes : existing.extentSizeBytes;
+        return withQos(compatible(existing, request, missing, extent, labels));
+      };
       let sourceRef: { snapshot: { id: string } } | { volume: { id: string } } | undefined;
       let sourceBytes = 0;
       let extentSizeBytes = parameters.extentSizeBytes;
@@ -101,14 +119,14 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
         const id = required(source.snapshot.snapshot_id, 'volume_content_source.snapshot.snapshot_id');
         // The record this store saw last will do: the clone's transaction compares it unchanged.
         const snapshot = await store.findSnapshot({ id }, { mayBeStale: true });
-        if (!snapshot) throw notFound(`source snapshot ${id} does not exist`);
+        if (!snapshot) return retryOfClone({ snapshot: { id } }, `source snapshot ${id}`);
         sourceRef = { snapshot: { id } };
         sourceBytes = snapshot.sizeBytes;
         extentSizeBytes = snapshot.extentSizeBytes;
       } else if (source?.volume) {
         const id = required(source.volume.volume_id, 'volume_content_source.volume.volume_id');
         const volume = await findVolume(id);
-        if (!volume) throw notFound(`source volume ${id} does not exist`);
+        if (!volume) return retryOfClone({ volume: { id } }, `source volume ${id}`);
         sourceRef = { volume: { id } };
         sourceBytes = volume.sizeBytes;
         extentSizeBytes = volume.extentSizeBytes;
@@ -119,16 +137,6 @@ export function controllerService(options: ControllerOptions): UnaryHandlers<Con
         );
       }
       const sizeBytes = sizeFor(request.capacity_range, extentSizeBytes, sourceBytes);
-      const fsType = caps.find((c) => c.fsType)?.fsType ?? parameters.fsType;
-      const labels: Record<string, string> = { ...parameters.metadata };
-      if (fsType) labels.fsType = fsType;
-      if (parameters.mkfsOptions.length) labels.mkfsOptions = parameters.mkfsOptions.join(' ');
-
-      // A retry (the limits may not have been set when the first try failed) sets them again.
-      const withQos = async (volume: VolumeRecord) => {
-        if (qos) await store.setVolumeQos({ id: volume.id }, qos);
-        return { volume: volumeMessage(volume, topology) };
-      };
       const existing = await existingRead;
       if (existing) return withQos(compatible(existing, request, sourceRef, extentSizeBytes, labels));
       let volume: VolumeRecord;
@@ -314,7 +322,7 @@ function compatible(
   labels: Record<string, string>,
 ): VolumeRecord {
   const step = existing.lineage[0];
-  const sameSource = !source ? !step : 'snapshot' in source ? step?.snapshotId === source.snapshot.id : step?.volumeId === source.volume.id && !step.snapshotId;
+  const sameSource = madeFrom(existing, source);
   const requiredBytes = Number(request.capacity_range?.required_bytes ?? 0);
   const limitBytes = Number(request.capacity_range?.limit_bytes ?? 0);
   const fits = existing.sizeBytes >= requiredBytes && (limitBytes === 0 || existing.sizeBytes <= limitBytes);
@@ -326,6 +334,13 @@ function compatible(
   throw alreadyExists(
     `volume ${existing.name} already exists (${existing.sizeBytes} bytes${step ? `, cloned from ${step.snapshotName ?? step.volumeName}` : ''}) and differs from this request`,
   );
+}
+
+/** Whether `volume` was made from `source`: cloned from that snapshot or volume, or made empty when there is none. */
+function madeFrom(volume: VolumeRecord, source: { snapshot: { id: string } } | { volume: { id: string } } | undefined): boolean {
+  const step = volume.lineage[0];
+  if (!source) return !step;
+  return 'snapshot' in source ? step?.snapshotId === source.snapshot.id : step?.volumeId === source.volume.id && !step.snapshotId;
 }
 
 function checkTopology(request: CreateVolumeRequest__Output, topology?: Record<string, string>): void {

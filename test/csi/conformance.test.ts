@@ -232,6 +232,42 @@ describe('CSI conformance: Identity, Controller and GroupController over the soc
       );
     });
 
+    it('a retried clone whose source snapshot or volume was deleted since answers with the clone it made; anything else is still NOT_FOUND', async () => {
+      const { volume: origin } = await create('gone-origin');
+      const writer = await nbd('gone-origin');
+      await writer.write(0, Buffer.alloc(MiB, 0x71));
+      await writer.disconnect();
+      const snap = (await csi.controller.CreateSnapshot({ source_volume_id: origin.volume_id, name: 'gone-snap' })).snapshot as { snapshot_id: string };
+      const fromSnap = { volume_content_source: { snapshot: { snapshot_id: snap.snapshot_id } } };
+      const restored = await create('gone-restored', fromSnap);
+      const fromVolume = { volume_content_source: { volume: { volume_id: origin.volume_id } } };
+      const cloned = await create('gone-cloned', fromVolume);
+      await csi.controller.DeleteSnapshot({ snapshot_id: snap.snapshot_id });
+      await csi.controller.DeleteVolume({ volume_id: origin.volume_id });
+
+      assert.equal((await create('gone-restored', fromSnap)).volume.volume_id, restored.volume.volume_id, 'the restore, its snapshot gone');
+      assert.deepEqual((await create('gone-restored', fromSnap)).volume.content_source, restored.volume.content_source);
+      assert.equal((await create('gone-cloned', fromVolume)).volume.volume_id, cloned.volume.volume_id, 'the clone, its volume gone');
+      await expectCode(create('gone-other', fromSnap), status.NOT_FOUND, 'a new name from the deleted snapshot');
+      await expectCode(create('gone-other', fromVolume), status.NOT_FOUND, 'a new name from the deleted volume');
+      await expectCode(create('gone-cloned', fromSnap), status.NOT_FOUND, 'the clone of the volume asked as a restore of the snapshot');
+      await expectCode(create('gone-restored', fromVolume), status.NOT_FOUND, 'the restore asked as a clone of the volume');
+      await expectCode(create('twice-gone', fromSnap), status.NOT_FOUND, 'a volume that was never made');
+      await expectCode(
+        create('gone-restored', { ...fromSnap, capacity_range: { required_bytes: String(128 * MiB) } }),
+        status.ALREADY_EXISTS,
+        'the restore asked again bigger',
+      );
+      await expectCode(create('gone-restored', { ...fromSnap, parameters: { extentSize: '4KiB' } }), status.ALREADY_EXISTS, 'another extent size');
+      assert.equal(await admin.api.findVolume({ name: 'gone-other' }), undefined, 'nothing was created');
+      const reader = await nbd('gone-restored');
+      assert.ok(
+        (await reader.read(0, MiB)).every((b) => b === 0x71),
+        'the restore still holds the snapshot',
+      );
+      await reader.disconnect();
+    });
+
     it('CreateSnapshot refuses missing fields, unknown sources and a name taken by another volume', async () => {
       const { volume } = await create('snap-errors');
       await expectCode(csi.controller.CreateSnapshot({ source_volume_id: volume.volume_id, name: '' }), status.INVALID_ARGUMENT, 'no name');
