@@ -271,8 +271,35 @@ async function qosCost(dir: string): Promise<void> {
   }
 }
 
+/**
+ * What a full run writes to the temporary directory's disk, in golden images: the raw
+ * golden, the golden volume, nbdkit's raw copy and fresh sparse file, a clone written
+ * all over, the clones the timed sequential writes fill, and the QoS part's volumes.
+ * A run on 4 GiB filled the last 22 GB of a disk, so the check comes first.
+ */
+const goldensOfDisk = 7;
+
+/** Refuses to start a run that would fill the disk halfway through (fio then fails with I/O errors). */
+function checkFreeDisk(dir: string): void {
+  const stats = fs.statfsSync(dir);
+  const freeBytes = stats.bavail * stats.bsize;
+  const neededBytes = goldensOfDisk * goldenBytes;
+  if (freeBytes < neededBytes) {
+    throw new Error(
+      `bench:nbd needs about ${neededBytes / GiB} GiB free under ${os.tmpdir()} (${goldensOfDisk} times the ${goldenBytes / GiB} GiB golden image) and finds ` +
+        `${(freeBytes / GiB).toFixed(1)} GiB: free space there, set TMPDIR to a larger disk, or a smaller BENCH_GOLDEN_GIB`,
+    );
+  }
+}
+
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'arbor-bench-nbd-'));
+  try {
+    checkFreeDisk(dir);
+  } catch (err) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw err;
+  }
   if (process.env.BENCH_QOS_ONLY === '1') {
     try {
       await qosCost(dir);
