@@ -4,6 +4,7 @@ import { Log, silentLog } from '../lib/logger';
 import { committedMarks } from './allocator';
 import { FileBlobStore } from './blobs/files';
 import { SqliteCatalog } from './catalog/sqlite';
+import { SpaceReserve } from './space-reserve';
 import { Store } from './store';
 
 /**
@@ -13,7 +14,7 @@ import { Store } from './store';
 export async function openDataDir(
   dataDir: string,
   log: Log = silentLog,
-  options: { rewritableBlobs?: boolean; unsyncedCatalog?: boolean } = {},
+  options: { rewritableBlobs?: boolean; unsyncedCatalog?: boolean; spaceReserveBytes?: number } = {},
 ): Promise<Store> {
   const dir = path.resolve(dataDir);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -24,7 +25,8 @@ export async function openDataDir(
   // Blobs at or above the allocator's committed marks were never handed out.
   const blobs = FileBlobStore.open(path.join(dir, 'blobs'), { serialsBelow: await committedMarks(catalog), rewritable: options.rewritableBlobs });
   try {
-    return await Store.open(catalog, blobs, log);
+    const space = SpaceReserve.open(dir, log, options.spaceReserveBytes);
+    return await Store.open(catalog, blobs, log, { space });
   } catch (err) {
     await blobs.close();
     await catalog.close();

@@ -34,3 +34,9 @@ export function isArborError(err: unknown, code?: ErrorCode): err is ArborError 
 export function assert(condition: unknown, what: string): asserts condition {
   if (!condition) throw new ArborError('internal', `internal invariant broken: ${what}`);
 }
+
+/** The filesystem refused a write for want of space (or of quota). */
+export function isDiskFull(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code === 'ENOSPC' || code === 'EDQUOT';
+}

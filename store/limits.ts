@@ -24,6 +24,13 @@ export const nodeCacheMaxBytes = 64 * 1024 * 1024;
 /** Past this many dirty map nodes a volume commits in the background. */
 export const maxDirtyNodesPerVolume = 8192;
 /**
+ * Space held back on the data directory's disk for commits once it is full
+ * (store/space-reserve.ts): one volume's largest commit, its dirty nodes written as
+ * new blobs (8192 of 4 KiB), but no more than a share of a small filesystem.
+ */
+export const spaceReserveBytes = maxDirtyNodesPerVolume * nodeSizeBytes;
+export const spaceReserveMaxShare = 0.02;
+/**
  * Unflushed work is committed at least this often: the kernel's own dirty-data
  * expiry (vm.dirty_expire_centisecs, 30 s). Clients that need durability flush; a
  * shorter interval only forces an fsync of everything dirty into write bursts.

@@ -57,6 +57,7 @@ import { QosFollower, QosLimits, decodeQos, isUnlimited, qosKey, validateQos } f
 import { SnapshotReader } from './snapshot-reader';
 import { allocatedRanges, ByteRange, changedRanges } from './diff';
 import { NodeSource, countExtents } from './tree';
+import { SpaceReserve } from './space-reserve';
 import { Volume } from './volume';
 
 export type { Ref, SnapshotRef } from './lookups';
@@ -73,6 +74,8 @@ export interface StoreOptions {
   nodeId?: string;
   /** How long this process's owner lease lives without keep-alives. */
   leaseTtlMs?: number;
+  /** Space held back on a local data directory's disk (the embedded store's). */
+  space?: SpaceReserve;
 }
 
 export interface VolumeUsage {
@@ -132,14 +135,19 @@ export class Store {
     private readonly log: Log,
     /** Present where the catalog is shared: volumes are owned, one process at a time. */
     readonly ownership?: Ownership,
+    space?: SpaceReserve,
   ) {
     this.ctx = {
       catalog,
       blobs,
+      space,
       nodes: new NodeCache(blobs),
       ids: new BlobIdAllocator(catalog, ownership ? () => ownership.currentLease() : undefined),
       log,
-      free: (ids) => this.collector.frees.free(ids),
+      free: async (ids) => {
+        await this.collector.frees.free(ids);
+        if (ids.length > 0) space?.spaceFreed();
+      },
     };
     this.volumes = new OpenVolumes((id) => this.openOne(id), log, ownership);
     this.collector = new Collector(this.ctx, this.volumes, log, ownership);
@@ -177,7 +185,7 @@ export class Store {
     const ownership = catalog.exclusive
       ? undefined
       : await Ownership.start(catalog, options.nodeId ?? os.hostname(), options.leaseTtlMs ?? defaultOwnerLeaseTtlMs, log);
-    const store = new Store(catalog, blobs, log, ownership);
+    const store = new Store(catalog, blobs, log, ownership, options.space);
     await store.requests?.serve((op, inline) => store.runForAsker(op, inline));
     return store;
   }

@@ -205,7 +205,13 @@ export class Volume {
     } catch (err) {
       return Promise.reject(err);
     }
-    return this.writeLocked(offset, data, options);
+    return this.noticing(this.writeLocked(offset, data, options));
+  }
+
+  /** Passes a failure on, first letting the space reserve see it: a full disk gives the reserve back. */
+  private noticing<T>(work: Promise<T>): Promise<T> {
+    const space = this.ctx.space;
+    return space ? work.catch((err: unknown) => (space.noticeFailure(err), Promise.reject(err))) : work;
   }
 
   /**
@@ -221,9 +227,13 @@ export class Volume {
     if (!this.lock.tryExclusive()) return false;
     try {
       this.checkRange(offset, data.length, 'write');
+      this.ctx.space?.checkWritable(this.name);
       if (this.tree.writeNow(extent, offset - extent * extentSize, data, 0, data.length) === undefined) return false;
       this.noteChange();
       return true;
+    } catch (err) {
+      this.ctx.space?.noticeFailure(err);
+      throw err;
     } finally {
       this.lock.releaseExclusive();
     }
@@ -232,6 +242,7 @@ export class Volume {
   private async writeLocked(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
     await this.exclusive(async () => {
       this.checkRange(offset, data.length, 'write');
+      this.ctx.space?.checkWritable(this.name);
       const touched: number[] = [];
       const extentSize = this.extentSizeBytes;
       for (let done = 0; done < data.length;) {
@@ -258,11 +269,12 @@ export class Volume {
    * them); the partial extents at either end have their bytes zeroed.
    */
   async trim(offset: number, length: number): Promise<void> {
-    await this.zeroRange(offset, length, EMPTY, 'trim', false);
+    await this.noticing(this.zeroRange(offset, length, EMPTY, 'trim', false));
   }
 
+  /** Goes on while the disk is full, as trims do: whole extents become zero entries, which hold no blob. */
   async writeZeroes(offset: number, length: number, options: ZeroOptions = {}): Promise<void> {
-    await this.zeroRange(offset, length, options.noHole ? zeroEntry : EMPTY, 'write-zeroes', options.fua ?? false, options.fast ?? false);
+    await this.noticing(this.zeroRange(offset, length, options.noHole ? zeroEntry : EMPTY, 'write-zeroes', options.fua ?? false, options.fast ?? false));
   }
 
   async blockStatus(offset: number, length: number): Promise<RangeStatus[]> {
@@ -279,8 +291,12 @@ export class Volume {
    * never stalls the volume for the time the disk takes.
    */
   async flush(): Promise<void> {
-    const captured = await this.exclusive(() => this.capture());
-    if (captured) await this.serialCommit(() => this.completeCommit(captured));
+    await this.noticing(
+      (async () => {
+        const captured = await this.exclusive(() => this.capture());
+        if (captured) await this.serialCommit(() => this.completeCommit(captured));
+      })(),
+    );
   }
 
   /** Runs `fn` with the volume drained of writes and its state committed: the owner's side of snapshot and clone. */

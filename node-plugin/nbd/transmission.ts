@@ -1,7 +1,7 @@
 import { BufferPool } from '../../lib/buffer-pool';
 import { Log } from '../../lib/logger';
 import { NbdCommandName, nbdTally } from '../../lib/metrics';
-import { isArborError } from '../../store/errors';
+import { isArborError, isDiskFull } from '../../store/errors';
 import { RangeStatus } from '../../store/tree';
 import { NbdExport } from './export';
 import { baseAllocationContextId, Negotiated } from './handshake';
@@ -625,6 +625,9 @@ export function errnoFor(err: unknown, type: number): [number, string] {
       return [NBD_EINVAL, e.message];
     case 'read-only':
       return [NBD_EPERM, e.message];
+    case 'resource-exhausted':
+      // The store refuses writes while its disk is full (store/space-reserve.ts).
+      return [type === CMD.WRITE || type === CMD.WRITE_ZEROES ? NBD_ENOSPC : NBD_EIO, e.message];
     case 'unsupported':
       return [NBD_ENOTSUP, e.message];
     case 'unavailable':
@@ -633,10 +636,4 @@ export function errnoFor(err: unknown, type: number): [number, string] {
     default:
       return [NBD_EIO, e.message];
   }
-}
-
-/** The filesystem under the store refused a write for want of space (or of quota). */
-function isDiskFull(err: unknown): boolean {
-  const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  return code === 'ENOSPC' || code === 'EDQUOT';
 }

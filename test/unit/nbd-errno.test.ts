@@ -27,4 +27,11 @@ describe('NBD error numbers for what the store throws', () => {
     assert.equal(errnoFor(new ArborError('out-of-range', 'past the end'), CMD.WRITE)[0], NBD_ENOSPC);
     assert.equal(errnoFor(new ArborError('out-of-range', 'past the end'), CMD.READ)[0], NBD_EINVAL);
   });
+
+  it("a write the store refuses while its disk is full (resource-exhausted) is NBD_ENOSPC with the store's words", () => {
+    const refused = new ArborError('resource-exhausted', "volume v: the node's disk under the store is full (ENOSPC), so writes are refused");
+    assert.deepEqual(errnoFor(refused, CMD.WRITE), [NBD_ENOSPC, refused.message]);
+    assert.deepEqual(errnoFor(refused, CMD.WRITE_ZEROES), [NBD_ENOSPC, refused.message]);
+    assert.equal(errnoFor(refused, CMD.READ)[0], NBD_EIO);
+  });
 });
