@@ -5,6 +5,7 @@ import { committedMarks } from './allocator';
 import { FileBlobStore } from './blobs/files';
 import { SqliteCatalog } from './catalog/sqlite';
 import { SpaceReserve } from './space-reserve';
+import { isDiskFull } from './errors';
 import { Store } from './store';
 
 /**
@@ -19,13 +20,22 @@ export async function openDataDir(
   const dir = path.resolve(dataDir);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const pidFile = path.join(dir, 'arbor.pid');
-  const catalog = SqliteCatalog.open(path.join(dir, 'catalog.sqlite'), () => describeHolder(pidFile), { unsynced: options.unsyncedCatalog });
-  // We hold the lock now: whatever pid file is there is stale.
+  const openCatalog = () => SqliteCatalog.open(path.join(dir, 'catalog.sqlite'), () => describeHolder(pidFile), { unsynced: options.unsyncedCatalog });
+  let catalog: SqliteCatalog;
+  try {
+    catalog = openCatalog();
+  } catch (err) {
+    // The disk filled while no process held the store: the last one's reserve makes room to open in.
+    if (!isDiskFull(err) || !SpaceReserve.giveBackIn(dir)) throw err;
+    catalog = openCatalog();
+  }
+  // We hold the lock now. With less than the reserve free, the reserve goes back to the disk here, before anything else writes.
+  const space = SpaceReserve.open(dir, log, options.spaceReserveBytes);
+  // Whatever pid file is there is stale.
   fs.writeFileSync(pidFile, `${process.pid}\n`);
   // Blobs at or above the allocator's committed marks were never handed out.
   const blobs = FileBlobStore.open(path.join(dir, 'blobs'), { serialsBelow: await committedMarks(catalog), rewritable: options.rewritableBlobs });
   try {
-    const space = SpaceReserve.open(dir, log, options.spaceReserveBytes);
     return await Store.open(catalog, blobs, log, { space });
   } catch (err) {
     await blobs.close();

@@ -35,8 +35,8 @@ export function assert(condition: unknown, what: string): asserts condition {
   if (!condition) throw new ArborError('internal', `internal invariant broken: ${what}`);
 }
 
-/** The filesystem refused a write for want of space (or of quota). */
+/** The filesystem refused a write for want of space (or of quota); SQLite says SQLITE_FULL. */
 export function isDiskFull(err: unknown): boolean {
   const code = (err as NodeJS.ErrnoException | undefined)?.code;
-  return code === 'ENOSPC' || code === 'EDQUOT';
+  return code === 'ENOSPC' || code === 'EDQUOT' || code === 'SQLITE_FULL';
 }

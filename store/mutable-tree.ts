@@ -636,12 +636,11 @@ export class MutableTree implements NodeSource {
         }
       }
     }
-    let newId = id;
-    if (!dirty.fresh) {
-      newId = await this.ids.allocate(classForBytes(dirty.node.length));
-      this.frees.add(id);
-    }
+    const newId = dirty.fresh ? id : await this.ids.allocate(classForBytes(dirty.node.length));
     await this.blobs.write(newId, 0, dirty.node, 0, dirty.node.length);
+    // Only once written: a write that fails (a full disk) leaves the node dirty under its old
+    // id, for the next capture to write again, and the old id waiting for no second free.
+    if (newId !== id) this.frees.add(id);
     written.push(newId);
     this.dirty.delete(id);
     this.nodes.set(newId, dirty.node);

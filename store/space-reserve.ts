@@ -1,3 +1,4 @@
+import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { Log } from '../lib/logger';
@@ -6,24 +7,37 @@ import { spaceReserveBytes, spaceReserveMaxShare } from './limits';
 
 /** While full, the free space is looked at no more often than this (a refused write is otherwise only a flag). */
 const recheckMs = 250;
-const zeros = Buffer.alloc(1024 * 1024);
+/** While not full, the free space is looked at again at least this often (other writers share the disk). */
+const refreshMs = 1000;
+/**
+ * The reserve file's contents: random, so that a compressing or deduplicating
+ * filesystem (btrfs, ZFS) cannot store it in less than its size.
+ */
+const fill = crypto.randomBytes(1024 * 1024);
 
 /**
- * Space held back on the data directory's filesystem, so that a full disk never stops
- * the store from committing. A store whose disk filled up cannot free space without
- * a commit (a trim or a delete frees blobs only once the catalog says nothing uses
- * them), and a commit writes map nodes and the catalog: without room for those, every
- * flush fails and nothing the owner of the volume does can bring space back.
+ * Room kept on the data directory's filesystem so that a full disk never stops the
+ * store from committing. A store whose disk filled up cannot free space without a
+ * commit (a trim or a delete frees blobs only once the catalog says nothing uses
+ * them), and a commit writes map nodes and the catalog: without room for those every
+ * flush fails, and nothing the volume's user does brings space back.
  *
- * So a file of zeros holds the reserve. The first write that meets ENOSPC gives it
- * back to the filesystem, and from then on writes are refused at once (ENOSPC, with
- * what to do) while flushes, trims and deletes go on in the room it left. Once the
- * free space is twice the reserve again (trims, deletes, or space freed outside
- * Arbor), the reserve is taken back and writes are accepted again.
+ * Two layers. Writes are refused (ENOSPC, saying what to do) before they would leave
+ * less than the reserve free: the free space is looked up with statfs when what this
+ * process wrote since the last look might bring it near, and every second. Flushes,
+ * trims, zeroing and deletes go on. And a file of the reserve's size is held on the
+ * disk: should anything still meet a full disk (another program filled it, a commit
+ * larger than the margin), it is given back at once, so that the next commit fits.
+ * Writes resume once twice the reserve is free (the file held again).
  */
 export class SpaceReserve {
   private full = false;
+  /** Whether the reserve file is on the disk. */
+  private held = false;
   private checkedAt = 0;
+  private freeAtCheck = 0;
+  /** Bytes writes were let through for since the last look: taken off its free space. */
+  private claimedSinceCheck = 0;
 
   private constructor(
     private readonly file: string,
@@ -31,38 +45,66 @@ export class SpaceReserve {
     private readonly log: Log,
   ) {}
 
-  /** Holds the reserve in `dir` (the data directory), or starts out full when it does not fit. */
+  /**
+   * Once the store's lock is held, before it writes anything else: with less than the
+   * reserve free (the disk filled while no process held it), the reserve file is given
+   * back at once, so that opening and committing can write.
+   */
   static open(dir: string, log: Log, bytes?: number): SpaceReserve {
     const reserve = new SpaceReserve(path.join(dir, 'space-reserve'), bytes ?? defaultReserveBytes(dir), log);
-    if (!reserve.take()) {
-      reserve.full = true;
-      reserve.checkedAt = Date.now();
-      log.error('the disk under the store is too full to hold its reserve: writes are refused until space is freed', reserve.facts());
+    reserve.held = reserve.fileWhole();
+    reserve.look(Date.now());
+    if (!reserve.held && reserve.freeAtCheck >= 2 * reserve.bytes) {
+      reserve.held = reserve.take();
+      reserve.look(Date.now());
+    }
+    if (!reserve.held || reserve.freeAtCheck < reserve.bytes) {
+      if (reserve.freeAtCheck < reserve.bytes) reserve.giveBack();
+      reserve.becomeFull('the disk under the store was full when it opened');
     }
     return reserve;
+  }
+
+  /** Removes the reserve file in `dir` if there is one (for a store that cannot even open): whether there was. */
+  static giveBackIn(dir: string): boolean {
+    const file = path.join(dir, 'space-reserve');
+    if (!fs.existsSync(file)) return false;
+    fs.rmSync(file, { force: true });
+    return true;
   }
 
   get isFull(): boolean {
     return this.full;
   }
 
-  /** Throws, changing nothing, while the disk is full; looks whether space came back first. */
-  checkWritable(volume: string): void {
-    if (!this.full) return;
+  /** Whether the reserve file is on the disk (not given back to a full one). */
+  get isHeld(): boolean {
+    return this.held;
+  }
+
+  /** Before a write of `length` bytes: throws, changing nothing, when the disk is (or the write would make it) full. */
+  checkWritable(volume: string, length: number): void {
     const now = Date.now();
-    if (now - this.checkedAt >= recheckMs) {
-      this.checkedAt = now;
-      if (this.freeBytes() >= 2 * this.bytes && this.take()) {
-        this.full = false;
-        this.log.info('the disk under the store has room again: writes are accepted', this.facts());
-        return;
+    if (this.full) {
+      if (now - this.checkedAt < recheckMs) throw this.refusal(volume);
+      this.look(now);
+      if (this.freeAtCheck < 2 * this.bytes) throw this.refusal(volume);
+      if (!this.held) {
+        this.held = this.take();
+        if (!this.held) throw this.refusal(volume);
+        this.look(now);
+      }
+      this.full = false;
+      this.log.info('the disk under the store has room again: writes are accepted', this.facts());
+    }
+    if (this.freeAtCheck - this.claimedSinceCheck - length < this.bytes || now - this.checkedAt >= refreshMs) {
+      this.look(now);
+      if (this.freeAtCheck - length < this.bytes) {
+        this.becomeFull('the disk under the store is full');
+        throw this.refusal(volume);
       }
     }
-    throw new ArborError(
-      'resource-exhausted',
-      `volume ${volume}: the node's disk under the store is full (ENOSPC), so writes are refused; trim or delete volumes, or free space on that disk ` +
-        `(writes resume once ${formatMiB(2 * this.bytes)} are free)`,
-    );
+    this.claimedSinceCheck += length;
   }
 
   /** Blobs were freed: the next write looks at the free space at once, not after the usual wait. */
@@ -70,40 +112,54 @@ export class SpaceReserve {
     this.checkedAt = 0;
   }
 
-  /** A write or commit met `err`: if the disk is full, gives the reserve back so that commits can go on. */
+  /** Something of the store failed with `err`: if the disk is full, the reserve goes back to it, so that the next commit fits. */
   noticeFailure(err: unknown): void {
-    if (this.full || !isDiskFull(err)) return;
-    this.full = true;
-    this.checkedAt = Date.now();
-    fs.rmSync(this.file, { force: true });
-    this.log.error('the disk under the store is full: writes are refused, flushes, trims and deletes go on in the reserve given back', {
-      ...this.facts(),
-      error: (err as Error).message,
-    });
-  }
-
-  /** Writes the reserve file whole (real blocks, not a sparse file); false, with nothing left, when it does not fit. */
-  private take(): boolean {
-    if (this.held()) return true;
-    let fd: number | undefined;
-    try {
-      fd = fs.openSync(this.file, 'w');
-      for (let at = 0; at < this.bytes; at += zeros.length) fs.writeSync(fd, zeros, 0, Math.min(zeros.length, this.bytes - at), at);
-      fs.fsyncSync(fd);
-      return true;
-    } catch (err) {
-      if (!isDiskFull(err)) throw err;
-      if (fd !== undefined) fs.closeSync(fd);
-      fd = undefined;
-      fs.rmSync(this.file, { force: true });
-      return false;
-    } finally {
-      if (fd !== undefined) fs.closeSync(fd);
+    if (!isDiskFull(err)) return;
+    if (!this.full) this.becomeFull('the disk under the store filled up under a write or a commit');
+    if (this.held) {
+      this.giveBack();
+      this.log.error('the store gave its space reserve back to the full disk, for commits', { ...this.facts(), error: (err as Error).message });
     }
   }
 
+  private becomeFull(why: string): void {
+    this.full = true;
+    this.checkedAt = Date.now();
+    this.log.error(`${why}: writes are refused until ${formatMiB(2 * this.bytes)} are free; flushes, trims and deletes go on`, this.facts());
+  }
+
+  private refusal(volume: string): ArborError {
+    return new ArborError(
+      'resource-exhausted',
+      `volume ${volume}: the node's disk under the store is full (ENOSPC), so writes are refused; trim or delete volumes, or free space on that disk ` +
+        `(writes resume once ${formatMiB(2 * this.bytes)} are free)`,
+    );
+  }
+
+  private giveBack(): void {
+    fs.rmSync(this.file, { force: true });
+    this.held = false;
+  }
+
+  /** Writes the reserve file whole (real blocks); false, and no file, when it does not fit. */
+  private take(): boolean {
+    const fd = fs.openSync(this.file, 'w');
+    let written = false;
+    try {
+      for (let at = 0; at < this.bytes; at += fill.length) fs.writeSync(fd, fill, 0, Math.min(fill.length, this.bytes - at), at);
+      fs.fsyncSync(fd);
+      written = true;
+    } catch (err) {
+      if (!isDiskFull(err)) throw err;
+    } finally {
+      fs.closeSync(fd);
+      if (!written) fs.rmSync(this.file, { force: true });
+    }
+    return written;
+  }
+
   /** Whether the file of an earlier open is there whole (a process killed while writing it leaves it short). */
-  private held(): boolean {
+  private fileWhole(): boolean {
     try {
       const stats = fs.statSync(this.file);
       return stats.size === this.bytes && stats.blocks * 512 >= this.bytes;
@@ -112,21 +168,23 @@ export class SpaceReserve {
     }
   }
 
-  private freeBytes(): number {
+  private look(now: number): void {
     const stats = fs.statfsSync(path.dirname(this.file));
-    return stats.bavail * stats.bsize;
+    this.freeAtCheck = stats.bavail * stats.bsize;
+    this.claimedSinceCheck = 0;
+    this.checkedAt = now;
   }
 
   private facts(): Record<string, unknown> {
-    return { dir: path.dirname(this.file), reserveBytes: this.bytes, freeBytes: this.freeBytes() };
+    return { dir: path.dirname(this.file), reserveBytes: this.bytes, freeBytes: this.freeAtCheck, reserveHeld: this.held };
   }
 }
 
 /** The reserve's size on the filesystem of `dir`: whole MiB, at least one. */
 function defaultReserveBytes(dir: string): number {
   const stats = fs.statfsSync(dir);
-  const share = Math.floor((stats.blocks * stats.bsize * spaceReserveMaxShare) / zeros.length) * zeros.length;
-  return Math.max(zeros.length, Math.min(spaceReserveBytes, share));
+  const share = Math.floor((stats.blocks * stats.bsize * spaceReserveMaxShare) / fill.length) * fill.length;
+  return Math.max(fill.length, Math.min(spaceReserveBytes, share));
 }
 
 function formatMiB(bytes: number): string {

@@ -1,7 +1,7 @@
 import { storeCommits } from '../lib/metrics';
 import { Compare, KvEntry, Op, put, unchanged } from './catalog/catalog';
 import { StoreContext } from './context';
-import { ArborError, assert } from './errors';
+import { ArborError, assert, isDiskFull } from './errors';
 import { EMPTY, Entry, asShared, hasBlob, zeroEntry } from './entry';
 import { maxDirtyNodesPerVolume } from './limits';
 import { MutableTree } from './mutable-tree';
@@ -227,7 +227,7 @@ export class Volume {
     if (!this.lock.tryExclusive()) return false;
     try {
       this.checkRange(offset, data.length, 'write');
-      this.ctx.space?.checkWritable(this.name);
+      this.ctx.space?.checkWritable(this.name, data.length);
       if (this.tree.writeNow(extent, offset - extent * extentSize, data, 0, data.length) === undefined) return false;
       this.noteChange();
       return true;
@@ -242,7 +242,7 @@ export class Volume {
   private async writeLocked(offset: number, data: Buffer, options: WriteOptions): Promise<void> {
     await this.exclusive(async () => {
       this.checkRange(offset, data.length, 'write');
-      this.ctx.space?.checkWritable(this.name);
+      this.ctx.space?.checkWritable(this.name, data.length);
       const touched: number[] = [];
       const extentSize = this.extentSizeBytes;
       for (let done = 0; done < data.length;) {
@@ -291,12 +291,18 @@ export class Volume {
    * never stalls the volume for the time the disk takes.
    */
   async flush(): Promise<void> {
-    await this.noticing(
-      (async () => {
-        const captured = await this.exclusive(() => this.capture());
-        if (captured) await this.serialCommit(() => this.completeCommit(captured));
-      })(),
-    );
+    try {
+      await this.flushOnce();
+    } catch (err) {
+      // A commit that met a full disk gave the space reserve back (noticeFailure): the next one fits.
+      if (!isDiskFull(err) || !this.ctx.space || this.ctx.space.isHeld) throw err;
+      await this.flushOnce();
+    }
+  }
+
+  private async flushOnce(): Promise<void> {
+    const captured = await this.exclusive(() => this.capture());
+    if (captured) await this.serialCommit(() => this.completeCommit(captured));
   }
 
   /** Runs `fn` with the volume drained of writes and its state committed: the owner's side of snapshot and clone. */
@@ -557,7 +563,7 @@ export class Volume {
     // A flush on a volume this process lost must fail: its writes never became durable.
     if (this.state === 'lost') throw this.lostError();
     if (this.state !== 'open') return undefined;
-    const taken = await this.tree.capture();
+    const taken = await this.noticing(this.tree.capture());
     this.capturesInFlight++;
     const captured: Capture = { sequence: ++this.captures, at: Date.now(), ...taken };
     this.changedAt = undefined;
@@ -622,6 +628,8 @@ export class Volume {
         }
       }
     } catch (err) {
+      // Every commit (flush, snapshot, clone, resize, close) passes a full disk on to the reserve.
+      this.ctx.space?.noticeFailure(err);
       if (this.state === 'open') {
         this.pendingSync.push(...sync);
         this.tree.frees.retryLater(free);

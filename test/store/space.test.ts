@@ -17,6 +17,22 @@ function recordingLog(lines: string[]): Log {
   return { debug: keep('debug'), info: keep('info'), warn: keep('warn'), error: keep('error') };
 }
 
+/** Writes `file` until its filesystem is full. */
+function fillDisk(file: string): void {
+  const fd = fs.openSync(file, 'w');
+  try {
+    for (const size of [MiB, 4096]) {
+      try {
+        for (;;) fs.writeSync(fd, Buffer.alloc(size, 1));
+      } catch (err) {
+        if (!isDiskFull(err)) throw err;
+      }
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** Disk space the directory really uses (du counts allocated blocks, not file sizes). */
 function diskUsage(dir: string): number {
   return Number(execFileSync('du', ['-s', '-B1', dir], { encoding: 'utf8' }).split('\t')[0]);
@@ -105,7 +121,7 @@ describe('space: a full disk refuses writes, and flushes, trims and reads go on'
     // Per block: the seed of its bytes (0: zeros), or -1 once unknown.
     const model = new Int32Array(blocks);
     const bytesOf = (tag: number) => Buffer.alloc(blockBytes, tag % 251);
-    const tally = { writes: 0, refused: 0, writesAfterRefusal: 0, trims: 0, flushes: 0, reads: 0 };
+    const tally = { writes: 0, refused: 0, rawNoSpace: 0, writesAfterRefusal: 0, trims: 0, flushes: 0, reads: 0 };
     let refusedYet = false;
     const check = async (first: number, count: number) => {
       const got = await volume.read(first * blockBytes, count * blockBytes);
@@ -134,6 +150,7 @@ describe('space: a full disk refuses writes, and flushes, trims and reads go on'
           if (isArborError(err))
             assert.match(err.message, /volume v: the node's disk under the store is full \(ENOSPC\), so writes are refused; trim or delete volumes/);
           tally.refused++;
+          if (!isArborError(err)) tally.rawNoSpace++;
           refusedYet = true;
           model.fill(-1, first, first + count);
         }
@@ -179,12 +196,53 @@ describe('space: a full disk refuses writes, and flushes, trims and reads go on'
     tags.forEach((tag, b) => (model[b] = tag));
     await volume.flush();
     await check(0, blocks);
+
+    // The disk filled by another program while the store is open, with writes not yet
+    // committed: the commit meets the full disk, the reserve goes back, and the flush
+    // still succeeds; writes are refused until the other program's file is gone.
+    const late = Array.from({ length: chunk }, () => tagSerial++);
+    await volume.write(4 * MiB, Buffer.concat(late.map(bytesOf)));
+    late.forEach((tag, b) => (model[4 * chunk + b] = tag));
+    fillDisk(path.join(mounted!, 'filler'));
+    await volume.flush();
+    assert.ok(
+      logged.some((line) => line.startsWith('error the store gave its space reserve back')),
+      'the reserve went back to the disk',
+    );
+    await assert.rejects(volume.write(6 * MiB, Buffer.alloc(4096, 1)), (err: unknown) => isArborError(err, 'resource-exhausted'));
+    fs.rmSync(path.join(mounted!, 'filler'));
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    await volume.write(6 * MiB, Buffer.alloc(4096, 9));
+    model[6 * chunk] = 9;
+    await volume.flush();
+    await check(0, blocks);
     await store.close();
     store = await openDataDir(mounted!, log);
     volume = await store.openVolume({ name: 'v' });
     await check(0, blocks);
     await store.close();
+
+    // A disk another program filled while no process held the store: it opens (its reserve
+    // gives the room), refuses writes, reads, trims and flushes; writes come back once the
+    // other program's file is gone.
+    const filler = path.join(mounted!, 'filler');
+    fillDisk(filler);
+    store = await openDataDir(mounted!, log);
+    volume = await store.openVolume({ name: 'v' });
+    await assert.rejects(volume.write(2 * MiB, Buffer.alloc(MiB, 7)), (err: unknown) => isArborError(err, 'resource-exhausted'));
+    await check(0, blocks);
+    await volume.trim(0, MiB);
+    model.fill(0, 0, chunk);
+    await volume.flush();
+    fs.rmSync(filler);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    await volume.write(2 * MiB, Buffer.alloc(MiB, 7));
+    model.fill(7, 2 * chunk, 3 * chunk);
+    await volume.flush();
+    await check(0, blocks);
+    await store.close();
     process.stderr.write(`      full-disk model: ${JSON.stringify(tally)}, seed ${seed}\n`);
+    assert.equal(tally.rawNoSpace, 0, 'the store refuses writes before the disk does (its margin), so commits always fit');
     assert.ok(
       logged.some((line) => line.startsWith('error the disk under the store is full')),
       'the store said the disk is full',
