@@ -317,6 +317,40 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
       await client.disconnect();
     });
 
+    it('writes and reads pipelined with DISC in one send are all answered before the connection closes', async () => {
+      const base = 12 * MiB;
+      const slot = 16 * 1024;
+      const seeded = await connect();
+      await seeded.write(base + 40 * slot, Buffer.alloc(5 * slot, 0x5a));
+      await seeded.disconnect();
+      const raw = await RawNbd.connect(server.nbdSocket);
+      await raw.go('p');
+      const parts: Buffer[] = [];
+      const writes = 20;
+      for (let i = 0; i < writes; i++) {
+        // Within one extent (answered at once), across extents (answered later), and FUA.
+        const length = i % 3 === 1 ? 6000 : 1000;
+        const offset = base + i * slot + (i % 3 === 1 ? 3000 : 100);
+        parts.push(request(CMD.WRITE, i % 4 === 3 ? CMD_FLAG.FUA : 0, 2000 + i, offset, length), Buffer.alloc(length, i + 1));
+      }
+      for (let r = 0; r < 5; r++) parts.push(request(CMD.READ, 0, 3000 + r, base + (40 + r) * slot, 512));
+      parts.push(request(CMD.DISC, 0, 1, 0, 0));
+      raw.send(Buffer.concat(parts));
+      const answered = new Set<number>();
+      for (let n = 0; n < writes + 5; n++) {
+        const reply = await simpleReply(raw);
+        assert.equal(reply.error, 0, `request ${reply.cookie} succeeded`);
+        if (reply.cookie >= 3000)
+          assert.ok(
+            (await raw.read(512)).every((b) => b === 0x5a),
+            `read ${reply.cookie} has its bytes`,
+          );
+        answered.add(reply.cookie);
+      }
+      assert.equal(answered.size, writes + 5, 'each request answered once');
+      assert.ok(await raw.closesWithin(2000), 'then DISC closes');
+    });
+
     it('a write over 32 MiB is consumed and refused with EOVERFLOW, and the next request works', async () => {
       const client = await connect();
       await expectErrno(client.write(0, Buffer.alloc(33 * MiB, 1)), EOVERFLOW, 'oversized write');
