@@ -14,6 +14,8 @@ const refreshMs = 1000;
  * filesystem (btrfs, ZFS) cannot store it in less than its size.
  */
 const fill = crypto.randomBytes(1024 * 1024);
+/** The reserve file, in the data directory. */
+const fileName = 'space-reserve';
 
 /**
  * Room kept on the data directory's filesystem so that a full disk never stops the
@@ -51,7 +53,7 @@ export class SpaceReserve {
    * back at once, so that opening and committing can write.
    */
   static open(dir: string, log: Log, bytes?: number): SpaceReserve {
-    const reserve = new SpaceReserve(path.join(dir, 'space-reserve'), bytes ?? defaultReserveBytes(dir), log);
+    const reserve = new SpaceReserve(path.join(dir, fileName), bytes ?? defaultReserveBytes(dir), log);
     reserve.held = reserve.fileWhole();
     reserve.look(Date.now());
     if (!reserve.held && reserve.freeAtCheck >= 2 * reserve.bytes) {
@@ -67,14 +69,10 @@ export class SpaceReserve {
 
   /** Removes the reserve file in `dir` if there is one (for a store that cannot even open): whether there was. */
   static giveBackIn(dir: string): boolean {
-    const file = path.join(dir, 'space-reserve');
+    const file = path.join(dir, fileName);
     if (!fs.existsSync(file)) return false;
     fs.rmSync(file, { force: true });
     return true;
-  }
-
-  get isFull(): boolean {
-    return this.full;
   }
 
   /** Whether the reserve file is on the disk (not given back to a full one). */
