@@ -52,9 +52,14 @@ export class Connection implements ReplySink {
       const buffer = Buffer.allocUnsafe(socketReadBytes);
       const handle = (raw as unknown as { _handle: unknown })._handle;
       (raw as unknown as { _handle: unknown })._handle = null;
+      // Asked before each read where its bytes go: the shared buffer, or the rest of a large WRITE payload.
+      const nextReadBuffer = () => (this.phase === 'transmission' && this.transmission!.payloadSpace()) || buffer;
       this.socket = new net.Socket({
         handle: handle as never,
-        onread: { buffer, callback: (n: number, buf: Buffer) => (this.onBytes(buf, 0, n), true) },
+        onread: {
+          buffer: nextReadBuffer,
+          callback: (n: number, buf: Buffer) => (buf === buffer ? this.onBytes(buf, 0, n) : this.payloadRead(buf, n), true),
+        },
       } as net.SocketConstructorOpts);
     } else {
       this.socket = raw;
@@ -185,6 +190,10 @@ export class Connection implements ReplySink {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  private payloadRead(space: Buffer, n: number): void {
+    if (this.phase === 'transmission') this.transmission!.payloadRead(space, n);
   }
 
   private onBytes(buf: Buffer, start: number, end: number): void {

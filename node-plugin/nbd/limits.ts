@@ -21,5 +21,11 @@ export const maxConnections = 1024;
 export const maxStatusDescriptors = 1024;
 /** Size of the buffer a unix-socket connection reads into (reused for every read). */
 export const socketReadBytes = 256 * 1024;
+/**
+ * A WRITE payload with at least this much still to come is read from the socket
+ * straight into its own buffer, not into the shared read buffer and copied from
+ * there (1 MiB writes: the server's user time per request fell from 132 to 107 µs).
+ */
+export const directPayloadBytes = 64 * 1024;
 /** A connection handed off (its volume is served elsewhere now) gets this long to write the replies it owes. */
 export const handOffGraceMs = 5_000;

@@ -5,7 +5,7 @@ import { isArborError, isDiskFull } from '../../store/errors';
 import { RangeStatus } from '../../store/tree';
 import { NbdExport } from './export';
 import { baseAllocationContextId, Negotiated } from './handshake';
-import { maxInFlightBytes, maxInFlightRequests, maxPayloadBytes, maxStatusDescriptors } from './limits';
+import { directPayloadBytes, maxInFlightBytes, maxInFlightRequests, maxPayloadBytes, maxStatusDescriptors } from './limits';
 import {
   CMD,
   CMD_FLAG,
@@ -70,6 +70,15 @@ const allowedFlags: Record<number, number> = {
 
 const pool = new BufferPool(256);
 
+/** A WRITE whose payload is arriving; `keep`: its bytes are kept (not a payload refused and skipped). */
+interface Receiving {
+  request: Request;
+  received: number;
+  error: number;
+  message: string;
+  keep: boolean;
+}
+
 /**
  * The transmission phase of one connection: parses requests from the bytes the
  * socket delivers (headers in place, WRITE payloads written from the socket's
@@ -95,8 +104,9 @@ export class Transmission {
   private readonly magic: number;
   private readonly carry: Buffer;
   private carried = 0;
-  /** A WRITE whose payload is arriving; `keep`: its bytes are kept (not a payload refused and skipped). */
-  private receiving?: { request: Request; received: number; error: number; message: string; keep: boolean };
+  private receiving?: Receiving;
+  /** The payload space the socket was last given to read into, and the receiving it belongs to. */
+  private spaceGiven?: { space: Buffer; receiving: Receiving };
   private inFlight = 0;
   private inFlightBytes = 0;
   private paused = false;
@@ -273,6 +283,37 @@ export class Transmission {
       this.charge(0);
     }
     void this.run(request);
+  }
+
+  /**
+   * Where the socket may read its next bytes instead of its shared buffer: the rest
+   * of the WRITE payload being received, once enough is still to come that reading
+   * it in place beats copying it (`directPayloadBytes`); else undefined. The read
+   * that fills it ends at the payload's end, so no byte of the next request lands there.
+   */
+  payloadSpace(): Buffer | undefined {
+    const receiving = this.receiving;
+    if (!receiving || !receiving.keep || receiving.error || this.backlog || this.disconnecting) return undefined;
+    const { request } = receiving;
+    if (request.length - receiving.received < directPayloadBytes) return undefined;
+    request.payload ??= pool.take(request.length);
+    this.spaceGiven = { space: request.payload.subarray(receiving.received, request.length), receiving };
+    return this.spaceGiven.space;
+  }
+
+  /** The socket read `n` bytes into `space`, which `payloadSpace` gave. */
+  payloadRead(space: Buffer, n: number): void {
+    const given = this.spaceGiven;
+    this.spaceGiven = undefined;
+    // The connection closed meanwhile: those bytes belong to no request any more.
+    if (this.disconnecting) return;
+    if (!given || given.space !== space || given.receiving !== this.receiving || n > space.length) {
+      this.disconnecting = true;
+      this.sink.destroy('internal error: the socket read into a payload buffer no request is receiving');
+      return;
+    }
+    given.receiving.received += n;
+    if (given.receiving.received === given.receiving.request.length) this.payloadComplete();
   }
 
   private receivePayload(chunk: Buffer, at: number, end: number): number {

@@ -317,6 +317,55 @@ describe('NBD protocol: handshake and transmission edge cases', function () {
       await client.disconnect();
     });
 
+    it('large writes, read from the socket straight into their buffers, land whole and right whatever cuts the stream, beside small and refused ones', async () => {
+      // Payloads with 64 KiB or more still to come are read in place (directPayloadBytes):
+      // cuts inside headers and payloads move where each read starts and ends.
+      await server.cliOk('volume', 'create', 'large', '--size', '96MiB');
+      const size = 96 * MiB;
+      const slot = 2 * MiB;
+      let seed = 7;
+      const next = (n: number) => (seed = (seed * 1103515245 + 12345) % 2 ** 31) % n;
+      const expected = Buffer.alloc(40 * slot);
+      for (const round of [0, 1]) {
+        const raw = await RawNbd.connect(server.nbdSocket);
+        await raw.go('large');
+        const writes: { offset: number; data: Buffer; errno: number }[] = [];
+        for (let i = 0; i < 40; i++) {
+          const kind = i % 8;
+          // Mostly large (some just over the bound, some over the read buffer), now and then
+          // small, and some large ones past the end: refused, their payloads still consumed.
+          const length = kind === 3 ? 1 + next(9000) : kind === 5 ? 64 * 1024 + 1 + next(100) : 64 * 1024 + next(slot - 64 * 1024 - 4096);
+          const offset = kind === 6 ? size - 4096 : i * slot + next(4096);
+          const data = Buffer.alloc(length);
+          for (let b = 0; b < length; b += 512) data.fill((i * 31 + b / 512 + round) % 251, b, Math.min(length, b + 512));
+          writes.push({ offset, data, errno: offset + length > size ? ENOSPC : 0 });
+        }
+        const burst = Buffer.concat(writes.flatMap((w, i) => [request(CMD.WRITE, i % 7 === 2 ? CMD_FLAG.FUA : 0, 5000 + i, w.offset, w.data.length), w.data]));
+        const cuts = [0, ...Array.from({ length: 30 }, () => next(burst.length)), burst.length].sort((a, b) => a - b);
+        for (let c = 0; c + 1 < cuts.length; c++) {
+          raw.send(burst.subarray(cuts[c], cuts[c + 1]));
+          if (c % 3 === 0) await new Promise((resolve) => setTimeout(resolve, 5));
+        }
+        const replies = new Map<number, number>();
+        for (let i = 0; i < writes.length; i++) {
+          const reply = await simpleReply(raw);
+          assert.ok(!replies.has(reply.cookie), `write ${reply.cookie - 5000} answered once`);
+          replies.set(reply.cookie, reply.error);
+        }
+        for (const [i, w] of writes.entries()) {
+          assert.equal(replies.get(5000 + i), w.errno, `write ${i} (${w.data.length} bytes at ${w.offset}): errno ${w.errno}`);
+          if (!w.errno) w.data.copy(expected, w.offset);
+        }
+        raw.destroy();
+      }
+      const client = await connect({ exportName: 'large' });
+      for (let s = 0; s < 40; s++) {
+        const got = await client.read(s * slot, slot);
+        assert.ok(got.equals(expected.subarray(s * slot, (s + 1) * slot)), `slot ${s} holds what the writes put there`);
+      }
+      await client.disconnect();
+    });
+
     it('writes and reads pipelined with DISC in one send are all answered before the connection closes', async () => {
       const base = 12 * MiB;
       const slot = 16 * 1024;
