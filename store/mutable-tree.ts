@@ -1,6 +1,7 @@
 import { BlobStore } from './blobs/blobs';
 import { BlobIdAllocator } from './allocator';
 import { classForBytes } from './blob-id';
+import { BlobIdSet } from './blob-id-set';
 import { assert } from './errors';
 import { EMPTY, Entry, PARTIAL, WRITABLE, asShared, blobOf, hasBlob, isPartial, isWritable, isZero, makeEntry, zeroEntry } from './entry';
 import { capacityExtents, slotAt, slotsOverlapping } from './geometry';
@@ -66,8 +67,8 @@ interface DirtyNode {
  */
 export class MutableTree implements NodeSource {
   private readonly dirty = new Map<number, DirtyNode>();
-  /** Data extents written since their last sync. */
-  private readonly unsyncedData = new Set<number>();
+  /** Data extents written since their last sync (added to on every write: see BlobIdSet). */
+  private readonly unsyncedData = new BlobIdSet();
   /** Owned blobs no longer in the live tree: freed once a commit stops the committed tree using them. */
   readonly frees = new AfterCommit();
   private readonly extentClass: number;
