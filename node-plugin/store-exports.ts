@@ -131,16 +131,22 @@ class VolumeExport implements NbdExport {
     return this.reader.readInto(offset, target, targetOffset, length);
   }
 
-  /** Only where nothing stands in the way: no QoS limit, and the volume served here. */
+  /** Only where nothing stands in the way: the volume served here, and its QoS limits (if any) letting the read go now. */
   readIntoNow(offset: number, target: Buffer, targetOffset: number, length: number): boolean {
-    if (this.throttle?.limited || this.gate.movedTo) return false;
-    return this.volume.readIntoNow(offset, target, targetOffset, length);
+    const throttle = this.throttle;
+    if (this.gate.movedTo || (throttle !== undefined && !throttle.mayGoNow(length))) return false;
+    if (!this.volume.readIntoNow(offset, target, targetOffset, length)) return false;
+    throttle?.charge(length);
+    return true;
   }
 
-  /** Only with no QoS limit and the gate open: a write done at once is complete before any hold can begin. */
+  /** Only with the gate open (a write done at once is complete before any hold can begin) and the QoS limits letting it go now. */
   writeNow(offset: number, data: Buffer): boolean {
-    if (this.throttle?.limited || !this.gate.open) return false;
-    return this.volume.writeNow(offset, data);
+    const throttle = this.throttle;
+    if (!this.gate.open || (throttle !== undefined && !throttle.mayGoNow(data.length))) return false;
+    if (!this.volume.writeNow(offset, data)) return false;
+    throttle?.charge(data.length);
+    return true;
   }
 
   write(offset: number, data: Buffer, fua: boolean): Promise<void> {

@@ -39,6 +39,33 @@ describe('QoS token bucket and throttle', () => {
     assert.equal(throttle.admit(0), undefined);
   });
 
+  it('mayGoNow takes nothing: a request goes at once only when the buckets hold its cost and nobody waits, and charge takes it', async () => {
+    let now = 0;
+    const throttle = new QosThrottle('unit-now', () => now);
+    assert.ok(throttle.mayGoNow(1 << 20), 'unlimited: always');
+    throttle.setLimits({ maxIops: 10, maxBandwidthBytes: 100 * 4096, burstSeconds: 0.2 });
+    assert.ok(throttle.mayGoNow(4096) && throttle.mayGoNow(4096), 'asking twice takes nothing');
+    throttle.charge(4096);
+    assert.ok(throttle.mayGoNow(4096), 'the bucket of 2 requests holds one more');
+    throttle.charge(4096);
+    assert.equal(throttle.mayGoNow(0), false, 'both request tokens taken: not now');
+    const queued = throttle.admit(0)!;
+    now += 100; // one token back
+    assert.equal(throttle.mayGoNow(0), false, 'a request waits: nothing overtakes it, token or not');
+    await queued;
+    assert.equal(throttle.mayGoNow(0), false, 'the waiter took that token');
+    now += 100;
+    assert.ok(throttle.mayGoNow(4096));
+    assert.equal(throttle.mayGoNow(100 * 4096 + 1), true, 'more than the byte bucket goes once it is full');
+    throttle.charge(100 * 4096 + 1);
+    now += 500;
+    assert.equal(throttle.mayGoNow(4096), false, 'a debt of 320 KiB (over a bucket of 80 KiB) is not paid 0.5 s later at 400 KiB/s');
+    now += 400;
+    assert.ok(throttle.mayGoNow(4096), '0.9 s later it is');
+    throttle.close();
+    assert.ok(throttle.mayGoNow(1 << 20), 'lifted: always again');
+  });
+
   it('a request larger than the byte bucket goes when the bucket is full, and the next waits for its debt', async () => {
     let now = 0;
     const throttle = new QosThrottle('unit-bytes', () => now);
