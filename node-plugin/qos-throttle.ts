@@ -51,13 +51,13 @@ export class QosThrottle {
   /** Undefined: go now. Otherwise resolves when the request (one op of `bytes` payload) may go. */
   admit(bytes: number): Promise<void> | undefined {
     if (!this.limited) return undefined;
-    const now = this.now();
-    if (this.waiting === 0 && this.waitMs(bytes, now) === 0) {
+    if (this.mayGoNow(bytes)) {
       this.take(bytes);
       return undefined;
     }
+    const since = this.now();
     return new Promise<void>((go) => {
-      this.queue.push({ bytes, since: now, go });
+      this.queue.push({ bytes, since, go });
       if (this.waiting === 1) this.drain();
     });
   }
