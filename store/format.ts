@@ -7,7 +7,10 @@
  * a key per snapshot among its volume's by id (keys.volumeSnapshot), so the
  * snapshots of one volume list a page at a time (store/listing.ts). Format 4 lets a
  * leaf hold partial extents (store/partial.ts): nothing to migrate, but an older
- * arbor must not read a tree it would misread, so it refuses the store.
+ * arbor must not read a tree it would misread, so it refuses the store. Format 5 lets
+ * S3 blobs share a pack object, indexed in the catalog (store/blobs/pack-index.ts):
+ * nothing to migrate, but an older arbor would find no object for a packed blob and
+ * read it as zeros, so it too refuses the store.
  */
 import { Log } from '../lib/logger';
 import { Catalog, KvEntry, absent, del, put, unchanged } from './catalog/catalog';

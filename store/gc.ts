@@ -18,6 +18,8 @@ export interface GcReport {
   freedBlobs: number;
   /** Blobs present but allocated during the pass, left alone. */
   newerBlobs: number;
+  /** Storage that held only freed blobs, deleted after the sweep (S3 packs). */
+  unusedDeleted: number;
   durationMs: number;
 }
 
@@ -66,11 +68,13 @@ export async function markAndSweep(
   const newer = present.filter((id) => allocatedAfter(id));
   const garbage = present.filter((id) => !allocatedAfter(id) && !marked.has(id));
   for (let at = 0; at < garbage.length; at += deleteBatch) await ctx.blobs.delete(garbage.slice(at, at + deleteBatch));
+  const unusedDeleted = (await ctx.blobs.collectUnused?.()) ?? 0;
   return {
     scannedBlobs: present.length,
     reachableBlobs: marked.size,
     freedBlobs: garbage.length,
     newerBlobs: newer.length,
+    unusedDeleted,
     durationMs: Date.now() - started,
   };
 }

@@ -100,6 +100,23 @@ export const writeCallBytes = 64 * 1024;
  */
 /** Blobs uploaded at once by one store; each holds its bytes in memory while it goes (32 × 4 MiB at most). */
 export const s3UploadConcurrency = 32;
+/**
+ * A commit of a few small blobs (a snapshot's or a flush's: a data extent and the map
+ * nodes above it) uploads them as one pack object, one PUT instead of one each: at
+ * least two and at most this many blobs, each at most `s3PackBlobMaxBytes`. Their
+ * index keys ride in the commit's transaction: with a batch of snapshots (4 keys each,
+ * `maxSnapshotsPerTxn`) it stays under etcd's --max-txn-ops of 128. A bigger commit
+ * uploads its blobs as objects of their own, in parallel, and keeps the catalog free
+ * of an index key per blob.
+ */
+export const s3PackMaxBlobs = 16;
+export const s3PackBlobMaxBytes = 256 * 1024;
+/**
+ * A pack object no index key names is deleted by the collector only once it is this
+ * old: until then its index may still come with a commit. A packed blob whose index no
+ * commit has carried within half this long is packed anew.
+ */
+export const s3PackGraceMs = 60 * 60 * 1000;
 /** Keys in one DeleteObjects request: S3's own maximum. */
 export const s3DeleteBatchKeys = 1000;
 /** DeleteObjects requests in flight at once. */

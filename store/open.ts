@@ -49,7 +49,13 @@ export async function openStore(location: StoreLocation, options: { log?: Log; n
   const catalog = await EtcdCatalog.open(etcd, { tls: location.etcdTls, log });
   let blobs: S3BlobStore | undefined;
   try {
-    blobs = await S3BlobStore.open({ location: location.blobsUrl, cacheDir, cacheBytes: location.cacheBytes ?? defaultBlobCacheBytes, log });
+    blobs = await S3BlobStore.open({
+      location: location.blobsUrl,
+      cacheDir,
+      cacheBytes: location.cacheBytes ?? defaultBlobCacheBytes,
+      log,
+      packIndex: catalog,
+    });
     const store = await Store.open(catalog, blobs, log, { nodeId: options.nodeId, leaseTtlMs: location.leaseTtlMs });
     if (options.ephemeralCache) store.onClosed(() => fs.rmSync(cacheDir, { recursive: true, force: true }));
     return store;

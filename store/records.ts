@@ -149,9 +149,10 @@ export const keys = {
 /**
  * The on-disk format this code reads and writes. 2: every snapshot also has a name
  * key among its volume's (keys.volumeSnapshotName). 3: and an id key among its
- * volume's (keys.volumeSnapshot). An older store is migrated at open (store/format.ts).
+ * volume's (keys.volumeSnapshot). 4: leaves may hold partial extents. 5: S3 blobs may
+ * be packed. An older store is migrated at open (store/format.ts).
  */
-export const formatVersion = 4;
+export const formatVersion = 5;
 
 export function newVolumeId(): string {
   return `vol-${randomBytes(8).toString('hex')}`;

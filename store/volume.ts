@@ -1,5 +1,6 @@
 import { storeCommits } from '../lib/metrics';
 import { Compare, KvEntry, Op, put, unchanged } from './catalog/catalog';
+import { DurableForCommit } from './blobs/blobs';
 import { StoreContext } from './context';
 import { ArborError, assert, isDiskFull } from './errors';
 import { EMPTY, Entry, asShared, hasBlob, zeroEntry } from './entry';
@@ -606,7 +607,8 @@ export class Volume {
     const changed = shape.root !== r.root || shape.depth !== r.depth || shape.sizeBytes !== r.sizeBytes;
     let shared: T | undefined;
     try {
-      await this.ctx.blobs.sync(sync);
+      // What the blob store needs the commit to carry (the index of blobs it packed) rides in each transaction below.
+      const durable = await this.syncForCommit(sync);
       // Lost while its blobs were synced: nothing may commit, and what the capture would free is
       // in the tree the new owner took over (committing nothing is not success: the flush fails).
       if (this.state === 'lost') throw this.lostError();
@@ -616,16 +618,24 @@ export class Volume {
         assert(captured.sequence > this.committedCapture, 'a shared commit is of the newest capture');
         const sharedShape = { ...shape, root: asShared(shape.root) };
         const built = await share({ ...this.record, ...sharedShape });
-        if (await this.commitRecord(sharedShape, captured.sequence, { absent: built.absent, ops: built.ops })) {
+        if (await this.commitRecord(sharedShape, captured.sequence, { absent: built.absent, ops: [...built.ops, ...durable.ops] })) {
           this.tree.shareRoot();
           shared = built.value;
-        } else if (changed && !(await this.commitRecord(shape, captured.sequence))) {
-          throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
+          durable.committed();
+        } else if (changed) {
+          if (!(await this.commitRecord(shape, captured.sequence, { ops: durable.ops }))) {
+            throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
+          }
+          durable.committed();
         }
       } else if (changed && captured.sequence > this.committedCapture && this.state === 'open') {
-        if (!(await this.commitRecord(shape, captured.sequence))) {
+        if (!(await this.commitRecord(shape, captured.sequence, { ops: durable.ops }))) {
           throw new ArborError('aborted', `volume ${this.name}: its catalog record changed under its owner; reopen the store`);
         }
+        durable.committed();
+      } else if (changed && this.state === 'open') {
+        // A newer commit went first; the next one carries what this one would have (its blobs are synced: nothing to upload).
+        this.pendingSync.push(...sync);
       }
     } catch (err) {
       // Every commit (flush, snapshot, clone, resize, close) passes a full disk on to the reserve.
@@ -647,6 +657,12 @@ export class Volume {
     }
     await this.ctx.free(free);
     return shared;
+  }
+
+  private async syncForCommit(ids: number[]): Promise<DurableForCommit> {
+    if (this.ctx.blobs.syncForCommit) return this.ctx.blobs.syncForCommit(ids);
+    await this.ctx.blobs.sync(ids);
+    return { ops: [], committed() {} };
   }
 
   /** Blobs of captures whose commit failed: synced with the next commit (their frees wait in the tree's AfterCommit). */

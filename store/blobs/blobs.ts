@@ -1,3 +1,5 @@
+import { Op } from '../catalog/catalog';
+
 /**
  * The blob store: map nodes and data extents, named by numeric ids that the engine
  * allocates and never reuses. A blob has no fixed size: bytes never written read as
@@ -37,13 +39,32 @@ export interface BlobStore {
   writeNow?(id: number, offset: number, source: Buffer, sourceOffset: number, length: number): void;
   /** Makes the named blobs' contents and existence durable. */
   sync(ids: Iterable<number>): Promise<void>;
+  /**
+   * `sync` for a commit whose tree names the blobs: returns catalog ops the commit's
+   * transaction must carry for the blobs to be found (an object store's index of blobs
+   * it packed together), and `committed` to call once it has. Until then, each call
+   * that names such a blob returns its ops again. Absent: `sync`, and no ops.
+   */
+  syncForCommit?(ids: Iterable<number>): Promise<DurableForCommit>;
   /** Removes blobs; ids that do not exist are ignored. */
   delete(ids: Iterable<number>): Promise<void>;
   /** Every blob id present, in no particular order. */
   list(): Promise<number[]>;
+  /**
+   * Deletes what holds no blob any more (an object store's packs whose blobs were all
+   * deleted); the collector calls it after its sweep. Returns how many went. Absent:
+   * a blob's space goes with it.
+   */
+  collectUnused?(): Promise<number>;
   /** Space the blobs take on their medium. */
   usage(): Promise<{ blobs: number; bytes: number }>;
   /** Space left for new blobs, or undefined where the medium has no meaningful limit. */
   availableBytes(): Promise<number | undefined>;
   close(): Promise<void>;
+}
+
+/** Blobs made durable for a commit: the catalog ops its transaction must carry, and what to call once it has. */
+export interface DurableForCommit {
+  ops: Op[];
+  committed(): void;
 }

@@ -22,10 +22,16 @@ import {
   s3MaxSockets,
   s3RequestTimeoutMs,
   s3SocketIdleTimeoutMs,
+  s3PackBlobMaxBytes,
+  s3PackGraceMs,
+  s3PackMaxBlobs,
   s3UploadConcurrency,
 } from '../limits';
+import { Catalog } from '../catalog/catalog';
+import { BlobIdSet } from '../blob-id-set';
+import { PackIndex, PackedAt, newPackName, packKey, packOfKey } from './pack-index';
 import { BlobCache } from './blob-cache';
-import { BlobStore } from './blobs';
+import { BlobStore, DurableForCommit } from './blobs';
 import { BlobsLocation, idOfKey, objectKey, parseBlobsUrl } from './s3-url';
 
 export interface S3BlobStoreOptions {
@@ -40,6 +46,21 @@ export interface S3BlobStoreOptions {
   createBucket?: boolean;
   /** Per try of a request, and per silence of its socket (default `s3RequestTimeoutMs`); tests shorten it. */
   requestTimeoutMs?: number;
+  /**
+   * The store's catalog, where packed blobs are indexed: with it, `syncForCommit` of a
+   * few small blobs uploads them as one pack object (`s3PackMaxBlobs`). Without it,
+   * every blob is an object of its own.
+   */
+  packIndex?: Catalog;
+  /** How old an unused pack must be before the collector deletes it (default `s3PackGraceMs`); tests shorten it. */
+  packGraceMs?: number;
+}
+
+/** A pack to upload: its name, its members' places, its bytes. */
+interface PackPlan {
+  name: string;
+  members: Array<{ id: number } & PackedAt>;
+  body: Buffer;
 }
 
 /**
@@ -57,6 +78,18 @@ export interface S3BlobStoreOptions {
  * uploaded by another process) fails at its sync, when the conditional upload finds
  * the object there with other bytes. Nothing is ever overwritten.
  * Keys spread blobs over many key prefixes (`objectKey`).
+ *
+ * With a pack index (the catalog), a commit's sync of a few small blobs (a snapshot's:
+ * a data extent and the map nodes above it) uploads them as one pack object under
+ * `packs/`: one PUT where each was one, the slowest part of a snapshot of an attached
+ * volume. Where each blob is in its pack rides in the commit's own transaction
+ * (`syncForCommit`), so a packed blob is found exactly when a committed tree names
+ * it, at no extra catalog round trip. Until then this store knows where it is, and
+ * keeps it staged (never evicted). A blob is read from its pack where the index names
+ * one, else from its own object. A pack goes when the collector finds no index key
+ * naming it (`collectUnused`), once older than a grace period that outlasts any
+ * commit still to carry its index: a member not committed within half of it is
+ * packed anew.
  */
 export class S3BlobStore implements BlobStore {
   readonly rewritable = false;
@@ -68,6 +101,14 @@ export class S3BlobStore implements BlobStore {
   private readonly voidedFetches = new Set<number>();
   private readonly uploadSlots = new Slots(s3UploadConcurrency);
   private readonly requestCounts = new Map<string, number>();
+  /** Packed blobs whose index no commit has carried yet: where they are, and when their pack was made. */
+  private readonly unindexed = new Map<number, { at: PackedAt; madeAt: number }>();
+  /**
+   * Blobs this store knows to have an object of their own and no index key (it uploaded
+   * them, or read them so): deleting one needs no catalog write. Deleting any other
+   * deletes its index key too, so that a blob deleted is gone whoever packed it.
+   */
+  private readonly knownUnpacked = new BlobIdSet();
   private closed = false;
 
   private constructor(
@@ -75,6 +116,8 @@ export class S3BlobStore implements BlobStore {
     private readonly client: S3Client,
     private readonly cache: BlobCache,
     private readonly log: Log,
+    private readonly packs: PackIndex | undefined,
+    private readonly packGraceMs: number,
   ) {
     // Counts and times every HTTP request, retries included (the deserialize step runs once per try).
     client.middlewareStack.add(
@@ -103,7 +146,8 @@ export class S3BlobStore implements BlobStore {
     let client: S3Client | undefined;
     try {
       client = createClient(location, options.requestTimeoutMs ?? s3RequestTimeoutMs);
-      const store = new S3BlobStore(location, client, cache, log);
+      const packs = options.packIndex && new PackIndex(options.packIndex);
+      const store = new S3BlobStore(location, client, cache, log, packs, options.packGraceMs ?? s3PackGraceMs);
       await store.ensureBucket(options.createBucket ?? true);
       log.info('S3 blob store open', { bucket: location.bucket, prefix: location.prefix, endpoint: location.endpoint, cacheDir: options.cacheDir });
       return store;
@@ -160,24 +204,82 @@ export class S3BlobStore implements BlobStore {
 
   async sync(ids: Iterable<number>): Promise<void> {
     this.checkOpen();
+    await settleAll(this.startUploads(new Set(ids), false));
+  }
+
+  /**
+   * `sync` for a commit: a few small blobs go as one pack (`s3PackMaxBlobs`, each at
+   * most `s3PackBlobMaxBytes`), and the returned ops, the index of every packed blob
+   * among `ids` not yet indexed, must ride in the commit's transaction; call
+   * `committed` once it has. A blob whose commit failed comes back here with the next:
+   * its ops are returned again. More packed blobs than one pack holds (commits that
+   * failed in a row), or one packed longer ago than half the grace period, are
+   * uploaded anew, so a commit carries at most `s3PackMaxBlobs` index keys and never
+   * names a pack the collector may have deleted.
+   */
+  async syncForCommit(ids: Iterable<number>): Promise<DurableForCommit> {
+    this.checkOpen();
+    const wanted = new Set(ids);
+    const stillUnindexed = [...wanted].filter((id) => this.unindexed.has(id));
+    const expired = stillUnindexed.some((id) => Date.now() - this.unindexed.get(id)!.madeAt > this.packGraceMs / 2);
+    if (expired || stillUnindexed.length > s3PackMaxBlobs) for (const id of stillUnindexed) this.unindexed.delete(id);
+    await settleAll(this.startUploads(wanted, this.packs !== undefined));
+    const indexed = [...wanted].flatMap((id) => {
+      const packed = this.unindexed.get(id);
+      return packed ? [{ id, packed }] : [];
+    });
+    return {
+      ops: PackIndex.recordOps(indexed.map(({ id, packed }) => ({ id, ...packed.at }))),
+      committed: () => {
+        for (const { id, packed } of indexed) {
+          if (this.unindexed.get(id) !== packed) continue;
+          this.unindexed.delete(id);
+          if (this.cache.state(id) === 'sealed') this.cache.promote(id);
+        }
+      },
+    };
+  }
+
+  /**
+   * Starts the uploads `ids` need, and returns them with those already in flight. Every
+   * blob is sealed before the first await: a write that comes after the call is refused.
+   * `pack`: a few small blobs may go as one pack.
+   */
+  private startUploads(ids: Set<number>, pack: boolean): Promise<void>[] {
     const pending: Promise<void>[] = [];
-    // Every blob is sealed before the first await: a write that comes after this call is refused.
-    for (const id of new Set(ids)) {
+    const fresh: number[] = [];
+    for (const id of ids) {
       const inFlight = this.uploads.get(id);
       if (inFlight) {
         pending.push(inFlight);
         continue;
       }
+      // Packed already (its pack is durable; the index waits for a commit), uploaded already, or never written here.
+      if (this.unindexed.has(id)) continue;
       const state = this.cache.state(id);
-      if (state !== 'staged' && state !== 'sealed') continue; // uploaded already, or never written here
+      if (state !== 'staged' && state !== 'sealed') continue;
       this.cache.seal(id);
-      const upload = this.upload(id).finally(() => this.uploads.delete(id));
-      this.uploads.set(id, upload);
-      pending.push(upload);
+      fresh.push(id);
     }
-    const results = await Promise.allSettled(pending);
-    const failed = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
-    if (failed) throw failed.reason;
+    const plan = pack ? this.planPack(fresh) : undefined;
+    if (plan)
+      pending.push(
+        this.track(
+          plan.members.map(({ id }) => id),
+          this.uploadPack(plan),
+        ),
+      );
+    for (const id of plan ? [] : fresh) pending.push(this.track([id], this.upload(id)));
+    return pending;
+  }
+
+  /** Marks the blobs' upload in flight until it settles: a second sync of one waits for it, a delete too. */
+  private track(ids: number[], upload: Promise<void>): Promise<void> {
+    const tracked: Promise<void> = upload.finally(() => {
+      for (const id of ids) if (this.uploads.get(id) === tracked) this.uploads.delete(id);
+    });
+    for (const id of ids) this.uploads.set(id, tracked);
+    return tracked;
   }
 
   async delete(ids: Iterable<number>): Promise<void> {
@@ -187,12 +289,25 @@ export class S3BlobStore implements BlobStore {
     await Promise.allSettled(unique.map((id) => this.uploads.get(id)).filter((upload) => upload !== undefined));
     for (const id of unique) {
       if (this.fetches.has(id)) this.voidedFetches.add(id);
+    }
+    // Neither staged and never synced (taken and dropped between two commits), nor known to have an object of its own.
+    const mayBePacked = unique.filter((id) => this.cache.state(id) !== 'staged' && !this.knownUnpacked.has(id));
+    for (const id of unique) {
       this.cache.drop(id);
+      this.unindexed.delete(id);
+      this.knownUnpacked.delete(id);
     }
+    await settleAll([
+      this.deleteObjects(unique.map((id) => objectKey(this.location.prefix, id))),
+      // Its pack stays while another blob uses it (the collector deletes it after: `collectUnused`).
+      mayBePacked.length > 0 ? this.packs?.forget(mayBePacked) : undefined,
+    ]);
+  }
+
+  /** Deletes objects, in DeleteObjects batches; keys that do not exist are ignored. */
+  private async deleteObjects(keys: string[]): Promise<void> {
     const batches: string[][] = [];
-    for (let i = 0; i < unique.length; i += s3DeleteBatchKeys) {
-      batches.push(unique.slice(i, i + s3DeleteBatchKeys).map((id) => objectKey(this.location.prefix, id)));
-    }
+    for (let i = 0; i < keys.length; i += s3DeleteBatchKeys) batches.push(keys.slice(i, i + s3DeleteBatchKeys));
     await runBounded(
       batches.map((keys) => async () => {
         let errors: Array<{ Key?: string; Code?: string; Message?: string }> | undefined;
@@ -220,19 +335,43 @@ export class S3BlobStore implements BlobStore {
   async list(): Promise<number[]> {
     this.checkOpen();
     const ids = new Set(this.cache.stagedIds());
-    await this.listObjects((id) => ids.add(id));
+    await this.listObjects({ blob: (id) => ids.add(id) });
+    for (const { id } of (await this.packs?.all()) ?? []) ids.add(id);
     return [...ids];
   }
 
+  /** Blobs: with their own object or in a pack; bytes: of every object, packs whole. */
   async usage(): Promise<{ blobs: number; bytes: number }> {
     this.checkOpen();
-    let blobs = 0;
+    const ids = new Set<number>();
     let bytes = 0;
-    await this.listObjects((_id, size) => {
-      blobs++;
-      bytes += size;
+    await this.listObjects({
+      blob: (id, size) => {
+        ids.add(id);
+        bytes += size;
+      },
+      pack: (_name, size) => (bytes += size),
     });
-    return { blobs, bytes };
+    for (const { id } of (await this.packs?.all()) ?? []) ids.add(id);
+    return { blobs: ids.size, bytes };
+  }
+
+  /**
+   * Deletes the packs no index key names any more, once older than the grace period
+   * (a pack whose index transaction is still on its way names none yet); the
+   * collector calls it after its sweep. Returns how many went.
+   */
+  async collectUnused(): Promise<number> {
+    this.checkOpen();
+    if (!this.packs) return 0;
+    // Listed before the index: a pack found here had its index transaction sent before its PUT completed.
+    const packs: Array<{ name: string; modified: number }> = [];
+    await this.listObjects({ pack: (name, _size, modified) => packs.push({ name, modified }) });
+    const used = new Set((await this.packs.all()).map(({ pack }) => pack));
+    const unused = packs.filter(({ name, modified }) => !used.has(name) && Date.now() - modified > this.packGraceMs);
+    await this.deleteObjects(unused.map(({ name }) => packKey(this.location.prefix, name)));
+    if (unused.length > 0) this.log.info('deleted packs no blob uses', { packs: unused.length });
+    return unused.length;
   }
 
   async availableBytes(): Promise<undefined> {
@@ -253,34 +392,80 @@ export class S3BlobStore implements BlobStore {
     try {
       const body = this.cache.stagedContents(id);
       const md5 = crypto.createHash('md5').update(body).digest();
-      try {
-        await this.client.send(
-          new PutObjectCommand({
-            Bucket: this.location.bucket,
-            Key: key,
-            Body: body,
-            ContentLength: body.length,
-            // The server checks the bytes it stored against ours.
-            ContentMD5: md5.toString('base64'),
-            // Write-once: never replace an object (atomic on RGW and S3).
-            IfNoneMatch: '*',
-          }),
+      // A blob packed before has no object of its own for the conditional upload to find:
+      // the index does. (Reads prefer the pack, so what they see never changes.)
+      const [packedAt] = await settleAll([this.packs?.locate(id), this.putOnce(key, body, md5, `blob ${id}`)]);
+      if (packedAt) {
+        throw new ArborError(
+          'internal',
+          `blob ${id} was synced before, in pack ${packedAt.pack} (${this.where(packKey(this.location.prefix, packedAt.pack))}), and written again: ` +
+            'blobs are written once; reads keep the packed bytes, nothing was overwritten',
         );
-      } catch (err) {
-        const status = statusOf(err);
-        // 412: the object exists, typically because a try whose answer was lost did land.
-        // 409: a concurrent conditional write of the same key. Either way, look.
-        if (status !== 412 && status !== 409) throw this.failure(err, `uploading blob ${id}`, key);
-        await this.confirmLanded(id, key, md5, status);
       }
       this.cache.promote(id);
+      this.knownUnpacked.add(id);
+    } finally {
+      this.uploadSlots.release();
+    }
+  }
+
+  /** Uploads `body` to `key` unless an object is there; one that is must hold these bytes. `what`: 'blob 12' or 'pack …', for messages. */
+  private async putOnce(key: string, body: Buffer, md5: Buffer, what: string): Promise<void> {
+    try {
+      await this.client.send(
+        new PutObjectCommand({
+          Bucket: this.location.bucket,
+          Key: key,
+          Body: body,
+          ContentLength: body.length,
+          // The server checks the bytes it stored against ours.
+          ContentMD5: md5.toString('base64'),
+          // Write-once: never replace an object (atomic on RGW and S3).
+          IfNoneMatch: '*',
+        }),
+      );
+    } catch (err) {
+      const status = statusOf(err);
+      // 412: the object exists, typically because a try whose answer was lost did land.
+      // 409: a concurrent conditional write of the same key. Either way, look.
+      if (status !== 412 && status !== 409) throw this.failure(err, `uploading ${what}`, key);
+      await this.confirmLanded(what, key, md5, status);
+    }
+  }
+
+  /**
+   * The pack for a commit's fresh blobs, when they are few and small enough to go as
+   * one (`s3PackMaxBlobs`); undefined when they go as objects of their own.
+   */
+  private planPack(ids: number[]): PackPlan | undefined {
+    if (ids.length < 2 || ids.length > s3PackMaxBlobs) return undefined;
+    const bodies = ids.map((id) => this.cache.stagedContents(id));
+    if (bodies.some((body) => body.length > s3PackBlobMaxBytes)) return undefined;
+    const name = newPackName(ids[0]);
+    let offset = 0;
+    const members = ids.map((id, i) => {
+      const member = { id, pack: name, offset, length: bodies[i].length };
+      offset += bodies[i].length;
+      return member;
+    });
+    return { name, members, body: Buffer.concat(bodies) };
+  }
+
+  /** One PUT for the pack; its members stay staged until a commit carried their index (`syncForCommit`). */
+  private async uploadPack(plan: PackPlan): Promise<void> {
+    await this.uploadSlots.acquire();
+    try {
+      const md5 = crypto.createHash('md5').update(plan.body).digest();
+      await this.putOnce(packKey(this.location.prefix, plan.name), plan.body, md5, `pack ${plan.name} (blobs ${plan.members.map(({ id }) => id).join(', ')})`);
+      const madeAt = Date.now();
+      for (const { id, ...at } of plan.members) this.unindexed.set(id, { at, madeAt });
     } finally {
       this.uploadSlots.release();
     }
   }
 
   /** The object exists after a refused conditional upload: fine only if it holds our bytes. */
-  private async confirmLanded(id: number, key: string, md5: Buffer, status: number): Promise<void> {
+  private async confirmLanded(what: string, key: string, md5: Buffer, status: number): Promise<void> {
     let etag: string | undefined;
     try {
       etag = (await this.client.send(new HeadObjectCommand({ Bucket: this.location.bucket, Key: key }))).ETag;
@@ -288,19 +473,19 @@ export class S3BlobStore implements BlobStore {
       if (statusOf(err) === 404) {
         throw new ArborError(
           'unavailable',
-          `${this.where(key)}: uploading blob ${id} met a conflicting write (HTTP ${status}), and no object is there; sync again`,
+          `${this.where(key)}: uploading ${what} met a conflicting write (HTTP ${status}), and no object is there; sync again`,
         );
       }
-      throw this.failure(err, `checking blob ${id} after its upload was refused (HTTP ${status})`, key);
+      throw this.failure(err, `checking ${what} after its upload was refused (HTTP ${status})`, key);
     }
     // A single-part upload's ETag is the MD5 of its bytes.
     if (etag?.replace(/"/g, '').toLowerCase() === md5.toString('hex')) {
-      this.log.debug('an earlier try of an upload had landed', { blob: id, key });
+      this.log.debug('an earlier try of an upload had landed', { what, key });
       return;
     }
     throw new ArborError(
       'internal',
-      `${this.where(key)} already holds other bytes than blob ${id} (ETag ${etag ?? 'none'}, ours "${md5.toString('hex')}"): ` +
+      `${this.where(key)} already holds other bytes than ${what} (ETag ${etag ?? 'none'}, ours "${md5.toString('hex')}"): ` +
         'blobs are written once, so either the blob was written after it was synced or another store uses this bucket and prefix; nothing was overwritten',
     );
   }
@@ -320,19 +505,15 @@ export class S3BlobStore implements BlobStore {
 
   private async download(id: number): Promise<Buffer | undefined> {
     const key = objectKey(this.location.prefix, id);
-    let object: Buffer;
-    try {
-      const out = await this.client.send(new GetObjectCommand({ Bucket: this.location.bucket, Key: key }));
-      assert(out.Body, `a GetObject answer for ${key} carries a body`);
-      const bytes = await out.Body.transformToByteArray();
-      object = Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    } catch (err) {
-      // Not cached: the 404 costs a request only when something reads a blob that has no
-      // object, which the engine does not do, and an object may appear later (a blob
-      // uploaded by the process that owns it now).
-      if (statusOf(err) === 404) return undefined;
-      throw this.failure(err, `reading blob ${id}`, key);
-    }
+    // Both at once: a packed blob costs the index read, not the 404 before it.
+    const local = this.unindexed.get(id)?.at;
+    const [own, packedAt] = local ? [undefined, local] : await settleAll([this.getObject(key, `reading blob ${id}`), this.packs?.locate(id)]);
+    // Not cached: the 404 costs a request only when something reads a blob that has no
+    // object, which the engine does not do, and an object may appear later (a blob
+    // uploaded by the process that owns it now).
+    const object = packedAt ? await this.readPacked(id, packedAt) : own;
+    if (own && !packedAt && this.packs) this.knownUnpacked.add(id);
+    if (!object) return undefined;
     if (object.length > bytesOfClass(classOf(id))) {
       throw new ArborError(
         'internal',
@@ -344,8 +525,40 @@ export class S3BlobStore implements BlobStore {
     return object;
   }
 
-  /** Calls `visit` for every blob object under the prefix, page by page. */
-  private async listObjects(visit: (id: number, bytes: number) => void): Promise<void> {
+  /** A packed blob's bytes: a ranged GET of its pack. */
+  private async readPacked(id: number, { pack, offset, length }: PackedAt): Promise<Buffer> {
+    if (length === 0) return Buffer.alloc(0);
+    const key = packKey(this.location.prefix, pack);
+    const bytes = await this.getObject(key, `reading blob ${id} from pack ${pack}`, `bytes=${offset}-${offset + length - 1}`);
+    if (bytes?.length !== length) {
+      throw new ArborError(
+        'internal',
+        `${this.where(key)}: blob ${id} is indexed at bytes ${offset}+${length} of pack ${pack}, which ` +
+          (bytes ? `gave ${bytes.length} bytes there` : 'is missing') +
+          '; the blob cannot be read',
+      );
+    }
+    return bytes;
+  }
+
+  /** The object's bytes (a range of them, where given), or undefined when there is none. */
+  private async getObject(key: string, what: string, range?: string): Promise<Buffer | undefined> {
+    try {
+      const out = await this.client.send(new GetObjectCommand({ Bucket: this.location.bucket, Key: key, Range: range }));
+      assert(out.Body, `a GetObject answer for ${key} carries a body`);
+      const bytes = await out.Body.transformToByteArray();
+      return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    } catch (err) {
+      if (statusOf(err) === 404) return undefined;
+      throw this.failure(err, what, key);
+    }
+  }
+
+  /** Calls `visit.blob` for every blob object under the prefix and `visit.pack` for every pack, page by page. */
+  private async listObjects(visit: {
+    blob?: (id: number, bytes: number) => void;
+    pack?: (name: string, bytes: number, modifiedMs: number) => void;
+  }): Promise<void> {
     let token: string | undefined;
     do {
       let page;
@@ -355,8 +568,11 @@ export class S3BlobStore implements BlobStore {
         throw this.failure(err, 'listing the blobs', this.location.prefix);
       }
       for (const object of page.Contents ?? []) {
-        const id = object.Key === undefined ? undefined : idOfKey(this.location.prefix, object.Key);
-        if (id !== undefined) visit(id, object.Size ?? 0);
+        if (object.Key === undefined) continue;
+        const id = idOfKey(this.location.prefix, object.Key);
+        if (id !== undefined) visit.blob?.(id, object.Size ?? 0);
+        const pack = id === undefined ? packOfKey(this.location.prefix, object.Key) : undefined;
+        if (pack !== undefined) visit.pack?.(pack, object.Size ?? 0, object.LastModified?.getTime() ?? Date.now());
       }
       token = page.IsTruncated ? page.NextContinuationToken : undefined;
     } while (token !== undefined);
@@ -491,4 +707,12 @@ class Slots {
     if (next) next();
     else this.free++;
   }
+}
+
+/** Waits for every promise (undefined ones stand for nothing to wait for), then throws the first failure: nothing is still running when it returns. */
+async function settleAll<T extends readonly unknown[]>(promises: T): Promise<{ -readonly [K in keyof T]: Awaited<T[K]> }> {
+  const results = await Promise.allSettled(promises);
+  const failed = results.find((result): result is PromiseRejectedResult => result.status === 'rejected');
+  if (failed) throw failed.reason;
+  return results.map((result) => (result as PromiseFulfilledResult<unknown>).value) as { -readonly [K in keyof T]: Awaited<T[K]> };
 }

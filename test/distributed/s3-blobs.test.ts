@@ -8,6 +8,8 @@ import { Log } from '../../lib/logger';
 import { s3Requests } from '../../lib/metrics';
 import { blobId, bytesOfClass, classOf } from '../../store/blob-id';
 import { isArborError } from '../../store/errors';
+import { Catalog } from '../../store/catalog/catalog';
+import { SqliteCatalog } from '../../store/catalog/sqlite';
 import { S3BlobStore } from '../../store/blobs/s3';
 import { idOfKey, objectKey, parseBlobsUrl } from '../../store/blobs/s3-url';
 import { Random, seedFromEnv } from '../support/random';
@@ -158,7 +160,7 @@ describe('S3 blob store (real Ceph RGW)', function () {
   };
   const open = async (
     dir: string,
-    options: { cacheBytes?: number; log?: Log; bucket?: string; url?: string; requestTimeoutMs?: number } = {},
+    options: { cacheBytes?: number; log?: Log; bucket?: string; url?: string; requestTimeoutMs?: number; packIndex?: Catalog; packGraceMs?: number } = {},
   ): Promise<S3BlobStore> => {
     const store = await S3BlobStore.open({
       location: options.url ?? urlOf(options.bucket ?? s3.bucket),
@@ -166,6 +168,8 @@ describe('S3 blob store (real Ceph RGW)', function () {
       cacheBytes: options.cacheBytes ?? 16 * 1024 * KiB,
       log: options.log,
       requestTimeoutMs: options.requestTimeoutMs,
+      packIndex: options.packIndex,
+      packGraceMs: options.packGraceMs,
     });
     stores.push(store);
     return store;
@@ -201,186 +205,361 @@ describe('S3 blob store (real Ceph RGW)', function () {
     }
   };
 
-  it(`random writes, reads, syncs, deletes and reopens match a model byte for byte (${operations} operations, seed ${seed})`, async () => {
-    const rng = new Random(seed);
-    evictions = 0;
-    const classes = [0, 2, 4]; // 4, 16 and 64 KiB blobs
-    const nextSerial = new Map<number, number>(classes.map((c) => [c, 1]));
-    // The model: every blob written and not deleted, its bytes (zeros where unwritten), and whether a sync made it durable.
-    const model = new Map<number, { bytes: Buffer; synced: boolean }>();
-    const gone = new Set<number>();
-    const warnings: string[] = [];
-    const log: Log = { debug() {}, info() {}, warn: (message) => warnings.push(message), error() {} };
-    const cacheBytes = 96 * KiB; // smaller than a few 64 KiB blobs: eviction all the time
-    let dir = cacheDir();
-    let store = await open(dir, { cacheBytes, log });
-    let storesOpened = 1;
-    const tally: Record<string, number> = {};
-    const timing: Record<string, number> = {};
-    const t0 = Date.now();
+  /** A catalog for a store's pack index (SQLite: a real one, kept across the store's reopens like etcd would be). */
+  const catalogs: SqliteCatalog[] = [];
+  afterEach(async () => {
+    for (const catalog of catalogs.splice(0)) await catalog.close();
+  });
+  const packCatalog = (): SqliteCatalog => {
+    const catalog = SqliteCatalog.open(path.join(cacheDir(), 'catalog.sqlite'), () => 'this test');
+    catalogs.push(catalog);
+    return catalog;
+  };
 
-    const unsynced = () => [...model].filter(([, blob]) => !blob.synced).map(([id]) => id);
-    const anyId = (): number => {
-      const roll = rng.next();
-      if (roll < 0.08 && gone.size) return rng.pick([...gone]);
-      if (roll < 0.12 || model.size === 0) return blobId(rng.pick(classes), 1_000_000 + rng.int(0, 1000)); // never written
-      return rng.pick([...model.keys()]);
-    };
-    const range = (size: number): { offset: number; length: number } => {
-      const offset = rng.chance(0.3) ? rng.int(0, size / 512 - 1) * 512 : rng.int(0, size - 1);
-      const length = rng.chance(0.5) ? rng.int(1, Math.min(600, size - offset)) : rng.int(1, size - offset);
-      return { offset, length };
-    };
-    const expected = (id: number, offset: number, length: number): Buffer => {
-      const blob = model.get(id);
-      return blob ? blob.bytes.subarray(offset, offset + length) : Buffer.alloc(length);
-    };
-    const checkRead = async (id: number, offset: number, length: number, step: number) => {
-      const got = await read(store, id, offset, length);
-      if (!got.equals(expected(id, offset, length))) {
-        const at = got.findIndex((byte, i) => byte !== expected(id, offset, length)[i]);
-        if (trace)
-          process.stderr.write(`  got ${got.subarray(0, 32).toString('hex')}\n  exp ${expected(id, offset, length).subarray(0, 32).toString('hex')}\n`);
-        assert.fail(`step ${step} (seed ${seed}): blob ${id} bytes ${offset}+${length} differ from the model first at +${at}`);
-      }
-    };
+  for (const packed of [false, true]) {
+    it(`random writes, reads, syncs, deletes and reopens match a model byte for byte (${operations} operations, seed ${seed}${packed ? '; commits pack their blobs, indexed in a catalog' : ''})`, async () => {
+      const rng = new Random(seed);
+      // With a pack index, a sync is a commit's (syncForCommit): its index ops go into the
+      // catalog as a commit would carry them, or (a commit that failed) not yet: those
+      // blobs come back with a later commit, as the volume's pending syncs do. A grace
+      // period of 0: the collector may delete any pack no index names, at any step, and
+      // a packed blob not yet indexed is always packed anew.
+      const catalog = packed ? packCatalog() : undefined;
+      const packOptions = packed ? { packIndex: catalog, packGraceMs: 0 } : {};
+      let uncommitted: number[] = [];
+      let packsDeleted = 0;
+      evictions = 0;
+      const classes = [0, 2, 4]; // 4, 16 and 64 KiB blobs
+      const nextSerial = new Map<number, number>(classes.map((c) => [c, 1]));
+      // The model: every blob written and not deleted, its bytes (zeros where unwritten), and whether a sync made it durable.
+      const model = new Map<number, { bytes: Buffer; synced: boolean }>();
+      const gone = new Set<number>();
+      const warnings: string[] = [];
+      const log: Log = { debug() {}, info() {}, warn: (message) => warnings.push(message), error() {} };
+      const cacheBytes = 96 * KiB; // smaller than a few 64 KiB blobs: eviction all the time
+      let dir = cacheDir();
+      let store = await open(dir, { cacheBytes, log, ...packOptions });
+      let storesOpened = 1;
+      const tally: Record<string, number> = {};
+      const timing: Record<string, number> = {};
+      const t0 = Date.now();
 
-    for (let step = 0; step < operations; step++) {
-      const op = rng.weighted({ write: 40, read: 30, readTogether: 4, sync: 12, delete: 5, list: 3, reopen: 2, freshCache: 2, writeSynced: 2 });
-      tally[op] = (tally[op] ?? 0) + 1;
-      const opStart = Date.now();
-      if (trace) process.stderr.write(`step ${step}: ${op} ${JSON.stringify(store.cacheStats())}\n`);
-      switch (op) {
-        case 'write': {
-          const open = unsynced();
-          let id: number;
-          if (open.length === 0 || rng.chance(0.3)) {
-            const c = rng.pick(classes);
-            id = blobId(c, nextSerial.get(c)!);
-            nextSerial.set(c, nextSerial.get(c)! + 1);
-            model.set(id, { bytes: Buffer.alloc(bytesOfClass(c)), synced: false });
-          } else {
-            id = rng.pick(open);
-          }
-          const blob = model.get(id)!;
-          const { offset, length } = range(blob.bytes.length);
-          const bytes = rng.chance(0.1) ? Buffer.alloc(length) : rng.bytes(length);
-          await write(store, id, offset, bytes);
-          bytes.copy(blob.bytes, offset);
-          if (trace) process.stderr.write(`  write ${id} ${offset}+${length}\n`);
-          break;
+      const unsynced = () => [...model].filter(([, blob]) => !blob.synced).map(([id]) => id);
+      const anyId = (): number => {
+        const roll = rng.next();
+        if (roll < 0.08 && gone.size) return rng.pick([...gone]);
+        if (roll < 0.12 || model.size === 0) return blobId(rng.pick(classes), 1_000_000 + rng.int(0, 1000)); // never written
+        return rng.pick([...model.keys()]);
+      };
+      const range = (size: number): { offset: number; length: number } => {
+        const offset = rng.chance(0.3) ? rng.int(0, size / 512 - 1) * 512 : rng.int(0, size - 1);
+        const length = rng.chance(0.5) ? rng.int(1, Math.min(600, size - offset)) : rng.int(1, size - offset);
+        return { offset, length };
+      };
+      const expected = (id: number, offset: number, length: number): Buffer => {
+        const blob = model.get(id);
+        return blob ? blob.bytes.subarray(offset, offset + length) : Buffer.alloc(length);
+      };
+      const checkRead = async (id: number, offset: number, length: number, step: number) => {
+        const got = await read(store, id, offset, length);
+        if (!got.equals(expected(id, offset, length))) {
+          const at = got.findIndex((byte, i) => byte !== expected(id, offset, length)[i]);
+          if (trace)
+            process.stderr.write(`  got ${got.subarray(0, 32).toString('hex')}\n  exp ${expected(id, offset, length).subarray(0, 32).toString('hex')}\n`);
+          assert.fail(`step ${step} (seed ${seed}): blob ${id} bytes ${offset}+${length} differ from the model first at +${at}`);
         }
-        case 'read': {
-          const id = anyId();
-          const { offset, length } = range(bytesOfClass(classOf(id)));
-          await checkRead(id, offset, length, step);
-          break;
+      };
+
+      /** A commit's sync of `ids`; with `lands`, its transaction carries their index, else they wait for a later commit. */
+      const commit = async (ids: number[], lands: boolean): Promise<void> => {
+        const durable = await store.syncForCommit(ids);
+        if (trace) process.stderr.write(`  commit ${ids.join(' ')}: ${durable.ops.length} index keys, ${lands ? 'lands' : 'fails'}\n`);
+        // A blob that went as an object of its own is durable whatever becomes of the commit; a packed one once its index is committed.
+        const packedIds = new Set(durable.ops.map((op) => parseInt(op.key.slice('blob-packs/'.length), 16)));
+        const durableNow = ids.filter((id) => !packedIds.has(id) || lands);
+        if (lands) {
+          assert.ok((await catalog!.txn([], durable.ops)).succeeded);
+          durable.committed();
         }
-        case 'readTogether': {
-          // Concurrent reads of one blob, possibly all missing the cache at once.
-          const id = anyId();
-          const size = bytesOfClass(classOf(id));
-          await Promise.all(Array.from({ length: 4 }, () => range(size)).map(({ offset, length }) => checkRead(id, offset, length, step)));
-          break;
+        uncommitted = [...new Set([...uncommitted, ...ids])].filter((id) => model.has(id) && !durableNow.includes(id));
+        for (const id of durableNow) {
+          const blob = model.get(id);
+          if (blob) blob.synced = true;
         }
-        case 'sync': {
-          const open = unsynced();
-          const chosen = open.filter(() => rng.chance(0.9));
-          // Already synced and unknown ids are no-ops.
-          const extra = [anyId(), anyId()];
-          // Reads while the uploads are in flight see the same bytes.
-          const during = chosen.length && rng.chance(0.5) ? rng.pick(chosen) : undefined;
-          await Promise.all([store.sync([...chosen, ...extra]), during === undefined ? undefined : checkRead(during, 0, bytesOfClass(classOf(during)), step)]);
-          if (trace) process.stderr.write(`  sync ${[...chosen, ...extra].join(' ')}\n`);
-          for (const id of [...chosen, ...extra]) {
-            const blob = model.get(id);
-            if (blob) blob.synced = true;
-          }
-          break;
-        }
-        case 'writeSynced': {
-          const synced = [...model].filter(([, blob]) => blob.synced).map(([id]) => id);
-          if (synced.length === 0) break;
-          const id = rng.pick(synced);
-          // Refused at once when this store knows the blob is synced; otherwise its sync is refused. Either way nothing changes.
-          try {
-            await write(store, id, 0, rng.bytes(16));
-          } catch (err) {
-            assert.ok(isArborError(err, 'internal') && err.message.includes(`blob ${id} was written after it was synced`), String(err));
+      };
+
+      for (let step = 0; step < operations; step++) {
+        const op = rng.weighted({
+          write: 40,
+          read: 30,
+          readTogether: 4,
+          sync: 12,
+          delete: 5,
+          list: 3,
+          reopen: 2,
+          freshCache: 2,
+          writeSynced: 2,
+          commitAgain: packed ? 4 : 0,
+          collect: packed ? 2 : 0,
+        });
+        tally[op] = (tally[op] ?? 0) + 1;
+        const opStart = Date.now();
+        if (trace) process.stderr.write(`step ${step}: ${op} ${JSON.stringify(store.cacheStats())}\n`);
+        switch (op) {
+          case 'write': {
+            // Not one a commit has synced, even one that failed: the engine never writes a blob it handed to a sync.
+            const open = unsynced().filter((id) => !uncommitted.includes(id));
+            let id: number;
+            if (open.length === 0 || rng.chance(0.3)) {
+              const c = rng.pick(classes);
+              id = blobId(c, nextSerial.get(c)!);
+              nextSerial.set(c, nextSerial.get(c)! + 1);
+              model.set(id, { bytes: Buffer.alloc(bytesOfClass(c)), synced: false });
+            } else {
+              id = rng.pick(open);
+            }
+            const blob = model.get(id)!;
+            const { offset, length } = range(blob.bytes.length);
+            const bytes = rng.chance(0.1) ? Buffer.alloc(length) : rng.bytes(length);
+            await write(store, id, offset, bytes);
+            bytes.copy(blob.bytes, offset);
+            if (trace) process.stderr.write(`  write ${id} ${offset}+${length}\n`);
             break;
           }
-          await assert.rejects(store.sync([id]), (err: unknown) => isArborError(err, 'internal') && err.message.includes(`than blob ${id}`));
-          // The refused bytes stay staged in this store until it closes: reopen on a fresh cache to read the truth.
-          await close(store);
-          for (const [other, blob] of model) {
-            if (!blob.synced) {
-              model.delete(other);
-              gone.add(other);
+          case 'read': {
+            const id = anyId();
+            const { offset, length } = range(bytesOfClass(classOf(id)));
+            await checkRead(id, offset, length, step);
+            break;
+          }
+          case 'readTogether': {
+            // Concurrent reads of one blob, possibly all missing the cache at once.
+            const id = anyId();
+            const size = bytesOfClass(classOf(id));
+            await Promise.all(Array.from({ length: 4 }, () => range(size)).map(({ offset, length }) => checkRead(id, offset, length, step)));
+            break;
+          }
+          case 'sync': {
+            const open = unsynced();
+            const chosen = open.filter(() => rng.chance(0.9));
+            // Already synced and unknown ids are no-ops.
+            const extra = [anyId(), anyId()];
+            // Reads while the uploads are in flight see the same bytes.
+            const during = chosen.length && rng.chance(0.5) ? rng.pick(chosen) : undefined;
+            const readDuring = during === undefined ? undefined : checkRead(during, 0, bytesOfClass(classOf(during)), step);
+            if (packed) {
+              // Small and few enough, they go as one pack; the commit carrying their index fails one time in five.
+              await Promise.all([commit([...chosen, ...extra], rng.chance(0.8)), readDuring]);
+              break;
             }
-          }
-          dir = cacheDir();
-          store = await open(dir, { cacheBytes, log });
-          storesOpened++;
-          break;
-        }
-        case 'delete': {
-          // Some of the blobs, and one more id: deleted, never written, or one of them again.
-          const chosen = [...[...model.keys()].filter(() => rng.chance(0.08)), anyId()];
-          await store.delete(chosen);
-          for (const id of chosen) {
-            if (model.delete(id)) gone.add(id);
-          }
-          break;
-        }
-        case 'list': {
-          const listed = (await store.list()).sort((a, b) => a - b);
-          assert.deepEqual(
-            listed,
-            [...model.keys()].sort((a, b) => a - b),
-            `step ${step} (seed ${seed}): list differs from the model`,
-          );
-          break;
-        }
-        case 'reopen':
-        case 'freshCache': {
-          await close(store);
-          // Unsynced blobs were never acknowledged as durable: they are gone.
-          for (const [id, blob] of model) {
-            if (!blob.synced) {
-              model.delete(id);
-              gone.add(id);
+            await Promise.all([store.sync([...chosen, ...extra]), readDuring]);
+            if (trace) process.stderr.write(`  sync ${[...chosen, ...extra].join(' ')}\n`);
+            for (const id of [...chosen, ...extra]) {
+              const blob = model.get(id);
+              if (blob) blob.synced = true;
             }
+            break;
           }
-          if (op === 'freshCache') dir = cacheDir();
-          store = await open(dir, { cacheBytes, log });
-          storesOpened++;
-          break;
+          case 'commitAgain': {
+            // The blobs of commits that failed, with the next commit's.
+            const next = unsynced().filter((id) => !uncommitted.includes(id) && rng.chance(0.3));
+            await commit([...uncommitted, ...next], rng.chance(0.9));
+            break;
+          }
+          case 'collect': {
+            // Only packs that no index key names go (grace 0): those of commits that failed, and those whose blobs were all deleted.
+            packsDeleted += await store.collectUnused();
+            break;
+          }
+          case 'writeSynced': {
+            const synced = [...model].filter(([, blob]) => blob.synced).map(([id]) => id);
+            if (synced.length === 0) break;
+            const id = rng.pick(synced);
+            // Refused at once when this store knows the blob is synced; otherwise its sync is refused. Either way nothing changes.
+            try {
+              await write(store, id, 0, rng.bytes(16));
+            } catch (err) {
+              assert.ok(isArborError(err, 'internal') && err.message.includes(`blob ${id} was written after it was synced`), String(err));
+              break;
+            }
+            // Found by the conditional upload where the blob has an object of its own, by the index where it was packed.
+            await assert.rejects(
+              store.sync([id]),
+              (err: unknown) =>
+                isArborError(err, 'internal') && (err.message.includes(`than blob ${id}`) || err.message.includes(`blob ${id} was synced before, in pack`)),
+            );
+            // The refused bytes stay staged in this store until it closes: reopen on a fresh cache to read the truth.
+            await close(store);
+            for (const [other, blob] of model) {
+              if (!blob.synced) {
+                model.delete(other);
+                gone.add(other);
+              }
+            }
+            dir = cacheDir();
+            store = await open(dir, { cacheBytes, log, ...packOptions });
+            storesOpened++;
+            uncommitted = [];
+            break;
+          }
+          case 'delete': {
+            // Some of the blobs, and one more id: deleted, never written, or one of them again.
+            const chosen = [...[...model.keys()].filter(() => rng.chance(0.08)), anyId()];
+            await store.delete(chosen);
+            for (const id of chosen) {
+              if (model.delete(id)) gone.add(id);
+            }
+            break;
+          }
+          case 'list': {
+            const listed = (await store.list()).sort((a, b) => a - b);
+            assert.deepEqual(
+              listed,
+              [...model.keys()].sort((a, b) => a - b),
+              `step ${step} (seed ${seed}): list differs from the model`,
+            );
+            break;
+          }
+          case 'reopen':
+          case 'freshCache': {
+            await close(store);
+            // Unsynced blobs were never acknowledged as durable: they are gone.
+            for (const [id, blob] of model) {
+              if (!blob.synced) {
+                model.delete(id);
+                gone.add(id);
+              }
+            }
+            if (op === 'freshCache') dir = cacheDir();
+            store = await open(dir, { cacheBytes, log, ...packOptions });
+            storesOpened++;
+            uncommitted = [];
+            break;
+          }
         }
+        timing[op] = (timing[op] ?? 0) + Date.now() - opStart;
+        const stats = store.cacheStats();
+        assert.ok(
+          stats.stagedBytes + stats.cleanBytes <= cacheBytes || stats.cleanBlobs === 0,
+          `step ${step}: the cache holds ${JSON.stringify(stats)}, over ${cacheBytes} with clean entries left`,
+        );
       }
-      timing[op] = (timing[op] ?? 0) + Date.now() - opStart;
-      const stats = store.cacheStats();
-      assert.ok(
-        stats.stagedBytes + stats.cleanBytes <= cacheBytes || stats.cleanBlobs === 0,
-        `step ${step}: the cache holds ${JSON.stringify(stats)}, over ${cacheBytes} with clean entries left`,
-      );
-    }
 
-    // The end state, from a fresh cache: everything comes from S3.
-    await close(store);
-    for (const [id, blob] of model) if (!blob.synced) model.delete(id);
-    store = await open(cacheDir(), { cacheBytes, log });
-    for (const id of [...model.keys(), ...gone]) await checkRead(id, 0, bytesOfClass(classOf(id)), operations);
+      // The end state, from a fresh cache: everything comes from S3.
+      await close(store);
+      for (const [id, blob] of model) if (!blob.synced) model.delete(id);
+      store = await open(cacheDir(), { cacheBytes, log, ...packOptions });
+      if (packed) {
+        packsDeleted += await store.collectUnused();
+        assert.ok(
+          (await keysInBucket()).some((key) => key.startsWith('arbor/packs/')),
+          'some commits were packed',
+        );
+        assert.ok(packsDeleted > 0, 'the collector deleted packs no blob used');
+      }
+      for (const id of [...model.keys(), ...gone]) await checkRead(id, 0, bytesOfClass(classOf(id)), operations);
+      assert.deepEqual(
+        (await store.list()).sort((a, b) => a - b),
+        [...model.keys()].sort((a, b) => a - b),
+      );
+      assert.equal((await store.usage()).blobs, model.size);
+      assert.ok(evictions > 0, 'the cache evicted');
+      assert.ok(warnings.length <= storesOpened + 1, `at most one warning per store: ${warnings.length} for ${storesOpened + 1} stores`);
+      process.stderr.write(
+        `      s3 model: ${operations} operations in ${((Date.now() - t0) / 1000).toFixed(1)} s, ${model.size} blobs left; ${JSON.stringify(tally)}; ms ${JSON.stringify(timing)}; ` +
+          `${evictions} evictions; seed ${seed}\n`,
+      );
+    });
+  }
+
+  it('a commit of a few small blobs uploads them as one pack, found through index keys that ride in the commit; a bigger commit uploads an object per blob', async () => {
+    const catalog = packCatalog();
+    const store = await open(cacheDir(), { packIndex: catalog });
+    // A snapshot's commit: a data extent and the map nodes above it, each partly written.
+    const ids = [blobId(4, 1), blobId(2, 1), blobId(0, 1)];
+    const contents = ids.map((id, i) => Buffer.alloc(bytesOfClass(classOf(id)) - 1000 * (i + 1), 0x31 + i));
+    for (const [i, id] of ids.entries()) await write(store, id, 0, contents[i]);
+    const expected = (i: number) => Buffer.concat([contents[i], Buffer.alloc(1000 * (i + 1))]);
+
+    const durable = await store.syncForCommit(ids);
+    assert.equal(store.requestsSent('PutObject'), 1, 'one PUT for the three blobs');
+    const packs = (await keysInBucket()).filter((key) => key.startsWith('arbor/packs/'));
+    assert.equal(packs.length, 1);
+    assert.equal((await keysInBucket()).length, 1, 'no blob has an object of its own');
     assert.deepEqual(
-      (await store.list()).sort((a, b) => a - b),
-      [...model.keys()].sort((a, b) => a - b),
+      durable.ops.map((op) => op.key),
+      ids.map((id) => `blob-packs/${id.toString(16).padStart(12, '0')}`),
     );
-    assert.equal((await store.usage()).blobs, model.size);
-    assert.ok(evictions > 0, 'the cache evicted');
-    assert.ok(warnings.length <= storesOpened + 1, `at most one warning per store: ${warnings.length} for ${storesOpened + 1} stores`);
-    process.stderr.write(
-      `      s3 model: ${operations} operations in ${((Date.now() - t0) / 1000).toFixed(1)} s, ${model.size} blobs left; ${JSON.stringify(tally)}; ms ${JSON.stringify(timing)}; ` +
-        `${evictions} evictions; seed ${seed}\n`,
+    await assert.rejects(write(store, ids[1], 0, Buffer.from('late')), (err: unknown) => isArborError(err, 'internal'), 'a packed blob is sealed');
+
+    // Until a commit carries the index, only this store can find them: the catalog has nothing.
+    for (const [i, id] of ids.entries()) assert.ok((await read(store, id)).equals(expected(i)));
+    const before = await open(cacheDir(), { packIndex: catalog });
+    assert.ok((await read(before, ids[0])).equals(Buffer.alloc(bytesOfClass(classOf(ids[0])))), 'not committed: not there');
+    // A commit that failed: the next names the blobs again, and gets the same ops without uploading anything.
+    const again = await store.syncForCommit([...ids, blobId(0, 99)]);
+    assert.equal(store.requestsSent('PutObject'), 1);
+    assert.deepEqual(again.ops, durable.ops);
+
+    assert.ok((await catalog.txn([], again.ops)).succeeded);
+    again.committed();
+    const fresh = await open(cacheDir(), { packIndex: catalog });
+    for (const [i, id] of ids.entries()) assert.ok((await read(fresh, id)).equals(expected(i)), `blob ${id} read from its pack`);
+    assert.equal(fresh.requestsSent('GetObject'), 6, 'per blob: its own object (none) and, at once, its index; then a ranged GET of the pack');
+    assert.deepEqual(
+      (await fresh.list()).sort((a, b) => a - b),
+      [...ids].sort((a, b) => a - b),
     );
+    assert.deepEqual(await fresh.usage(), { blobs: 3, bytes: contents.reduce((sum, c) => sum + c.length, 0) });
+    assert.deepEqual((await store.syncForCommit(ids)).ops, [], 'once committed, nothing more to carry');
+
+    // More blobs than a pack holds: an object each, no index.
+    const many = Array.from({ length: 17 }, (_, i) => blobId(0, 100 + i));
+    for (const id of many) await write(store, id, 0, Buffer.alloc(100, id % 251));
+    const big = await store.syncForCommit(many);
+    assert.equal(store.requestsSent('PutObject'), 1 + many.length);
+    assert.deepEqual(big.ops, []);
+    // And one blob alone: its own object.
+    await write(store, blobId(0, 200), 0, Buffer.from('alone'));
+    assert.deepEqual((await store.syncForCommit([blobId(0, 200)])).ops, []);
+    assert.equal(await headStatus(objectKey('arbor/', blobId(0, 200))), 200);
+    // A plain sync never packs: nothing would carry the index.
+    for (const id of [blobId(0, 300), blobId(0, 301)]) await write(store, id, 0, Buffer.from('plain'));
+    await store.sync([blobId(0, 300), blobId(0, 301)]);
+    assert.equal(await headStatus(objectKey('arbor/', blobId(0, 301))), 200);
+  });
+
+  it('a pack goes once no index key names it and it is older than the grace period; a blob deleted is gone whoever packed it', async () => {
+    const catalog = packCatalog();
+    const store = await open(cacheDir(), { packIndex: catalog });
+    const [a1, a2, b1, b2] = [blobId(0, 1), blobId(0, 2), blobId(1, 3), blobId(1, 4)];
+    for (const id of [a1, a2, b1, b2]) await write(store, id, 0, Buffer.alloc(1000, id % 251));
+    const a = await store.syncForCommit([a1, a2]);
+    assert.ok((await catalog.txn([], a.ops)).succeeded);
+    a.committed();
+    // B's commit never lands (the process dies, say): its pack is named by nothing.
+    await store.syncForCommit([b1, b2]);
+    const packKeys = async () => (await keysInBucket()).filter((key) => key.startsWith('arbor/packs/')).sort();
+    // A pack is named after its first blob: A's (class 0) sorts before B's (class 1).
+    const [packA, packB] = await packKeys();
+    assert.ok(packA.includes(a1.toString(16).padStart(12, '0')) && packB.includes(b1.toString(16).padStart(12, '0')), `packs ${packA} and ${packB}`);
+    assert.equal(await store.collectUnused(), 0, 'an unused pack younger than the grace period stays: its index may still come');
+    await close(store);
+
+    // Another process, which knows nothing of who packed what, and no grace period.
+    await new Promise((resolve) => setTimeout(resolve, 1100)); // past the second of LastModified
+    const other = await open(cacheDir(), { packIndex: catalog, packGraceMs: 0 });
+    assert.equal(await other.collectUnused(), 1);
+    assert.deepEqual(await packKeys(), [packA], "B's pack went, A's stays");
+    await other.delete([a1]);
+    assert.deepEqual(await other.list(), [a2], 'the deleted blob is gone from the list: its index key went');
+    assert.ok((await read(other, a1)).equals(Buffer.alloc(bytesOfClass(classOf(a1)))), 'and it reads as zeros');
+    assert.equal(await other.collectUnused(), 0, 'a pack stays while one of its blobs is used');
+    assert.ok((await read(other, a2)).equals(Buffer.concat([Buffer.alloc(1000, a2 % 251), Buffer.alloc(bytesOfClass(classOf(a2)) - 1000)])));
+    await other.delete([a2]);
+    assert.equal(await other.collectUnused(), 1);
+    assert.deepEqual(await packKeys(), []);
+    assert.deepEqual(await catalog.list('blob-packs/'), [], 'no index key is left');
   });
 
   it('many small writes to one blob between syncs make exactly one PutObject, of bytes up to the highest one written', async () => {
