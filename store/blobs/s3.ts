@@ -358,13 +358,13 @@ export class S3BlobStore implements BlobStore {
 
   /**
    * Deletes the packs no index key names any more, once older than the grace period
-   * (a pack whose index transaction is still on its way names none yet); the
-   * collector calls it after its sweep. Returns how many went.
+   * (a pack whose commit has not landed yet is named by none); the collector calls it
+   * after its sweep. Returns how many went.
    */
   async collectUnused(): Promise<number> {
     this.checkOpen();
     if (!this.packs) return 0;
-    // Listed before the index: a pack found here had its index transaction sent before its PUT completed.
+    // Packs first, then the index: a commit that lands in between names a pack already listed, and is seen.
     const packs: Array<{ name: string; modified: number }> = [];
     await this.listObjects({ pack: (name, _size, modified) => packs.push({ name, modified }) });
     const used = new Set((await this.packs.all()).map(({ pack }) => pack));
