@@ -112,6 +112,13 @@ export const s3UploadConcurrency = 32;
 export const s3PackMaxBlobs = 16;
 export const s3PackBlobMaxBytes = 256 * 1024;
 /**
+ * Deleting packed blobs deletes their index keys at most this much later, together
+ * (or at once when a transaction's worth is waiting): a volume flushed after every
+ * write frees the map nodes of its last commit at each commit, and would otherwise
+ * add a catalog transaction to each.
+ */
+export const s3PackForgetDelayMs = 1000;
+/**
  * A pack object no index key names is deleted by the collector only once it is this
  * old: until then its index may still come with a commit. A packed blob whose index no
  * commit has carried within half this long is packed anew.

@@ -24,7 +24,9 @@ import {
   s3SocketIdleTimeoutMs,
   s3PackBlobMaxBytes,
   s3PackGraceMs,
+  s3PackForgetDelayMs,
   s3PackMaxBlobs,
+  maxMigrationOpsPerTxn,
   s3UploadConcurrency,
 } from '../limits';
 import { Catalog } from '../catalog/catalog';
@@ -109,6 +111,15 @@ export class S3BlobStore implements BlobStore {
    * deletes its index key too, so that a blob deleted is gone whoever packed it.
    */
   private readonly knownUnpacked = new BlobIdSet();
+  /**
+   * Deleted blobs whose index keys are still to go: deleted together, in one catalog
+   * transaction at most `s3PackForgetDelayMs` later (a flush-heavy volume frees the map
+   * nodes of its last commit at every commit), and meanwhile left out of every answer.
+   */
+  private readonly forgetting = new Set<number>();
+  private forgetTimer?: NodeJS.Timeout;
+  /** The forget transaction in flight, if any: one at a time. */
+  private forgetRunning: Promise<void> = Promise.resolve();
   private closed = false;
 
   private constructor(
@@ -297,11 +308,42 @@ export class S3BlobStore implements BlobStore {
       this.unindexed.delete(id);
       this.knownUnpacked.delete(id);
     }
+    // Its pack stays while another blob uses it (the collector deletes it after: `collectUnused`).
+    if (this.packs) for (const id of mayBePacked) this.forgetting.add(id);
     await settleAll([
       this.deleteObjects(unique.map((id) => objectKey(this.location.prefix, id))),
-      // Its pack stays while another blob uses it (the collector deletes it after: `collectUnused`).
-      mayBePacked.length > 0 ? this.packs?.forget(mayBePacked) : undefined,
+      this.forgetting.size >= maxMigrationOpsPerTxn ? this.forgetNow() : this.forgetLater(),
     ]);
+  }
+
+  private forgetLater(): void {
+    if (this.forgetting.size === 0 || this.forgetTimer) return;
+    this.forgetTimer = setTimeout(() => {
+      this.forgetTimer = undefined;
+      this.forgetNow().catch((err) =>
+        this.log.warn('deleting the index keys of deleted blobs failed; trying again', { blobs: this.forgetting.size, error: (err as Error).message }),
+      );
+    }, s3PackForgetDelayMs);
+    this.forgetTimer.unref();
+  }
+
+  /** Deletes the index keys of the blobs deleted so far; they stay left out of every answer until that has landed. */
+  private forgetNow(): Promise<void> {
+    clearTimeout(this.forgetTimer);
+    this.forgetTimer = undefined;
+    const run = this.forgetRunning.then(async () => {
+      const ids = [...this.forgetting];
+      if (ids.length === 0) return;
+      try {
+        await this.packs!.forget(ids);
+      } catch (err) {
+        if (!this.closed) this.forgetLater();
+        throw err;
+      }
+      for (const id of ids) this.forgetting.delete(id);
+    });
+    this.forgetRunning = run.catch(() => {});
+    return run;
   }
 
   /** Deletes objects, in DeleteObjects batches; keys that do not exist are ignored. */
@@ -336,7 +378,7 @@ export class S3BlobStore implements BlobStore {
     this.checkOpen();
     const ids = new Set(this.cache.stagedIds());
     await this.listObjects({ blob: (id) => ids.add(id) });
-    for (const { id } of (await this.packs?.all()) ?? []) ids.add(id);
+    for (const { id } of await this.packedBlobs()) ids.add(id);
     return [...ids];
   }
 
@@ -352,7 +394,7 @@ export class S3BlobStore implements BlobStore {
       },
       pack: (_name, size) => (bytes += size),
     });
-    for (const { id } of (await this.packs?.all()) ?? []) ids.add(id);
+    for (const { id } of await this.packedBlobs()) ids.add(id);
     return { blobs: ids.size, bytes };
   }
 
@@ -367,7 +409,8 @@ export class S3BlobStore implements BlobStore {
     // Packs first, then the index: a commit that lands in between names a pack already listed, and is seen.
     const packs: Array<{ name: string; modified: number }> = [];
     await this.listObjects({ pack: (name, _size, modified) => packs.push({ name, modified }) });
-    const used = new Set((await this.packs.all()).map(({ pack }) => pack));
+    await this.forgetNow();
+    const used = new Set((await this.packedBlobs()).map(({ pack }) => pack));
     const unused = packs.filter(({ name, modified }) => !used.has(name) && Date.now() - modified > this.packGraceMs);
     await this.deleteObjects(unused.map(({ name }) => packKey(this.location.prefix, name)));
     if (unused.length > 0) this.log.info('deleted packs no blob uses', { packs: unused.length });
@@ -378,10 +421,19 @@ export class S3BlobStore implements BlobStore {
     return undefined;
   }
 
+  /** Every packed blob the index names, with its pack, but those deleted here whose keys are still to go. */
+  private async packedBlobs(): Promise<Array<{ id: number; pack: string }>> {
+    return ((await this.packs?.all()) ?? []).filter(({ id }) => !this.forgetting.has(id));
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
     await Promise.allSettled([...this.uploads.values(), ...this.fetches.values()]);
+    // Keys left behind would only cost the collector's next pass a delete.
+    await this.forgetNow().catch((err) =>
+      this.log.warn('closing: deleting the index keys of deleted blobs failed; the collector deletes them', { error: (err as Error).message }),
+    );
     this.cache.close();
     this.client.destroy();
   }
@@ -507,7 +559,8 @@ export class S3BlobStore implements BlobStore {
     const key = objectKey(this.location.prefix, id);
     // Both at once: a packed blob costs the index read, not the 404 before it.
     const local = this.unindexed.get(id)?.at;
-    const [own, packedAt] = local ? [undefined, local] : await settleAll([this.getObject(key, `reading blob ${id}`), this.packs?.locate(id)]);
+    const [own, indexed] = local ? [undefined, local] : await settleAll([this.getObject(key, `reading blob ${id}`), this.packs?.locate(id)]);
+    const packedAt = this.forgetting.has(id) ? undefined : indexed;
     // Not cached: the 404 costs a request only when something reads a blob that has no
     // object, which the engine does not do, and an object may appear later (a blob
     // uploaded by the process that owns it now).

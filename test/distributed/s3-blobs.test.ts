@@ -562,6 +562,38 @@ describe('S3 blob store (real Ceph RGW)', function () {
     assert.deepEqual(await catalog.list('blob-packs/'), [], 'no index key is left');
   });
 
+  it('the index keys of deleted packed blobs go together, a second later at most, and meanwhile the blobs are gone from every answer', async () => {
+    const catalog = packCatalog();
+    const store = await open(cacheDir(), { packIndex: catalog });
+    const ids = Array.from({ length: 4 }, (_, i) => blobId(0, 10 + i));
+    for (const id of ids) await write(store, id, 0, Buffer.alloc(512, id % 251));
+    const durable = await store.syncForCommit(ids);
+    assert.ok((await catalog.txn([], durable.ops)).succeeded);
+    durable.committed();
+    const keyOf = (id: number) => `blob-packs/${id.toString(16).padStart(12, '0')}`;
+
+    // As a commit's frees do: one blob, then another, soon after.
+    await store.delete([ids[0]]);
+    await store.delete([ids[1]]);
+    assert.ok(await catalog.get(keyOf(ids[0])), 'not yet: the keys of deleted blobs wait to go together');
+    assert.deepEqual(
+      (await store.list()).sort((a, b) => a - b),
+      ids.slice(2),
+    );
+    assert.equal((await store.usage()).blobs, 2);
+    const fresh = await open(cacheDir(), { packIndex: catalog });
+    assert.ok((await read(store, ids[0])).equals(Buffer.alloc(bytesOfClass(classOf(ids[0])))), 'a deleted blob reads as zeros here at once');
+    await new Promise((resolve) => setTimeout(resolve, 1500));
+    assert.equal(await catalog.get(keyOf(ids[0])), undefined);
+    assert.equal(await catalog.get(keyOf(ids[1])), undefined);
+    assert.ok((await read(fresh, ids[1])).equals(Buffer.alloc(bytesOfClass(classOf(ids[1])))), 'and everywhere once its key went');
+    assert.ok((await read(fresh, ids[2])).equals(Buffer.concat([Buffer.alloc(512, ids[2] % 251), Buffer.alloc(bytesOfClass(classOf(ids[2])) - 512)])));
+    // A store that closes deletes the keys still waiting.
+    await store.delete([ids[2]]);
+    await close(store);
+    assert.equal(await catalog.get(keyOf(ids[2])), undefined);
+  });
+
   it('many small writes to one blob between syncs make exactly one PutObject, of bytes up to the highest one written', async () => {
     const store = await open(cacheDir());
     const rng = new Random(seed);
