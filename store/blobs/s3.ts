@@ -558,8 +558,8 @@ export class S3BlobStore implements BlobStore {
   private async download(id: number): Promise<Buffer | undefined> {
     const key = objectKey(this.location.prefix, id);
     // Both at once: a packed blob costs the index read, not the 404 before it.
-    const local = this.unindexed.get(id)?.at;
-    const [own, indexed] = local ? [undefined, local] : await settleAll([this.getObject(key, `reading blob ${id}`), this.packs?.locate(id)]);
+    // (A blob packed here whose index is not committed yet is staged, never evicted: read from the cache, never fetched.)
+    const [own, indexed] = await settleAll([this.getObject(key, `reading blob ${id}`), this.packs?.locate(id)]);
     const packedAt = this.forgetting.has(id) ? undefined : indexed;
     // Not cached: the 404 costs a request only when something reads a blob that has no
     // object, which the engine does not do, and an object may appear later (a blob
