@@ -1,4 +1,6 @@
 import crypto from 'node:crypto';
+import http from 'node:http';
+import https from 'node:https';
 import {
   CreateBucketCommand,
   DeleteObjectsCommand,
@@ -6,7 +8,6 @@ import {
   HeadBucketCommand,
   HeadObjectCommand,
   ListObjectsV2Command,
-  PutObjectCommand,
   S3Client,
 } from '@aws-sdk/client-s3';
 import { runBounded } from '../../lib/bounded';
@@ -35,6 +36,7 @@ import { PackIndex, PackedAt, newPackName, packKey, packOfKey } from './pack-ind
 import { BlobCache } from './blob-cache';
 import { BlobStore, DurableForCommit } from './blobs';
 import { BlobsLocation, idOfKey, objectKey, parseBlobsUrl } from './s3-url';
+import { S3Put } from './s3-put';
 
 export interface S3BlobStoreOptions {
   /** `s3://bucket/prefix?endpoint=…&region=…`, or what `parseBlobsUrl` made of one. */
@@ -121,6 +123,9 @@ export class S3BlobStore implements BlobStore {
   /** The forget transaction in flight, if any: one at a time. */
   private forgetRunning: Promise<void> = Promise.resolve();
   private closed = false;
+  /** PutObject's own path (store/blobs/s3-put.ts), on its own keep-alive connections. */
+  private readonly putter: S3Put;
+  private readonly putAgent: http.Agent;
 
   private constructor(
     readonly location: BlobsLocation,
@@ -129,7 +134,23 @@ export class S3BlobStore implements BlobStore {
     private readonly log: Log,
     private readonly packs: PackIndex | undefined,
     private readonly packGraceMs: number,
+    requestTimeoutMs: number,
   ) {
+    const agentOptions = { keepAlive: true, maxSockets: s3MaxSockets };
+    this.putAgent = location.endpoint?.startsWith('http:') ? new http.Agent(agentOptions) : new https.Agent(agentOptions);
+    this.putter = new S3Put({
+      location,
+      credentials: () => client.config.credentials(),
+      agent: this.putAgent,
+      maxAttempts: s3MaxAttempts,
+      connectTimeoutMs: s3ConnectTimeoutMs,
+      requestTimeoutMs,
+      socketIdleTimeoutMs: Math.min(requestTimeoutMs, s3SocketIdleTimeoutMs),
+      onTry: (seconds, status) => {
+        this.requestCounts.set('PutObject', (this.requestCounts.get('PutObject') ?? 0) + 1);
+        s3Requests.observe({ operation: 'PutObject', status: String(status ?? 'none') }, seconds);
+      },
+    });
     // Counts and times every HTTP request, retries included (the deserialize step runs once per try).
     client.middlewareStack.add(
       (next, context) => async (args) => {
@@ -156,9 +177,10 @@ export class S3BlobStore implements BlobStore {
     const cache = BlobCache.open({ dir: options.cacheDir, capacityBytes: options.cacheBytes, log });
     let client: S3Client | undefined;
     try {
-      client = createClient(location, options.requestTimeoutMs ?? s3RequestTimeoutMs);
+      const requestTimeoutMs = options.requestTimeoutMs ?? s3RequestTimeoutMs;
+      client = createClient(location, requestTimeoutMs);
       const packs = options.packIndex && new PackIndex(options.packIndex);
-      const store = new S3BlobStore(location, client, cache, log, packs, options.packGraceMs ?? s3PackGraceMs);
+      const store = new S3BlobStore(location, client, cache, log, packs, options.packGraceMs ?? s3PackGraceMs, requestTimeoutMs);
       await store.ensureBucket(options.createBucket ?? true);
       log.info('S3 blob store open', { bucket: location.bucket, prefix: location.prefix, endpoint: location.endpoint, cacheDir: options.cacheDir });
       return store;
@@ -436,6 +458,7 @@ export class S3BlobStore implements BlobStore {
     );
     this.cache.close();
     this.client.destroy();
+    this.putAgent.destroy();
   }
 
   private async upload(id: number): Promise<void> {
@@ -464,18 +487,8 @@ export class S3BlobStore implements BlobStore {
   /** Uploads `body` to `key` unless an object is there; one that is must hold these bytes. `what`: 'blob 12' or 'pack …', for messages. */
   private async putOnce(key: string, body: Buffer, md5: Buffer, what: string): Promise<void> {
     try {
-      await this.client.send(
-        new PutObjectCommand({
-          Bucket: this.location.bucket,
-          Key: key,
-          Body: body,
-          ContentLength: body.length,
-          // The server checks the bytes it stored against ours.
-          ContentMD5: md5.toString('base64'),
-          // Write-once: never replace an object (atomic on RGW and S3).
-          IfNoneMatch: '*',
-        }),
-      );
+      // Write-once: never replace an object (atomic on RGW and S3). The server checks the bytes it stored against the MD5.
+      await this.putter.put(key, body, md5, true);
     } catch (err) {
       const status = statusOf(err);
       // 412: the object exists, typically because a try whose answer was lost did land.

@@ -1,9 +1,11 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
-import { HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
+import { GetObjectCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command } from '@aws-sdk/client-s3';
 import { Log } from '../../lib/logger';
 import { s3Requests } from '../../lib/metrics';
 import { blobId, bytesOfClass, classOf } from '../../store/blob-id';
@@ -11,7 +13,8 @@ import { isArborError } from '../../store/errors';
 import { Catalog } from '../../store/catalog/catalog';
 import { SqliteCatalog } from '../../store/catalog/sqlite';
 import { S3BlobStore } from '../../store/blobs/s3';
-import { idOfKey, objectKey, parseBlobsUrl } from '../../store/blobs/s3-url';
+import { BlobsLocation, idOfKey, objectKey, parseBlobsUrl } from '../../store/blobs/s3-url';
+import { S3Put, S3PutError, S3PutOptions } from '../../store/blobs/s3-put';
 import { Random, seedFromEnv } from '../support/random';
 import { rgwForSuite } from '../support/rgw';
 import { bucketForEachTest } from '../support/s3-bucket';
@@ -857,5 +860,132 @@ describe('S3 blob store (real Ceph RGW)', function () {
       for (const socket of sockets) socket.destroy();
       await new Promise((resolve) => server.close(resolve));
     }
+  });
+
+  describe('PutObject on its own path, signed here (no SDK middleware)', () => {
+    const agents: http.Agent[] = [];
+    const servers: Array<net.Server | http.Server> = [];
+    afterEach(async () => {
+      for (const agent of agents.splice(0)) agent.destroy();
+      for (const server of servers.splice(0)) await new Promise((resolve) => server.close(resolve));
+    });
+    const body = Buffer.from(Array.from({ length: 70_000 }, (_, i) => (i * 31) % 251));
+    const md5 = crypto.createHash('md5').update(body).digest();
+    const putter = (location: BlobsLocation, options: Partial<S3PutOptions> = {}) => {
+      const agent = new http.Agent({ keepAlive: true });
+      agents.push(agent);
+      const tries: Array<number | undefined> = [];
+      const put = new S3Put({
+        location,
+        credentials: async () => ({ accessKeyId: process.env.AWS_ACCESS_KEY_ID!, secretAccessKey: process.env.AWS_SECRET_ACCESS_KEY! }),
+        agent,
+        maxAttempts: 3,
+        connectTimeoutMs: 1_000,
+        requestTimeoutMs: 300,
+        socketIdleTimeoutMs: 300,
+        onTry: (_seconds, status) => tries.push(status),
+        ...options,
+      });
+      return { put, tries };
+    };
+    /** An HTTP server on loopback that answers each request as `answer` says, and keeps what it was sent. */
+    const fakeS3 = async (answer: (n: number, request: http.IncomingMessage, response: http.ServerResponse) => void) => {
+      const seen: Array<{ path: string; headers: http.IncomingHttpHeaders; body: Buffer }> = [];
+      const server = http.createServer((request, response) => {
+        const chunks: Buffer[] = [];
+        request.on('data', (chunk: Buffer) => chunks.push(chunk));
+        request.on('end', () => {
+          seen.push({ path: request.url!, headers: request.headers, body: Buffer.concat(chunks) });
+          answer(seen.length, request, response);
+        });
+      });
+      servers.push(server);
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      const location = parseBlobsUrl(`s3://fake-bucket/arbor?endpoint=http://127.0.0.1:${(server.address() as net.AddressInfo).port}&region=us-east-1`);
+      return { location, seen };
+    };
+    const s3Error = (response: http.ServerResponse, status: number, code: string) => {
+      response.writeHead(status, { 'content-type': 'application/xml' });
+      response.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${code} said the test</Message></Error>`);
+    };
+    const isPutError = (status: number | undefined, name: string, attempts: number) => (err: unknown) =>
+      err instanceof S3PutError && err.$metadata.httpStatusCode === status && err.name === name && err.$metadata.attempts === attempts;
+
+    it('a PUT signed here lands on RGW with its bytes; write-once holds; a wrong secret is refused once, not tried again', async () => {
+      const location = parseBlobsUrl(urlOf(s3.bucket));
+      const { put, tries } = putter(location);
+      await put.put('arbor/direct/a+b c', body, md5, true);
+      const got = await s3.client.send(new GetObjectCommand({ Bucket: s3.bucket, Key: 'arbor/direct/a+b c' }));
+      assert.ok(Buffer.from(await got.Body!.transformToByteArray()).equals(body), 'the bytes, under the key as given');
+      await assert.rejects(put.put('arbor/direct/a+b c', body, md5, true), isPutError(412, 'PreconditionFailed', 1));
+      await assert.rejects(put.put('arbor/direct/bad-md5', body, crypto.createHash('md5').update('other').digest(), true), isPutError(400, 'BadDigest', 1));
+      const wrong = putter(location, { credentials: async () => ({ accessKeyId: process.env.AWS_ACCESS_KEY_ID!, secretAccessKey: 'not-the-secret' }) });
+      await assert.rejects(wrong.put.put('arbor/direct/denied', body, md5, true), isPutError(403, 'SignatureDoesNotMatch', 1));
+      assert.deepEqual(tries, [200, 412, 400]);
+      assert.deepEqual(wrong.tries, [403]);
+    });
+
+    it('sends the key encoded once, the MD5, If-None-Match, the signed hash of the body, and a SigV4 signature', async () => {
+      const { location, seen } = await fakeS3((_n, _request, response) => response.end());
+      await putter(location).put.put('arbor/packs/a+b', body, md5, true);
+      await putter(location).put.put('arbor/plain', body, md5, false);
+      const [first, second] = seen;
+      assert.equal(first.path, '/fake-bucket/arbor/packs/a%2Bb');
+      assert.ok(first.body.equals(body));
+      assert.equal(first.headers['content-md5'], md5.toString('base64'));
+      assert.equal(first.headers['if-none-match'], '*');
+      assert.equal(first.headers['x-amz-content-sha256'], crypto.createHash('sha256').update(body).digest('hex'));
+      assert.match(
+        String(first.headers.authorization),
+        /^AWS4-HMAC-SHA256 Credential=[^/]+\/\d{8}\/us-east-1\/s3\/aws4_request, SignedHeaders=[a-z0-9;-]*if-none-match[a-z0-9;-]*, Signature=[0-9a-f]{64}$/,
+      );
+      assert.equal(second.headers['if-none-match'], undefined);
+    });
+
+    it('503 SlowDown, 500 and dropped connections are tried again up to three tries; a 403 is not', async () => {
+      const slow = await fakeS3((n, _request, response) => (n === 1 ? s3Error(response, 503, 'SlowDown') : response.end()));
+      const once = putter(slow.location);
+      await once.put.put('arbor/k', body, md5, true);
+      assert.deepEqual(once.tries, [503, 200]);
+
+      const failing = await fakeS3((_n, _request, response) => s3Error(response, 500, 'InternalError'));
+      const thrice = putter(failing.location);
+      await assert.rejects(thrice.put.put('arbor/k', body, md5, true), isPutError(500, 'InternalError', 3));
+      assert.equal(failing.seen.length, 3);
+
+      const denied = await fakeS3((_n, _request, response) => s3Error(response, 403, 'AccessDenied'));
+      await assert.rejects(putter(denied.location).put.put('arbor/k', body, md5, true), isPutError(403, 'AccessDenied', 1));
+      assert.equal(denied.seen.length, 1);
+
+      const dropping = await fakeS3((_n, request) => request.socket.destroy());
+      const dropped = putter(dropping.location);
+      await assert.rejects(
+        dropped.put.put('arbor/k', body, md5, true),
+        (err: unknown) => err instanceof S3PutError && err.$metadata.httpStatusCode === undefined && err.$metadata.attempts === 3 && err.code === 'ECONNRESET',
+      );
+      assert.deepEqual(dropped.tries, [undefined, undefined, undefined]);
+    });
+
+    it('a server that never answers fails each try at the request timeout: three tries, then a TimeoutError', async () => {
+      const sockets = new Set<net.Socket>();
+      const server = net.createServer((socket) => {
+        sockets.add(socket);
+        socket.on('error', () => {});
+        socket.on('close', () => sockets.delete(socket));
+      });
+      servers.push(server);
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      const location = parseBlobsUrl(`s3://silent/arbor?endpoint=http://127.0.0.1:${(server.address() as net.AddressInfo).port}&region=us-east-1`);
+      const { put, tries } = putter(location);
+      const t0 = Date.now();
+      try {
+        await assert.rejects(put.put('arbor/k', body, md5, true), isPutError(undefined, 'TimeoutError', 3));
+      } finally {
+        for (const socket of sockets) socket.destroy();
+      }
+      const elapsed = Date.now() - t0;
+      assert.ok(elapsed >= 900 && elapsed < 5_000, `failed after ${elapsed} ms`);
+      assert.deepEqual(tries, [undefined, undefined, undefined]);
+    });
   });
 });
