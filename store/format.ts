@@ -16,7 +16,7 @@ import { Log } from '../lib/logger';
 import { Catalog, KvEntry, absent, del, put, unchanged } from './catalog/catalog';
 import { hiddenNamePrefix } from './names';
 import { ArborError } from './errors';
-import { maxMigrationOpsPerTxn } from './limits';
+import { maxCatalogOpsPerTxn } from './limits';
 import { SnapshotRecord, decodeFormat, decodeSnapshot, decodeVolume, formatVersion, keys } from './records';
 
 export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
@@ -52,7 +52,7 @@ export async function openFormat(catalog: Catalog, log: Log): Promise<void> {
  * of this version, which deletes these keys with it) leaves no key behind.
  */
 async function putIndexKeys(catalog: Catalog, snapshots: KvEntry[], key: (s: SnapshotRecord) => string): Promise<void> {
-  const perTxn = Math.floor(maxMigrationOpsPerTxn / 2);
+  const perTxn = Math.floor(maxCatalogOpsPerTxn / 2);
   for (let i = 0; i < snapshots.length; i += perTxn) {
     let batch = snapshots.slice(i, i + perTxn);
     while (batch.length > 0) {

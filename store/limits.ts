@@ -124,6 +124,8 @@ export const s3PackForgetDelayMs = 1000;
  * commit has carried within half this long is packed anew.
  */
 export const s3PackGraceMs = 60 * 60 * 1000;
+/** Reads of packed blobs' index keys in flight at once, each of `maxCatalogOpsPerTxn` keys (a sync's check that none of its blobs was packed before). */
+export const s3PackIndexReadConcurrency = 4;
 /** Keys in one DeleteObjects request: S3's own maximum. */
 export const s3DeleteBatchKeys = 1000;
 /** DeleteObjects requests in flight at once. */
@@ -164,8 +166,12 @@ export const maxQosBurstSeconds = 60;
  */
 export const defaultQosBurstSeconds = 0.1;
 
-/** A format migration writes at most this many keys per transaction (etcd's --max-txn-ops is 128 by default). */
-export const maxMigrationOpsPerTxn = 100;
+/**
+ * Keys one catalog transaction of ours reads or writes at most: etcd's --max-txn-ops is
+ * 128 by default. A format migration's writes, the deletes of packed blobs' index keys
+ * and the reads of many of them go in transactions of this many.
+ */
+export const maxCatalogOpsPerTxn = 100;
 
 /**
  * Concurrent snapshots of one volume are made together, at most this many in one

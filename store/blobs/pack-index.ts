@@ -1,7 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { Catalog, Op } from '../catalog/catalog';
 import { Check, count, decode, shape, string } from '../decode';
-import { maxMigrationOpsPerTxn } from '../limits';
+import { runBounded } from '../../lib/bounded';
+import { maxCatalogOpsPerTxn, s3PackIndexReadConcurrency } from '../limits';
 
 /** Where a packed blob's bytes are: which pack object, and where in it. */
 export interface PackedAt {
@@ -38,12 +39,30 @@ export class PackIndex {
     return entry && decode(entry, 'a packed blob', packedShape);
   }
 
+  /**
+   * Which of `ids` are packed, and where: one read of `maxCatalogOpsPerTxn` keys at a
+   * time, a few at once, instead of a read per blob.
+   */
+  async locateMany(ids: number[]): Promise<Map<number, PackedAt>> {
+    const found = new Map<number, PackedAt>();
+    const chunks: number[][] = [];
+    for (let i = 0; i < ids.length; i += maxCatalogOpsPerTxn) chunks.push(ids.slice(i, i + maxCatalogOpsPerTxn));
+    await runBounded(
+      chunks.map((chunk) => async () => {
+        const entries = await this.catalog.getMany(chunk.map(keyOf));
+        entries.forEach((entry, i) => entry && found.set(chunk[i], decode(entry, 'a packed blob', packedShape)));
+      }),
+      s3PackIndexReadConcurrency,
+    );
+    return found;
+  }
+
   /** Forgets the blobs' places (those that have none are ignored); their packs go once nothing uses them (`packsInUse`). */
   async forget(ids: number[]): Promise<void> {
-    for (let i = 0; i < ids.length; i += maxMigrationOpsPerTxn) {
+    for (let i = 0; i < ids.length; i += maxCatalogOpsPerTxn) {
       await this.catalog.txn(
         [],
-        ids.slice(i, i + maxMigrationOpsPerTxn).map((id): Op => ({ type: 'delete', key: keyOf(id) })),
+        ids.slice(i, i + maxCatalogOpsPerTxn).map((id): Op => ({ type: 'delete', key: keyOf(id) })),
       );
     }
   }

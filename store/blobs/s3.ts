@@ -27,7 +27,7 @@ import {
   s3PackGraceMs,
   s3PackForgetDelayMs,
   s3PackMaxBlobs,
-  maxMigrationOpsPerTxn,
+  maxCatalogOpsPerTxn,
   s3UploadConcurrency,
 } from '../limits';
 import { Catalog } from '../catalog/catalog';
@@ -302,7 +302,12 @@ export class S3BlobStore implements BlobStore {
           this.uploadPack(plan),
         ),
       );
-    for (const id of plan ? [] : fresh) pending.push(this.track([id], this.upload(id)));
+    const direct = plan ? [] : fresh;
+    // Write-once for blobs packed before: one read of the index for the whole sync, not one per upload (a fill syncs thousands).
+    const packedBefore = direct.length > 0 ? this.packs?.locateMany(direct) : undefined;
+    // Each upload waits for it and fails with it; until they do, it is not an unhandled rejection.
+    packedBefore?.catch(() => {});
+    for (const id of direct) pending.push(this.track([id], this.upload(id, packedBefore)));
     return pending;
   }
 
@@ -334,7 +339,7 @@ export class S3BlobStore implements BlobStore {
     if (this.packs) for (const id of mayBePacked) this.forgetting.add(id);
     await settleAll([
       this.deleteObjects(unique.map((id) => objectKey(this.location.prefix, id))),
-      this.forgetting.size >= maxMigrationOpsPerTxn ? this.forgetNow() : this.forgetLater(),
+      this.forgetting.size >= maxCatalogOpsPerTxn ? this.forgetNow() : this.forgetLater(),
     ]);
   }
 
@@ -461,7 +466,7 @@ export class S3BlobStore implements BlobStore {
     this.putAgent.destroy();
   }
 
-  private async upload(id: number): Promise<void> {
+  private async upload(id: number, packedBefore?: Promise<Map<number, PackedAt>>): Promise<void> {
     const key = objectKey(this.location.prefix, id);
     await this.uploadSlots.acquire();
     try {
@@ -469,7 +474,7 @@ export class S3BlobStore implements BlobStore {
       const md5 = crypto.createHash('md5').update(body).digest();
       // A blob packed before has no object of its own for the conditional upload to find:
       // the index does. (Reads prefer the pack, so what they see never changes.)
-      const [packedAt] = await settleAll([this.packs?.locate(id), this.putOnce(key, body, md5, `blob ${id}`)]);
+      const [packedAt] = await settleAll([packedBefore?.then((found) => found.get(id)), this.putOnce(key, body, md5, `blob ${id}`)]);
       if (packedAt) {
         throw new ArborError(
           'internal',

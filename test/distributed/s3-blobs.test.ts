@@ -516,12 +516,35 @@ describe('S3 blob store (real Ceph RGW)', function () {
     assert.deepEqual(await fresh.usage(), { blobs: 3, bytes: contents.reduce((sum, c) => sum + c.length, 0) });
     assert.deepEqual((await store.syncForCommit(ids)).ops, [], 'once committed, nothing more to carry');
 
-    // More blobs than a pack holds: an object each, no index.
+    // A packed blob written again by a process that cannot know: refused at its sync by its index key.
+    const unaware = await open(cacheDir(), { packIndex: catalog });
+    await write(unaware, ids[1], 0, Buffer.from('again'));
+    await assert.rejects(
+      unaware.syncForCommit([ids[1]]),
+      (err: unknown) => isArborError(err, 'internal') && err.message.startsWith(`blob ${ids[1]} was synced before, in pack`),
+    );
+    assert.ok((await read(fresh, ids[1])).equals(expected(1)), 'reads keep the packed bytes');
+
+    // More blobs than a pack holds: an object each, no index, and one read of the index for all of them.
+    const reads = { get: 0, getMany: 0 };
+    const { get, getMany } = catalog;
+    let inGetMany = false; // this catalog's getMany reads each key with get
+    catalog.get = (key) => (inGetMany || reads.get++, get.call(catalog, key));
+    catalog.getMany = async (keys) => {
+      reads.getMany++;
+      inGetMany = true;
+      try {
+        return await getMany.call(catalog, keys);
+      } finally {
+        inGetMany = false;
+      }
+    };
     const many = Array.from({ length: 17 }, (_, i) => blobId(0, 100 + i));
     for (const id of many) await write(store, id, 0, Buffer.alloc(100, id % 251));
     const big = await store.syncForCommit(many);
     assert.equal(store.requestsSent('PutObject'), 1 + many.length);
     assert.deepEqual(big.ops, []);
+    assert.deepEqual(reads, { get: 0, getMany: 1 }, 'whether any was packed before: one read for the sync');
     // And one blob alone: its own object.
     await write(store, blobId(0, 200), 0, Buffer.from('alone'));
     assert.deepEqual((await store.syncForCommit([blobId(0, 200)])).ops, []);
