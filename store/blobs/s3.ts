@@ -1,15 +1,7 @@
 import crypto from 'node:crypto';
 import http from 'node:http';
 import https from 'node:https';
-import {
-  CreateBucketCommand,
-  DeleteObjectsCommand,
-  GetObjectCommand,
-  HeadBucketCommand,
-  HeadObjectCommand,
-  ListObjectsV2Command,
-  S3Client,
-} from '@aws-sdk/client-s3';
+import { CreateBucketCommand, DeleteObjectsCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
 import { runBounded } from '../../lib/bounded';
 import { Log, silentLog } from '../../lib/logger';
 import { s3Requests } from '../../lib/metrics';
@@ -36,7 +28,7 @@ import { PackIndex, PackedAt, newPackName, packKey, packOfKey } from './pack-ind
 import { BlobCache } from './blob-cache';
 import { BlobStore, DurableForCommit } from './blobs';
 import { BlobsLocation, idOfKey, objectKey, parseBlobsUrl } from './s3-url';
-import { S3Put } from './s3-put';
+import { S3Http } from './s3-http';
 
 export interface S3BlobStoreOptions {
   /** `s3://bucket/prefix?endpoint=…&region=…`, or what `parseBlobsUrl` made of one. */
@@ -123,9 +115,9 @@ export class S3BlobStore implements BlobStore {
   /** The forget transaction in flight, if any: one at a time. */
   private forgetRunning: Promise<void> = Promise.resolve();
   private closed = false;
-  /** PutObject's own path (store/blobs/s3-put.ts), on its own keep-alive connections. */
-  private readonly putter: S3Put;
-  private readonly putAgent: http.Agent;
+  /** PutObject's and GetObject's own path (store/blobs/s3-http.ts), on its own keep-alive connections. */
+  private readonly direct: S3Http;
+  private readonly directAgent: http.Agent;
 
   private constructor(
     readonly location: BlobsLocation,
@@ -137,18 +129,18 @@ export class S3BlobStore implements BlobStore {
     requestTimeoutMs: number,
   ) {
     const agentOptions = { keepAlive: true, maxSockets: s3MaxSockets };
-    this.putAgent = location.endpoint?.startsWith('http:') ? new http.Agent(agentOptions) : new https.Agent(agentOptions);
-    this.putter = new S3Put({
+    this.directAgent = location.endpoint?.startsWith('http:') ? new http.Agent(agentOptions) : new https.Agent(agentOptions);
+    this.direct = new S3Http({
       location,
       credentials: () => client.config.credentials(),
-      agent: this.putAgent,
+      agent: this.directAgent,
       maxAttempts: s3MaxAttempts,
       connectTimeoutMs: s3ConnectTimeoutMs,
       requestTimeoutMs,
       socketIdleTimeoutMs: Math.min(requestTimeoutMs, s3SocketIdleTimeoutMs),
-      onTry: (seconds, status) => {
-        this.requestCounts.set('PutObject', (this.requestCounts.get('PutObject') ?? 0) + 1);
-        s3Requests.observe({ operation: 'PutObject', status: String(status ?? 'none') }, seconds);
+      onTry: (operation, seconds, status) => {
+        this.requestCounts.set(operation, (this.requestCounts.get(operation) ?? 0) + 1);
+        s3Requests.observe({ operation, status: String(status ?? 'none') }, seconds);
       },
     });
     // Counts and times every HTTP request, retries included (the deserialize step runs once per try).
@@ -463,7 +455,7 @@ export class S3BlobStore implements BlobStore {
     );
     this.cache.close();
     this.client.destroy();
-    this.putAgent.destroy();
+    this.directAgent.destroy();
   }
 
   private async upload(id: number, packedBefore?: Promise<Map<number, PackedAt>>): Promise<void> {
@@ -493,7 +485,7 @@ export class S3BlobStore implements BlobStore {
   private async putOnce(key: string, body: Buffer, md5: Buffer, what: string): Promise<void> {
     try {
       // Write-once: never replace an object (atomic on RGW and S3). The server checks the bytes it stored against the MD5.
-      await this.putter.put(key, body, md5, true);
+      await this.direct.put(key, body, md5, true);
     } catch (err) {
       const status = statusOf(err);
       // 412: the object exists, typically because a try whose answer was lost did land.
@@ -615,12 +607,8 @@ export class S3BlobStore implements BlobStore {
   /** The object's bytes (a range of them, where given), or undefined when there is none. */
   private async getObject(key: string, what: string, range?: string): Promise<Buffer | undefined> {
     try {
-      const out = await this.client.send(new GetObjectCommand({ Bucket: this.location.bucket, Key: key, Range: range }));
-      assert(out.Body, `a GetObject answer for ${key} carries a body`);
-      const bytes = await out.Body.transformToByteArray();
-      return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+      return await this.direct.get(key, range);
     } catch (err) {
-      if (statusOf(err) === 404) return undefined;
       throw this.failure(err, what, key);
     }
   }

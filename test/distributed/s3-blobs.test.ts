@@ -14,7 +14,7 @@ import { Catalog } from '../../store/catalog/catalog';
 import { SqliteCatalog } from '../../store/catalog/sqlite';
 import { S3BlobStore } from '../../store/blobs/s3';
 import { BlobsLocation, idOfKey, objectKey, parseBlobsUrl } from '../../store/blobs/s3-url';
-import { S3Put, S3PutError, S3PutOptions } from '../../store/blobs/s3-put';
+import { S3Http, S3HttpError, S3HttpOptions } from '../../store/blobs/s3-http';
 import { Random, seedFromEnv } from '../support/random';
 import { rgwForSuite } from '../support/rgw';
 import { bucketForEachTest } from '../support/s3-bucket';
@@ -894,11 +894,11 @@ describe('S3 blob store (real Ceph RGW)', function () {
     });
     const body = Buffer.from(Array.from({ length: 70_000 }, (_, i) => (i * 31) % 251));
     const md5 = crypto.createHash('md5').update(body).digest();
-    const putter = (location: BlobsLocation, options: Partial<S3PutOptions> = {}) => {
+    const putter = (location: BlobsLocation, options: Partial<S3HttpOptions> = {}) => {
       const agent = new http.Agent({ keepAlive: true });
       agents.push(agent);
       const tries: Array<number | undefined> = [];
-      const put = new S3Put({
+      const put = new S3Http({
         location,
         credentials: async () => ({ accessKeyId: process.env.AWS_ACCESS_KEY_ID!, secretAccessKey: process.env.AWS_SECRET_ACCESS_KEY! }),
         agent,
@@ -906,7 +906,7 @@ describe('S3 blob store (real Ceph RGW)', function () {
         connectTimeoutMs: 1_000,
         requestTimeoutMs: 300,
         socketIdleTimeoutMs: 300,
-        onTry: (_seconds, status) => tries.push(status),
+        onTry: (_operation, _seconds, status) => tries.push(status),
         ...options,
       });
       return { put, tries };
@@ -932,7 +932,7 @@ describe('S3 blob store (real Ceph RGW)', function () {
       response.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${code} said the test</Message></Error>`);
     };
     const isPutError = (status: number | undefined, name: string, attempts: number) => (err: unknown) =>
-      err instanceof S3PutError && err.$metadata.httpStatusCode === status && err.name === name && err.$metadata.attempts === attempts;
+      err instanceof S3HttpError && err.$metadata.httpStatusCode === status && err.name === name && err.$metadata.attempts === attempts;
 
     it('a PUT signed here lands on RGW with its bytes; write-once holds; a wrong secret is refused once, not tried again', async () => {
       const location = parseBlobsUrl(urlOf(s3.bucket));
@@ -946,6 +946,31 @@ describe('S3 blob store (real Ceph RGW)', function () {
       await assert.rejects(wrong.put.put('arbor/direct/denied', body, md5, true), isPutError(403, 'SignatureDoesNotMatch', 1));
       assert.deepEqual(tries, [200, 412, 400]);
       assert.deepEqual(wrong.tries, [403]);
+    });
+
+    it('a GET signed here reads an object whole or a range of it; a missing one is undefined, asked once', async () => {
+      const location = parseBlobsUrl(urlOf(s3.bucket));
+      const { put, tries } = putter(location);
+      await put.put('arbor/direct/read me', body, md5, true);
+      assert.ok((await put.get('arbor/direct/read me'))!.equals(body));
+      assert.ok((await put.get('arbor/direct/read me', 'bytes=65530-65545'))!.equals(body.subarray(65530, 65546)));
+      assert.equal(await put.get('arbor/direct/nothing here'), undefined);
+      assert.deepEqual(tries, [200, 200, 206, 404]);
+    });
+
+    it('a GET whose answer ends short of its Content-Length is tried again', async () => {
+      const { location, seen } = await fakeS3((n, request, response) => {
+        response.writeHead(200, { 'content-length': String(body.length) });
+        if (n === 1) {
+          response.write(body.subarray(0, 1000));
+          setTimeout(() => request.socket.destroy(), 20);
+        } else response.end(body);
+      });
+      const { put, tries } = putter(location);
+      assert.ok((await put.get('arbor/k'))!.equals(body));
+      assert.equal(seen.length, 2);
+      assert.deepEqual(tries, [undefined, 200]);
+      assert.equal(seen[1].headers['x-amz-content-sha256'], crypto.createHash('sha256').digest('hex'), 'a GET signs the hash of no body');
     });
 
     it('sends the key encoded once, the MD5, If-None-Match, the signed hash of the body, and a SigV4 signature', async () => {
@@ -984,7 +1009,7 @@ describe('S3 blob store (real Ceph RGW)', function () {
       const dropped = putter(dropping.location);
       await assert.rejects(
         dropped.put.put('arbor/k', body, md5, true),
-        (err: unknown) => err instanceof S3PutError && err.$metadata.httpStatusCode === undefined && err.$metadata.attempts === 3 && err.code === 'ECONNRESET',
+        (err: unknown) => err instanceof S3HttpError && err.$metadata.httpStatusCode === undefined && err.$metadata.attempts === 3 && err.code === 'ECONNRESET',
       );
       assert.deepEqual(dropped.tries, [undefined, undefined, undefined]);
     });
