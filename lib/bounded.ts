@@ -1,5 +1,12 @@
 /** Work with a bound on how much of it runs at once. */
 
+/** `items` in consecutive runs of at most `size` (a request's or a transaction's bound). */
+export function chunksOf<T>(items: readonly T[], size: number): T[][] {
+  const chunks: T[][] = [];
+  for (let i = 0; i < items.length; i += size) chunks.push(items.slice(i, i + size));
+  return chunks;
+}
+
 /** Runs the tasks with at most `limit` in flight; rejects with the first failure after all settle. */
 export async function runBounded(tasks: Array<() => Promise<void>>, limit: number): Promise<void> {
   let next = 0;

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { Catalog, Op } from '../catalog/catalog';
 import { Check, count, decode, shape, string } from '../decode';
-import { runBounded } from '../../lib/bounded';
+import { chunksOf, runBounded } from '../../lib/bounded';
 import { maxCatalogOpsPerTxn, s3PackIndexReadConcurrency } from '../limits';
 
 /** Where a packed blob's bytes are: which pack object, and where in it. */
@@ -45,10 +45,8 @@ export class PackIndex {
    */
   async locateMany(ids: number[]): Promise<Map<number, PackedAt>> {
     const found = new Map<number, PackedAt>();
-    const chunks: number[][] = [];
-    for (let i = 0; i < ids.length; i += maxCatalogOpsPerTxn) chunks.push(ids.slice(i, i + maxCatalogOpsPerTxn));
     await runBounded(
-      chunks.map((chunk) => async () => {
+      chunksOf(ids, maxCatalogOpsPerTxn).map((chunk) => async () => {
         const entries = await this.catalog.getMany(chunk.map(keyOf));
         entries.forEach((entry, i) => entry && found.set(chunk[i], decode(entry, 'a packed blob', packedShape)));
       }),
@@ -59,10 +57,10 @@ export class PackIndex {
 
   /** Forgets the blobs' places (those that have none are ignored); their packs go once nothing uses them (`packsInUse`). */
   async forget(ids: number[]): Promise<void> {
-    for (let i = 0; i < ids.length; i += maxCatalogOpsPerTxn) {
+    for (const chunk of chunksOf(ids, maxCatalogOpsPerTxn)) {
       await this.catalog.txn(
         [],
-        ids.slice(i, i + maxCatalogOpsPerTxn).map((id): Op => ({ type: 'delete', key: keyOf(id) })),
+        chunk.map((id): Op => ({ type: 'delete', key: keyOf(id) })),
       );
     }
   }

@@ -33,7 +33,8 @@ type SourceData = string | ArrayBuffer | ArrayBufferView;
 export interface S3HttpOptions {
   location: BlobsLocation;
   credentials: () => Promise<S3Credentials>;
-  agent: http.Agent;
+  /** Keep-alive connections to the endpoint, at most. */
+  maxSockets: number;
   maxAttempts: number;
   connectTimeoutMs: number;
   /** Per try: from sending to the whole answer. */
@@ -67,6 +68,8 @@ const throttlingCodes = new Set(['SlowDown', 'Throttling', 'ThrottlingException'
 export class S3Http {
   private readonly signer: SignatureV4;
   private readonly target: { protocol: 'http:' | 'https:'; hostname: string; port?: number; host: string; pathPrefix: string };
+  /** Its own connections, apart from the SDK client's. */
+  private readonly agent: http.Agent;
 
   constructor(private readonly options: S3HttpOptions) {
     const { location } = options;
@@ -94,6 +97,13 @@ export class S3Http {
       const hostname = virtual ? `${location.bucket}.s3.${location.region}.amazonaws.com` : `s3.${location.region}.amazonaws.com`;
       this.target = { protocol: 'https:', hostname, host: hostname, pathPrefix: virtual ? '/' : `/${encodeSegment(location.bucket)}/` };
     }
+    const agentOptions = { keepAlive: true, maxSockets: options.maxSockets };
+    this.agent = this.target.protocol === 'https:' ? new https.Agent(agentOptions) : new http.Agent(agentOptions);
+  }
+
+  /** Closes its connections; requests in flight fail. */
+  destroy(): void {
+    this.agent.destroy();
   }
 
   /** Uploads `body` to `key` with its MD5 (checked by the server); `ifNoneMatch`: only where no object is. */
@@ -145,13 +155,8 @@ export class S3Http {
     attempt: number,
   ): Promise<Buffer> {
     const { protocol, hostname, port } = this.target;
-    let signed;
-    try {
-      signed = await this.signer.sign({ method, protocol, hostname, port, path, query: {}, headers });
-    } catch (err) {
-      // No credentials, or a provider that failed: the SDK's error, with its name, as it is.
-      throw err instanceof Error ? err : new Error(String(err));
-    }
+    // No credentials, or a provider that failed: the SDK's error goes to the caller as it is.
+    const signed = await this.signer.sign({ method, protocol, hostname, port, path, query: {}, headers });
     const began = performance.now();
     let status: number | undefined;
     try {
@@ -175,7 +180,8 @@ export class S3Http {
     body: Buffer | undefined,
     attempt: number,
   ): Promise<{ status: number; body: Buffer }> {
-    const { connectTimeoutMs, requestTimeoutMs, socketIdleTimeoutMs, agent } = this.options;
+    const { connectTimeoutMs, requestTimeoutMs, socketIdleTimeoutMs } = this.options;
+    const agent = this.agent;
     const { protocol, hostname, port } = this.target;
     return new Promise((resolve, reject) => {
       const request = (protocol === 'https:' ? https : http).request({ method, hostname, port, path, headers, agent, timeout: socketIdleTimeoutMs });
@@ -205,11 +211,10 @@ export class S3Http {
         response.on('close', () => fail('Error', 'the connection closed before the answer ended', 'ECONNRESET'));
         response.on('end', () => {
           // An answer cut short never ends: Node's parser reports it as an error (above).
-          const received = Buffer.concat(chunks);
           if (done) return;
           done = true;
           clearTimeout(whole);
-          resolve({ status: response.statusCode ?? 0, body: received });
+          resolve({ status: response.statusCode ?? 0, body: Buffer.concat(chunks) });
         });
       });
       request.end(body);

@@ -1,8 +1,6 @@
 import crypto from 'node:crypto';
-import http from 'node:http';
-import https from 'node:https';
 import { CreateBucketCommand, DeleteObjectsCommand, HeadBucketCommand, HeadObjectCommand, ListObjectsV2Command, S3Client } from '@aws-sdk/client-s3';
-import { runBounded } from '../../lib/bounded';
+import { chunksOf, runBounded } from '../../lib/bounded';
 import { Log, silentLog } from '../../lib/logger';
 import { s3Requests } from '../../lib/metrics';
 import { bytesOfClass, classOf, sizeClassCount } from '../blob-id';
@@ -117,7 +115,6 @@ export class S3BlobStore implements BlobStore {
   private closed = false;
   /** PutObject's and GetObject's own path (store/blobs/s3-http.ts), on its own keep-alive connections. */
   private readonly direct: S3Http;
-  private readonly directAgent: http.Agent;
 
   private constructor(
     readonly location: BlobsLocation,
@@ -128,12 +125,10 @@ export class S3BlobStore implements BlobStore {
     private readonly packGraceMs: number,
     requestTimeoutMs: number,
   ) {
-    const agentOptions = { keepAlive: true, maxSockets: s3MaxSockets };
-    this.directAgent = location.endpoint?.startsWith('http:') ? new http.Agent(agentOptions) : new https.Agent(agentOptions);
     this.direct = new S3Http({
       location,
       credentials: () => client.config.credentials(),
-      agent: this.directAgent,
+      maxSockets: s3MaxSockets,
       maxAttempts: s3MaxAttempts,
       connectTimeoutMs: s3ConnectTimeoutMs,
       requestTimeoutMs,
@@ -367,10 +362,8 @@ export class S3BlobStore implements BlobStore {
 
   /** Deletes objects, in DeleteObjects batches; keys that do not exist are ignored. */
   private async deleteObjects(keys: string[]): Promise<void> {
-    const batches: string[][] = [];
-    for (let i = 0; i < keys.length; i += s3DeleteBatchKeys) batches.push(keys.slice(i, i + s3DeleteBatchKeys));
     await runBounded(
-      batches.map((keys) => async () => {
+      chunksOf(keys, s3DeleteBatchKeys).map((keys) => async () => {
         let errors: Array<{ Key?: string; Code?: string; Message?: string }> | undefined;
         try {
           const out = await this.client.send(
@@ -455,7 +448,7 @@ export class S3BlobStore implements BlobStore {
     );
     this.cache.close();
     this.client.destroy();
-    this.directAgent.destroy();
+    this.direct.destroy();
   }
 
   private async upload(id: number, packedBefore?: Promise<Map<number, PackedAt>>): Promise<void> {

@@ -129,6 +129,24 @@ async function timedRequests(operation: string, status: string): Promise<number>
   return count?.value ?? 0;
 }
 
+/** A server on loopback that accepts connections and never answers; `close` drops them and stops it. */
+async function silentServer(): Promise<{ port: number; close: () => Promise<void> }> {
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on('error', () => {});
+    socket.on('close', () => sockets.delete(socket));
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    close: async () => {
+      for (const socket of sockets) socket.destroy();
+      await new Promise((resolve) => server.close(resolve));
+    },
+  };
+}
+
 describe('S3 blob store (real Ceph RGW)', function () {
   this.timeout(120_000);
   const suite = rgwForSuite();
@@ -863,45 +881,35 @@ describe('S3 blob store (real Ceph RGW)', function () {
   });
 
   it('an endpoint that accepts connections and never answers fails requests after the timeout and bounded tries, not never', async () => {
-    const sockets = new Set<net.Socket>();
-    const server = net.createServer((socket) => {
-      sockets.add(socket);
-      socket.on('error', () => {});
-      socket.on('close', () => sockets.delete(socket));
-    });
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    const port = (server.address() as net.AddressInfo).port;
+    const silent = await silentServer();
     try {
       const t0 = Date.now();
       await assert.rejects(
-        open(cacheDir(), { url: `s3://${s3.bucket}/arbor?endpoint=http://127.0.0.1:${port}`, requestTimeoutMs: 300 }),
+        open(cacheDir(), { url: `s3://${s3.bucket}/arbor?endpoint=http://127.0.0.1:${silent.port}`, requestTimeoutMs: 300 }),
         (err: unknown) => isArborError(err, 'unavailable') && /checking that the bucket exists failed after 3 tries \(TimeoutError/.test(err.message),
       );
       const elapsed = Date.now() - t0;
       assert.ok(elapsed >= 900 && elapsed < 5_000, `failed after ${elapsed} ms`);
     } finally {
-      for (const socket of sockets) socket.destroy();
-      await new Promise((resolve) => server.close(resolve));
+      await silent.close();
     }
   });
 
   describe('PutObject on its own path, signed here (no SDK middleware)', () => {
-    const agents: http.Agent[] = [];
-    const servers: Array<net.Server | http.Server> = [];
+    const clients: S3Http[] = [];
+    const servers: http.Server[] = [];
     afterEach(async () => {
-      for (const agent of agents.splice(0)) agent.destroy();
+      for (const client of clients.splice(0)) client.destroy();
       for (const server of servers.splice(0)) await new Promise((resolve) => server.close(resolve));
     });
     const body = Buffer.from(Array.from({ length: 70_000 }, (_, i) => (i * 31) % 251));
     const md5 = crypto.createHash('md5').update(body).digest();
     const putter = (location: BlobsLocation, options: Partial<S3HttpOptions> = {}) => {
-      const agent = new http.Agent({ keepAlive: true });
-      agents.push(agent);
       const tries: Array<number | undefined> = [];
       const put = new S3Http({
         location,
         credentials: async () => ({ accessKeyId: process.env.AWS_ACCESS_KEY_ID!, secretAccessKey: process.env.AWS_SECRET_ACCESS_KEY! }),
-        agent,
+        maxSockets: 8,
         maxAttempts: 3,
         connectTimeoutMs: 1_000,
         requestTimeoutMs: 300,
@@ -909,6 +917,7 @@ describe('S3 blob store (real Ceph RGW)', function () {
         onTry: (_operation, _seconds, status) => tries.push(status),
         ...options,
       });
+      clients.push(put);
       return { put, tries };
     };
     /** An HTTP server on loopback that answers each request as `answer` says, and keeps what it was sent. */
@@ -1015,21 +1024,14 @@ describe('S3 blob store (real Ceph RGW)', function () {
     });
 
     it('a server that never answers fails each try at the request timeout: three tries, then a TimeoutError', async () => {
-      const sockets = new Set<net.Socket>();
-      const server = net.createServer((socket) => {
-        sockets.add(socket);
-        socket.on('error', () => {});
-        socket.on('close', () => sockets.delete(socket));
-      });
-      servers.push(server);
-      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-      const location = parseBlobsUrl(`s3://silent/arbor?endpoint=http://127.0.0.1:${(server.address() as net.AddressInfo).port}&region=us-east-1`);
+      const silent = await silentServer();
+      const location = parseBlobsUrl(`s3://silent/arbor?endpoint=http://127.0.0.1:${silent.port}&region=us-east-1`);
       const { put, tries } = putter(location);
       const t0 = Date.now();
       try {
         await assert.rejects(put.put('arbor/k', body, md5, true), isPutError(undefined, 'TimeoutError', 3));
       } finally {
-        for (const socket of sockets) socket.destroy();
+        await silent.close();
       }
       const elapsed = Date.now() - t0;
       assert.ok(elapsed >= 900 && elapsed < 5_000, `failed after ${elapsed} ms`);
