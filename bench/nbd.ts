@@ -7,7 +7,9 @@
  *     extent, extents in order (fio's strided zones), so every write is a
  *     copy-on-write of a shared extent, against a fresh qcow2 overlay on the raw
  *     image (qemu-nbd; each write allocates a cluster and copies it from the backing
- *     file) and `nbdkit file` on a raw copy (no copy at all);
+ *     file) and `nbdkit file` on a raw copy (no copy at all); the same writes into a
+ *     fresh sparse file through nbdkit (new data, as a clone's are) are printed beside
+ *     them, for comparison;
  *   - 4 KiB random writes once a clone is written (all over, by one sequential
  *     pass: the first writes' clone holds one page per extent, so most writes to it
  *     are still first writes; both rows are printed), 1 MiB sequential reads and
@@ -273,11 +275,19 @@ async function qosCost(dir: string): Promise<void> {
 
 /**
  * What a full run writes to the temporary directory's disk, in golden images: the raw
- * golden, the golden volume, nbdkit's raw copy and fresh sparse file, a clone written
+ * golden, the golden volume, nbdkit's raw copy and fresh sparse files, a clone written
  * all over, the clones the timed sequential writes fill, and the QoS part's volumes.
  * A run on 4 GiB filled the last 22 GB of a disk, so the check comes first.
  */
 const goldensOfDisk = 7;
+
+/** An empty sparse file of the golden image's size in `dir`. */
+function sparseFile(dir: string, name: string): string {
+  const file = path.join(dir, name);
+  fs.closeSync(fs.openSync(file, 'w'));
+  fs.truncateSync(file, goldenBytes);
+  return file;
+}
 
 /** Refuses to start a run that would fill the disk halfway through (fio then fails with I/O errors). */
 function checkFreeDisk(dir: string): void {
@@ -364,11 +374,11 @@ async function main(): Promise<void> {
     const nbdkitWrite = await nbdkit(dir, copy, false);
     // And an empty sparse file: writes of new data, as a clone's are (not a target's
     // peer; on a VM where new page-cache pages are slow, it shows what new data costs).
-    const fresh = path.join(dir, 'fresh.raw');
-    fs.closeSync(fs.openSync(fresh, 'w'));
-    fs.truncateSync(fresh, goldenBytes);
-    const nbdkitFresh = await nbdkit(dir, fresh, false);
-    cleanups.push(nbdkitRead.stop, nbdkitWrite.stop, nbdkitFresh.stop);
+    // One for the first writes' pattern, one for sequential writes: neither run may find
+    // the other's pages cached.
+    const nbdkitFresh = await nbdkit(dir, sparseFile(dir, 'fresh.raw'), false);
+    const nbdkitFreshFirst = await nbdkit(dir, sparseFile(dir, 'fresh-first.raw'), false);
+    cleanups.push(nbdkitRead.stop, nbdkitWrite.stop, nbdkitFresh.stop, nbdkitFreshFirst.stop);
 
     const rows: string[][] = [];
     const run = (what: string, who: string, target: string, w: Workload, extra: string[] = [], timeBased = true): FioResult => {
@@ -419,6 +429,7 @@ async function main(): Promise<void> {
     const firstQcow = run('4 KiB first writes QD16', 'qemu-nbd, fresh qcow2 overlay', qcow.uri, firstWrite, strided, false);
     await qcow.stop();
     const firstPeer = run('4 KiB first writes QD16', 'nbdkit file, raw copy', nbdkitWrite.uri, firstWrite, strided, false);
+    const firstNew = run('4 KiB first writes QD16', 'nbdkit file, fresh sparse file', nbdkitFreshFirst.uri, firstWrite, strided, false);
     targets.push(checkTarget('4 KiB first writes QD16 / qemu-nbd qcow2 overlay', first.iops / firstQcow.iops, { atLeast: 2.0 }));
     targets.push(checkTarget('4 KiB first writes QD16 / nbdkit file', first.iops / firstPeer.iops, { atLeast: 1.0 }));
 
@@ -528,6 +539,9 @@ async function main(): Promise<void> {
       `server memory with ${attachedVolumes} volumes attached: RSS ${fmt(memory.rss / MiB, 0)} MB, peak ${fmt(memory.peak / MiB, 0)} MB over the whole run`,
     );
     console.log(`the same ${concurrentVolumes}-job fio runs against nbdkit, for comparison: ${peerScaling.join('; ')}`);
+    console.log(
+      `new data, for comparison: the first writes' pattern into a fresh sparse file through nbdkit ${fmt(firstNew.iops, 0)} IOPS, into its raw copy ${fmt(firstPeer.iops, 0)} IOPS; Arbor's fresh clone / the sparse file ${fmt(first.iops / firstNew.iops, 2)}x`,
+    );
     console.log(
       `new data, for comparison: 1 MiB sequential writes into a fresh sparse file through nbdkit ${fmt(seqWritesNew.mibs, 0)} MiB/s, into its raw copy ${fmt(seqWritesPeer.mibs, 0)} MiB/s; Arbor's fresh clone / the sparse file ${fmt(seqWrites.mibs / seqWritesNew.mibs, 2)}x`,
     );
