@@ -20,7 +20,10 @@
  *     server's resident memory;
  *   - 16 volumes doing 4 KiB random reads (and writes) at once: their aggregate
  *     IOPS against one volume doing the same alone;
- * then prints every target with met or MISSED. Then the cost of the QoS check
+ * Every row also gives the serving process's CPU over the run and how often its threads
+ * were preempted, Arbor's and its peers' alike, so that a ratio comes with what bounds
+ * it (more work per request, or less of the machine). Then prints every target with
+ * met or MISSED. Then the cost of the QoS check
  * (issue 15) on the request path: one store and NBD server in this process, one
  * volume served through exports with the check (unlimited: the fast path; and
  * limited far above what fio reaches) and without it, runs alternated so drift falls
@@ -50,6 +53,7 @@ import {
   fioNbd,
   fioResult,
   fmt,
+  nowMs,
   printTable,
   printTargets,
   pageCacheWrites,
@@ -85,12 +89,19 @@ async function waitForSocket(socketPath: string): Promise<void> {
   if (!fs.existsSync(socketPath)) throw new Error(`${socketPath} did not appear`);
 }
 
-async function qemuNbd(dir: string, format: string, file: string): Promise<{ uri: string; stop: () => Promise<void> }> {
+/** A server fio runs against: where, and which process serves it (its CPU is measured). */
+interface Served {
+  uri: string;
+  pid: number;
+}
+
+async function qemuNbd(dir: string, format: string, file: string): Promise<Served & { stop: () => Promise<void> }> {
   const socket = path.join(dir, `qemu-${path.basename(file)}.sock`);
   const child: ChildProcess = spawn('qemu-nbd', ['-t', '-e', '8', '-f', format, '-k', socket, file], { stdio: 'ignore' });
   await waitForSocket(socket);
   return {
     uri: `nbd+unix:///?socket=${socket}`,
+    pid: child.pid!,
     stop: async () => {
       const exited = new Promise((r) => child.once('exit', r));
       child.kill('SIGTERM');
@@ -101,7 +112,7 @@ async function qemuNbd(dir: string, format: string, file: string): Promise<{ uri
 }
 
 /** `nbdkit file` on `file` (read-only when asked), on a unix socket in `dir`. */
-async function nbdkit(dir: string, file: string, readOnly: boolean): Promise<{ uri: string; stop: () => Promise<void> }> {
+async function nbdkit(dir: string, file: string, readOnly: boolean): Promise<Served & { stop: () => Promise<void> }> {
   const socket = path.join(dir, `nbdkit-${path.basename(file)}.sock`);
   const child: ChildProcess = spawn('nbdkit', ['--foreground', '--exit-with-parent', ...(readOnly ? ['-r'] : []), '--unix', socket, 'file', file], {
     stdio: 'ignore',
@@ -109,6 +120,7 @@ async function nbdkit(dir: string, file: string, readOnly: boolean): Promise<{ u
   await waitForSocket(socket);
   return {
     uri: `nbd+unix:///?socket=${socket}`,
+    pid: child.pid!,
     stop: async () => {
       if (child.exitCode !== null) return;
       const exited = new Promise((r) => child.once('exit', r));
@@ -188,6 +200,56 @@ function residentMemory(pid: number): { rss: number; peak: number } {
   const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
   const kib = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)![1]) * 1024;
   return { rss: kib('VmRSS'), peak: kib('VmHWM') };
+}
+
+const clockTicksPerSecond = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
+
+/** A process's CPU so far (all its threads) and how often its threads were preempted, from /proc. */
+interface ProcessTimes {
+  userSeconds: number;
+  systemSeconds: number;
+  preemptions: number;
+  atMs: number;
+}
+
+function processTimes(pid: number): ProcessTimes {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // Fields after the command (which may hold spaces), from the state (field 3): utime is 14, stime 15.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  let preemptions = 0;
+  for (const thread of fs.readdirSync(`/proc/${pid}/task`)) {
+    try {
+      const status = fs.readFileSync(`/proc/${pid}/task/${thread}/status`, 'utf8');
+      preemptions += Number(/^nonvoluntary_ctxt_switches:\s+(\d+)$/m.exec(status)![1]);
+    } catch {
+      // The thread ended meanwhile.
+    }
+  }
+  return {
+    userSeconds: Number(fields[11]) / clockTicksPerSecond,
+    systemSeconds: Number(fields[12]) / clockTicksPerSecond,
+    preemptions,
+    atMs: nowMs(),
+  };
+}
+
+/**
+ * The server's side of a row: its CPU over the run (ramp included) as cores, user and
+ * system; CPU per I/O (cores / IOPS); and its threads' involuntary context switches a
+ * second: where a server falls behind its peer, whether it worked more per request or
+ * got less of the machine.
+ */
+function serverColumns(before: ProcessTimes, after: ProcessTimes, iops: number): string[] {
+  const seconds = (after.atMs - before.atMs) / 1000;
+  const user = (after.userSeconds - before.userSeconds) / seconds;
+  const system = (after.systemSeconds - before.systemSeconds) / seconds;
+  return [
+    fmt(user + system, 2),
+    fmt(user, 2),
+    fmt(system, 2),
+    fmt(((user + system) / iops) * 1e6, 1),
+    fmt((after.preemptions - before.preemptions) / seconds, 0),
+  ];
 }
 
 /** fio against a server in this process: it must not block the event loop (fioNbd does). */
@@ -343,6 +405,7 @@ async function main(): Promise<void> {
     const csi = csiClient(csiSocket);
     cleanups.push(async () => csi.close());
     const uri = (volume: string) => `nbd+unix:///${volume}?socket=${nbdSocket}`;
+    const arborVolume = (volume: string): Served => ({ uri: uri(volume), pid: serverPid });
 
     process.stderr.write(`filling a ${goldenBytes / GiB} GiB golden raw image and the golden volume...\n`);
     const golden = path.join(dir, 'golden.raw');
@@ -381,11 +444,28 @@ async function main(): Promise<void> {
     cleanups.push(nbdkitRead.stop, nbdkitWrite.stop, nbdkitFresh.stop, nbdkitFreshFirst.stop);
 
     const rows: string[][] = [];
-    const run = (what: string, who: string, target: string, w: Workload, extra: string[] = [], timeBased = true): FioResult => {
+    const run = (what: string, who: string, server: Served, w: Workload, extra: string[] = [], timeBased = true): FioResult => {
       settleDisk();
       process.stderr.write(`${what}: ${who}...\n`);
-      const res = fioNbd(target, w, goldenBytes, runtime, extra, timeBased);
-      rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1)]);
+      const before = processTimes(server.pid);
+      const res = fioNbd(server.uri, w, goldenBytes, runtime, extra, timeBased);
+      const cost = serverColumns(before, processTimes(server.pid), res.iops);
+      rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1), ...cost]);
+      return res;
+    };
+    /** One fio job per server at once (one server process behind all of them), as one row of their sum. */
+    const runMany = (what: string, who: string, servers: Served[], w: Workload): FioResult => {
+      settleDisk();
+      process.stderr.write(`${what}: ${who}...\n`);
+      const before = processTimes(servers[0].pid);
+      const res = fioMany(
+        servers.map((server) => server.uri),
+        w,
+        goldenBytes,
+        runtime,
+      );
+      const cost = serverColumns(before, processTimes(servers[0].pid), res.iops);
+      rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1), ...cost]);
       return res;
     };
     const targets: TargetResult[] = [];
@@ -411,8 +491,8 @@ async function main(): Promise<void> {
 
     const readClone = await freshClone();
     const [reads, readsPeer] = paired(
-      () => run('4 KiB random read QD16', 'arbor, fresh clone', uri(readClone), randRead),
-      () => run('4 KiB random read QD16', 'nbdkit file, raw golden', nbdkitRead.uri, randRead),
+      () => run('4 KiB random read QD16', 'arbor, fresh clone', arborVolume(readClone), randRead),
+      () => run('4 KiB random read QD16', 'nbdkit file, raw golden', nbdkitRead, randRead),
     );
     targets.push(checkTarget('4 KiB random read QD16 / nbdkit file', reads.iops / readsPeer.iops, { atLeast: 1.2 }));
 
@@ -421,15 +501,15 @@ async function main(): Promise<void> {
     const strided = ['--zonemode=strided', '--zonesize=4k', `--zonerange=${64 * 1024}`, `--io_size=${goldenBytes / 16}`];
     const writeClone = await freshClone();
     const writtenBefore = bytesWritten(serverPid);
-    const first = run('4 KiB first writes QD16', 'arbor, fresh clone', uri(writeClone), firstWrite, strided, false);
+    const first = run('4 KiB first writes QD16', 'arbor, fresh clone', arborVolume(writeClone), firstWrite, strided, false);
     const firstWriteBytes = (bytesWritten(serverPid) - writtenBefore) / (goldenBytes / (64 * 1024));
     const overlay = path.join(dir, 'overlay.qcow2');
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', golden, '-F', 'raw', overlay]);
     const qcow = await qemuNbd(dir, 'qcow2', overlay);
-    const firstQcow = run('4 KiB first writes QD16', 'qemu-nbd, fresh qcow2 overlay', qcow.uri, firstWrite, strided, false);
+    const firstQcow = run('4 KiB first writes QD16', 'qemu-nbd, fresh qcow2 overlay', qcow, firstWrite, strided, false);
     await qcow.stop();
-    const firstPeer = run('4 KiB first writes QD16', 'nbdkit file, raw copy', nbdkitWrite.uri, firstWrite, strided, false);
-    const firstNew = run('4 KiB first writes QD16', 'nbdkit file, fresh sparse file', nbdkitFreshFirst.uri, firstWrite, strided, false);
+    const firstPeer = run('4 KiB first writes QD16', 'nbdkit file, raw copy', nbdkitWrite, firstWrite, strided, false);
+    const firstNew = run('4 KiB first writes QD16', 'nbdkit file, fresh sparse file', nbdkitFreshFirst, firstWrite, strided, false);
     targets.push(checkTarget('4 KiB first writes QD16 / qemu-nbd qcow2 overlay', first.iops / firstQcow.iops, { atLeast: 2.0 }));
     targets.push(checkTarget('4 KiB first writes QD16 / nbdkit file', first.iops / firstPeer.iops, { atLeast: 1.0 }));
 
@@ -437,87 +517,63 @@ async function main(): Promise<void> {
     // are still first writes into its patches (new data). A clone written all over
     // (one sequential pass, untimed) is what "once written" means: every write lands
     // in place, on data the clone owns, as nbdkit's land on its raw copy.
-    run('4 KiB random write QD16', 'arbor, clone with one page per extent written', uri(writeClone), randWrite);
+    run('4 KiB random write QD16', 'arbor, clone with one page per extent written', arborVolume(writeClone), randWrite);
     const filledClone = await freshClone();
     settleDisk();
     process.stderr.write('writing a fresh clone all over (1 MiB sequential writes, one pass)...\n');
     fioNbd(uri(filledClone), seqWrite, goldenBytes, runtime, [], false);
     const [written, writtenPeer] = paired(
-      () => run('4 KiB random write QD16', 'arbor, clone written all over', uri(filledClone), randWrite),
-      () => run('4 KiB random write QD16', 'nbdkit file, raw copy', nbdkitWrite.uri, randWrite),
+      () => run('4 KiB random write QD16', 'arbor, clone written all over', arborVolume(filledClone), randWrite),
+      () => run('4 KiB random write QD16', 'nbdkit file, raw copy', nbdkitWrite, randWrite),
     );
     targets.push(checkTarget('4 KiB random write QD16, written clone / nbdkit file', written.iops / writtenPeer.iops, { atLeast: 1.0 }));
 
     const [seqReads, seqReadsPeer] = paired(
-      () => run('1 MiB sequential read QD4', 'arbor, fresh clone', uri(readClone), seqRead),
-      () => run('1 MiB sequential read QD4', 'nbdkit file, raw golden', nbdkitRead.uri, seqRead),
+      () => run('1 MiB sequential read QD4', 'arbor, fresh clone', arborVolume(readClone), seqRead),
+      () => run('1 MiB sequential read QD4', 'nbdkit file, raw golden', nbdkitRead, seqRead),
     );
     targets.push(checkTarget('1 MiB sequential read QD4 / nbdkit file', seqReads.mibs / seqReadsPeer.mibs, { atLeast: 0.9 }));
     // A fresh clone each round: on the round before's clone, the writes would land in place.
     const seqClones: string[] = [];
     for (let round = 0; round < pairedRounds; round++) seqClones.push(await freshClone());
     const [seqWrites, seqWritesPeer] = paired(
-      (round) => run('1 MiB sequential write QD4', 'arbor, fresh clone', uri(seqClones[round]), seqWrite),
-      () => run('1 MiB sequential write QD4', 'nbdkit file, raw copy', nbdkitWrite.uri, seqWrite),
+      (round) => run('1 MiB sequential write QD4', 'arbor, fresh clone', arborVolume(seqClones[round]), seqWrite),
+      () => run('1 MiB sequential write QD4', 'nbdkit file, raw copy', nbdkitWrite, seqWrite),
     );
     targets.push(checkTarget('1 MiB sequential write QD4 / nbdkit file', seqWrites.mibs / seqWritesPeer.mibs, { atLeast: 0.9 }));
-    const seqWritesNew = run('1 MiB sequential write QD4', 'nbdkit file, fresh sparse file', nbdkitFresh.uri, seqWrite);
+    const seqWritesNew = run('1 MiB sequential write QD4', 'nbdkit file, fresh sparse file', nbdkitFresh, seqWrite);
     const pageCache = pageCacheWrites(dir);
 
     process.stderr.write(`building ${generations} generations of clones of clones...\n`);
     const lineage = await cloneGenerations(csi, goldSnapshot, nbdSocket, generations);
     const [genLast, genFirst] = paired(
-      () => run('4 KiB random read QD16', `arbor, clone generation ${generations}`, uri(lineage.last), randRead),
-      () => run('4 KiB random read QD16', 'arbor, clone generation 1', uri(lineage.first), randRead),
+      () => run('4 KiB random read QD16', `arbor, clone generation ${generations}`, arborVolume(lineage.last), randRead),
+      () => run('4 KiB random read QD16', 'arbor, clone generation 1', arborVolume(lineage.first), randRead),
     );
     targets.push(checkTarget(`4 KiB random read, clone generation ${generations} / generation 1`, genLast.iops / genFirst.iops, { atLeast: 0.95 }));
 
     const concurrent: string[] = [];
     const peerScaling: string[] = [];
     for (let i = 0; i < concurrentVolumes; i++) concurrent.push(await freshClone());
-    for (const [w, label, peerUri] of [
-      [randRead, 'read', nbdkitRead.uri],
-      [randWrite, 'write', nbdkitWrite.uri],
+    for (const [w, label, peer] of [
+      [randRead, 'read', nbdkitRead],
+      [randWrite, 'write', nbdkitWrite],
     ] as const) {
-      const alone = run(`4 KiB random ${label} QD16`, 'arbor, one volume alone', uri(concurrent[0]), w);
-      settleDisk();
-      process.stderr.write(`4 KiB random ${label}: ${concurrentVolumes} volumes at once...\n`);
-      const together = fioMany(
-        concurrent.map((v) => uri(v)),
-        w,
-        goldenBytes,
-        runtime,
-      );
-      rows.push([
-        `4 KiB random ${label} QD16 each`,
-        `arbor, ${concurrentVolumes} volumes at once (sum)`,
-        fmt(together.iops, 0),
-        fmt(together.mibs, 1),
-        fmt(together.p50us, 1),
-        fmt(together.p99us, 1),
-      ]);
+      const alone = run(`4 KiB random ${label} QD16`, 'arbor, one volume alone', arborVolume(concurrent[0]), w);
+      const together = runMany(`4 KiB random ${label} QD16 each`, `arbor, ${concurrentVolumes} volumes at once (sum)`, concurrent.map(arborVolume), w);
       targets.push(
         checkTarget(`4 KiB random ${label}, ${concurrentVolumes} volumes at once / one alone (aggregate IOPS)`, together.iops / alone.iops, { atLeast: 0.9 }),
       );
       // The same ${concurrentVolumes} fio jobs against nbdkit (one connection each, one
       // file): what the clients and the machine allow a server that scales, for
       // comparison (not a target).
-      const peerAlone = run(`4 KiB random ${label} QD16`, 'nbdkit file, one connection alone', peerUri, w);
-      process.stderr.write(`4 KiB random ${label}: ${concurrentVolumes} connections to nbdkit at once...\n`);
-      const peerTogether = fioMany(
-        concurrent.map(() => peerUri),
-        w,
-        goldenBytes,
-        runtime,
-      );
-      rows.push([
+      const peerAlone = run(`4 KiB random ${label} QD16`, 'nbdkit file, one connection alone', peer, w);
+      const peerTogether = runMany(
         `4 KiB random ${label} QD16 each`,
         `nbdkit file, ${concurrentVolumes} connections at once (sum)`,
-        fmt(peerTogether.iops, 0),
-        fmt(peerTogether.mibs, 1),
-        fmt(peerTogether.p50us, 1),
-        fmt(peerTogether.p99us, 1),
-      ]);
+        concurrent.map(() => peer),
+        w,
+      );
       peerScaling.push(`${label}: nbdkit ${concurrentVolumes} connections / one ${fmt(peerTogether.iops / peerAlone.iops, 2)}x`);
     }
 
@@ -529,11 +585,15 @@ async function main(): Promise<void> {
 
     printTable(
       `fio --ioengine=nbd, ${runtime} s per timed run after 2 s ramp (first writes: one pass), ${goldenBytes / GiB} GiB golden, ${os.cpus().length} cores`,
-      ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs'],
+      ['workload', 'target', 'IOPS', 'MiB/s', 'p50 µs', 'p99 µs', 'server cores', 'user', 'sys', 'CPU µs/IO', 'preempted/s'],
       rows,
     );
     console.log(
-      `\nbytes the server handed to write(2) per 4 KiB first write: ${fmt(firstWriteBytes / 1024, 1)} KiB (the pages written, map nodes at commit, and the reply; /proc/PID/io wchar)`,
+      '\nserver columns: its CPU over the run (all threads, ramp included; /proc/PID/stat) in cores, user and system; CPU µs/IO = cores / IOPS; ' +
+        "preempted/s = its threads' involuntary context switches (/proc/PID/task/*/status): less of the machine, not more work",
+    );
+    console.log(
+      `bytes the server handed to write(2) per 4 KiB first write: ${fmt(firstWriteBytes / 1024, 1)} KiB (the pages written, map nodes at commit, and the reply; /proc/PID/io wchar)`,
     );
     console.log(
       `server memory with ${attachedVolumes} volumes attached: RSS ${fmt(memory.rss / MiB, 0)} MB, peak ${fmt(memory.peak / MiB, 0)} MB over the whole run`,
