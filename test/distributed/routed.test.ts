@@ -13,8 +13,12 @@ import { tempDir } from '../support/tmp';
 const MiB = 1024 * 1024;
 const leaseTtl = '2s';
 
-/** A writer that never stops on its own: stamped 4 KiB blocks, a flush every 8, a model of what it wrote (and when) and what was flushed. */
-function startWriter(client: NbdClient, blocks: number) {
+/**
+ * A writer that never stops on its own: stamped 4 KiB blocks, a flush every
+ * `flushEvery` writes (0: only when stopped), a model of what it wrote (and when) and
+ * what was flushed.
+ */
+function startWriter(client: NbdClient, blocks: number, flushEvery = 8) {
   const written = new Map<number, Buffer>();
   const writtenAt = new Map<number, number>();
   let flushed = new Map<number, Buffer>();
@@ -29,7 +33,7 @@ function startWriter(client: NbdClient, blocks: number) {
       written.set(block, data);
       writtenAt.set(block, i);
       writes++;
-      if (i % 8 === 0) {
+      if (flushEvery > 0 && i % flushEvery === 0) {
         await client.flush();
         flushed = new Map(written);
       }
@@ -213,16 +217,34 @@ describe('distributed: every node attaches every volume, ownership follows its u
     await createVolume('orphaned');
     const owner = await client('node-b', 'orphaned');
     const relayed = await client('node-a', 'orphaned');
-    const writer = startWriter(relayed, 512);
+    const flushing = startWriter(relayed, 512);
+    await flushing.waitFor(40);
+    await flushing.stop();
+    // B dies under a writer that does not flush (a writer that does might have just
+    // flushed): every write it got acknowledged is one B never made durable.
+    const writer = startWriter(relayed, 512, 0);
     await writer.waitFor(40);
     await nodes['node-b'].kill();
+    const acknowledgedBeforeDeath = writer.writes;
     owner.destroy();
     await writer.waitFor(40);
     assert.equal(routedHere('node-a', 'orphaned').at(-1), 'here', 'A serves it itself once B’s lease ended');
     await writer.stop();
-    // B acknowledged writes it never flushed and died with them: A sent them again before anything else, so none is lost.
-    for (const [block, data] of writer.written) assert.deepEqual(await relayed.read(block * 4096, 4096), data, `block ${block}`);
-    assert.match(nodes['node-a'].log(), /the changes acknowledged since the last flush were sent again/);
+    // A sent them again before anything else, so none is lost.
+    for (const [block, data] of new Map([...flushing.written, ...writer.written]))
+      assert.deepEqual(await relayed.read(block * 4096, 4096), data, `block ${block}`);
+    const replays = nodes['node-a']
+      .log()
+      .split('\n')
+      .filter((line) => line.includes('the changes acknowledged since the last flush were sent again'))
+      .map((line) => JSON.parse(line) as { volume: string; changes: number })
+      .filter((replay) => replay.volume === 'orphaned');
+    assert.equal(replays.length, 1, 'one move, one replay');
+    // Every write acknowledged before the kill was held (and at most the one in flight then besides).
+    assert.ok(
+      replays[0].changes >= acknowledgedBeforeDeath && replays[0].changes <= acknowledgedBeforeDeath + 1,
+      `${replays[0].changes} changes sent again; ${acknowledgedBeforeDeath} were acknowledged before B died`,
+    );
     await relayed.disconnect();
     await startNode('node-b');
   });
