@@ -77,7 +77,7 @@ const pairedRounds = Number(process.env.BENCH_PAIRED_ROUNDS ?? 2);
 /** The mean of several runs of one workload on one target. */
 function meanOf(runs: FioResult[]): FioResult {
   const mean = (pick: (r: FioResult) => number) => runs.reduce((sum, r) => sum + pick(r), 0) / runs.length;
-  return { iops: mean((r) => r.iops), mibs: mean((r) => r.mibs), p50us: mean((r) => r.p50us), p99us: mean((r) => r.p99us) };
+  return { iops: mean((r) => r.iops), mibs: mean((r) => r.mibs), p50us: mean((r) => r.p50us), p99us: mean((r) => r.p99us), ios: mean((r) => r.ios) };
 }
 
 function sh(command: string, args: string[]): string {
@@ -234,13 +234,16 @@ function processTimes(pid: number): ProcessTimes {
 }
 
 /**
- * The server's side of a row: its CPU over the run (ramp included) as cores, user and
- * system; CPU per I/O (cores / IOPS); and its threads' involuntary context switches a
- * second: where a server falls behind its peer, whether it worked more per request or
- * got less of the machine.
+ * The server's side of a row: its CPU as cores, user and system; CPU per I/O (cores /
+ * IOPS); and its threads' involuntary context switches a second: where a server falls
+ * behind its peer, whether it worked more per request or got less of the machine. A
+ * timed run is taken whole (the ramp runs at the same rate); a one-pass run over the
+ * time its I/O took, since fio's start and exit, idle for the server, are a large part
+ * of a run of a second or two.
  */
-function serverColumns(before: ProcessTimes, after: ProcessTimes, iops: number): string[] {
-  const seconds = (after.atMs - before.atMs) / 1000;
+function serverColumns(before: ProcessTimes, after: ProcessTimes, result: FioResult, onePass: boolean): string[] {
+  const iops = result.iops;
+  const seconds = onePass ? result.ios / iops : (after.atMs - before.atMs) / 1000;
   const user = (after.userSeconds - before.userSeconds) / seconds;
   const system = (after.systemSeconds - before.systemSeconds) / seconds;
   return [
@@ -449,7 +452,7 @@ async function main(): Promise<void> {
       process.stderr.write(`${what}: ${who}...\n`);
       const before = processTimes(server.pid);
       const res = fioNbd(server.uri, w, goldenBytes, runtime, extra, timeBased);
-      const cost = serverColumns(before, processTimes(server.pid), res.iops);
+      const cost = serverColumns(before, processTimes(server.pid), res, !timeBased);
       rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1), ...cost]);
       return res;
     };
@@ -464,7 +467,7 @@ async function main(): Promise<void> {
         goldenBytes,
         runtime,
       );
-      const cost = serverColumns(before, processTimes(servers[0].pid), res.iops);
+      const cost = serverColumns(before, processTimes(servers[0].pid), res, false);
       rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1), ...cost]);
       return res;
     };
@@ -589,7 +592,7 @@ async function main(): Promise<void> {
       rows,
     );
     console.log(
-      '\nserver columns: its CPU over the run (all threads, ramp included; /proc/PID/stat) in cores, user and system; CPU µs/IO = cores / IOPS; ' +
+      '\nserver columns: its CPU (all threads; /proc/PID/stat) in cores, user and system, over the whole run (ramp included), or for one-pass runs over the time their I/O took; CPU µs/IO = cores / IOPS; ' +
         "preempted/s = its threads' involuntary context switches (/proc/PID/task/*/status): less of the machine, not more work",
     );
     console.log(

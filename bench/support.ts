@@ -124,6 +124,8 @@ export interface FioResult {
   mibs: number;
   p50us: number;
   p99us: number;
+  /** I/Os completed in the timed part (after the ramp). */
+  ios: number;
 }
 
 /**
@@ -180,7 +182,7 @@ export function fioResult(out: string, w: Workload): FioResult {
   const job = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
   const side = w.rw.includes('read') ? job.read : job.write;
   const pct = side.clat_ns.percentile as Record<string, number>;
-  return { iops: side.iops, mibs: side.bw_bytes / 1024 / 1024, p50us: pct['50.000000'] / 1000, p99us: pct['99.000000'] / 1000 };
+  return { iops: side.iops, mibs: side.bw_bytes / 1024 / 1024, p50us: pct['50.000000'] / 1000, p99us: pct['99.000000'] / 1000, ios: side.total_ios };
 }
 
 /** One of an issue's targets: what was measured, the bound, and whether it holds. */
