@@ -447,30 +447,28 @@ async function main(): Promise<void> {
     cleanups.push(nbdkitRead.stop, nbdkitWrite.stop, nbdkitFresh.stop, nbdkitFreshFirst.stop);
 
     const rows: string[][] = [];
-    const run = (what: string, who: string, server: Served, w: Workload, extra: string[] = [], timeBased = true): FioResult => {
+    /** One row: `fio` run against the server process `pid`, with that process's cost beside fio's figures. */
+    const measured = (what: string, who: string, pid: number, onePass: boolean, fio: () => FioResult): FioResult => {
       settleDisk();
       process.stderr.write(`${what}: ${who}...\n`);
-      const before = processTimes(server.pid);
-      const res = fioNbd(server.uri, w, goldenBytes, runtime, extra, timeBased);
-      const cost = serverColumns(before, processTimes(server.pid), res, !timeBased);
+      const before = processTimes(pid);
+      const res = fio();
+      const cost = serverColumns(before, processTimes(pid), res, onePass);
       rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1), ...cost]);
       return res;
     };
+    const run = (what: string, who: string, server: Served, w: Workload, extra: string[] = [], timeBased = true): FioResult =>
+      measured(what, who, server.pid, !timeBased, () => fioNbd(server.uri, w, goldenBytes, runtime, extra, timeBased));
     /** One fio job per server at once (one server process behind all of them), as one row of their sum. */
-    const runMany = (what: string, who: string, servers: Served[], w: Workload): FioResult => {
-      settleDisk();
-      process.stderr.write(`${what}: ${who}...\n`);
-      const before = processTimes(servers[0].pid);
-      const res = fioMany(
-        servers.map((server) => server.uri),
-        w,
-        goldenBytes,
-        runtime,
+    const runMany = (what: string, who: string, servers: Served[], w: Workload): FioResult =>
+      measured(what, who, servers[0].pid, false, () =>
+        fioMany(
+          servers.map((server) => server.uri),
+          w,
+          goldenBytes,
+          runtime,
+        ),
       );
-      const cost = serverColumns(before, processTimes(servers[0].pid), res, false);
-      rows.push([what, who, fmt(res.iops, 0), fmt(res.mibs, 1), fmt(res.p50us, 1), fmt(res.p99us, 1), ...cost]);
-      return res;
-    };
     const targets: TargetResult[] = [];
     /**
      * Arbor and its peer, `pairedRounds` times each, alternated (a b, then b a) so that

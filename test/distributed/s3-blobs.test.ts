@@ -895,7 +895,7 @@ describe('S3 blob store (real Ceph RGW)', function () {
     }
   });
 
-  describe('PutObject on its own path, signed here (no SDK middleware)', () => {
+  describe('PutObject and GetObject on their own path, signed here (no SDK middleware)', () => {
     const clients: S3Http[] = [];
     const servers: http.Server[] = [];
     afterEach(async () => {
